@@ -1,0 +1,40 @@
+// swift-tools-version: 6.2
+import PackageDescription
+
+/// The tiled kernels are compiled for AVX2 + FMA in a module of their own; everything else stays baseline
+/// x86-64, so the library loads and validates on any x86-64 CPU and enters the AVX2 module only after a
+/// `cpuid` check (see `Sources/FlashAttention/Dispatch.swift`).
+#if arch(x86_64)
+let kernelFlags: [String] = ["-Xcc", "-mavx2", "-Xcc", "-mfma", "-Ounchecked", "-enforce-exclusivity=unchecked"]
+#else
+let kernelFlags: [String] = ["-Ounchecked", "-enforce-exclusivity=unchecked"]
+#endif
+
+/// Keeps `nm -D libFlashAttention.so` down to the `flash_attention_*` functions of the header.
+let exportsMap = Context.packageDirectory + "/Sources/FlashAttention/exports.map"
+
+let package = Package(
+    name: "FlashAttention",
+    products: [
+        .library(name: "FlashAttention", type: .dynamic, targets: ["FlashAttention"]),
+        .executable(name: "flash-attention", targets: ["flash-attention"]),
+    ],
+    targets: [
+        // The one declaration of the C ABI; Swift implements it with `@c @implementation`.
+        .target(name: "CFlashAttention", path: "include", publicHeadersPath: "."),
+        // What Swift cannot express: the `cpuid`/`xgetbv` probe, compiled without ISA flags.
+        .target(name: "FlashAttentionShims"),
+        .target(
+            name: "FlashAttentionKernels",
+            swiftSettings: [.unsafeFlags(kernelFlags)]
+        ),
+        .target(
+            name: "FlashAttention",
+            dependencies: ["CFlashAttention", "FlashAttentionShims", "FlashAttentionKernels"],
+            exclude: ["exports.map"],
+            linkerSettings: [.unsafeFlags(["-Xlinker", "--version-script=\(exportsMap)"])]
+        ),
+        .executableTarget(name: "flash-attention", dependencies: ["FlashAttention", "CFlashAttention"]),
+        .testTarget(name: "FlashAttentionTests", dependencies: ["FlashAttention", "FlashAttentionKernels", "CFlashAttention"]),
+    ]
+)

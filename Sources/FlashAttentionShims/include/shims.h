@@ -1,0 +1,12 @@
+/* Internal C helpers of the Swift implementation (not API): what Swift cannot express directly. */
+#ifndef FA_SHIMS_H
+#define FA_SHIMS_H
+
+#define FA_CPU_AVX2_FMA 1u     /* AVX2 and FMA instructions, with YMM state enabled by the OS */
+#define FA_CPU_AVX512F 2u      /* AVX-512 Foundation, with ZMM state enabled by the OS */
+
+/* Bit set of FA_CPU_* features this CPU and OS can run; 0 on non-x86 machines. Compiled without ISA
+ * flags (cpu_features.c), so it runs on any CPU. */
+unsigned fa_cpu_features(void);
+
+#endif

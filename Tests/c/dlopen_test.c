@@ -1,0 +1,145 @@
+/* Loads libFlashAttention.so with dlopen, the way a C inference engine would, checks a small attention
+ * problem against a naive C loop, and checks that bad input returns error codes without writing output.
+ * Usage: dlopen_test path/to/libFlashAttention.so */
+#include "flash_attention.h"
+
+#include <dlfcn.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef flash_attention_status (*forward_fn)(const flash_attention_params *);
+typedef flash_attention_status (*init_fn)(flash_attention_params *, size_t);
+typedef const char *(*string_fn)(void);
+typedef const char *(*status_string_fn)(flash_attention_status);
+typedef int32_t (*int_fn)(void);
+
+static int failures = 0;
+#define CHECK(cond, ...)                                                                                       \
+    do {                                                                                                       \
+        if (!(cond)) {                                                                                         \
+            failures++;                                                                                        \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                                        \
+            printf(__VA_ARGS__);                                                                               \
+            printf("\n");                                                                                      \
+        }                                                                                                      \
+    } while (0)
+
+static void *must_sym(void *lib, const char *name) {
+    void *sym = dlsym(lib, name);
+    if (!sym) {
+        printf("FAIL: missing symbol %s\n", name);
+        exit(1);
+    }
+    return sym;
+}
+
+/* Deterministic values in [-1, 1). */
+static float next_value(unsigned *state) {
+    *state = *state * 1664525u + 1013904223u;
+    return (float)((*state >> 8) & 0xFFFF) / 32768.0f - 1.0f;
+}
+
+/* Naive attention in double: [s, h, d] layouts, GQA, bottom-right causal. */
+static void naive(const float *q, const float *k, const float *v, double *out, double *lse, int sq, int sk, int hq,
+                  int hk, int d, int causal) {
+    double scale = 1.0 / sqrt((double)d);
+    double *p = malloc(sizeof(double) * (sk > 0 ? sk : 1));
+    for (int h = 0; h < hq; h++) {
+        int kh = h / (hq / hk);
+        for (int i = 0; i < sq; i++) {
+            double m = -INFINITY, sum = 0;
+            for (int j = 0; j < sk; j++) {
+                if (causal && j > i + sk - sq) { p[j] = -INFINITY; continue; }
+                double dot = 0;
+                for (int c = 0; c < d; c++) dot += (double)q[(i * hq + h) * d + c] * k[(j * hk + kh) * d + c];
+                p[j] = dot * scale;
+                if (p[j] > m) m = p[j];
+            }
+            for (int j = 0; j < sk; j++) { p[j] = m == -INFINITY ? 0 : exp(p[j] - m); sum += p[j]; }
+            for (int c = 0; c < d; c++) {
+                double acc = 0;
+                for (int j = 0; j < sk; j++) acc += p[j] * v[(j * hk + kh) * d + c];
+                out[(i * hq + h) * d + c] = sum > 0 ? acc / sum : 0;
+            }
+            lse[h * sq + i] = sum > 0 ? m + log(sum) : -INFINITY;
+        }
+    }
+    free(p);
+}
+
+static void set_tensor(const void **ptr, int64_t *strides, const void *data, int seq, int heads, int d) {
+    *ptr = data;
+    strides[0] = (int64_t)seq * heads * d; /* batch */
+    strides[1] = (int64_t)heads * d;       /* row */
+    strides[2] = d;                        /* head */
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) { printf("usage: %s libFlashAttention.so\n", argv[0]); return 2; }
+    void *lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+    if (!lib) { printf("FAIL: dlopen: %s\n", dlerror()); return 1; }
+    forward_fn forward = (forward_fn)must_sym(lib, "flash_attention_forward");
+    init_fn init = (init_fn)must_sym(lib, "flash_attention_params_init");
+    string_fn last_error = (string_fn)must_sym(lib, "flash_attention_last_error");
+    status_string_fn status_string = (status_string_fn)must_sym(lib, "flash_attention_status_string");
+    int_fn abi = (int_fn)must_sym(lib, "flash_attention_abi_version");
+    string_fn version = (string_fn)must_sym(lib, "flash_attention_version_string");
+    CHECK(abi() == FA_ABI_VERSION, "ABI %d, header %d", abi(), FA_ABI_VERSION);
+
+    enum { SQ = 37, SK = 53, HQ = 4, HK = 2, D = 24 };
+    static float q[SQ * HQ * D], k[SK * HK * D], v[SK * HK * D], out[SQ * HQ * D], lse[HQ * SQ];
+    static double ref[SQ * HQ * D], ref_lse[HQ * SQ];
+    unsigned state = 42;
+    for (int i = 0; i < SQ * HQ * D; i++) q[i] = next_value(&state);
+    for (int i = 0; i < SK * HK * D; i++) { k[i] = next_value(&state); v[i] = next_value(&state); }
+
+    for (int causal = 0; causal <= 1; causal++) {
+        flash_attention_params p;
+        CHECK(init(&p, sizeof p) == FA_OK, "params_init");
+        p.batch = 1; p.seqlen_q = SQ; p.seqlen_k = SK; p.heads_q = HQ; p.heads_kv = HK; p.head_dim = D;
+        p.causal = causal;
+        int64_t s[3];
+        set_tensor(&p.q, s, q, SQ, HQ, D); p.q_batch_stride = s[0]; p.q_row_stride = s[1]; p.q_head_stride = s[2];
+        set_tensor(&p.k, s, k, SK, HK, D); p.k_batch_stride = s[0]; p.k_row_stride = s[1]; p.k_head_stride = s[2];
+        set_tensor(&p.v, s, v, SK, HK, D); p.v_batch_stride = s[0]; p.v_row_stride = s[1]; p.v_head_stride = s[2];
+        p.out = out; p.out_batch_stride = SQ * HQ * D; p.out_row_stride = HQ * D; p.out_head_stride = D;
+        p.lse = lse; p.lse_batch_stride = HQ * SQ; p.lse_head_stride = SQ; p.lse_row_stride = 1;
+        flash_attention_status status = forward(&p);
+        CHECK(status == FA_OK, "forward: %s", last_error());
+        CHECK(strcmp(last_error(), "") == 0, "last_error after success: '%s'", last_error());
+        naive(q, k, v, ref, ref_lse, SQ, SK, HQ, HK, D, causal);
+        double worst = 0, worst_lse = 0;
+        for (int i = 0; i < SQ * HQ * D; i++) worst = fmax(worst, fabs(out[i] - ref[i]));
+        for (int i = 0; i < HQ * SQ; i++) worst_lse = fmax(worst_lse, fabs(lse[i] - ref_lse[i]));
+        CHECK(worst <= 1e-5, "causal=%d max |out - ref| = %g", causal, worst);
+        CHECK(worst_lse <= 1e-5, "causal=%d max |lse - ref| = %g", causal, worst_lse);
+
+        /* Bad input: an error code, a message naming the argument, and out left untouched. */
+        memset(out, 0x7f, sizeof out);
+        flash_attention_params bad = p;
+        bad.heads_kv = 3;
+        CHECK(forward(&bad) == FA_ERROR_INVALID_SHAPE, "heads_q %% heads_kv");
+        CHECK(strstr(last_error(), "heads_q (4) is not a multiple of heads_kv (3)") != NULL, "message: %s", last_error());
+        bad = p; bad.k = NULL;
+        CHECK(forward(&bad) == FA_ERROR_NULL_POINTER, "NULL k");
+        CHECK(strstr(last_error(), "k is NULL") != NULL, "message: %s", last_error());
+        bad = p; bad.head_dim = 0;
+        CHECK(forward(&bad) == FA_ERROR_INVALID_SHAPE, "head_dim 0");
+        bad = p; bad.q_dim_stride = 3;
+        CHECK(forward(&bad) == FA_ERROR_INVALID_STRIDE, "q_dim_stride");
+        bad = p; bad.num_threads = -4;
+        CHECK(forward(&bad) == FA_ERROR_INVALID_ARGUMENT, "num_threads");
+        bad = p; bad.struct_size = 3;
+        CHECK(forward(&bad) == FA_ERROR_UNSUPPORTED, "struct_size");
+        CHECK(forward(NULL) == FA_ERROR_NULL_POINTER, "NULL params");
+        unsigned char sentinel[sizeof out];
+        memset(sentinel, 0x7f, sizeof sentinel);
+        CHECK(memcmp(out, sentinel, sizeof out) == 0, "a rejected call wrote to out");
+    }
+    CHECK(strcmp(status_string(12345), "unknown status code") == 0, "unknown status string");
+    CHECK(status_string(FA_ERROR_NULL_POINTER) != NULL && *status_string(FA_ERROR_NULL_POINTER), "status string");
+    printf("%s: dlopen test of libFlashAttention %s\n", failures ? "FAILED" : "ok", version());
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,73 @@
+"""ctypes mirror of include/flash_attention.h, one declaration per C prototype (the C text is above each).
+
+Nothing here checks arguments; `api.py` does that and turns status codes into exceptions.
+"""
+
+import ctypes
+from ctypes import POINTER, c_char_p, c_float, c_int32, c_int64, c_size_t, c_uint64, c_void_p
+
+# Constants of the header (kept equal by tests/test_abi.py, which parses the header).
+FA_ABI_VERSION = 1
+FA_OK = 0
+FA_ERROR_NULL_POINTER = 1
+FA_ERROR_INVALID_SHAPE = 2
+FA_ERROR_INVALID_STRIDE = 3
+FA_ERROR_INVALID_ARGUMENT = 4
+FA_ERROR_UNSUPPORTED = 5
+FA_ERROR_OUT_OF_MEMORY = 6
+FA_ERROR_INTERNAL = 7
+FA_ALGORITHM_AUTO = 0
+FA_ALGORITHM_REFERENCE = 1
+FA_ALGORITHM_TILED = 2
+FA_MAX_HEAD_DIM = 1024
+
+
+def _tensor_fields(name, strides):
+    return [(name, c_void_p)] + [(f"{name}_{s}_stride", c_int64) for s in strides]
+
+
+class Params(ctypes.Structure):
+    """typedef struct flash_attention_params { ... } flash_attention_params;"""
+
+    _fields_ = (
+        [("struct_size", c_uint64)]
+        + [(n, c_int64) for n in ("batch", "seqlen_q", "seqlen_k", "heads_q", "heads_kv", "head_dim")]
+        + _tensor_fields("q", ("batch", "row", "head", "dim"))
+        + _tensor_fields("k", ("batch", "row", "head", "dim"))
+        + _tensor_fields("v", ("batch", "row", "head", "dim"))
+        + _tensor_fields("out", ("batch", "row", "head", "dim"))
+        + _tensor_fields("lse", ("batch", "head", "row"))
+        + [("softmax_scale", c_float), ("causal", c_int32), ("num_threads", c_int32), ("algorithm", c_int32)]
+    )
+
+
+def declare(lib):
+    """Attaches argtypes/restype to every exported function of `lib`."""
+    # int32_t flash_attention_version(void);
+    lib.flash_attention_version.argtypes = []
+    lib.flash_attention_version.restype = c_int32
+    # const char *flash_attention_version_string(void);
+    lib.flash_attention_version_string.argtypes = []
+    lib.flash_attention_version_string.restype = c_char_p
+    # int32_t flash_attention_abi_version(void);
+    lib.flash_attention_abi_version.argtypes = []
+    lib.flash_attention_abi_version.restype = c_int32
+    # const char *flash_attention_status_string(flash_attention_status status);
+    lib.flash_attention_status_string.argtypes = [c_int32]
+    lib.flash_attention_status_string.restype = c_char_p
+    # const char *flash_attention_last_error(void);
+    lib.flash_attention_last_error.argtypes = []
+    lib.flash_attention_last_error.restype = c_char_p
+    # flash_attention_status flash_attention_params_init(flash_attention_params *params, size_t struct_size);
+    lib.flash_attention_params_init.argtypes = [POINTER(Params), c_size_t]
+    lib.flash_attention_params_init.restype = c_int32
+    # flash_attention_status flash_attention_forward(const flash_attention_params *params);
+    lib.flash_attention_forward.argtypes = [POINTER(Params)]
+    lib.flash_attention_forward.restype = c_int32
+    # const char *flash_attention_kernel_isa(void);
+    lib.flash_attention_kernel_isa.argtypes = []
+    lib.flash_attention_kernel_isa.restype = c_char_p
+    # int32_t flash_attention_default_num_threads(void);
+    lib.flash_attention_default_num_threads.argtypes = []
+    lib.flash_attention_default_num_threads.restype = c_int32
+    return lib
