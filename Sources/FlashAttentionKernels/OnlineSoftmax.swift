@@ -43,19 +43,27 @@ func exp2(_ x: Vec) -> Vec {
 /// The kernel's exp2 for tests of its accuracy.
 package func exp2Lanes(_ x: SIMD8<Float>) -> SIMD8<Float> { exp2(x) }
 
-/// Sets to -inf every score of a diagonal block that the causal rule hides.
+/// Which keys of a key block each query row of a query block may see.
 ///
-/// Query i may see key j iff j <= i + offset. Row k of `s` holds key `firstKey + k` for queries
-/// `firstQuery ..< firstQuery + queryCount`; the hidden ones are a prefix of each row.
-func applyCausalMask(
-    s: UnsafeMutablePointer<Float>, ldS: Int, keyCount: Int, queryCount: Int,
-    firstKey: Int, firstQuery: Int, offset: Int
-) {
-    for k in 0..<keyCount {
-        let hidden = min(queryCount, max(0, firstKey + k - offset - firstQuery))
-        let row = s + k * ldS
-        for i in 0..<hidden { row[i] = -.infinity }
+/// Outside causal diagonal blocks every row sees all `keyCount` keys. In a diagonal block row r sees the
+/// block's keys k < r + shift (shift = firstQuery + seqlen_k − seqlen_q + 1 − firstKey), a count that grows
+/// down the block; the kernels use it to skip the micro-tiles above the diagonal, so a causal call does
+/// about half the work of a full one even when the blocks are large.
+struct BlockMask {
+    let keyCount: Int
+    /// nil when the block needs no mask.
+    let shift: Int?
+
+    /// Number of the block's keys (a prefix) that row r sees.
+    @inline(__always) func visible(row r: Int) -> Int {
+        guard let shift else { return keyCount }
+        return min(keyCount, max(0, r + shift))
     }
+
+    /// Keys to score and exponentiate for the tiles that hold rows ≤ r: row r + 16's count. Output tiles
+    /// (6 rows), softmax vectors (8) and score panels (16) do not line up, and every one of them must have
+    /// all the keys its last row sees; looking 16 rows ahead covers each overlap.
+    @inline(__always) func needed(throughRow r: Int) -> Int { visible(row: r + 16) }
 }
 
 /// One online-softmax step for a block of keys.
@@ -63,33 +71,43 @@ func applyCausalMask(
 /// For each query: m' = max(m, blockMax); α = 2^(m − m'); p_k = 2^(s_k − m') written over s;
 /// l' = α·l + Σ_k p_k. α is left in `alpha` for the output tile to rescale O with. A query that has seen
 /// only masked keys keeps m = −inf; its exponent base is taken as 0 so that −inf − (−inf) never makes NaN,
-/// and its p and α are exactly 0.
+/// and its p and α are exactly 0. In a diagonal block, keys a row may not see count as −inf (a compare and
+/// blend per vector, only there).
 /// - Parameters:
 ///   - s: transposed scores, key k at `s + k * ldS`; overwritten with probabilities.
 ///   - queryVectors: number of 8-query groups to update.
-///   - blockMax: each query's max over the block's scores, from the score tiles. Blocks that were masked
-///     after scoring pass nil, and the max is recomputed over the masked scores.
+///   - mask: the block's key limits; 8-query group v reads keys `0..<mask.needed(throughRow: 8v + 7)`.
+///   - blockMax: each query's max over the block's scores, from the score tiles, or nil to compute it here
+///     (diagonal blocks and blocks whose score tiles were padded).
 func softmaxUpdate(
-    s: UnsafeMutablePointer<Float>, ldS: Int, keyCount: Int, queryVectors: Int,
+    s: UnsafeMutablePointer<Float>, ldS: Int, queryVectors: Int, mask: BlockMask,
     blockMax: UnsafePointer<Float>?,
     rowMax: UnsafeMutablePointer<Float>, rowSum: UnsafeMutablePointer<Float>,
     alpha: UnsafeMutablePointer<Float>
 ) {
     let negInf = Vec(repeating: -.infinity)
+    let lanes = Vec(0, 1, 2, 3, 4, 5, 6, 7)
     for j in 0..<queryVectors {
         let column = s + j * 8
-        var k = 0
+        let keyCount = mask.needed(throughRow: 8 * j + 7)
+        // Lane i (row 8j + i) sees key k iff k < 8j + i + shift.
+        let limit = lanes + Vec(repeating: Float(8 * j + (mask.shift ?? 0)))
+        @inline(__always) func score(_ k: Int) -> Vec {
+            let x = load(column + k * ldS)
+            return mask.shift == nil ? x : x.replacing(with: negInf, where: limit .<= Float(k))
+        }
         var columnMax: Vec
         if let blockMax {
             columnMax = load(blockMax + j * 8)
         } else {
             var max0 = negInf, max1 = negInf
+            var k = 0
             while k + 1 < keyCount {
-                max0 = maximum(max0, load(column + k * ldS))
-                max1 = maximum(max1, load(column + (k + 1) * ldS))
+                max0 = maximum(max0, score(k))
+                max1 = maximum(max1, score(k + 1))
                 k += 2
             }
-            if k < keyCount { max0 = maximum(max0, load(column + k * ldS)) }
+            if k < keyCount { max0 = maximum(max0, score(k)) }
             columnMax = maximum(max0, max1)
         }
         let oldMax = load(rowMax + j * 8)
@@ -97,10 +115,10 @@ func softmaxUpdate(
         let base = newMax.replacing(with: 0, where: newMax .== negInf)
         let scale = exp2(oldMax - base)
         var sum0 = Vec(), sum1 = Vec()
-        k = 0
+        var k = 0
         while k + 1 < keyCount {
-            let p0 = exp2(load(column + k * ldS) - base)
-            let p1 = exp2(load(column + (k + 1) * ldS) - base)
+            let p0 = exp2(score(k) - base)
+            let p1 = exp2(score(k + 1) - base)
             store(p0, column + k * ldS)
             store(p1, column + (k + 1) * ldS)
             sum0 += p0
@@ -108,7 +126,7 @@ func softmaxUpdate(
             k += 2
         }
         if k < keyCount {
-            let p0 = exp2(load(column + k * ldS) - base)
+            let p0 = exp2(score(k) - base)
             store(p0, column + k * ldS)
             sum0 += p0
         }

@@ -101,12 +101,17 @@ package struct TiledForward: Sendable {
                 keys: kBlock, keyStride: p.k.rowStride, values: vBlock, valueStride: p.v.rowStride,
                 count: keyCount, depth: d, w)
 
+            // Diagonal blocks of a causal call get a mask; in them each tile does only the keys its rows see.
+            let diagonal = p.causal && firstKey + keyCount - 1 > firstQuery + p.causalOffset
+            let mask = BlockMask(
+                keyCount: keyCount, shift: diagonal ? firstQuery + p.causalOffset + 1 - firstKey : nil)
+
             // S = K·Qᵀ for this block, 6 keys × 16 queries at a time; the query panel stays in L1 while the
             // key panels stream past it.
-            let keyTiles = (keyCount + microRows - 1) / microRows
             w.blockMax.update(repeating: -.infinity, count: paddedRows)
             for panel in 0..<(paddedRows / microCols) {
                 let queries = w.qT + panel * microCols * d
+                let keyTiles = (mask.needed(throughRow: panel * microCols + microCols - 1) + microRows - 1) / microRows
                 for tile in 0..<keyTiles {
                     scoreTile(
                         keys: w.kPack + tile * microRows * d, ldK: d, queries: queries, depth: d,
@@ -115,30 +120,23 @@ package struct TiledForward: Sendable {
                 }
             }
 
-            // Only blocks that cross the diagonal pay for the mask (and for recomputing the block max).
-            let masked = p.causal && firstKey + keyCount - 1 > firstQuery + p.causalOffset
-            if masked {
-                applyCausalMask(
-                    s: w.s, ldS: queryBlockSize, keyCount: keyCount, queryCount: paddedRows,
-                    firstKey: firstKey, firstQuery: firstQuery, offset: p.causalOffset)
-            }
-
             // The score tiles' max also saw the zero rows padding a partial last key tile (score 0, which can
-            // exceed every real score by more than exp2's range); such blocks recompute it too.
-            let tilesMaxIsExact = !masked && keyCount % microRows == 0
+            // exceed every real score by more than exp2's range) and, in diagonal blocks, hidden keys; such
+            // blocks recompute it.
+            let tilesMaxIsExact = !diagonal && keyCount % microRows == 0
             softmaxUpdate(
-                s: w.s, ldS: queryBlockSize, keyCount: keyCount, queryVectors: paddedRows / 8,
+                s: w.s, ldS: queryBlockSize, queryVectors: paddedRows / 8, mask: mask,
                 blockMax: tilesMaxIsExact ? w.blockMax : nil, rowMax: w.rowMax, rowSum: w.rowSum,
                 alpha: w.alpha)
 
-            // O = α·O + P·V, 6 queries × 16 columns at a time.
+            // O = α·O + P·V, 6 queries × 16 columns at a time, each tile over the keys its last row sees.
             for column in stride(from: 0, to: d, by: microCols) {
                 let values = w.vPack + column * keyBlockSize
                 for tile in 0..<outputRowTiles {
                     let q = tile * microRows
                     outputTile(
-                        p: w.s + q, ldP: queryBlockSize, v: values, count: keyCount, alpha: w.alpha + q,
-                        o: w.o + q * ldO + column, ldO: ldO)
+                        p: w.s + q, ldP: queryBlockSize, v: values, count: mask.visible(row: q + microRows - 1),
+                        alpha: w.alpha + q, o: w.o + q * ldO + column, ldO: ldO)
                 }
             }
             firstKey += keyBlockSize

@@ -1,0 +1,405 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: this library vs numpy's materialised attention vs PyTorch's CPU SDPA.
+
+Usage: python3 bench/bench.py [--quick] [--threads 1,2] [--out bench/out]
+
+Every measurement runs in its own subprocess with the BLAS/OpenMP thread count set in its environment:
+idle OpenBLAS threads spin and would steal a core from whatever runs next in the same process. Each cell
+is the median of several timed calls after a warm-up. FLOPs are 4·b·h·s_q·s_k·d, halved for causal when
+s_q = s_k. "% peak" is relative to a float32 sgemm (numpy/OpenBLAS, 2048³) measured in the same run at
+the same thread count. Prints a table, and writes <out>/results.json, bench/RESULTS.md (the generated
+part) and, when matplotlib is importable, <out>/bench.png.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bindings" / "python"))
+
+# (batch, heads_q, heads_kv, seqlen, head_dim): the prefill shapes of the speed issue.
+PREFILL = [
+    (1, 8, 8, 1024, 64),
+    (1, 8, 8, 4096, 64),
+    (1, 16, 16, 2048, 128),
+    (4, 32, 32, 512, 128),
+    (1, 32, 8, 2048, 128),
+]
+# Long-context memory checks: (shape, causal).
+LONG = [((1, 4, 4, 16384, 64), True), ((1, 1, 1, 65536, 64), True)]
+# Sequence sweep for the plot: (1, 8, 8, s, 64).
+SWEEP = [256, 512, 1024, 2048, 4096, 8192]
+
+
+def flops(shape, causal):
+    b, hq, _, s, d = shape
+    return 4.0 * b * hq * s * s * d / (2 if causal else 1)
+
+
+# ---- worker side: one implementation, one thread count, one shape ---------------------------------------
+
+
+def make_inputs(shape, layout):
+    import numpy as np
+
+    b, hq, hk, s, d = shape
+    rng = np.random.default_rng(0)
+    if layout == "bhsd":  # [b, h, s, d] memory (PyTorch's layout), seen as [b, s, h, d]
+        q = rng.standard_normal((b, hq, s, d), dtype=np.float32).transpose(0, 2, 1, 3)
+        k = rng.standard_normal((b, hk, s, d), dtype=np.float32).transpose(0, 2, 1, 3)
+        v = rng.standard_normal((b, hk, s, d), dtype=np.float32).transpose(0, 2, 1, 3)
+    else:
+        q = rng.standard_normal((b, s, hq, d), dtype=np.float32)
+        k = rng.standard_normal((b, s, hk, d), dtype=np.float32)
+        v = rng.standard_normal((b, s, hk, d), dtype=np.float32)
+    return q, k, v
+
+
+def numpy_attention(q, k, v, causal):
+    """Materialised float32 attention: scores [b, h, s, s], softmax, weighted sum (BLAS matmuls)."""
+    import numpy as np
+
+    b, s, hq, d = q.shape
+    hk = k.shape[2]
+    qh = q.transpose(0, 2, 1, 3)
+    kh = np.repeat(k.transpose(0, 2, 1, 3), hq // hk, axis=1)
+    vh = np.repeat(v.transpose(0, 2, 1, 3), hq // hk, axis=1)
+    scores = np.matmul(qh, kh.transpose(0, 1, 3, 2)) * np.float32(1 / np.sqrt(d))
+    if causal:
+        scores += np.triu(np.full((s, s), -np.inf, np.float32), 1)
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return np.matmul(scores, vh)
+
+
+def prepare(impl, threads, shape, causal, layout):
+    """Returns (callable, flops) for one measurement."""
+    import numpy as np
+
+    if impl == "sgemm":
+        a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+        return (lambda: a @ a), 2.0 * 2048**3
+    q, k, v = make_inputs(shape, layout)
+    work = flops(shape, causal)
+    if impl == "flash":
+        from flash_attention import flash_attn_func
+
+        return (lambda: flash_attn_func(q, k, v, causal=causal, num_threads=threads)), work
+    if impl == "numpy":
+        return (lambda: numpy_attention(q, k, v, causal)), work
+    if impl == "torch":
+        import torch
+        import torch.nn.functional as F
+
+        torch.set_num_threads(threads)
+        hq, hk = shape[1], shape[2]
+        tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))) for x in (q, k, v))
+        kw = {"is_causal": causal, "enable_gqa": hq != hk}
+        return (lambda: F.scaled_dot_product_attention(tq, tk, tv, **kw)), work
+    raise SystemExit(f"unknown implementation {impl}")
+
+
+def serve(impl, threads, layout):
+    """Worker loop: reads `b hq hkv s d causal reps` lines, answers each with a JSON line of timings. Inputs
+    of the last shape are kept, so interleaved requests for one cell pay their set-up once."""
+    cache = {}
+    for line in sys.stdin:
+        *dims, causal, reps = map(int, line.split())
+        key = (tuple(dims), bool(causal))
+        if key not in cache:
+            cache.clear()
+            run, work = prepare(impl, threads, tuple(dims), bool(causal), layout)
+            rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            run()  # warm-up (and pool / page-fault start-up)
+            cache[key] = (run, work, rss_before)
+        run, work, rss_before = cache[key]
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"times": times, "flops": work, "rss_before_kib": rss_before, "rss_after_kib": rss_after}),
+              flush=True)
+
+
+def small_call_python(reps=20000):
+    """Median microseconds of a (1, 1, 1, 1, 64) call through Python."""
+    import numpy as np
+    from flash_attention import flash_attn_func
+
+    q = np.ones((1, 1, 1, 64), np.float32)
+    for _ in range(100):
+        flash_attn_func(q, q, q)
+    samples = []
+    for _ in range(20):
+        start = time.perf_counter()
+        for _ in range(reps // 20):
+            flash_attn_func(q, q, q)
+        samples.append((time.perf_counter() - start) / (reps // 20) * 1e6)
+    return statistics.median(samples)
+
+
+# ---- driver side ------------------------------------------------------------------------------------------
+
+
+class Worker:
+    """A persistent measuring subprocess for one implementation at one thread count, with the BLAS/OpenMP
+    thread count set in its environment (idle OpenBLAS threads spin and would steal a core from anything
+    else run in the same process)."""
+
+    def __init__(self, impl, threads, layout="bshd"):
+        env = dict(os.environ)
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(threads)
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", "--impl", impl, "--threads", str(threads), "--layout", layout],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def request(self, shape, causal, reps):
+        self.process.stdin.write(" ".join(map(str, (*shape, int(causal), reps))) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("benchmark worker died")
+        return json.loads(line)
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def summarize(data):
+    data["median_s"] = statistics.median(data["times"])
+    data["gflops"] = data["flops"] / data["median_s"] / 1e9
+    return data
+
+
+def measure_interleaved(workers, shape, causal, rounds, reps_per_round):
+    """Alternates the workers round by round, so that the host's noise falls on all of them alike; returns
+    each worker's pooled timings."""
+    pooled = {name: None for name in workers}
+    for _ in range(rounds):
+        for name, worker in workers.items():
+            r = worker.request(shape, causal, reps_per_round)
+            if pooled[name] is None:
+                pooled[name] = r
+            else:
+                pooled[name]["times"] += r["times"]
+                pooled[name]["rss_after_kib"] = r["rss_after_kib"]
+    return {name: summarize(r) for name, r in pooled.items()}
+
+
+def measure(impl, threads, shape=(1, 1, 1, 1, 1), causal=False, reps=5, layout="bshd"):
+    """One implementation alone, in a fresh worker (fresh memory high-water mark)."""
+    worker = Worker(impl, threads, layout)
+    try:
+        return summarize(worker.request(shape, causal, reps))
+    finally:
+        worker.close()
+
+
+def torch_available():
+    return subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
+
+
+def cpu_model():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return re.search(r"Model name:\s*(.+)", out).group(1).strip()
+    except Exception:  # noqa: BLE001
+        return platform.processor() or "unknown"
+
+
+def small_call_c():
+    """Median nanoseconds of a (1, 1, 1, 1, 64) call from C (bench/small_call.c, built here)."""
+    exe = ROOT / ".build" / "bench-small-call"
+    lib = ROOT / ".build" / "release"
+    build = ["cc", "-O2", f"-I{ROOT / 'include'}", str(ROOT / "bench" / "small_call.c"), f"-L{lib}",
+             "-lFlashAttention", f"-Wl,-rpath,{lib}", "-o", str(exe)]
+    if subprocess.run(build, capture_output=True).returncode != 0:
+        return None
+    out = subprocess.run([str(exe)], capture_output=True, text=True).stdout
+    return float(out.split()[0]) if out else None
+
+
+def progress(step, total, text):
+    print(f"[{step}/{total}] {text}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    parser.add_argument("--layout", default="bshd", help="memory layout given to this library: bshd or bhsd")
+    parser.add_argument("--threads", default="1,2", help="thread counts to run (comma-separated)")
+    parser.add_argument("--quick", action="store_true", help="prefill shapes only, fewer repetitions")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    args = parser.parse_args()
+    if args.serve:
+        return serve(args.impl, int(args.threads), args.layout)
+
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    reps = 3 if args.quick else 7
+    have_torch = torch_available()
+    impls = ["flash", "numpy"] + (["torch"] if have_torch else [])
+    cells = [(shape, causal, t) for shape in PREFILL for causal in (False, True) for t in thread_counts]
+    total = len(thread_counts) + len(cells) * len(impls) + (0 if args.quick else len(LONG) + len(SWEEP) * 2 + 2)
+    step = 0
+    results = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "threads": thread_counts,
+               "layout": args.layout, "torch": have_torch, "command": " ".join(["python3", "bench/bench.py"] + sys.argv[1:]),
+               "peak": {}, "prefill": [], "long": [], "sweep": [], "small_call": {}}
+    if have_torch:
+        import importlib.metadata
+
+        results["torch_version"] = importlib.metadata.version("torch")
+    print(f"CPU: {results['cpu']}; torch: {'yes ' + results.get('torch_version', '') if have_torch else 'not importable'}")
+    for t in thread_counts:
+        step += 1
+        progress(step, total, f"sgemm peak, {t} thread(s)")
+        results["peak"][t] = measure("sgemm", t, reps=reps)["gflops"]
+
+    for t in thread_counts:
+        # flash and torch alternate round by round; numpy (slow, and its idle BLAS threads spin) runs alone.
+        paired = {"flash": Worker("flash", t, args.layout)}
+        if have_torch:
+            paired["torch"] = Worker("torch", t)
+        for shape, causal, threads in [c for c in cells if c[2] == t]:
+            step += len(impls)
+            progress(step, total, f"{shape} causal={causal} threads={t}: {', '.join(impls)}")
+            row = {"shape": shape, "causal": causal, "threads": t}
+            measured = measure_interleaved(paired, shape, causal, rounds=reps, reps_per_round=1)
+            measured["numpy"] = measure("numpy", t, shape, causal, reps=max(2, reps // 2))
+            for impl, r in measured.items():
+                row[impl] = r["gflops"]
+                row[impl + "_ms"] = r["median_s"] * 1e3
+            results["prefill"].append(row)
+        for worker in paired.values():
+            worker.close()
+
+    if not args.quick:
+        for shape, causal in LONG:
+            step += 1
+            progress(step, total, f"flash long context {shape} causal={causal}")
+            r = measure("flash", thread_counts[-1], shape, causal, reps=1)
+            b, hq, hk, s, d = shape
+            tensors_mib = 4 * (2 * b * s * hq * d + 2 * b * s * hk * d) / 2**20
+            results["long"].append({"shape": shape, "causal": causal, "gflops": r.get("gflops"),
+                                    "tensors_mib": tensors_mib,
+                                    "extra_mib": (r["rss_after_kib"] - r["rss_before_kib"]) / 1024 if "times" in r else None})
+        for s in SWEEP:
+            shape = (1, 8, 8, s, 64)
+            entry = {"seqlen": s}
+            for impl in ("flash", "numpy"):
+                step += 1
+                progress(step, total, f"{impl} sweep {shape}")
+                r = measure(impl, thread_counts[-1], shape, False, reps=3)
+                entry[impl] = r.get("gflops")
+                entry[impl + "_peak_rss_mib"] = r["rss_after_kib"] / 1024 if "times" in r else None
+            results["sweep"].append(entry)
+        step += 1
+        progress(step, total, "small call from C")
+        results["small_call"]["c_us"] = (small_call_c() or float("nan")) / 1000
+        step += 1
+        progress(step, total, "small call through Python")
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+        out = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); "
+                              "import bench; print(bench.small_call_python())"], env=env, capture_output=True, text=True)
+        results["small_call"]["python_us"] = float(out.stdout.strip() or "nan")
+
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    report = render(results)
+    print("\n" + report)
+    if not args.quick:
+        write_results_md(report)
+    plot(results, out_dir)
+
+
+def fmt(x, digits=1):
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def render(results):
+    lines = [f"- Date: {results['date']}; CPU: {results['cpu']}; layout given to this library: {results['layout']}",
+             f"- Command: `{results['command']}`",
+             "- Measured float32 sgemm peak (numpy/OpenBLAS 2048³): "
+             + ", ".join(f"{t} thread(s) {fmt(p)} GFLOP/s" for t, p in results["peak"].items()),
+             "", "| shape (b, hq, hkv, s, d) | causal | threads | flash ms | flash GFLOP/s | % peak | numpy GFLOP/s"
+             " | torch GFLOP/s | flash / torch | flash / numpy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["prefill"]:
+        peak = results["peak"].get(row["threads"]) or results["peak"].get(str(row["threads"]))
+        f, n, t = row.get("flash"), row.get("numpy"), row.get("torch")
+        lines.append(
+            f"| {tuple(row['shape'])} | {'yes' if row['causal'] else 'no'} | {row['threads']} | {fmt(row.get('flash_ms'))}"
+            f" | {fmt(f)} | {fmt(100 * f / peak if f and peak else None, 0)}% | {fmt(n)} | {fmt(t)}"
+            f" | {fmt(f / t if f and t else None, 2)} | {fmt(f / n if f and n else None, 1)} |")
+    if results["long"]:
+        lines += ["", "| long context (flash) | causal | GFLOP/s | q+k+v+out MiB | extra peak RSS MiB |", "|---|---|---|---|---|"]
+        for r in results["long"]:
+            lines.append(f"| {tuple(r['shape'])} | {'yes' if r['causal'] else 'no'} | {fmt(r['gflops'])}"
+                         f" | {fmt(r['tensors_mib'])} | {fmt(r['extra_mib'])} |")
+    if results["sweep"]:
+        lines += ["", "| seqlen (1, 8, 8, s, 64) | flash GFLOP/s | numpy GFLOP/s | flash peak RSS MiB | numpy peak RSS MiB |",
+                  "|---|---|---|---|---|"]
+        for r in results["sweep"]:
+            lines.append(f"| {r['seqlen']} | {fmt(r['flash'])} | {fmt(r['numpy'])} | {fmt(r['flash_peak_rss_mib'], 0)}"
+                         f" | {fmt(r['numpy_peak_rss_mib'], 0)} |")
+    if results["small_call"]:
+        lines += ["", f"- Small call (1, 1, 1, 1, 64): {fmt(results['small_call']['c_us'], 2)} µs from C,"
+                  f" {fmt(results['small_call']['python_us'], 1)} µs through Python (median)."]
+    return "\n".join(lines)
+
+
+MARK_BEGIN = "<!-- bench.py: begin generated -->"
+MARK_END = "<!-- bench.py: end generated -->"
+
+
+def write_results_md(report):
+    path = ROOT / "bench" / "RESULTS.md"
+    text = path.read_text() if path.exists() else f"# Benchmark results\n\n{MARK_BEGIN}\n{MARK_END}\n"
+    if MARK_BEGIN not in text:
+        text += f"\n{MARK_BEGIN}\n{MARK_END}\n"
+    head, rest = text.split(MARK_BEGIN, 1)
+    tail = rest.split(MARK_END, 1)[1]
+    path.write_text(f"{head}{MARK_BEGIN}\n{report}\n{MARK_END}{tail}")
+
+
+def plot(results, out_dir):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not results["sweep"]:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    seqlens = [r["seqlen"] for r in results["sweep"]]
+    for impl in ("flash", "numpy"):
+        left.plot(seqlens, [r[impl] for r in results["sweep"]], marker="o", label=impl)
+        right.plot(seqlens, [r[impl + "_peak_rss_mib"] for r in results["sweep"]], marker="o", label=impl)
+    left.set(xscale="log", xlabel="seqlen", ylabel="GFLOP/s", title="(1, 8, 8, s, 64), non-causal")
+    right.set(xscale="log", yscale="log", xlabel="seqlen", ylabel="peak RSS (MiB)", title="peak memory")
+    left.legend()
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "bench.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
