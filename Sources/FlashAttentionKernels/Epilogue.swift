@@ -21,8 +21,10 @@ func writeOutputRows(
     let fullVectors = headDim / 8
     for r in 0..<rows {
         let sum = rowSum[r]
-        // A row that saw no key has sum 0: its output is 0 and its LSE −inf. NaN sums stay NaN.
-        let inverse: Float = sum == 0 ? 0 : 1 / sum
+        // A row that saw no key has max −inf (its sum holds only exp2's ~1e-38 floor for −inf scores): its
+        // output is 0 and its LSE −inf. NaN sums stay NaN.
+        let sawNoKey = rowMax[r] == -.infinity
+        let inverse: Float = sawNoKey ? 0 : 1 / sum
         let source = o + r * ldO
         let target = out + r * outRowStride
         let scale = Vec(repeating: inverse)
@@ -33,7 +35,7 @@ func writeOutputRows(
             target[c] = source[c] * inverse
         }
         if let lse {
-            lse[r * lseRowStride] = sum == 0 ? -.infinity : (rowMax[r] + log2(sum)) * ln2
+            lse[r * lseRowStride] = sawNoKey ? -.infinity : (rowMax[r] + log2(sum)) * ln2
         }
     }
 }

@@ -8,6 +8,9 @@
 package let queryBlockSize = 288
 /// Keys per block: a multiple of 6 (score tile height).
 package let keyBlockSize = 96
+/// Query rows that go through score → softmax → output together: a multiple of 16, 8 and 6 that divides
+/// queryBlockSize, small enough that their Bk × 48 scores (18 KiB) stay in L1.
+let subBlockRows = 48
 
 /// Per-thread scratch of one work item, in floats, every part 64-byte aligned (all sizes are multiples
 /// of 16 floats). With Bq = queryBlockSize, Bk = keyBlockSize, D = head_dim rounded up to 16:
@@ -15,10 +18,10 @@ package let keyBlockSize = 96
 ///     qT      Bq × D          queries × scale·log2(e), as Bq/16 panels of [head_dim][16]
 ///     kPack   Bk × D          the key block, row-major [row][head_dim] (rows past the block's keys zero)
 ///     vPack   Bk × D          the value block as D/16 panels of [Bk][16]
-///     s       Bk × Bq         scores, transposed (row = key), overwritten by probabilities
+///     s       Bk × 48         scores of 48 query rows, transposed (row = key), overwritten by probabilities
 ///     o       Bq × D          unnormalised output accumulators, row-major
 ///     rowMax, rowSum, alpha   Bq each: running max (log2 units), running sum, last rescale factor
-///     blockMax                Bq: each query's max over the current block's scores
+///     blockMax                48: each query's max over the current block's scores
 ///
 /// Packing K and V makes the micro-kernels independent of the caller's strides: a [b, s, h, d] tensor
 /// with 8 heads of 128 has a 4 KiB row stride, which maps every row of a column slice to one L1 set.
@@ -31,7 +34,7 @@ struct Workspace {
 
     static func floatCount(headDim: Int) -> Int {
         let qb = queryBlockSize, kb = keyBlockSize, d = paddedDim(headDim)
-        return qb * d + kb * d + kb * d + kb * qb + qb * d + 4 * qb
+        return qb * d + kb * d + kb * d + kb * subBlockRows + qb * d + 3 * qb + subBlockRows
     }
 
     init(_ base: UnsafeMutablePointer<Float>, headDim: Int) {
@@ -40,7 +43,7 @@ struct Workspace {
         kPack = qT + qb * d
         vPack = kPack + kb * d
         s = vPack + kb * d
-        o = s + kb * qb
+        o = s + kb * subBlockRows
         rowMax = o + qb * d
         rowSum = rowMax + qb
         alpha = rowSum + qb
@@ -103,40 +106,46 @@ package struct TiledForward: Sendable {
 
             // Diagonal blocks of a causal call get a mask; in them each tile does only the keys its rows see.
             let diagonal = p.causal && firstKey + keyCount - 1 > firstQuery + p.causalOffset
-            let mask = BlockMask(
-                keyCount: keyCount, shift: diagonal ? firstQuery + p.causalOffset + 1 - firstKey : nil)
-
-            // S = K·Qᵀ for this block, 6 keys × 16 queries at a time; the query panel stays in L1 while the
-            // key panels stream past it.
-            w.blockMax.update(repeating: -.infinity, count: paddedRows)
-            for panel in 0..<(paddedRows / microCols) {
-                let queries = w.qT + panel * microCols * d
-                let keyTiles = (mask.needed(throughRow: panel * microCols + microCols - 1) + microRows - 1) / microRows
-                for tile in 0..<keyTiles {
-                    scoreTile(
-                        keys: w.kPack + tile * microRows * d, ldK: d, queries: queries, depth: d,
-                        s: w.s + tile * microRows * queryBlockSize + panel * microCols, ldS: queryBlockSize,
-                        columnMax: w.blockMax + panel * microCols)
-                }
-            }
-
+            let shift = firstQuery + p.causalOffset + 1 - firstKey
             // The score tiles' max also saw the zero rows padding a partial last key tile (score 0, which can
             // exceed every real score by more than exp2's range) and, in diagonal blocks, hidden keys; such
             // blocks recompute it.
             let tilesMaxIsExact = !diagonal && keyCount % microRows == 0
-            softmaxUpdate(
-                s: w.s, ldS: queryBlockSize, queryVectors: paddedRows / 8, mask: mask,
-                blockMax: tilesMaxIsExact ? w.blockMax : nil, rowMax: w.rowMax, rowSum: w.rowSum,
-                alpha: w.alpha)
 
-            // O = α·O + P·V, 6 queries × 16 columns at a time, each tile over the keys its last row sees.
-            for column in stride(from: 0, to: d, by: microCols) {
-                let values = w.vPack + column * keyBlockSize
-                for tile in 0..<outputRowTiles {
-                    let q = tile * microRows
-                    outputTile(
-                        p: w.s + q, ldP: queryBlockSize, v: values, count: mask.visible(row: q + microRows - 1),
-                        alpha: w.alpha + q, o: w.o + q * ldO + column, ldO: ldO)
+            // The query block meets the key block 48 rows at a time, so that the scores of those rows
+            // (Bk × 48 floats) stay in L1 from the score tiles through the softmax to the output tiles.
+            for first in stride(from: 0, to: paddedRows, by: subBlockRows) {
+                let subRows = min(subBlockRows, paddedRows - first)
+                let mask = BlockMask(keyCount: keyCount, shift: diagonal ? shift + first : nil)
+
+                // S = K·Qᵀ, 6 keys × 16 queries at a time.
+                w.blockMax.update(repeating: -.infinity, count: subRows)
+                for panel in 0..<(subRows / microCols) {
+                    let queries = w.qT + (first + panel * microCols) * d
+                    let needed = mask.needed(throughRow: panel * microCols + microCols - 1)
+                    for tile in 0..<((needed + microRows - 1) / microRows) {
+                        scoreTile(
+                            keys: w.kPack + tile * microRows * d, ldK: d, queries: queries, depth: d,
+                            s: w.s + tile * microRows * subBlockRows + panel * microCols, ldS: subBlockRows,
+                            columnMax: w.blockMax + panel * microCols)
+                    }
+                }
+
+                softmaxUpdate(
+                    s: w.s, ldS: subBlockRows, queryVectors: subRows / 8, mask: mask,
+                    blockMax: tilesMaxIsExact ? w.blockMax : nil, rowMax: w.rowMax + first,
+                    rowSum: w.rowSum + first, alpha: w.alpha + first)
+
+                // O = α·O + P·V, 6 queries × 16 columns at a time, each tile over the keys its last row sees.
+                let tiles = (min(rows - first, subRows) + microRows - 1) / microRows
+                for column in stride(from: 0, to: d, by: microCols) {
+                    let values = w.vPack + column * keyBlockSize
+                    for tile in 0..<tiles {
+                        let q = tile * microRows
+                        outputTile(
+                            p: w.s + q, ldP: subBlockRows, v: values, count: mask.visible(row: q + microRows - 1),
+                            alpha: w.alpha + first + q, o: w.o + (first + q) * ldO + column, ldO: ldO)
+                    }
                 }
             }
             firstKey += keyBlockSize
