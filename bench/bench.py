@@ -124,6 +124,7 @@ def serve(impl, threads, layout):
             run()  # warm-up (and pool / page-fault start-up)
             cache[key] = (run, work, rss_before)
         run, work, rss_before = cache[key]
+        run()  # this request's own warm-up: another process may have just evicted our data from the caches
         times = []
         for _ in range(reps):
             start = time.perf_counter()
@@ -188,7 +189,7 @@ def summarize(data):
 
 def measure_interleaved(workers, shape, causal, rounds, reps_per_round):
     """Alternates the workers round by round, so that the host's noise falls on all of them alike; returns
-    each worker's pooled timings."""
+    each worker's pooled timings. Each round starts with an untimed call (warm caches, woken threads)."""
     pooled = {name: None for name in workers}
     for _ in range(rounds):
         for name, worker in workers.items():
@@ -242,7 +243,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
-    parser.add_argument("--layout", default="bshd", help="memory layout given to this library: bshd or bhsd")
+    parser.add_argument("--layout", default="bhsd", help="memory given to this library: bhsd (the same [b, h, s, d] memory PyTorch gets, seen as [b, s, h, d]) or bshd")
     parser.add_argument("--threads", default="1,2", help="thread counts to run (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="prefill shapes only, fewer repetitions")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
@@ -279,7 +280,7 @@ def main():
             step += len(impls)
             progress(step, total, f"{shape} causal={causal} threads={t}: {', '.join(impls)}")
             row = {"shape": shape, "causal": causal, "threads": t}
-            measured = measure_interleaved(paired, shape, causal, rounds=reps, reps_per_round=1)
+            measured = measure_interleaved(paired, shape, causal, rounds=3, reps_per_round=max(1, reps // 3))
             measured["numpy"] = measure("numpy", t, shape, causal, reps=max(2, reps // 2))
             for impl, r in measured.items():
                 row[impl] = r["gflops"]
