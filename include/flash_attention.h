@@ -31,7 +31,7 @@ extern "C" {
 /* ---- Versions ------------------------------------------------------------------------------------- */
 
 #define FA_VERSION_MAJOR 0
-#define FA_VERSION_MINOR 1
+#define FA_VERSION_MINOR 2
 #define FA_VERSION_PATCH 0
 /* MAJOR*10000 + MINOR*100 + PATCH, comparable with flash_attention_version(). */
 #define FA_VERSION_NUMBER (FA_VERSION_MAJOR * 10000 + FA_VERSION_MINOR * 100 + FA_VERSION_PATCH)
@@ -58,6 +58,8 @@ typedef int32_t flash_attention_status;
 #define FA_ERROR_UNSUPPORTED 5      /* unknown params struct size, or a path this CPU cannot run */
 #define FA_ERROR_OUT_OF_MEMORY 6    /* scratch memory could not be allocated; out is then unspecified */
 #define FA_ERROR_INTERNAL 7         /* a bug in this library; please report it */
+#define FA_ERROR_INVALID_INDEX 8    /* an index read from caller memory (cu_seqlens, cache_seqlens,
+                                     * block_table, cache_batch_idx) is out of range or out of order */
 
 /* A fixed English description of a status code ("unknown status code" for codes this library does not
  * know); static storage, never NULL. */
@@ -148,11 +150,73 @@ typedef struct flash_attention_params {
     int32_t num_threads;
     /* FA_ALGORITHM_*. */
     int32_t algorithm;
+
+    /* ---- Inference options (appended in 0.2; all default to "off") ----------------------------------- */
+
+    /* Sliding window: query i sees keys j with
+     *     i + seqlen_k - seqlen_q - window_left  <=  j  <=  i + seqlen_k - seqlen_q + window_right,
+     * -1 meaning unbounded on that side (the default for both). causal != 0 is the same as window_right 0.
+     * Key blocks wholly outside every row's window are never visited. */
+    int64_t window_left;
+    int64_t window_right;
+    /* ALiBi: adds -slope * |i + seqlen_k - seqlen_q - j| to the scaled score of query i and key j. float32
+     * slopes [batch, heads_q] with alibi_batch_stride (0: one [heads_q] row shared by every batch); NULL =
+     * off. */
+    const float *alibi_slopes;
+    int64_t alibi_batch_stride;
+    /* Softcap > 0: score <- softcap * tanh(score / softcap), applied to the scaled score before ALiBi and
+     * masking (masked keys never gain probability). 0 = off. */
+    float softcap;
+    int32_t reserved0; /* must be 0 */
+    /* Attention sinks: float32 [heads_q] logits that join each row's softmax denominator and contribute no
+     * value (not multiplied by softmax_scale). A row that sees no key then outputs 0 and lse = its sink.
+     * NULL = off. */
+    const float *sinks;
+
+    /* ---- Variable-length batches: flash_attention_forward_varlen (0.2) ---------------------------------- */
+
+    /* int32 [batch + 1], non-decreasing, starting at 0: sequence b holds rows cu_seqlens_q[b] ..
+     * cu_seqlens_q[b + 1] - 1 of the packed q [seqlen_q = total_q, heads_q, head_dim] (likewise k, v with
+     * total_k = seqlen_k rows). Batch strides are ignored; lse is [heads_q, total_q] (lse_batch_stride
+     * ignored). max_seqlen_q / max_seqlen_k: 0, or an upper bound the library checks. */
+    const int32_t *cu_seqlens_q;
+    const int32_t *cu_seqlens_k;
+    int64_t max_seqlen_q;
+    int64_t max_seqlen_k;
+
+    /* ---- KV cache: flash_attention_forward_kvcache (0.2) ------------------------------------------------- */
+
+    /* k and v describe the cache:
+     *   contiguous: [cache_batch, cache_seqlen, heads_kv, head_dim], batch b uses cache row
+     *               cache_batch_idx[b] (or b when cache_batch_idx is NULL);
+     *   paged:      [cache_batch = num_blocks, cache_seqlen = block size, heads_kv, head_dim], position j of
+     *               batch b lives in block block_table[b * block_table_batch_stride + j / cache_seqlen].
+     * cache_seqlens int32 [batch]: keys already in the cache for each batch. If k_new/v_new are set,
+     * their seqlen_new rows [batch, seqlen_new, heads_kv, head_dim] are first written into the cache at
+     * positions cache_seqlens[b] ... (in place; the caller advances cache_seqlens afterwards). Batch b then
+     * attends to its cache_seqlens[b] + seqlen_new keys, which is the seqlen_k used for causal/window
+     * alignment; the params' seqlen_k is ignored. Every index is validated before anything is read or
+     * written; on error the cache is unchanged. */
+    const int32_t *cache_seqlens;
+    const int32_t *cache_batch_idx;
+    const int32_t *block_table;
+    int64_t block_table_batch_stride;
+    int64_t max_blocks_per_seq;
+    int64_t cache_batch;
+    int64_t cache_seqlen;
+    const void *k_new;
+    int64_t k_new_batch_stride, k_new_row_stride, k_new_head_stride, k_new_dim_stride;
+    const void *v_new;
+    int64_t v_new_batch_stride, v_new_row_stride, v_new_head_stride, v_new_dim_stride;
+    int64_t seqlen_new;
 } flash_attention_params;
+
+/* sizeof(flash_attention_params) in version 0.1, which ended at `algorithm`; still accepted. */
+#define FA_PARAMS_SIZE_V1 264
 
 /*
  * Fills *params with defaults: struct_size = struct_size argument, every size 0, pointers NULL, dim strides
- * 1, other strides 0, softmax_scale 0, causal 0, num_threads 0, algorithm FA_ALGORITHM_AUTO.
+ * 1, other strides 0, softmax_scale 0, causal 0, num_threads 0, algorithm FA_ALGORITHM_AUTO, windows -1.
  * Pass sizeof(flash_attention_params): the library writes only that many bytes, so a caller compiled
  * against an older, smaller struct stays safe. Fails with FA_ERROR_NULL_POINTER or FA_ERROR_UNSUPPORTED
  * (a size this library does not know).
@@ -164,6 +228,39 @@ flash_attention_status flash_attention_params_init(flash_attention_params *param
  * returns the code, sets the thread's last-error message and touches no output.
  */
 flash_attention_status flash_attention_forward(const flash_attention_params *params);
+
+/*
+ * Variable-length batches: like flash_attention_forward, with the sequences of the batch packed along the
+ * row axis and delimited by cu_seqlens_q / cu_seqlens_k (see the params). Every option applies per
+ * sequence (causal and window alignment use each sequence's own lengths).
+ */
+flash_attention_status flash_attention_forward_varlen(const flash_attention_params *params);
+
+/*
+ * Attention against a KV cache (decoding and chunked prefill): optionally appends k_new/v_new to the cache,
+ * then attends q [batch, seqlen_q, heads_q, head_dim] to each batch's cache_seqlens[b] + seqlen_new keys
+ * (see the params). Decoding shapes (few queries, long caches) are split along the keys into chunks that
+ * run in parallel and are merged by LSE; the split depends on the shape only, so results stay bitwise
+ * identical for every num_threads. The query heads that share a kv head are processed together, so each
+ * key and value is read once per step.
+ */
+flash_attention_status flash_attention_forward_kvcache(const flash_attention_params *params);
+
+/*
+ * Combines two attention results over disjoint key sets of the same queries into the exact result over
+ * their union (the building block of split-KV, chunked prefill and ring attention):
+ *     lse = log(exp(lse_a) + exp(lse_b)),  out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse).
+ * out_* are float32 [rows, head_dim] and lse_* float32 [rows], each with its own row stride (elements);
+ * out/lse may be the same memory as out_a/lse_a (in place). A side with lse = -inf (no key) contributes
+ * nothing; both -inf gives out 0 and lse -inf, never NaN.
+ */
+flash_attention_status flash_attention_merge(int64_t rows, int64_t head_dim,
+                                             const float *out_a, int64_t out_a_row_stride,
+                                             const float *lse_a, int64_t lse_a_stride,
+                                             const float *out_b, int64_t out_b_row_stride,
+                                             const float *lse_b, int64_t lse_b_stride,
+                                             float *out, int64_t out_row_stride,
+                                             float *lse, int64_t lse_stride);
 
 /* ---- Introspection ---------------------------------------------------------------------------------- */
 

@@ -1,8 +1,11 @@
 import CFlashAttention
-import FlashAttentionShims
 import FlashAttentionKernels
+import FlashAttentionShims
+import Glibc
 
-/// Chooses the path of a call once, from the options and the CPU, and runs it on the pool.
+/// Chooses the path of a call once, from the options and the CPU, and runs it on the pool: the reference
+/// loop, or the tiled kernel — in one phase, or, for shapes split along the keys, a phase of splits and a
+/// phase that merges them in a fixed order.
 
 /// What this CPU can run, probed once with `cpuid`/`xgetbv` (compiled without ISA flags, so the probe
 /// itself runs anywhere).
@@ -15,21 +18,53 @@ enum CPU {
 
 extension TiledForward: WorkPlan {}
 
-/// Runs a validated forward problem with the requested algorithm and thread count.
-func runForward(_ problem: AttentionProblem, options: ForwardOptions) throws(FlashAttentionError) {
-    if problem.batch == 0 || problem.seqlenQ == 0 { return }
+/// The second phase of a split problem: one item per unsplit item, merging its splits.
+struct SplitMerge: WorkPlan {
+    let tiled: TiledForward
+    var itemCount: Int { tiled.unsplitItems }
+    var scratchBytes: Int { 0 }
+    func run(item: Int, scratch: UnsafeMutableRawPointer) { tiled.mergeSplits(item: item) }
+}
+
+/// Runs a validated problem with the requested algorithm and thread count, after writing any new keys and
+/// values into the cache.
+func runForward(_ problem: AttentionProblem, options: ForwardOptions, append: CacheAppend?) throws(FlashAttentionError) {
+    if options.algorithm == FA_ALGORITHM_TILED && !CPU.hasTiledKernel {
+        throw .unsupported("algorithm FA_ALGORITHM_TILED needs a CPU with AVX2 and FMA; this one lacks them")
+    }
+    if let append { appendToCache(problem, append) }
     let cores = ThreadPool.onlineCores
     let threads = options.numThreads == 0 ? cores : min(options.numThreads, cores)
-    switch options.algorithm {
-    case FA_ALGORITHM_REFERENCE:
-        try ThreadPool.shared.run(ReferenceForward(problem: problem), threads: threads)
-    case FA_ALGORITHM_TILED where !CPU.hasTiledKernel:
-        throw .unsupported("algorithm FA_ALGORITHM_TILED needs a CPU with AVX2 and FMA; this one has neither")
-    default:
-        if CPU.hasTiledKernel {
-            try ThreadPool.shared.run(TiledForward(problem), threads: threads)
-        } else {
-            try ThreadPool.shared.run(ReferenceForward(problem: problem), threads: threads)
+    if options.algorithm == FA_ALGORITHM_REFERENCE || !CPU.hasTiledKernel {
+        return try ThreadPool.shared.run(ReferenceForward(problem: problem), threads: threads)
+    }
+    var tiled = TiledForward(problem)
+    if tiled.splits == 1 {
+        return try ThreadPool.shared.run(tiled, threads: threads)
+    }
+    let bytes = tiled.partialFloats * MemoryLayout<Float>.size
+    guard let partials = malloc(bytes) else {
+        throw .outOfMemory("could not allocate \(bytes) bytes for split-KV partial results")
+    }
+    defer { free(partials) }
+    tiled.partials = partials.assumingMemoryBound(to: Float.self)
+    try ThreadPool.shared.run(tiled, threads: threads)
+    try ThreadPool.shared.run(SplitMerge(tiled: tiled), threads: threads)
+}
+
+/// Writes k_new/v_new into the cache at positions cache_seqlens[b] ..< + count, in batch order.
+private func appendToCache(_ p: AttentionProblem, _ append: CacheAppend) {
+    guard case .cache(let seqlens, _, _) = p.layout else { return }
+    for b in 0..<p.batch {
+        let sequence = p.sequence(b)
+        for j in 0..<append.count {
+            for h in 0..<p.headsKV {
+                let position = Int(seqlens[b]) + j
+                p.keyRow(p.k, sequence, head: h, position: position)
+                    .update(from: append.keys.row(batch: b, head: h, row: j), count: p.headDim)
+                p.keyRow(p.v, sequence, head: h, position: position)
+                    .update(from: append.values.row(batch: b, head: h, row: j), count: p.headDim)
+            }
         }
     }
 }

@@ -16,6 +16,7 @@ struct FlashAttentionError: Error {
     }
     static func unsupported(_ message: String) -> Self { .init(status: FA_ERROR_UNSUPPORTED, message: message) }
     static func outOfMemory(_ message: String) -> Self { .init(status: FA_ERROR_OUT_OF_MEMORY, message: message) }
+    static func invalidIndex(_ message: String) -> Self { .init(status: FA_ERROR_INVALID_INDEX, message: message) }
 }
 
 /// The fixed description of each status code. String literals are NUL-terminated static storage, so the
@@ -30,6 +31,7 @@ func statusDescription(_ status: flash_attention_status) -> StaticString {
     case FA_ERROR_UNSUPPORTED: return "unsupported params version or CPU"
     case FA_ERROR_OUT_OF_MEMORY: return "out of memory"
     case FA_ERROR_INTERNAL: return "internal error"
+    case FA_ERROR_INVALID_INDEX: return "invalid index in caller memory"
     default: return "unknown status code"
     }
 }

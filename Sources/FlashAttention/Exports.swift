@@ -13,7 +13,7 @@ public func flash_attention_version() -> Int32 {
 @c @implementation
 public func flash_attention_version_string() -> UnsafePointer<CChar>! {
     // Kept equal to FA_VERSION_MAJOR.MINOR.PATCH by a test.
-    cString("0.1.0")
+    cString("0.2.0")
 }
 
 @c @implementation
@@ -33,7 +33,7 @@ public func flash_attention_last_error() -> UnsafePointer<CChar>! {
 
 /// Params struct sizes this library accepts: every size a released header has had (fields are only
 /// appended, so a smaller struct is a prefix of the current one).
-let knownParamsSizes: [Int] = [MemoryLayout<flash_attention_params>.size]
+let knownParamsSizes: [Int] = [Int(FA_PARAMS_SIZE_V1), MemoryLayout<flash_attention_params>.size]
 
 @c @implementation
 public func flash_attention_params_init(
@@ -54,10 +54,71 @@ public func flash_attention_params_init(
 
 @c @implementation
 public func flash_attention_forward(_ params: UnsafePointer<flash_attention_params>!) -> flash_attention_status {
+    forward(params, entry: .dense)
+}
+
+@c @implementation
+public func flash_attention_forward_varlen(_ params: UnsafePointer<flash_attention_params>!) -> flash_attention_status {
+    forward(params, entry: .varlen)
+}
+
+@c @implementation
+public func flash_attention_forward_kvcache(_ params: UnsafePointer<flash_attention_params>!) -> flash_attention_status {
+    forward(params, entry: .kvcache)
+}
+
+/// The three forward entry points differ only in how the params describe the sequences.
+func forward(_ params: UnsafePointer<flash_attention_params>?, entry: Entry) -> flash_attention_status {
     withStatus { () throws(FlashAttentionError) in
-        let widened = try widen(params)
-        let (problem, options) = try AttentionProblem.validated(widened)
-        try runForward(problem, options: options)
+        let (problem, options, append) = try AttentionProblem.validated(try widen(params), entry: entry)
+        try runForward(problem, options: options, append: append)
+    }
+}
+
+@c @implementation
+public func flash_attention_merge(
+    _ rows: Int64, _ head_dim: Int64, _ out_a: UnsafePointer<Float>!, _ out_a_row_stride: Int64,
+    _ lse_a: UnsafePointer<Float>!, _ lse_a_stride: Int64, _ out_b: UnsafePointer<Float>!,
+    _ out_b_row_stride: Int64, _ lse_b: UnsafePointer<Float>!, _ lse_b_stride: Int64,
+    _ out: UnsafeMutablePointer<Float>!, _ out_row_stride: Int64, _ lse: UnsafeMutablePointer<Float>!,
+    _ lse_stride: Int64
+) -> flash_attention_status {
+    withStatus { () throws(FlashAttentionError) in
+        if rows < 0 { throw .invalidShape("rows (\(rows)) must be >= 0") }
+        if head_dim < 1 { throw .invalidShape("head_dim (\(head_dim)) must be >= 1") }
+        let (n, d) = (Int(rows), Int(head_dim))
+        func matrix(_ name: StaticString, _ p: UnsafeRawPointer?, _ stride: Int64, _ field: StaticString, columns: Int) -> TensorArgument {
+            let unit = Axis(size: 1, stride: 0, field: "")
+            return TensorArgument(name, p, unit, unit, Axis(size: n, stride: Int(stride), field: field),
+                                  Axis(size: columns, stride: 1, field: ""))
+        }
+        let outA = matrix("out_a", out_a, out_a_row_stride, "out_a_row_stride", columns: d)
+        let outB = matrix("out_b", out_b, out_b_row_stride, "out_b_row_stride", columns: d)
+        let lseA = matrix("lse_a", lse_a, lse_a_stride, "lse_a_stride", columns: 1)
+        let lseB = matrix("lse_b", lse_b, lse_b_stride, "lse_b_stride", columns: 1)
+        let target = matrix("out", out, out_row_stride, "out_row_stride", columns: d)
+        let targetLSE = matrix("lse", lse, lse_stride, "lse_stride", columns: 1)
+        let ranges = (try outA.validate(), try outB.validate(), try lseA.validate(), try lseB.validate())
+        guard let outRange = try target.validate(), let lseRange = try targetLSE.validate() else { return }
+        try target.validateNoSelfOverlap()
+        try targetLSE.validateNoSelfOverlap()
+        // In place over side a is allowed; any other overlap would let a write change a value still to be read.
+        if outRange.overlaps(ranges.0) && !target.sameView(as: outA) {
+            throw .invalidArgument("out partially overlaps out_a; it must be either out_a itself or disjoint")
+        }
+        if lseRange.overlaps(ranges.2) && !targetLSE.sameView(as: lseA) {
+            throw .invalidArgument("lse partially overlaps lse_a; it must be either lse_a itself or disjoint")
+        }
+        for (name, range) in [("out_b", ranges.1), ("lse_b", ranges.3)] where outRange.overlaps(range) || lseRange.overlaps(range) {
+            throw .invalidArgument("the merged outputs overlap \(name)")
+        }
+        if outRange.overlaps(lseRange) || outRange.overlaps(ranges.2) || lseRange.overlaps(ranges.0) {
+            throw .invalidArgument("out and lse overlap each other or the other side's tensors")
+        }
+        mergeAttentionStates(
+            rows: n, headDim: d, outA: out_a, outAStride: Int(out_a_row_stride), lseA: lse_a, lseAStride: Int(lse_a_stride),
+            outB: out_b, outBStride: Int(out_b_row_stride), lseB: lse_b, lseBStride: Int(lse_b_stride), out: out,
+            outStride: Int(out_row_stride), lse: lse, lseStride: Int(lse_stride))
     }
 }
 
@@ -79,6 +140,10 @@ func defaultParams() -> flash_attention_params {
     params.k_dim_stride = 1
     params.v_dim_stride = 1
     params.out_dim_stride = 1
+    params.k_new_dim_stride = 1
+    params.v_new_dim_stride = 1
+    params.window_left = -1
+    params.window_right = -1
     return params
 }
 

@@ -2,109 +2,155 @@ import CFlashAttention
 import FlashAttentionKernels
 
 /// Turns a caller's `flash_attention_params` into a trusted `AttentionProblem`, or throws an error that
-/// names the offending argument. Everything a kernel relies on is checked here, before any memory is
-/// touched: sizes, options, NULLs, alignment, every stride's addressed range (with overflow checks), that
-/// outputs do not overlap themselves or other tensors.
+/// names the offending argument and value. Everything a kernel relies on is checked here, before any
+/// memory is read or written: sizes, options, NULLs, alignment, every stride's addressed range (with
+/// overflow checks), every index read from caller memory, and that outputs overlap neither themselves nor
+/// any input. The success path allocates nothing: names are static strings, messages are built only when
+/// an error is thrown.
 
-/// Byte interval [lower, upper) that a tensor view addresses.
+/// Which entry point the params came through.
+enum Entry {
+    case dense, varlen, kvcache
+}
+
+/// Byte interval [lower, upper) that an argument addresses.
 struct AddressRange {
     let lower: UInt
     let upper: UInt
-    func overlaps(_ other: AddressRange) -> Bool { lower < other.upper && other.lower < upper }
+    func overlaps(_ other: AddressRange?) -> Bool { other.map { lower < $0.upper && $0.lower < upper } ?? false }
 }
 
-/// One strided tensor argument as the caller described it: a name for messages, its pointer, and its
-/// (size, stride, field name) per axis, head_dim last.
-struct TensorArgument {
-    let name: String
-    let pointer: UnsafeRawPointer?
-    let axes: [(size: Int, stride: Int, field: String)]
+/// One axis of a strided argument: its size, its stride in elements, and the stride's field name.
+struct Axis {
+    var size: Int
+    var stride: Int
+    var field: StaticString
+}
 
-    var elementCount: Int? {
-        var count = 1
-        for axis in axes {
-            let (product, overflow) = count.multipliedReportingOverflow(by: axis.size)
-            if overflow { return nil }
-            count = product
-        }
-        return count
+/// One strided argument as the caller described it (up to four axes, innermost last).
+struct TensorArgument {
+    let name: StaticString
+    let pointer: UnsafeRawPointer?
+    let elementSize: Int
+    let axes: (Axis, Axis, Axis, Axis)
+
+    init(_ name: StaticString, _ pointer: UnsafeRawPointer?, elementSize: Int = 4, _ a: Axis, _ b: Axis, _ c: Axis, _ d: Axis) {
+        self.name = name
+        self.pointer = pointer
+        self.elementSize = elementSize
+        axes = (a, b, c, d)
     }
 
-    /// Checks the pointer and strides; returns the addressed bytes, or nil for a tensor with no elements
-    /// (whose pointer may then be NULL).
+    /// A 1-D argument of `count` contiguous elements.
+    init(_ name: StaticString, _ pointer: UnsafeRawPointer?, elementSize: Int = 4, count: Int) {
+        let unit = Axis(size: 1, stride: 0, field: "")
+        self.init(name, pointer, elementSize: elementSize, unit, unit, unit, Axis(size: count, stride: 1, field: ""))
+    }
+
+    func axis(_ i: Int) -> Axis {
+        switch i {
+        case 0: return axes.0
+        case 1: return axes.1
+        case 2: return axes.2
+        default: return axes.3
+        }
+    }
+
+    /// Checks the pointer and strides; returns the addressed bytes, or nil for an argument with no elements
+    /// (whose pointer may then be NULL and whose strides are never used).
     func validate() throws(FlashAttentionError) -> AddressRange? {
-        guard let count = elementCount else {
-            throw .invalidShape("\(name) has more elements than int64 can count")
+        var count = 1
+        for i in 0..<4 {
+            let (product, overflow) = count.multipliedReportingOverflow(by: axis(i).size)
+            if overflow { throw .invalidShape("\(name) has more elements than int64 can count") }
+            count = product
         }
         if count == 0 { return nil }
         guard let pointer else { throw .nullPointer("\(name) is NULL but has \(count) elements") }
         let address = UInt(bitPattern: pointer)
-        if address % UInt(MemoryLayout<Float>.alignment) != 0 {
-            throw .invalidArgument("\(name) (0x\(String(address, radix: 16))) is not aligned to 4 bytes")
+        if address % UInt(elementSize) != 0 {
+            throw .invalidArgument("\(name) (0x\(String(address, radix: 16))) is not aligned to \(elementSize) bytes")
         }
         // Lowest and highest element offsets over all indices, from the per-axis extremes.
-        var low = 0
-        var high = 0
-        for axis in axes {
-            let (extent, overflow) = (axis.size - 1).multipliedReportingOverflow(by: axis.stride)
-            if overflow {
-                throw .invalidStride("\(axis.field) (\(axis.stride)) × \(axis.size - 1) overflows int64")
-            }
+        var low = 0, high = 0
+        for i in 0..<4 {
+            let a = axis(i)
+            let (extent, overflow) = (a.size - 1).multipliedReportingOverflow(by: a.stride)
+            if overflow { throw .invalidStride("\(a.field) (\(a.stride)) × \(a.size - 1) overflows int64") }
             let (sum, sumOverflow) = extent < 0 ? low.addingReportingOverflow(extent) : high.addingReportingOverflow(extent)
-            if sumOverflow { throw .invalidStride("\(name): the strides address a range that overflows int64") }
+            if sumOverflow { throw .invalidStride("\(name): its strides address a range that overflows int64") }
             if extent < 0 { low = sum } else { high = sum }
         }
-        let elementSize = MemoryLayout<Float>.size
         let (lowBytes, lowOverflow) = low.multipliedReportingOverflow(by: elementSize)
         let (highBytes, highOverflow) = high.multipliedReportingOverflow(by: elementSize)
         let (lower, underflow) = address.subtractingReportingOverflow(lowBytes.magnitude)
-        let (lastByte, beyond) = address.addingReportingOverflow(UInt(highBytes) + UInt(elementSize))
+        let (upper, beyond) = address.addingReportingOverflow(UInt(highBytes) + UInt(elementSize))
         if lowOverflow || highOverflow || underflow || beyond {
-            throw .invalidStride("\(name): the strides address memory outside the address space")
+            throw .invalidStride("\(name): its strides address memory outside the address space")
         }
-        return AddressRange(lower: lower, upper: lastByte)
+        return AddressRange(lower: lower, upper: upper)
     }
 
     /// Checks that no two distinct elements share an address, so concurrent writes never collide. Sufficient
     /// rule: sorted by |stride|, each axis steps past everything the smaller axes reach.
     func validateNoSelfOverlap() throws(FlashAttentionError) {
-        let moving = axes.filter { $0.size > 1 }.sorted { $0.stride.magnitude < $1.stride.magnitude }
+        var order = (0, 1, 2, 3)
+        withUnsafeMutableBytes(of: &order) { raw in
+            let o = raw.bindMemory(to: Int.self)
+            for i in 1..<4 {  // insertion sort by |stride|
+                var j = i
+                while j > 0 && axis(o[j - 1]).stride.magnitude > axis(o[j]).stride.magnitude {
+                    o.swapAt(j - 1, j)
+                    j -= 1
+                }
+            }
+        }
         var reach: UInt = 0
-        for axis in moving {
-            if axis.stride.magnitude <= reach {
+        for position in 0..<4 {
+            let a = axis(withUnsafeBytes(of: order) { $0.load(fromByteOffset: position * MemoryLayout<Int>.stride, as: Int.self) })
+            if a.size <= 1 { continue }
+            if a.stride.magnitude <= reach {
                 throw .invalidStride(
-                    "\(axis.field) (\(axis.stride)) makes distinct elements of \(name) overlap; an output needs"
+                    "\(a.field) (\(a.stride)) makes distinct elements of \(name) overlap; an output needs"
                         + " non-overlapping strides")
             }
-            reach += UInt(axis.size - 1) * axis.stride.magnitude
+            reach += UInt(a.size - 1) * a.stride.magnitude
         }
     }
 
     func sameView(as other: TensorArgument) -> Bool {
-        pointer == other.pointer && axes.map(\.stride) == other.axes.map(\.stride)
-            && axes.map(\.size) == other.axes.map(\.size)
+        pointer == other.pointer && (0..<4).allSatisfy { axis($0).stride == other.axis($0).stride && axis($0).size == other.axis($0).size }
     }
 }
 
-/// Params fields that are not tensors, checked and normalised.
+/// Params fields that are not part of the problem, checked and normalised.
 struct ForwardOptions {
     let numThreads: Int
     let algorithm: Int32
+}
+
+/// New keys and values to write into a KV cache before attending.
+struct CacheAppend {
+    let keys: TensorView
+    let values: TensorView
+    let count: Int
 }
 
 /// A stand-in address for tensors with no elements: never dereferenced, and their strides become 0.
 nonisolated(unsafe) private let emptyTensor = UnsafeMutablePointer<Float>.allocate(capacity: 1)
 
 extension AttentionProblem {
-    /// Validates `params` (already widened to the current struct) into a problem and its options.
-    static func validated(_ params: flash_attention_params) throws(FlashAttentionError) -> (
-        AttentionProblem, ForwardOptions
+    /// Validates `params` (already widened to the current struct) for `entry`.
+    static func validated(_ params: flash_attention_params, entry: Entry) throws(FlashAttentionError) -> (
+        AttentionProblem, ForwardOptions, CacheAppend?
     ) {
-        let batch = Int(params.batch), seqlenQ = Int(params.seqlen_q), seqlenK = Int(params.seqlen_k)
+        let batch = Int(params.batch), seqlenQ = Int(params.seqlen_q)
         let headsQ = Int(params.heads_q), headsKV = Int(params.heads_kv), headDim = Int(params.head_dim)
-        for (value, name) in [(batch, "batch"), (seqlenQ, "seqlen_q"), (seqlenK, "seqlen_k")] where value < 0 {
-            throw .invalidShape("\(name) (\(value)) must be >= 0")
-        }
+        // For a cache the key length comes from cache_seqlens; the field is ignored.
+        let seqlenK = entry == .kvcache ? 0 : Int(params.seqlen_k)
+        if batch < 0 { throw .invalidShape("batch (\(batch)) must be >= 0") }
+        if seqlenQ < 0 { throw .invalidShape("seqlen_q (\(seqlenQ)) must be >= 0") }
+        if seqlenK < 0 { throw .invalidShape("seqlen_k (\(seqlenK)) must be >= 0") }
         if headsKV < 1 { throw .invalidShape("heads_kv (\(headsKV)) must be >= 1") }
         if headsQ < 1 { throw .invalidShape("heads_q (\(headsQ)) must be >= 1") }
         if headsQ % headsKV != 0 {
@@ -116,8 +162,9 @@ extension AttentionProblem {
         if params.num_threads < 0 {
             throw .invalidArgument("num_threads (\(params.num_threads)) must be >= 0 (0 = all online cores)")
         }
-        let algorithms = [FA_ALGORITHM_AUTO, FA_ALGORITHM_REFERENCE, FA_ALGORITHM_TILED]
-        if !algorithms.contains(params.algorithm) {
+        if params.algorithm != FA_ALGORITHM_AUTO && params.algorithm != FA_ALGORITHM_REFERENCE
+            && params.algorithm != FA_ALGORITHM_TILED
+        {
             throw .invalidArgument(
                 "algorithm (\(params.algorithm)) must be FA_ALGORITHM_AUTO (0), FA_ALGORITHM_REFERENCE (1)"
                     + " or FA_ALGORITHM_TILED (2)")
@@ -125,81 +172,275 @@ extension AttentionProblem {
         if !params.softmax_scale.isFinite {
             throw .invalidArgument("softmax_scale (\(params.softmax_scale)) must be finite")
         }
-
-        func tensor(
-            _ name: String, _ pointer: UnsafeRawPointer?, seqlen: Int, heads: Int,
-            _ strides: (Int64, Int64, Int64, Int64)
-        ) throws(FlashAttentionError) -> TensorArgument {
-            if strides.3 != 1 { throw .invalidStride("\(name)_dim_stride (\(strides.3)) must be 1") }
-            return TensorArgument(
-                name: name, pointer: pointer,
-                axes: [
-                    (batch, Int(strides.0), "\(name)_batch_stride"),
-                    (seqlen, Int(strides.1), "\(name)_row_stride"),
-                    (heads, Int(strides.2), "\(name)_head_stride"), (headDim, 1, "\(name)_dim_stride"),
-                ])
+        if !(params.softcap >= 0 && params.softcap.isFinite) {
+            throw .invalidArgument("softcap (\(params.softcap)) must be finite and >= 0 (0 = off)")
         }
-        let q = try tensor(
-            "q", params.q, seqlen: seqlenQ, heads: headsQ,
-            (params.q_batch_stride, params.q_row_stride, params.q_head_stride, params.q_dim_stride))
-        let k = try tensor(
-            "k", params.k, seqlen: seqlenK, heads: headsKV,
-            (params.k_batch_stride, params.k_row_stride, params.k_head_stride, params.k_dim_stride))
-        let v = try tensor(
-            "v", params.v, seqlen: seqlenK, heads: headsKV,
-            (params.v_batch_stride, params.v_row_stride, params.v_head_stride, params.v_dim_stride))
-        let out = try tensor(
-            "out", UnsafeRawPointer(params.out), seqlen: seqlenQ, heads: headsQ,
-            (params.out_batch_stride, params.out_row_stride, params.out_head_stride, params.out_dim_stride))
+        if params.reserved0 != 0 { throw .invalidArgument("reserved0 (\(params.reserved0)) must be 0") }
+        if params.window_left < -1 { throw .invalidArgument("window_left (\(params.window_left)) must be >= -1") }
+        if params.window_right < -1 { throw .invalidArgument("window_right (\(params.window_right)) must be >= -1") }
+
+        // Varlen: the packed tensors have one "batch" entry; the sequences come from cu_seqlens.
+        let tensorBatch = entry == .varlen ? 1 : batch
+        let q = tensor4("q", params.q, tensorBatch, seqlenQ, headsQ, headDim,
+                        params.q_batch_stride, params.q_row_stride, params.q_head_stride, params.q_dim_stride,
+                        ("q_batch_stride", "q_row_stride", "q_head_stride", "q_dim_stride"), ignoreBatch: entry == .varlen)
+        let out = tensor4("out", UnsafeRawPointer(params.out), tensorBatch, seqlenQ, headsQ, headDim,
+                          params.out_batch_stride, params.out_row_stride, params.out_head_stride, params.out_dim_stride,
+                          ("out_batch_stride", "out_row_stride", "out_head_stride", "out_dim_stride"), ignoreBatch: entry == .varlen)
+        let paged = entry == .kvcache && params.block_table != nil
+        let kvBatch = entry == .kvcache ? Int(params.cache_batch) : tensorBatch
+        let kvRows = entry == .kvcache ? Int(params.cache_seqlen) : seqlenK
+        if entry == .kvcache {
+            if kvBatch < 0 { throw .invalidShape("cache_batch (\(kvBatch)) must be >= 0") }
+            if kvRows < (paged ? 1 : 0) {
+                throw .invalidShape("cache_seqlen (\(kvRows)) must be >= \(paged ? "1 (the block size)" : "0")")
+            }
+        }
+        let k = tensor4("k", params.k, kvBatch, kvRows, headsKV, headDim,
+                        params.k_batch_stride, params.k_row_stride, params.k_head_stride, params.k_dim_stride,
+                        ("k_batch_stride", "k_row_stride", "k_head_stride", "k_dim_stride"), ignoreBatch: entry == .varlen)
+        let v = tensor4("v", params.v, kvBatch, kvRows, headsKV, headDim,
+                        params.v_batch_stride, params.v_row_stride, params.v_head_stride, params.v_dim_stride,
+                        ("v_batch_stride", "v_row_stride", "v_head_stride", "v_dim_stride"), ignoreBatch: entry == .varlen)
+        try checkDimStride(q)
+        try checkDimStride(out)
+        try checkDimStride(k)
+        try checkDimStride(v)
         let lse: TensorArgument? = params.lse.map {
             TensorArgument(
-                name: "lse", pointer: UnsafeRawPointer($0),
-                axes: [
-                    (batch, Int(params.lse_batch_stride), "lse_batch_stride"),
-                    (headsQ, Int(params.lse_head_stride), "lse_head_stride"),
-                    (seqlenQ, Int(params.lse_row_stride), "lse_row_stride"),
-                ])
+                "lse", UnsafeRawPointer($0),
+                Axis(size: tensorBatch, stride: entry == .varlen ? 0 : Int(params.lse_batch_stride), field: "lse_batch_stride"),
+                Axis(size: headsQ, stride: Int(params.lse_head_stride), field: "lse_head_stride"),
+                Axis(size: seqlenQ, stride: Int(params.lse_row_stride), field: "lse_row_stride"),
+                Axis(size: 1, stride: 0, field: ""))
         }
+        let alibi: TensorArgument? = params.alibi_slopes.map {
+            TensorArgument(
+                "alibi_slopes", UnsafeRawPointer($0),
+                Axis(size: 1, stride: 0, field: ""), Axis(size: 1, stride: 0, field: ""),
+                Axis(size: batch, stride: Int(params.alibi_batch_stride), field: "alibi_batch_stride"),
+                Axis(size: headsQ, stride: 1, field: ""))
+        }
+        let sinks: TensorArgument? = params.sinks.map { TensorArgument("sinks", UnsafeRawPointer($0), count: headsQ) }
 
-        let qRange = try q.validate(), kRange = try k.validate(), vRange = try v.validate()
-        let outRange = try out.validate()
-        let lseRange = try lse?.validate()
+        let qRange = try q.validate(), outRange = try out.validate()
+        let kRange = try k.validate(), vRange = try v.validate()
+        let lseRange = try lse?.validate(), alibiRange = try alibi?.validate(), sinksRange = try sinks?.validate()
         if outRange != nil { try out.validateNoSelfOverlap() }
         if lseRange != nil { try lse?.validateNoSelfOverlap() }
-        if let outRange {
-            for (input, range) in [(k, kRange), (v, vRange)] where range.map(outRange.overlaps) == true {
-                throw .invalidArgument("out overlaps \(input.name); outputs must not alias k or v")
+        if let alibi, alibiRange != nil { try checkFinite(alibi, "alibi_slopes") }
+        if let sinks, sinksRange != nil { try checkFinite(sinks, "sinks") }
+
+        // Sequences: index arrays are read and checked in full before anything else happens.
+        var layout = SequenceLayout.dense
+        var storage = KeyValueStorage.contiguous
+        var maxSeqlenQ = seqlenQ, maxSeqlenK = seqlenK
+        var indexRanges: (AddressRange?, AddressRange?, AddressRange?, AddressRange?) = (nil, nil, nil, nil)
+        var append: (keys: TensorArgument, values: TensorArgument, valuesRange: AddressRange?, count: Int)? = nil
+        switch entry {
+        case .dense:
+            break
+        case .varlen:
+            let cuQ = TensorArgument("cu_seqlens_q", params.cu_seqlens_q, count: batch + 1)
+            let cuK = TensorArgument("cu_seqlens_k", params.cu_seqlens_k, count: batch + 1)
+            indexRanges.0 = try cuQ.validate()
+            indexRanges.1 = try cuK.validate()
+            maxSeqlenQ = try checkCumulative(params.cu_seqlens_q!, "cu_seqlens_q", batch: batch, total: seqlenQ, "seqlen_q")
+            maxSeqlenK = try checkCumulative(params.cu_seqlens_k!, "cu_seqlens_k", batch: batch, total: seqlenK, "seqlen_k")
+            if params.max_seqlen_q > 0 && maxSeqlenQ > params.max_seqlen_q {
+                throw .invalidIndex("a sequence has \(maxSeqlenQ) queries, more than max_seqlen_q (\(params.max_seqlen_q))")
             }
-            if let qRange, outRange.overlaps(qRange), !out.sameView(as: q) {
-                throw .invalidArgument("out partially overlaps q; it must be either the same view as q or disjoint")
+            if params.max_seqlen_k > 0 && maxSeqlenK > params.max_seqlen_k {
+                throw .invalidIndex("a sequence has \(maxSeqlenK) keys, more than max_seqlen_k (\(params.max_seqlen_k))")
             }
-        }
-        if let lseRange {
-            for (other, range) in [(q, qRange), (k, kRange), (v, vRange), (out, outRange)]
-            where range.map(lseRange.overlaps) == true {
-                throw .invalidArgument("lse overlaps \(other.name); outputs must not alias other tensors")
+            layout = .varlen(cuQ: params.cu_seqlens_q!, cuK: params.cu_seqlens_k!)
+        case .kvcache:
+            let appendCount = Int(params.seqlen_new)
+            if appendCount < 0 { throw .invalidShape("seqlen_new (\(appendCount)) must be >= 0") }
+            if (params.k_new == nil) != (params.v_new == nil) {
+                throw .nullPointer("k_new and v_new must be both set or both NULL")
+            }
+            if params.k_new == nil && appendCount > 0 {
+                throw .nullPointer("k_new is NULL but seqlen_new is \(appendCount)")
+            }
+            let seqlens = TensorArgument("cache_seqlens", params.cache_seqlens, count: batch)
+            indexRanges.0 = try seqlens.validate()
+            let batchIndex = params.cache_batch_idx.map { TensorArgument("cache_batch_idx", $0, count: batch) }
+            indexRanges.1 = try batchIndex?.validate()
+            if paged && params.cache_batch_idx != nil {
+                throw .invalidArgument("cache_batch_idx cannot be combined with block_table (a paged cache)")
+            }
+            let capacity: Int
+            if paged {
+                let blocks = Int(params.max_blocks_per_seq)
+                if blocks < 1 { throw .invalidShape("max_blocks_per_seq (\(blocks)) must be >= 1 with a block_table") }
+                let table = TensorArgument(
+                    "block_table", params.block_table, Axis(size: 1, stride: 0, field: ""),
+                    Axis(size: 1, stride: 0, field: ""),
+                    Axis(size: batch, stride: Int(params.block_table_batch_stride), field: "block_table_batch_stride"),
+                    Axis(size: blocks, stride: 1, field: ""))
+                indexRanges.2 = try table.validate()
+                let (product, overflow) = blocks.multipliedReportingOverflow(by: kvRows)
+                capacity = overflow ? Int.max : product
+            } else {
+                capacity = kvRows
+            }
+            maxSeqlenK = 0
+            for b in 0..<batch {
+                let cached = Int(params.cache_seqlens![b])
+                if cached < 0 { throw .invalidIndex("cache_seqlens[\(b)] (\(cached)) must be >= 0") }
+                let total = cached + appendCount
+                if total > capacity {
+                    throw .invalidIndex(
+                        "cache_seqlens[\(b)] (\(cached)) + seqlen_new (\(appendCount)) exceeds the cache capacity"
+                            + " (\(capacity) positions)")
+                }
+                maxSeqlenK = max(maxSeqlenK, total)
+                if let index = params.cache_batch_idx?[b], index < 0 || Int(index) >= kvBatch {
+                    throw .invalidIndex("cache_batch_idx[\(b)] (\(index)) is not in 0..<cache_batch (\(kvBatch))")
+                }
+                if paged {
+                    let row = params.block_table! + b * Int(params.block_table_batch_stride)
+                    for j in 0..<((total + kvRows - 1) / kvRows) where row[j] < 0 || Int(row[j]) >= kvBatch {
+                        throw .invalidIndex(
+                            "block_table[\(b)][\(j)] (\(row[j])) is not in 0..<cache_batch (\(kvBatch) blocks)")
+                    }
+                }
+            }
+            if appendCount > 0 {
+                let keys = tensor4("k_new", params.k_new, batch, appendCount, headsKV, headDim,
+                                   params.k_new_batch_stride, params.k_new_row_stride, params.k_new_head_stride,
+                                   params.k_new_dim_stride,
+                                   ("k_new_batch_stride", "k_new_row_stride", "k_new_head_stride", "k_new_dim_stride"))
+                let values = tensor4("v_new", params.v_new, batch, appendCount, headsKV, headDim,
+                                     params.v_new_batch_stride, params.v_new_row_stride, params.v_new_head_stride,
+                                     params.v_new_dim_stride,
+                                     ("v_new_batch_stride", "v_new_row_stride", "v_new_head_stride", "v_new_dim_stride"))
+                try checkDimStride(keys)
+                try checkDimStride(values)
+                indexRanges.3 = try keys.validate()
+                let valuesRange = try values.validate()
+                // The cache becomes an output: it must not overlap what the call reads or writes elsewhere.
+                for (cache, cacheRange) in [(k, kRange), (v, vRange)] {
+                    guard let cacheRange else { continue }
+                    try cache.validateNoSelfOverlap()
+                    for (other, otherRange) in [(q, qRange), (keys, indexRanges.3), (values, valuesRange)]
+                    where cacheRange.overlaps(otherRange) {
+                        throw .invalidArgument("\(cache.name) (the cache, written by the append) overlaps \(other.name)")
+                    }
+                }
+                if let kRange, kRange.overlaps(vRange) {
+                    throw .invalidArgument("k and v caches overlap; the append would write one into the other")
+                }
+                append = (keys, values, valuesRange, appendCount)
+            }
+            layout = .cache(seqlens: params.cache_seqlens!, batchIndex: params.cache_batch_idx, appended: appendCount)
+            if paged {
+                storage = .paged(
+                    table: params.block_table!, tableStride: Int(params.block_table_batch_stride), pageSize: kvRows)
             }
         }
 
-        // A tensor with no elements is never read or written; its view is pinned to a dummy address with
-        // zero strides so that no offset computed from the caller's (unchecked) strides can overflow.
-        func strided(_ t: TensorArgument, _ range: AddressRange?) -> (UnsafeMutablePointer<Float>, [Int]) {
-            guard range != nil, let pointer = t.pointer else { return (emptyTensor, [0, 0, 0]) }
-            return (UnsafeMutablePointer(mutating: pointer.assumingMemoryBound(to: Float.self)), t.axes.map(\.stride))
+        // Outputs never overlap an input (out may be exactly q, for in-place use) or each other.
+        func checkInputs(_ output: StaticString, _ range: AddressRange?) throws(FlashAttentionError) {
+            guard let range else { return }
+            func check(_ name: StaticString, _ other: AddressRange?) throws(FlashAttentionError) {
+                if range.overlaps(other) { throw .invalidArgument("\(output) overlaps \(name); outputs must not alias inputs") }
+            }
+            try check("k", kRange)
+            try check("v", vRange)
+            try check("alibi_slopes", alibiRange)
+            try check("sinks", sinksRange)
+            try check(entry == .varlen ? "cu_seqlens_q" : "cache_seqlens", indexRanges.0)
+            try check(entry == .varlen ? "cu_seqlens_k" : "cache_batch_idx", indexRanges.1)
+            try check("block_table", indexRanges.2)
         }
-        func view(_ t: TensorArgument, _ range: AddressRange?) -> TensorView {
-            let (base, s) = strided(t, range)
-            return TensorView(base: base, batchStride: s[0], rowStride: s[1], headStride: s[2])
+        try checkInputs("out", outRange)
+        try checkInputs("lse", lseRange)
+        if let outRange, outRange.overlaps(qRange), !out.sameView(as: q) {
+            throw .invalidArgument("out partially overlaps q; it must be either the same view as q or disjoint")
         }
-        let lseView = lse.map { t -> LSEView in
-            let (base, s) = strided(t, lseRange)
-            return LSEView(base: base, batchStride: s[0], headStride: s[1], rowStride: s[2])
+        if let lseRange, lseRange.overlaps(qRange) || lseRange.overlaps(outRange) {
+            throw .invalidArgument("lse overlaps \(lseRange.overlaps(qRange) ? "q" : "out"); outputs must not alias other tensors")
         }
+
         let scale = params.softmax_scale == 0 ? 1 / Float(headDim).squareRoot() : params.softmax_scale
+        let causal = params.causal != 0
         let problem = AttentionProblem(
             batch: batch, seqlenQ: seqlenQ, seqlenK: seqlenK, headsQ: headsQ, headsKV: headsKV, headDim: headDim,
-            q: view(q, qRange), k: view(k, kRange), v: view(v, vRange), out: view(out, outRange), lse: lseView, scale: scale,
-            causal: params.causal != 0)
-        return (problem, ForwardOptions(numThreads: Int(params.num_threads), algorithm: params.algorithm))
+            q: view(q, qRange), k: view(k, kRange), v: view(v, vRange), out: view(out, outRange),
+            lse: lse.map { t in
+                let (base, batchStride, headStride, rowStride, _) = strided(t, lseRange)
+                return LSEView(base: base, batchStride: batchStride, headStride: headStride, rowStride: rowStride)
+            },
+            scale: scale, windowLeft: params.window_left < 0 ? nil : Int(params.window_left),
+            windowRight: causal ? 0 : params.window_right < 0 ? nil : Int(params.window_right),
+            alibiSlopes: alibiRange == nil ? nil : params.alibi_slopes,
+            alibiBatchStride: Int(params.alibi_batch_stride), softcap: params.softcap,
+            sinks: sinksRange == nil ? nil : params.sinks, layout: layout, storage: storage,
+            maxSeqlenQ: maxSeqlenQ, maxSeqlenK: maxSeqlenK)
+        let cacheAppend = append.map {
+            CacheAppend(keys: view($0.keys, indexRanges.3), values: view($0.values, $0.valuesRange), count: $0.count)
+        }
+        return (problem, ForwardOptions(numThreads: Int(params.num_threads), algorithm: params.algorithm), cacheAppend)
+    }
+}
+
+/// A [batch, rows, heads, dim] float32 tensor argument; `ignoreBatch` (varlen) pins the batch stride to 0.
+private func tensor4(
+    _ name: StaticString, _ pointer: UnsafeRawPointer?, _ batch: Int, _ rows: Int, _ heads: Int, _ dim: Int,
+    _ batchStride: Int64, _ rowStride: Int64, _ headStride: Int64, _ dimStride: Int64,
+    _ fields: (StaticString, StaticString, StaticString, StaticString), ignoreBatch: Bool = false
+) -> TensorArgument {
+    TensorArgument(
+        name, pointer, Axis(size: batch, stride: ignoreBatch ? 0 : Int(batchStride), field: fields.0),
+        Axis(size: rows, stride: Int(rowStride), field: fields.1), Axis(size: heads, stride: Int(headStride), field: fields.2),
+        Axis(size: dim, stride: Int(dimStride), field: fields.3))
+}
+
+/// A tensor with no elements is never read or written; its view is pinned to a dummy address with zero
+/// strides so that no offset computed from the caller's (unchecked) strides can overflow.
+private func strided(_ t: TensorArgument, _ range: AddressRange?) -> (UnsafeMutablePointer<Float>, Int, Int, Int, Int) {
+    guard range != nil, let pointer = t.pointer else { return (emptyTensor, 0, 0, 0, 0) }
+    return (UnsafeMutablePointer(mutating: pointer.assumingMemoryBound(to: Float.self)),
+            t.axes.0.stride, t.axes.1.stride, t.axes.2.stride, t.axes.3.stride)
+}
+
+private func view(_ t: TensorArgument, _ range: AddressRange?) -> TensorView {
+    let (base, b, r, h, _) = strided(t, range)
+    return TensorView(base: base, batchStride: b, rowStride: r, headStride: h)
+}
+
+/// Checks that cu_seqlens starts at 0, never decreases and stays within `total` rows; returns the longest
+/// sequence.
+private func checkCumulative(
+    _ cu: UnsafePointer<Int32>, _ name: StaticString, batch: Int, total: Int, _ totalName: StaticString
+) throws(FlashAttentionError) -> Int {
+    if cu[0] != 0 { throw .invalidIndex("\(name)[0] (\(cu[0])) must be 0") }
+    var longest = 0
+    for b in 0..<batch {
+        if cu[b + 1] < cu[b] {
+            throw .invalidIndex("\(name)[\(b + 1)] (\(cu[b + 1])) is less than \(name)[\(b)] (\(cu[b]))")
+        }
+        longest = max(longest, Int(cu[b + 1]) - Int(cu[b]))
+    }
+    if Int(cu[batch]) > total {
+        throw .invalidIndex("\(name)[\(batch)] (\(cu[batch])) exceeds \(totalName) (\(total)), the rows of the packed tensor")
+    }
+    return longest
+}
+
+private func checkDimStride(_ t: TensorArgument) throws(FlashAttentionError) {
+    if t.axes.3.stride != 1 { throw .invalidStride("\(t.axes.3.field) (\(t.axes.3.stride)) must be 1") }
+}
+
+/// ALiBi slopes and sinks must be finite: a NaN or infinite bias would silently poison or empty rows.
+private func checkFinite(_ t: TensorArgument, _ name: StaticString) throws(FlashAttentionError) {
+    guard let base = t.pointer?.assumingMemoryBound(to: Float.self) else { return }
+    for outer in 0..<t.axes.2.size {
+        for i in 0..<t.axes.3.size {
+            let x = base[outer * t.axes.2.stride + i * t.axes.3.stride]
+            if !x.isFinite { throw .invalidArgument("\(name) has a non-finite value (\(x)) at index \(outer * t.axes.3.size + i)") }
+        }
     }
 }

@@ -1,41 +1,105 @@
 import Glibc
 
-/// The epilogue of a query block: divide each output row by its softmax sum once, write it to the caller's
-/// `out` (only the real rows and the real head_dim columns), and write the log-sum-exp.
+/// The epilogue of a work item and the merging of attention states.
+///
+/// A row's state is (out, lse): its output normalised over the keys it saw and the natural log of the
+/// softmax denominator. Two states over disjoint key sets merge exactly:
+///     lse = log(e^lse_a + e^lse_b),  out = out_a · e^(lse_a − lse) + out_b · e^(lse_b − lse).
+/// Split-KV decoding merges its splits this way, an attention sink is a state with out = 0 and lse = the
+/// sink logit, and `flash_attention_merge` exposes the same operation.
 
-/// ln(2): converts the log2-domain running max back to natural-log units for the LSE.
+/// ln(2) and log2(e): the running max lives in log2 units, LSEs in natural-log units.
 let ln2: Float = 0.693_147_180_559_945_3
+let log2e: Float = 1.442_695_040_888_963_4
 
-/// Writes `rows` normalised output rows and their LSE.
+/// Writes one finished row: out = O / l (0 for a row that saw no key) and its LSE, with the sink (natural
+/// log, or −inf for none) merged in.
 /// - Parameters:
-///   - o: unnormalised accumulators, row r at `o + r * ldO`, at least `headDim` columns.
-///   - rowMax: running max in log2 units; rowSum: running sum of 2^(s − max).
-///   - out: pointer to the first row's element 0; row r at `out + r * outRowStride`.
-///   - lse: pointer to the first row's LSE or nil; row r at `lse + r * lseRowStride`.
-func writeOutputRows(
-    o: UnsafePointer<Float>, ldO: Int, rows: Int, headDim: Int,
-    rowMax: UnsafePointer<Float>, rowSum: UnsafePointer<Float>,
-    out: UnsafeMutablePointer<Float>, outRowStride: Int,
-    lse: UnsafeMutablePointer<Float>?, lseRowStride: Int
+///   - o: the row's unnormalised accumulator, at least `headDim` floats.
+///   - rowMax: the running max in log2 units; rowSum: the running sum of 2^(s − max).
+@inline(__always)
+func finishRow(
+    o: UnsafePointer<Float>, rowMax: Float, rowSum: Float, sink: Float, headDim: Int,
+    out: UnsafeMutablePointer<Float>, lse: UnsafeMutablePointer<Float>?
 ) {
-    let fullVectors = headDim / 8
+    // A row that saw no key has max −inf (its sum holds only exp2's ~1e-38 floor for −inf scores): its
+    // output is 0 and its LSE −inf. NaN sums stay NaN.
+    let sawNoKey = rowMax == -.infinity
+    var rowLSE = sawNoKey ? -Float.infinity : (rowMax + log2(rowSum)) * ln2
+    var factor: Float = sawNoKey ? 0 : 1 / rowSum
+    if sink > -.infinity {
+        let merged = logAddExp(rowLSE, sink)
+        factor *= exp(rowLSE - merged)
+        rowLSE = merged
+    }
+    scaleRow(o, by: factor, into: out, count: headDim)
+    lse?.pointee = rowLSE
+}
+
+/// Merges state (other, otherLSE) into (out, lse) in place; returns the merged LSE.
+@inline(__always)
+func mergeStates(
+    out: UnsafeMutablePointer<Float>, lse: Float, other: UnsafePointer<Float>, otherLSE: Float, headDim: Int
+) -> Float {
+    let merged = logAddExp(lse, otherLSE)
+    if merged == -.infinity {  // neither side saw a key
+        out.update(repeating: 0, count: headDim)
+        return merged
+    }
+    let a = Vec(repeating: lse == -.infinity ? 0 : exp(lse - merged))
+    let b = Vec(repeating: otherLSE == -.infinity ? 0 : exp(otherLSE - merged))
+    var c = 0
+    while c + 8 <= headDim {
+        store(load(out + c) * a, out + c)
+        store(load(out + c).addingProduct(load(other + c), b), out + c)
+        c += 8
+    }
+    for tail in c..<headDim { out[tail] = out[tail] * a[0] + other[tail] * b[0] }
+    return merged
+}
+
+/// Merges an attention sink (a state with output 0) into (out, lse) in place; returns the merged LSE.
+@inline(__always)
+func mergeSink(out: UnsafeMutablePointer<Float>, lse: Float, sink: Float, headDim: Int) -> Float {
+    let merged = logAddExp(lse, sink)
+    scaleRow(out, by: lse == -.infinity ? 0 : exp(lse - merged), into: out, count: headDim)
+    return merged
+}
+
+/// log(e^a + e^b) without overflow; −inf when both are −inf; NaN if either is NaN.
+@inline(__always)
+func logAddExp(_ a: Float, _ b: Float) -> Float {
+    let high = max(a, b), low = min(a, b)
+    if a.isNaN || b.isNaN { return .nan }
+    if high == -.infinity { return -.infinity }
+    return high + log1p(exp(low - high))
+}
+
+/// target[c] = source[c] · factor for c < count (source may equal target).
+@inline(__always)
+func scaleRow(_ source: UnsafePointer<Float>, by factor: Float, into target: UnsafeMutablePointer<Float>, count: Int) {
+    let scale = Vec(repeating: factor)
+    var c = 0
+    while c + 8 <= count {
+        store(load(source + c) * scale, target + c)
+        c += 8
+    }
+    for tail in c..<count { target[tail] = source[tail] * factor }
+}
+
+/// The public merge of two states over disjoint key sets, rows at a time (`flash_attention_merge`).
+package func mergeAttentionStates(
+    rows: Int, headDim: Int, outA: UnsafePointer<Float>, outAStride: Int, lseA: UnsafePointer<Float>, lseAStride: Int,
+    outB: UnsafePointer<Float>, outBStride: Int, lseB: UnsafePointer<Float>, lseBStride: Int,
+    out: UnsafeMutablePointer<Float>, outStride: Int, lse: UnsafeMutablePointer<Float>, lseStride: Int
+) {
     for r in 0..<rows {
-        let sum = rowSum[r]
-        // A row that saw no key has max −inf (its sum holds only exp2's ~1e-38 floor for −inf scores): its
-        // output is 0 and its LSE −inf. NaN sums stay NaN.
-        let sawNoKey = rowMax[r] == -.infinity
-        let inverse: Float = sawNoKey ? 0 : 1 / sum
-        let source = o + r * ldO
-        let target = out + r * outRowStride
-        let scale = Vec(repeating: inverse)
-        for j in 0..<fullVectors {
-            store(load(source + j * 8) * scale, target + j * 8)
+        let target = out + r * outStride
+        if UnsafePointer(target) != outA + r * outAStride {
+            target.update(from: outA + r * outAStride, count: headDim)
         }
-        for c in (fullVectors * 8)..<headDim {
-            target[c] = source[c] * inverse
-        }
-        if let lse {
-            lse[r * lseRowStride] = sawNoKey ? -.infinity : (rowMax[r] + log2(sum)) * ln2
-        }
+        lse[r * lseStride] = mergeStates(
+            out: target, lse: lseA[r * lseAStride], other: outB + r * outBStride, otherLSE: lseB[r * lseBStride],
+            headDim: headDim)
     }
 }

@@ -42,80 +42,140 @@ func exp2(_ x: Vec) -> Vec {
 /// The kernel's exp2 for tests of its accuracy.
 package func exp2Lanes(_ x: SIMD8<Float>) -> SIMD8<Float> { exp2(x) }
 
-/// Which keys of a key block each query row of a query block may see.
+/// Which keys of a key block each row of a work item may see.
 ///
-/// Outside causal diagonal blocks every row sees all `keyCount` keys. In a diagonal block row r sees the
-/// block's keys k < r + shift (shift = firstQuery + seqlen_k − seqlen_q + 1 − firstKey), a count that grows
-/// down the block; the kernels use it to skip the micro-tiles above the diagonal, so a causal call does
-/// about half the work of a full one even when the blocks are large.
+/// Row r stands for block-relative query position i (r itself when the item holds one head, r % positions
+/// when it stacks a GQA group's heads) and sees the block's keys [i + lowShift, i + highShift) — the
+/// sliding window and causal limits, aligned bottom-right. Both ends grow with i, so for one head the
+/// visible keys of a run of rows are a band, and the kernels skip the micro-tiles outside it: a causal or
+/// windowed call does only the work its masks leave.
 struct BlockMask {
-    let keyCount: Int
-    /// nil when the block needs no mask.
-    let shift: Int?
+    /// A shift beyond any key index: "no limit on this side".
+    static let unbounded = 1 << 40
 
-    /// Number of the block's keys (a prefix) that row r sees.
-    @inline(__always) func visible(row r: Int) -> Int {
-        guard let shift else { return keyCount }
-        return min(keyCount, max(0, r + shift))
+    let keyCount: Int
+    let lowShift: Int
+    let highShift: Int
+    /// Query positions per head in the item; rows past the last real row stand for the last position.
+    let positions: Int
+    /// One head per item: positions grow with the row, so look-ahead/behind bounds hold.
+    let monotonic: Bool
+
+    /// The position of row r when the item holds one head (rows past the block stand for its ends).
+    @inline(__always) private func position(_ r: Int) -> Int { min(max(r, 0), positions - 1) }
+
+    @inline(__always) private func start(_ i: Int) -> Int { min(keyCount, max(0, i + lowShift)) }
+    @inline(__always) private func end(_ i: Int) -> Int { min(keyCount, max(0, i + highShift)) }
+
+    /// Whether some row sees only part of the block (the block needs masking).
+    var isMasked: Bool { start(positions - 1) > 0 || end(0) < keyCount }
+
+    /// Keys that rows `first...last` see (their union).
+    @inline(__always) func visible(fromRow first: Int, throughRow last: Int) -> Range<Int> {
+        guard monotonic else { return start(0)..<max(start(0), end(positions - 1)) }
+        let lower = start(position(first))
+        return lower..<max(lower, end(position(last)))
     }
 
-    /// Keys to score and exponentiate for the tiles that hold rows ≤ r: row r + 16's count. Output tiles
-    /// (6 rows), softmax vectors (8) and score panels (16) do not line up, and every one of them must have
-    /// all the keys its last row sees; looking 16 rows ahead covers each overlap.
-    @inline(__always) func needed(throughRow r: Int) -> Int { visible(row: r + 16) }
+    /// Keys to score and exponentiate for the tiles that hold rows `first...last`: the band 16 rows wider on
+    /// each side. Output tiles (6 rows), softmax vectors (8) and score panels (16) do not line up, and each
+    /// must find computed every key its rows see; 16 rows of margin covers every overlap.
+    @inline(__always) func needed(fromRow first: Int, throughRow last: Int) -> Range<Int> {
+        guard monotonic else { return visible(fromRow: first, throughRow: last) }
+        let lower = start(position(first - 16))
+        return lower..<max(lower, end(position(last + 16)))
+    }
 }
 
-/// One online-softmax step for a block of keys.
+/// What the softmax does to raw scores before the exponential: softcap, ALiBi, then the mask. All in log2
+/// units (the scores were pre-multiplied by log2(e)).
+struct ScoreAdjustment {
+    let mask: BlockMask
+    /// softcap · log2(e), or 0 for none: s ← C · tanh(s / C).
+    let softcap: Float
+    /// Whether each row's rowSlope (slope · log2(e)) times |i + alibiOffset − k| is subtracted.
+    let alibi: Bool
+    /// Block-relative query position minus key index where the distance is 0.
+    let alibiOffset: Float
+
+    var changesScores: Bool { mask.isMasked || softcap > 0 || alibi }
+}
+
+/// C · tanh(s / C) for C > 0, from exp2 of a non-positive argument: tanh|y| = (1 − e^(−2|y|)) / (1 + e^(−2|y|)).
+/// Absolute error ≲ 2e-7 · C.
+@inline(__always)
+func softcapped(_ s: Vec, _ cap: Float) -> Vec {
+    let y = s / cap
+    let magnitude = maximum(y, -y)
+    let e = exp2(magnitude * Vec(repeating: -2 * 1.442_695_040_888_963_4))
+    let t = (Vec(repeating: 1) - e) / (Vec(repeating: 1) + e)
+    return t.replacing(with: -t, where: y .< Vec(repeating: 0)) * cap
+}
+
+/// One online-softmax step for a block of keys, for the rows `firstRow ..< firstRow + 8·queryVectors`.
 ///
 /// For each query: m' = max(m, blockMax); α = 2^(m − m'); p_k = 2^(s_k − m') written over s;
 /// l' = α·l + Σ_k p_k. α is left in `alpha` for the output tile to rescale O with. A query that has seen
 /// only masked keys keeps m = −inf; its exponent base is taken as 0 so that −inf − (−inf) never makes NaN
-/// (its tiny sums are discarded by the epilogue, which writes 0 for rows whose max is −inf). In a diagonal block, keys a row may not see count as −inf (a compare and
-/// blend per vector, only there).
+/// (its tiny sums are discarded by the epilogue, which writes 0 for rows whose max is −inf).
 /// - Parameters:
-///   - s: transposed scores, key k at `s + k * ldS`; overwritten with probabilities.
-///   - queryVectors: number of 8-query groups to update.
-///   - mask: the block's key limits; 8-query group v reads keys `0..<mask.needed(throughRow: 8v + 7)`.
+///   - s: transposed scores of the sub-block, key k at `s + k * ldS`; overwritten with probabilities.
+///   - adjust: softcap, ALiBi and mask; 8-row group j reads only the keys its rows' band needs.
 ///   - blockMax: each query's max over the block's scores, from the score tiles, or nil to compute it here
-///     (diagonal blocks and blocks whose score tiles were padded).
+///     (blocks whose scores are adjusted, or whose score tiles were padded).
+///   - rowPosition, rowSlope: the item's row tables (block-relative position, ALiBi slope·log2(e)).
+///   - rowMax, rowSum, alpha: indexed by item row.
 func softmaxUpdate(
-    s: UnsafeMutablePointer<Float>, ldS: Int, queryVectors: Int, mask: BlockMask,
-    blockMax: UnsafePointer<Float>?,
-    rowMax: UnsafeMutablePointer<Float>, rowSum: UnsafeMutablePointer<Float>,
-    alpha: UnsafeMutablePointer<Float>
+    s: UnsafeMutablePointer<Float>, ldS: Int, firstRow: Int, queryVectors: Int, adjust: ScoreAdjustment,
+    blockMax: UnsafePointer<Float>?, rowPosition: UnsafePointer<Float>, rowSlope: UnsafePointer<Float>,
+    rowMax: UnsafeMutablePointer<Float>, rowSum: UnsafeMutablePointer<Float>, alpha: UnsafeMutablePointer<Float>
 ) {
     let negInf = Vec(repeating: -.infinity)
-    let lanes = Vec(0, 1, 2, 3, 4, 5, 6, 7)
+    let masked = adjust.mask.isMasked
     for j in 0..<queryVectors {
         let column = s + j * 8
-        let keyCount = mask.needed(throughRow: 8 * j + 7)
-        // Lane i (row 8j + i) sees key k iff k < 8j + i + shift.
-        let limit = lanes + Vec(repeating: Float(8 * j + (mask.shift ?? 0)))
+        let row = firstRow + 8 * j
+        let keys = adjust.mask.needed(fromRow: row, throughRow: row + 7)
+        let position = load(rowPosition + row)
+        // Lane i sees key k iff low <= k < high.
+        let low = position + Vec(repeating: Float(adjust.mask.lowShift))
+        let high = position + Vec(repeating: Float(adjust.mask.highShift))
+        let slope = load(rowSlope + row)
+        let distanceBase = position + Vec(repeating: adjust.alibiOffset)
         @inline(__always) func score(_ k: Int) -> Vec {
-            let x = load(column + k * ldS)
-            return mask.shift == nil ? x : x.replacing(with: negInf, where: limit .<= Float(k))
+            var x = load(column + k * ldS)
+            if adjust.softcap > 0 { x = softcapped(x, adjust.softcap) }
+            if adjust.alibi {
+                let distance = distanceBase - Vec(repeating: Float(k))
+                x = x - slope * maximum(distance, -distance)
+            }
+            if masked {
+                let key = Vec(repeating: Float(k))
+                x = x.replacing(with: negInf, where: (key .< low) .| (key .>= high))
+            }
+            return x
         }
         var columnMax: Vec
         if let blockMax {
-            columnMax = load(blockMax + j * 8)
+            columnMax = load(blockMax + row - firstRow)
         } else {
             var max0 = negInf, max1 = negInf
-            var k = 0
-            while k + 1 < keyCount {
+            var k = keys.lowerBound
+            while k + 1 < keys.upperBound {
                 max0 = maximum(max0, score(k))
                 max1 = maximum(max1, score(k + 1))
                 k += 2
             }
-            if k < keyCount { max0 = maximum(max0, score(k)) }
+            if k < keys.upperBound { max0 = maximum(max0, score(k)) }
             columnMax = maximum(max0, max1)
         }
-        let oldMax = load(rowMax + j * 8)
+        let oldMax = load(rowMax + row)
         let newMax = maximum(oldMax, columnMax)
         let base = newMax.replacing(with: 0, where: newMax .== negInf)
         let scale = exp2(oldMax - base)
         var sum0 = Vec(), sum1 = Vec()
-        var k = 0
-        while k + 1 < keyCount {
+        var k = keys.lowerBound
+        while k + 1 < keys.upperBound {
             let p0 = exp2(score(k) - base)
             let p1 = exp2(score(k + 1) - base)
             store(p0, column + k * ldS)
@@ -124,13 +184,13 @@ func softmaxUpdate(
             sum1 += p1
             k += 2
         }
-        if k < keyCount {
+        if k < keys.upperBound {
             let p0 = exp2(score(k) - base)
             store(p0, column + k * ldS)
             sum0 += p0
         }
-        store(newMax, rowMax + j * 8)
-        store(scale * load(rowSum + j * 8) + (sum0 + sum1), rowSum + j * 8)
-        store(scale, alpha + j * 8)
+        store(newMax, rowMax + row)
+        store(scale * load(rowSum + row) + (sum0 + sum1), rowSum + row)
+        store(scale, alpha + row)
     }
 }

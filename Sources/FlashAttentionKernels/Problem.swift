@@ -1,7 +1,11 @@
+/// The validated problem the kernels run: tensor views, where each sequence of the batch lives, and the
+/// options. Only the `FlashAttention` module builds these (from `flash_attention_params`), after checking
+/// every size, stride and index, so the kernels trust every field.
+
 /// A float32 tensor `[batch, seq, heads, dim]` seen through element strides (dim stride 1).
 ///
-/// The pointer is to element (0, 0, 0, 0); strides may be negative or zero for inputs. Validation (in the
-/// `FlashAttention` module) has checked that every addressed element lies inside the caller's buffer.
+/// The pointer is to element (0, 0, 0, 0); strides may be negative or zero for inputs. Validation has
+/// checked that every addressed element lies inside the caller's buffer.
 package struct TensorView: @unchecked Sendable {
     package var base: UnsafeMutablePointer<Float>
     package var batchStride: Int
@@ -42,13 +46,46 @@ package struct LSEView: @unchecked Sendable {
     }
 }
 
-/// One validated forward problem: shapes, tensor views and options, already checked and normalised.
-///
-/// Only the `FlashAttention` module creates these (from `flash_attention_params`), so the kernels trust
-/// every field: sizes are in range, views address only the caller's memory, `scale` is finite and final.
+/// Where the batch's sequences live.
+package enum SequenceLayout: @unchecked Sendable {
+    /// Every batch entry has the problem's seqlenQ queries and seqlenK keys.
+    case dense
+    /// Packed sequences: batch b holds q rows cuQ[b] ..< cuQ[b+1] and k/v rows cuK[b] ..< cuK[b+1].
+    case varlen(cuQ: UnsafePointer<Int32>, cuK: UnsafePointer<Int32>)
+    /// A KV cache: batch b attends to seqlens[b] + appended keys of cache entry batchIndex[b] (or b).
+    case cache(seqlens: UnsafePointer<Int32>, batchIndex: UnsafePointer<Int32>?, appended: Int)
+}
+
+/// How key/value rows are found in k and v.
+package enum KeyValueStorage: @unchecked Sendable {
+    /// Row j of kv batch entry e is element (e, j, head, 0).
+    case contiguous
+    /// Position j of batch b is row j % pageSize of block table[b * tableStride + j / pageSize].
+    case paged(table: UnsafePointer<Int32>, tableStride: Int, pageSize: Int)
+}
+
+/// One sequence of the batch, resolved.
+package struct Sequence {
+    /// Batch index (for the query/output tensors, block table, ALiBi slopes).
+    package var batch: Int
+    /// Batch index of q/out and lse views (0 for varlen, whose batch strides are unused).
+    package var qBatch: Int
+    /// First q/out row of the sequence (cu_seqlens_q[b] for varlen, else 0).
+    package var qRow: Int
+    package var seqlenQ: Int
+    /// Batch entry of k/v (cache_batch_idx[b] for a cache; 0 for varlen).
+    package var kvBatch: Int
+    /// First k/v row (cu_seqlens_k[b] for varlen, else 0).
+    package var kRow: Int
+    package var seqlenK: Int
+}
+
+/// One validated forward problem.
 package struct AttentionProblem: @unchecked Sendable {
     package var batch: Int
+    /// seqlen_q for dense and cache problems; total rows of q for varlen.
     package var seqlenQ: Int
+    /// seqlen_k for dense problems; total rows of k for varlen; unused for caches.
     package var seqlenK: Int
     package var headsQ: Int
     package var headsKV: Int
@@ -60,12 +97,28 @@ package struct AttentionProblem: @unchecked Sendable {
     package var lse: LSEView?
     /// The softmax scale actually applied (0 in the params has been resolved to 1/sqrt(head_dim)).
     package var scale: Float
-    package var causal: Bool
+    /// Keys before / after the aligned diagonal each query sees; nil = unbounded (causal is right = 0).
+    package var windowLeft: Int?
+    package var windowRight: Int?
+    /// ALiBi slopes [batch, heads_q] with this batch stride (0: shared), or nil.
+    package var alibiSlopes: UnsafePointer<Float>?
+    package var alibiBatchStride: Int
+    /// Softcap (> 0), or 0 for none.
+    package var softcap: Float
+    /// Sink logits [heads_q], or nil.
+    package var sinks: UnsafePointer<Float>?
+    package var layout: SequenceLayout
+    package var storage: KeyValueStorage
+    /// The longest sequence's query and key counts (= seqlenQ / seqlenK for dense problems).
+    package var maxSeqlenQ: Int
+    package var maxSeqlenK: Int
 
     package init(
         batch: Int, seqlenQ: Int, seqlenK: Int, headsQ: Int, headsKV: Int, headDim: Int,
-        q: TensorView, k: TensorView, v: TensorView, out: TensorView, lse: LSEView?,
-        scale: Float, causal: Bool
+        q: TensorView, k: TensorView, v: TensorView, out: TensorView, lse: LSEView?, scale: Float,
+        windowLeft: Int?, windowRight: Int?, alibiSlopes: UnsafePointer<Float>?, alibiBatchStride: Int,
+        softcap: Float, sinks: UnsafePointer<Float>?, layout: SequenceLayout, storage: KeyValueStorage,
+        maxSeqlenQ: Int, maxSeqlenK: Int
     ) {
         self.batch = batch
         self.seqlenQ = seqlenQ
@@ -79,17 +132,57 @@ package struct AttentionProblem: @unchecked Sendable {
         self.out = out
         self.lse = lse
         self.scale = scale
-        self.causal = causal
+        self.windowLeft = windowLeft
+        self.windowRight = windowRight
+        self.alibiSlopes = alibiSlopes
+        self.alibiBatchStride = alibiBatchStride
+        self.softcap = softcap
+        self.sinks = sinks
+        self.layout = layout
+        self.storage = storage
+        self.maxSeqlenQ = maxSeqlenQ
+        self.maxSeqlenK = maxSeqlenK
     }
 
     /// Query heads per kv head (GQA group size); query head h reads kv head h / groupSize.
     @inline(__always) package var groupSize: Int { headsQ / headsKV }
 
-    /// Causal alignment offset: query i may see key j iff j <= i + causalOffset (bottom-right aligned).
-    @inline(__always) package var causalOffset: Int { seqlenK - seqlenQ }
+    /// Sequence b of the batch.
+    @inline(__always) package func sequence(_ b: Int) -> Sequence {
+        switch layout {
+        case .dense:
+            return Sequence(batch: b, qBatch: b, qRow: 0, seqlenQ: seqlenQ, kvBatch: b, kRow: 0, seqlenK: seqlenK)
+        case .varlen(let cuQ, let cuK):
+            let q0 = Int(cuQ[b]), k0 = Int(cuK[b])
+            return Sequence(
+                batch: b, qBatch: 0, qRow: q0, seqlenQ: Int(cuQ[b + 1]) - q0, kvBatch: 0, kRow: k0,
+                seqlenK: Int(cuK[b + 1]) - k0)
+        case .cache(let seqlens, let batchIndex, let appended):
+            return Sequence(
+                batch: b, qBatch: b, qRow: 0, seqlenQ: seqlenQ, kvBatch: batchIndex.map { Int($0[b]) } ?? b,
+                kRow: 0, seqlenK: Int(seqlens[b]) + appended)
+        }
+    }
 
-    /// One past the last key query row `i` may see.
-    @inline(__always) package func keyEnd(forQuery i: Int) -> Int {
-        causal ? max(0, min(seqlenK, i + causalOffset + 1)) : seqlenK
+    /// Pointer to key (or value, with `tensor` = v) position j of sequence `s` in kv head h.
+    @inline(__always)
+    package func keyRow(_ tensor: TensorView, _ s: Sequence, head h: Int, position j: Int) -> UnsafeMutablePointer<Float> {
+        switch storage {
+        case .contiguous:
+            return tensor.row(batch: s.kvBatch, head: h, row: s.kRow + j)
+        case .paged(let table, let tableStride, let pageSize):
+            let page = Int(table[s.batch * tableStride + j / pageSize])
+            return tensor.row(batch: page, head: h, row: j % pageSize)
+        }
+    }
+
+    /// The keys query position i of a sequence with `seqlenK` keys and `seqlenQ` queries may see:
+    /// [i + offset − left, i + offset + right] ∩ [0, seqlenK), offset = seqlenK − seqlenQ (bottom-right).
+    @inline(__always)
+    package func keyRange(position i: Int, seqlenQ: Int, seqlenK: Int) -> Range<Int> {
+        let aligned = i + seqlenK - seqlenQ
+        let lower = windowLeft.map { max(0, aligned - $0) } ?? 0
+        let upper = windowRight.map { min(seqlenK, aligned + $0 + 1) } ?? seqlenK
+        return lower < upper ? lower..<upper : 0..<0
     }
 }

@@ -1,16 +1,22 @@
-/// The tiling loop of the forward pass: one work item is one (batch, query head, query block); it packs its
-/// queries once, then meets the key/value blocks one at a time (score tile → mask → online softmax →
-/// output tile) and finishes with the epilogue. Nothing of size seqlen_q × seqlen_k is ever stored.
+/// The tiling loop of the forward pass: one work item is one (sequence, query head — or the query heads of
+/// a GQA group — query block, key split). It packs its queries once, then meets the key/value blocks one at
+/// a time (score tile → online softmax → output tile) and finishes with the epilogue. Nothing of size
+/// seqlen_q × seqlen_k is ever stored.
 
-/// Queries per block: a multiple of 16 (score tile width) and of 6 (output tile height). Every packed key
-/// and value block serves this many queries, so larger is cheaper until the workspace outgrows L2; 288 × 96
-/// measured best on Zen 3 of Bq ∈ {96, 192, 288, 384} × Bk ∈ {48, 96, 192} at head_dim 64 and 128.
+/// Queries per block: a multiple of 48 (`subBlockRows`). Every packed key and value block serves this many
+/// queries, so larger is cheaper until the workspace outgrows L2; 288 × 96 measured best on Zen 3 of
+/// Bq ∈ {96, 192, 288, 384} × Bk ∈ {48, 96, 192} at head_dim 64 and 128.
 package let queryBlockSize = 288
 /// Keys per block: a multiple of 6 (score tile height).
 package let keyBlockSize = 96
-/// Query rows that go through score → softmax → output together: a multiple of 16, 8 and 6 that divides
-/// queryBlockSize, small enough that their Bk × 48 scores (18 KiB) stay in L1.
+/// Query rows that go through score → softmax → output together: a multiple of 16, 8 and 6, small enough
+/// that their Bk × 48 scores (18 KiB) stay in L1 from the score tiles through the output tiles.
 let subBlockRows = 48
+/// Key splits are at least this long, so a split's fixed costs stay small beside its work.
+let minimumSplitKeys = 512
+/// Below this many work items, decoding-like shapes split their keys (a property of the shape, never of the
+/// thread count, so results do not depend on num_threads).
+let splitTargetItems = 32
 
 /// Per-thread scratch of one work item, in floats, every part 64-byte aligned (all sizes are multiples
 /// of 16 floats). With Bq = queryBlockSize, Bk = keyBlockSize, D = head_dim rounded up to 16:
@@ -21,20 +27,20 @@ let subBlockRows = 48
 ///     s       Bk × 48         scores of 48 query rows, transposed (row = key), overwritten by probabilities
 ///     o       Bq × D          unnormalised output accumulators, row-major
 ///     rowMax, rowSum, alpha   Bq each: running max (log2 units), running sum, last rescale factor
+///     rowPosition, rowSlope   Bq each: each row's query position in its block, and its ALiBi slope·log2(e)
 ///     blockMax                48: each query's max over the current block's scores
 ///
-/// Packing K and V makes the micro-kernels independent of the caller's strides: a [b, s, h, d] tensor
-/// with 8 heads of 128 has a 4 KiB row stride, which maps every row of a column slice to one L1 set.
-/// For head_dim 128 the workspace is ~500 KiB, the size of a Zen 3 core's L2; the panels a micro-kernel
-/// streams (≤ 8 KiB) stay in its 32 KiB L1.
+/// Packing K and V makes the micro-kernels independent of the caller's strides (and of paging): a
+/// [b, s, h, d] tensor with 8 heads of 128 has a 4 KiB row stride, which maps every row of a column slice
+/// to one L1 set. For head_dim 128 the workspace is ~400 KiB, inside a Zen 3 core's 512 KiB L2.
 struct Workspace {
-    let qT, kPack, vPack, s, o, rowMax, rowSum, alpha, blockMax: UnsafeMutablePointer<Float>
+    let qT, kPack, vPack, s, o, rowMax, rowSum, alpha, rowPosition, rowSlope, blockMax: UnsafeMutablePointer<Float>
 
     static func paddedDim(_ headDim: Int) -> Int { (headDim + 15) / 16 * 16 }
 
     static func floatCount(headDim: Int) -> Int {
         let qb = queryBlockSize, kb = keyBlockSize, d = paddedDim(headDim)
-        return qb * d + kb * d + kb * d + kb * subBlockRows + qb * d + 3 * qb + subBlockRows
+        return qb * d + kb * d + kb * d + kb * subBlockRows + qb * d + 5 * qb + subBlockRows
     }
 
     init(_ base: UnsafeMutablePointer<Float>, headDim: Int) {
@@ -47,83 +53,175 @@ struct Workspace {
         rowMax = o + qb * d
         rowSum = rowMax + qb
         alpha = rowSum + qb
-        blockMax = alpha + qb
+        rowPosition = alpha + qb
+        rowSlope = rowPosition + qb
+        blockMax = rowSlope + qb
     }
 }
 
-/// Work items and scratch size of the tiled forward for one problem.
-package struct TiledForward: Sendable {
+/// The rows of one work item: `heads` query heads × `positions` consecutive query positions, row
+/// r = (head firstHead + r / positions, position firstPosition + r % positions), and the keys it covers.
+struct WorkItem {
+    var sequence: Sequence
+    var firstHead: Int
+    var heads: Int
+    var firstPosition: Int
+    var positions: Int
+    /// The keys this item attends to (its split's share of the union of its rows' windows).
+    var keys: Range<Int>
+    /// Index of the item before splitting, and its split.
+    var unsplit: Int
+    var split: Int
+
+    var rows: Int { heads * positions }
+}
+
+/// Work items, scratch size and the per-item computation of the tiled forward for one problem.
+package struct TiledForward: @unchecked Sendable {
     package let problem: AttentionProblem
-    package let queryBlocks: Int
+    /// Whether the query heads of a GQA group share one item (few queries per sequence: decoding), so that
+    /// each key and value is read once for the whole group.
+    package let stacked: Bool
+    /// Query positions per item.
+    let blockPositions: Int
+    /// Items per batch entry before splitting (dense and cache layouts), or nil for varlen.
+    let itemsPerBatch: Int?
+    /// Varlen: first unsplit item of each batch entry, batch + 1 entries.
+    let itemStarts: [Int]
+    /// Items before splitting along the keys.
+    package let unsplitItems: Int
+    /// Key splits per item (1: each item writes its rows' final output directly).
+    package let splits: Int
+    /// Rows of the largest item: the row count of a partial-result slot.
+    package let maxItemRows: Int
+    /// With splits > 1: [unsplit item][split][row][head_dim + 1] partial outputs and LSEs, set by the driver.
+    package var partials: UnsafeMutablePointer<Float>?
 
     package init(_ problem: AttentionProblem) {
         self.problem = problem
-        queryBlocks = (problem.seqlenQ + queryBlockSize - 1) / queryBlockSize
+        let group = problem.groupSize
+        stacked = group > 1 && problem.maxSeqlenQ * group <= queryBlockSize
+        blockPositions = stacked ? max(1, problem.maxSeqlenQ) : queryBlockSize
+        let units = stacked ? problem.headsKV : problem.headsQ
+        let blocks = { (seqlen: Int) in (seqlen + queryBlockSize - 1) / queryBlockSize }
+        if case .varlen = problem.layout {
+            var starts = [0]
+            starts.reserveCapacity(problem.batch + 1)
+            for b in 0..<problem.batch {
+                starts.append(starts[b] + units * (stacked ? 1 : blocks(problem.sequence(b).seqlenQ)))
+            }
+            itemStarts = starts
+            itemsPerBatch = nil
+            unsplitItems = starts[problem.batch]
+        } else {
+            let perBatch = problem.seqlenQ == 0 ? 0 : units * (stacked ? 1 : blocks(problem.seqlenQ))
+            itemStarts = []
+            itemsPerBatch = perBatch
+            unsplitItems = problem.batch * perBatch
+        }
+        maxItemRows = stacked ? group * blockPositions : min(queryBlockSize, problem.maxSeqlenQ)
+        if unsplitItems > 0 && unsplitItems < splitTargetItems {
+            let wanted = (splitTargetItems + unsplitItems - 1) / unsplitItems
+            splits = max(1, min(wanted, problem.maxSeqlenK / minimumSplitKeys))
+        } else {
+            splits = 1
+        }
     }
 
-    package var itemCount: Int { problem.batch * problem.headsQ * queryBlocks }
+    package var itemCount: Int { unsplitItems * splits }
 
     /// Scratch bytes one thread needs (zero-filled once at allocation; see `Workspace`).
     package var scratchBytes: Int { Workspace.floatCount(headDim: problem.headDim) * MemoryLayout<Float>.size }
 
-    /// Runs work item `item`. Items are numbered head by head, so that the query blocks of one head run
-    /// close together in time and find its K and V still in L2/L3 (reading them from DRAM once per block
-    /// cost ~10% at 2048 tokens); within a head the most expensive (last, under causal masking) blocks come
-    /// first, so a dynamic scheduler ends on small items and balances the triangle.
-    package func run(item: Int, scratch: UnsafeMutableRawPointer) {
+    /// Floats of the partial-result buffer the driver must provide when splits > 1.
+    package var partialFloats: Int { unsplitItems * splits * maxItemRows * (problem.headDim + 1) }
+
+    /// The geometry of item `item`. Items run batch entry by batch entry and head by head, so that the
+    /// blocks of one head run close together in time and find its K and V still in L2/L3; within a head the
+    /// most expensive (last, under causal masking) blocks come first, so a dynamic scheduler ends on small
+    /// items and balances the triangle.
+    func workItem(_ item: Int) -> WorkItem {
         let p = problem
-        let bh = item / queryBlocks
-        let block = queryBlocks - 1 - item % queryBlocks
-        let b = bh / p.headsQ
-        let h = bh % p.headsQ
-        let kvHead = h / p.groupSize
+        let unsplit = item / splits, split = item % splits
+        let b: Int, local: Int
+        if let perBatch = itemsPerBatch {
+            (b, local) = (unsplit / perBatch, unsplit % perBatch)
+        } else {
+            var low = 0, high = p.batch  // last b with itemStarts[b] <= unsplit
+            while high - low > 1 {
+                let mid = (low + high) / 2
+                if itemStarts[mid] <= unsplit { low = mid } else { high = mid }
+            }
+            (b, local) = (low, unsplit - itemStarts[low])
+        }
+        let sequence = p.sequence(b)
+        let blocks = stacked ? 1 : (sequence.seqlenQ + queryBlockSize - 1) / queryBlockSize
+        let unit = local / blocks
+        let firstPosition = (blocks - 1 - local % blocks) * blockPositions
+        let positions = min(blockPositions, sequence.seqlenQ - firstPosition)
+        // Window bounds grow with the query position, so the rows' union is first row's start ..< last row's end.
+        let first = p.keyRange(position: firstPosition, seqlenQ: sequence.seqlenQ, seqlenK: sequence.seqlenK)
+        let last = p.keyRange(
+            position: firstPosition + positions - 1, seqlenQ: sequence.seqlenQ, seqlenK: sequence.seqlenK)
+        var keys = first.lowerBound..<max(first.lowerBound, last.upperBound)
+        if splits > 1 {
+            let chunk = ((keys.count + splits - 1) / splits + keyBlockSize - 1) / keyBlockSize * keyBlockSize
+            let lower = min(keys.upperBound, keys.lowerBound + split * chunk)
+            keys = lower..<min(keys.upperBound, lower + chunk)
+        }
+        return WorkItem(
+            sequence: sequence, firstHead: stacked ? unit * p.groupSize : unit, heads: stacked ? p.groupSize : 1,
+            firstPosition: firstPosition, positions: positions, keys: keys, unsplit: unsplit, split: split)
+    }
+
+    /// Runs work item `item`.
+    package func run(item index: Int, scratch: UnsafeMutableRawPointer) {
+        let p = problem
+        let item = workItem(index)
         let d = p.headDim
-        let firstQuery = block * queryBlockSize
-        let rows = min(queryBlockSize, p.seqlenQ - firstQuery)
+        let rows = item.rows
         let paddedRows = (rows + 15) / 16 * 16
-        let outputRowTiles = (rows + microRows - 1) / microRows
         let ldO = Workspace.paddedDim(d)
         let w = Workspace(scratch.assumingMemoryBound(to: Float.self), headDim: d)
+        let kvHead = item.firstHead / p.groupSize
+        let offset = item.sequence.seqlenK - item.sequence.seqlenQ
 
-        packQueries(into: w.qT, batch: b, head: h, firstQuery: firstQuery, rows: rows, paddedRows: paddedRows)
-        w.o.update(repeating: 0, count: outputRowTiles * microRows * ldO)
+        packQueries(item, into: w)
+        w.o.update(repeating: 0, count: (rows + microRows - 1) / microRows * microRows * ldO)
         w.rowMax.update(repeating: -.infinity, count: paddedRows)
         w.rowSum.update(repeating: 0, count: paddedRows)
 
-        // Keys past the last query's causal limit are skipped entirely: those blocks are never visited.
-        let keyEnd = p.keyEnd(forQuery: firstQuery + rows - 1)
-        let kRow0 = p.k.row(batch: b, head: kvHead, row: 0)
-        let vRow0 = p.v.row(batch: b, head: kvHead, row: 0)
-        var firstKey = 0
-        while firstKey < keyEnd {
-            let keyCount = min(keyBlockSize, keyEnd - firstKey)
+        var firstKey = item.keys.lowerBound
+        while firstKey < item.keys.upperBound {
+            let keyCount = min(keyBlockSize, item.keys.upperBound - firstKey)
+            packBlock(item.sequence, kvHead: kvHead, firstKey: firstKey, count: keyCount, into: w)
 
-            let kBlock = kRow0 + firstKey * p.k.rowStride
-            let vBlock = vRow0 + firstKey * p.v.rowStride
-            packBlock(
-                keys: kBlock, keyStride: p.k.rowStride, values: vBlock, valueStride: p.v.rowStride,
-                count: keyCount, depth: d, w)
-
-            // Diagonal blocks of a causal call get a mask; in them each tile does only the keys its rows see.
-            let diagonal = p.causal && firstKey + keyCount - 1 > firstQuery + p.causalOffset
-            let shift = firstQuery + p.causalOffset + 1 - firstKey
-            // The score tiles' max also saw the zero rows padding a partial last key tile (score 0, which can
-            // exceed every real score by more than exp2's range) and, in diagonal blocks, hidden keys; such
-            // blocks recompute it.
-            let tilesMaxIsExact = !diagonal && keyCount % microRows == 0
+            // Row r (block-relative position i = r % positions) sees block keys [i + lowShift, i + highShift).
+            let aligned = item.firstPosition + offset - firstKey
+            let mask = BlockMask(
+                keyCount: keyCount, lowShift: p.windowLeft.map { aligned - $0 } ?? -BlockMask.unbounded,
+                highShift: p.windowRight.map { aligned + $0 + 1 } ?? BlockMask.unbounded,
+                positions: item.positions, monotonic: item.heads == 1)
+            let adjust = ScoreAdjustment(
+                mask: mask, softcap: p.softcap * 1.442_695_040_888_963_4, alibi: p.alibiSlopes != nil,
+                alibiOffset: Float(aligned))
+            // The score tiles' running max is exact only for plain blocks: it also saw the zero rows that
+            // pad a partial last key tile (score 0, which can exceed every real score by more than exp2's
+            // range) and, elsewhere, scores the mask, softcap or ALiBi change.
+            let tilesMaxIsExact = !adjust.changesScores && keyCount % microRows == 0
 
             // The query block meets the key block 48 rows at a time, so that the scores of those rows
-            // (Bk × 48 floats) stay in L1 from the score tiles through the softmax to the output tiles.
+            // stay in L1 from the score tiles through the softmax to the output tiles.
             for first in stride(from: 0, to: paddedRows, by: subBlockRows) {
                 let subRows = min(subBlockRows, paddedRows - first)
-                let mask = BlockMask(keyCount: keyCount, shift: diagonal ? shift + first : nil)
 
-                // S = K·Qᵀ, 6 keys × 16 queries at a time.
+                // S = K·Qᵀ, 6 keys × 16 queries at a time, over the keys the panel's rows need.
                 w.blockMax.update(repeating: -.infinity, count: subRows)
                 for panel in 0..<(subRows / microCols) {
-                    let queries = w.qT + (first + panel * microCols) * d
-                    let needed = mask.needed(throughRow: panel * microCols + microCols - 1)
-                    for tile in 0..<((needed + microRows - 1) / microRows) {
+                    let row = first + panel * microCols
+                    let needed = mask.needed(fromRow: row, throughRow: row + microCols - 1)
+                    let queries = w.qT + row * d
+                    for tile in (needed.lowerBound / microRows)..<((needed.upperBound + microRows - 1) / microRows) {
                         scoreTile(
                             keys: w.kPack + tile * microRows * d, ldK: d, queries: queries, depth: d,
                             s: w.s + tile * microRows * subBlockRows + panel * microCols, ldS: subBlockRows,
@@ -132,43 +230,115 @@ package struct TiledForward: Sendable {
                 }
 
                 softmaxUpdate(
-                    s: w.s, ldS: subBlockRows, queryVectors: subRows / 8, mask: mask,
-                    blockMax: tilesMaxIsExact ? w.blockMax : nil, rowMax: w.rowMax + first,
-                    rowSum: w.rowSum + first, alpha: w.alpha + first)
+                    s: w.s, ldS: subBlockRows, firstRow: first, queryVectors: subRows / 8, adjust: adjust,
+                    blockMax: tilesMaxIsExact ? w.blockMax : nil, rowPosition: w.rowPosition,
+                    rowSlope: w.rowSlope, rowMax: w.rowMax, rowSum: w.rowSum, alpha: w.alpha)
 
-                // O = α·O + P·V, 6 queries × 16 columns at a time, each tile over the keys its last row sees.
+                // O = α·O + P·V, 6 queries × 16 columns at a time, each tile over the keys its rows see.
                 let tiles = (min(rows - first, subRows) + microRows - 1) / microRows
                 for column in stride(from: 0, to: d, by: microCols) {
                     let values = w.vPack + column * keyBlockSize
                     for tile in 0..<tiles {
                         let q = tile * microRows
+                        let keys = mask.visible(fromRow: first + q, throughRow: first + q + microRows - 1)
                         outputTile(
-                            p: w.s + q, ldP: subBlockRows, v: values, count: mask.visible(row: q + microRows - 1),
-                            alpha: w.alpha + first + q, o: w.o + (first + q) * ldO + column, ldO: ldO)
+                            p: w.s + keys.lowerBound * subBlockRows + q, ldP: subBlockRows,
+                            v: values + keys.lowerBound * microCols, count: keys.count, alpha: w.alpha + first + q,
+                            o: w.o + (first + q) * ldO + column, ldO: ldO)
                     }
                 }
             }
             firstKey += keyBlockSize
         }
-
-        writeOutputRows(
-            o: w.o, ldO: ldO, rows: rows, headDim: d, rowMax: w.rowMax, rowSum: w.rowSum,
-            out: p.out.row(batch: b, head: h, row: firstQuery), outRowStride: p.out.rowStride,
-            lse: p.lse?.row(batch: b, head: h, row: firstQuery), lseRowStride: p.lse?.rowStride ?? 0)
+        finish(item, w)
     }
 
-    /// Packs a key/value block in one pass over its rows: key rows into a dense [rows][depth] block
-    /// (zero-filled up to a multiple of 6 rows so the last score tile reads defined values), value rows into
-    /// 16-column panels [keyBlockSize][16] (columns past head_dim zero).
-    private func packBlock(
-        keys: UnsafePointer<Float>, keyStride: Int, values: UnsafePointer<Float>, valueStride: Int,
-        count: Int, depth: Int, _ w: Workspace
-    ) {
+    /// Writes the item's rows: final outputs and LSEs (with the sink folded in), or, for a split item, its
+    /// normalised partial state for `mergeSplits`.
+    private func finish(_ item: WorkItem, _ w: Workspace) {
+        let p = problem
+        let d = p.headDim
+        let ldO = Workspace.paddedDim(d)
+        for r in 0..<item.rows {
+            let head = item.firstHead + r / item.positions
+            let row = item.sequence.qRow + item.firstPosition + r % item.positions
+            let out: UnsafeMutablePointer<Float>, lse: UnsafeMutablePointer<Float>?
+            var sink = -Float.infinity
+            if let partials {
+                let slot = partials + ((item.unsplit * splits + item.split) * maxItemRows + r) * (d + 1)
+                (out, lse) = (slot, slot + d)
+            } else {
+                out = p.out.row(batch: item.sequence.qBatch, head: head, row: row)
+                lse = p.lse?.row(batch: item.sequence.qBatch, head: head, row: row)
+                if let sinks = p.sinks { sink = sinks[head] }
+            }
+            finishRow(
+                o: w.o + r * ldO, rowMax: w.rowMax[r], rowSum: w.rowSum[r], sink: sink, headDim: d, out: out,
+                lse: lse)
+        }
+    }
+
+    /// Combines the split partial results of unsplit item `item` in split order (and the sink), writing
+    /// the final rows. The order is fixed, so the result does not depend on which thread ran which split.
+    package func mergeSplits(item: Int) {
+        let p = problem
+        let d = p.headDim
+        let geometry = workItem(item * splits)
+        guard let partials else { return }
+        for r in 0..<geometry.rows {
+            let head = geometry.firstHead + r / geometry.positions
+            let row = geometry.sequence.qRow + geometry.firstPosition + r % geometry.positions
+            let out = p.out.row(batch: geometry.sequence.qBatch, head: head, row: row)
+            let slot = { (split: Int) in partials + ((item * self.splits + split) * self.maxItemRows + r) * (d + 1) }
+            var lse = slot(0)[d]
+            out.update(from: slot(0), count: d)
+            for split in 1..<splits {
+                lse = mergeStates(
+                    out: out, lse: lse, other: slot(split), otherLSE: slot(split)[d], headDim: d)
+            }
+            if let sinks = p.sinks { lse = mergeSink(out: out, lse: lse, sink: sinks[head], headDim: d) }
+            p.lse?.row(batch: geometry.sequence.qBatch, head: head, row: row).pointee = lse
+        }
+    }
+
+    /// Packs the item's queries as transposed 16-row panels, multiplied by scale·log2(e) so the softmax
+    /// can use exp2 (rows past the item's up to the next multiple of 16 are zero), and fills the row
+    /// tables: each row's position within the block and its ALiBi slope·log2(e).
+    private func packQueries(_ item: WorkItem, into w: Workspace) {
+        let p = problem
+        let d = p.headDim
+        let log2e: Float = 1.442_695_040_888_963_4
+        let factor = p.scale * log2e
+        let paddedRows = (item.rows + 15) / 16 * 16
+        for r in 0..<paddedRows {
+            let panel = w.qT + (r / microCols) * microCols * d + r % microCols
+            guard r < item.rows else {
+                for c in 0..<d { panel[c * microCols] = 0 }
+                w.rowPosition[r] = Float(item.positions - 1)
+                w.rowSlope[r] = 0
+                continue
+            }
+            let head = item.firstHead + r / item.positions
+            let position = r % item.positions
+            let source = p.q.row(
+                batch: item.sequence.qBatch, head: head, row: item.sequence.qRow + item.firstPosition + position)
+            for c in 0..<d { panel[c * microCols] = source[c] * factor }
+            w.rowPosition[r] = Float(position)
+            w.rowSlope[r] = p.alibiSlopes.map { $0[item.sequence.batch * p.alibiBatchStride + head] * log2e } ?? 0
+        }
+    }
+
+    /// Packs keys [firstKey, firstKey + count) of the sequence in one pass over their rows: key rows into a
+    /// dense [rows][depth] block (zero-filled up to a multiple of 6 rows, so the last score tile reads
+    /// defined values), value rows into 16-column panels [keyBlockSize][16] (columns past head_dim zero).
+    /// Rows are located one by one, so a paged cache costs one table read per row.
+    private func packBlock(_ sequence: Sequence, kvHead: Int, firstKey: Int, count: Int, into w: Workspace) {
+        let depth = problem.headDim
         let fullColumns = depth / microCols * microCols
         for key in 0..<count {
-            let kSource = keys + key * keyStride
+            let kSource = problem.keyRow(problem.k, sequence, head: kvHead, position: firstKey + key)
+            let vSource = problem.keyRow(problem.v, sequence, head: kvHead, position: firstKey + key)
             let kTarget = w.kPack + key * depth
-            let vSource = values + key * valueStride
             var column = 0
             while column < fullColumns {
                 let vTarget = w.vPack + column * keyBlockSize + key * microCols
@@ -189,24 +359,5 @@ package struct TiledForward: Sendable {
         }
         let paddedCount = (count + microRows - 1) / microRows * microRows
         (w.kPack + count * depth).update(repeating: 0, count: (paddedCount - count) * depth)
-    }
-
-    /// Packs `rows` queries starting at `firstQuery` as transposed 16-query panels, multiplied by
-    /// scale·log2(e) so the softmax can use exp2; rows past `rows` up to `paddedRows` are zero.
-    private func packQueries(
-        into qT: UnsafeMutablePointer<Float>, batch b: Int, head h: Int, firstQuery: Int, rows: Int,
-        paddedRows: Int
-    ) {
-        let d = problem.headDim
-        let factor = problem.scale * 1.442_695_040_888_963_4  // log2(e)
-        for i in 0..<paddedRows {
-            let panel = qT + (i / microCols) * microCols * d + i % microCols
-            if i < rows {
-                let source = problem.q.row(batch: b, head: h, row: firstQuery + i)
-                for c in 0..<d { panel[c * microCols] = source[c] * factor }
-            } else {
-                for c in 0..<d { panel[c * microCols] = 0 }
-            }
-        }
     }
 }

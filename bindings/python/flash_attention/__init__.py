@@ -1,6 +1,19 @@
 """FlashAttention for CPUs: exact tiled attention from a Swift C-ABI library, called through ctypes."""
 
-from .api import flash_attn_func, library_info
+from .api import (
+    flash_attn_func,
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+    library_info,
+    merge_attention_states,
+)
 from .reference import reference_attention
 
-__all__ = ["flash_attn_func", "library_info", "reference_attention"]
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "library_info",
+    "merge_attention_states",
+    "reference_attention",
+]

@@ -6,6 +6,7 @@ Nothing here checks arguments; `api.py` does that and turns status codes into ex
 import ctypes
 from ctypes import POINTER, c_char_p, c_float, c_int32, c_int64, c_size_t, c_uint64, c_void_p
 
+
 # Constants of the header (kept equal by tests/test_abi.py, which parses the header).
 FA_ABI_VERSION = 1
 FA_OK = 0
@@ -16,10 +17,12 @@ FA_ERROR_INVALID_ARGUMENT = 4
 FA_ERROR_UNSUPPORTED = 5
 FA_ERROR_OUT_OF_MEMORY = 6
 FA_ERROR_INTERNAL = 7
+FA_ERROR_INVALID_INDEX = 8
 FA_ALGORITHM_AUTO = 0
 FA_ALGORITHM_REFERENCE = 1
 FA_ALGORITHM_TILED = 2
 FA_MAX_HEAD_DIM = 1024
+FA_PARAMS_SIZE_V1 = 264
 
 
 def _tensor_fields(name, strides):
@@ -38,6 +41,18 @@ class Params(ctypes.Structure):
         + _tensor_fields("out", ("batch", "row", "head", "dim"))
         + _tensor_fields("lse", ("batch", "head", "row"))
         + [("softmax_scale", c_float), ("causal", c_int32), ("num_threads", c_int32), ("algorithm", c_int32)]
+        # Inference options (0.2).
+        + [("window_left", c_int64), ("window_right", c_int64), ("alibi_slopes", c_void_p),
+           ("alibi_batch_stride", c_int64), ("softcap", c_float), ("reserved0", c_int32), ("sinks", c_void_p)]
+        # Variable-length batches (0.2).
+        + [("cu_seqlens_q", c_void_p), ("cu_seqlens_k", c_void_p), ("max_seqlen_q", c_int64), ("max_seqlen_k", c_int64)]
+        # KV cache (0.2).
+        + [("cache_seqlens", c_void_p), ("cache_batch_idx", c_void_p), ("block_table", c_void_p),
+           ("block_table_batch_stride", c_int64), ("max_blocks_per_seq", c_int64), ("cache_batch", c_int64),
+           ("cache_seqlen", c_int64)]
+        + _tensor_fields("k_new", ("batch", "row", "head", "dim"))
+        + _tensor_fields("v_new", ("batch", "row", "head", "dim"))
+        + [("seqlen_new", c_int64)]
     )
 
 
@@ -64,6 +79,18 @@ def declare(lib):
     # flash_attention_status flash_attention_forward(const flash_attention_params *params);
     lib.flash_attention_forward.argtypes = [POINTER(Params)]
     lib.flash_attention_forward.restype = c_int32
+    # flash_attention_status flash_attention_forward_varlen(const flash_attention_params *params);
+    lib.flash_attention_forward_varlen.argtypes = [POINTER(Params)]
+    lib.flash_attention_forward_varlen.restype = c_int32
+    # flash_attention_status flash_attention_forward_kvcache(const flash_attention_params *params);
+    lib.flash_attention_forward_kvcache.argtypes = [POINTER(Params)]
+    lib.flash_attention_forward_kvcache.restype = c_int32
+    # flash_attention_status flash_attention_merge(int64_t rows, int64_t head_dim,
+    #     const float *out_a, int64_t out_a_row_stride, const float *lse_a, int64_t lse_a_stride,
+    #     const float *out_b, int64_t out_b_row_stride, const float *lse_b, int64_t lse_b_stride,
+    #     float *out, int64_t out_row_stride, float *lse, int64_t lse_stride);
+    lib.flash_attention_merge.argtypes = [c_int64, c_int64] + [c_void_p, c_int64] * 6
+    lib.flash_attention_merge.restype = c_int32
     # const char *flash_attention_kernel_isa(void);
     lib.flash_attention_kernel_isa.argtypes = []
     lib.flash_attention_kernel_isa.restype = c_char_p

@@ -18,6 +18,7 @@ _EXCEPTIONS = {
     _capi.FA_ERROR_UNSUPPORTED: ValueError,
     _capi.FA_ERROR_OUT_OF_MEMORY: MemoryError,
     _capi.FA_ERROR_INTERNAL: RuntimeError,
+    _capi.FA_ERROR_INVALID_INDEX: ValueError,
 }
 
 _ALGORITHMS = {
@@ -25,6 +26,7 @@ _ALGORITHMS = {
     "reference": _capi.FA_ALGORITHM_REFERENCE,
     "tiled": _capi.FA_ALGORITHM_TILED,
 }
+_TENSOR_STRIDES = ("batch", "row", "head", "dim")
 
 
 def check_status(lib, status):
@@ -35,33 +37,41 @@ def check_status(lib, status):
         raise _EXCEPTIONS.get(status, RuntimeError)(f"{message} ({summary})")
 
 
-def _array(name, x, ndim):
+def _array(name, x, ndim, dtype=np.float32):
     """Checks type, dtype and rank; returns the array (a view, or a copy if the last axis is strided)."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
-    if x.dtype != np.float32:
-        raise TypeError(f"{name} must have dtype float32, got {x.dtype}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {x.dtype}")
     if x.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {x.shape}")
+        raise ValueError(f"{name} must have {ndim} dimension{'s' if ndim > 1 else ''}, got shape {x.shape}")
     if any(s % x.itemsize for s in x.strides):
         raise ValueError(f"{name} has strides {x.strides} that are not multiples of the element size")
     # The kernel reads head_dim contiguously; a view strided along it is the one case that is copied.
-    if x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
+    if x.ndim and x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
         x = np.ascontiguousarray(x)
     return x
 
 
 def _element_strides(x):
     strides = [s // x.itemsize for s in x.strides]
-    # numpy leaves any stride on a size-1 axis or an empty array; the library wants head_dim stride 1.
+    # numpy leaves any stride on a size-1 axis or an empty array; the library wants the last stride 1.
     if x.shape[-1] <= 1 or x.size == 0:
         strides[-1] = 1
     return strides
 
 
-def _set_tensor(params, name, x, stride_names):
-    setattr(params, name, x.ctypes.data)
-    for field, stride in zip(stride_names, _element_strides(x)):
+def _address(x):
+    return x.__array_interface__["data"][0]
+
+
+def _set_tensor(params, name, x, stride_names=_TENSOR_STRIDES):
+    """Sets pointer and strides; a 3-D [rows, heads, dim] array (varlen) gets batch stride 0."""
+    setattr(params, name, _address(x))
+    strides = _element_strides(x)
+    if len(strides) == len(stride_names) - 1:
+        strides = [0] + strides
+    for field, stride in zip(stride_names, strides):
         setattr(params, f"{name}_{field}_stride", stride)
 
 
@@ -73,8 +83,67 @@ def _int_option(name, value, minimum):
     return int(value)
 
 
+def _new_params(lib):
+    params = _capi.Params()
+    check_status(lib, lib.flash_attention_params_init(ctypes.byref(params), ctypes.sizeof(params)))
+    return params
+
+
+def _set_options(params, keep, heads_q, batch, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
+                 num_threads, algorithm):
+    """Checks and sets the options shared by every forward function; arrays to keep alive go to `keep`."""
+    if softmax_scale is None:
+        params.softmax_scale = 0.0
+    else:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        if softmax_scale == 0.0 or not math.isfinite(softmax_scale):
+            raise ValueError(f"softmax_scale ({softmax_scale}) must be finite and nonzero; None means 1/sqrt(head_dim)")
+        params.softmax_scale = float(softmax_scale)
+    params.causal = 1 if causal else 0
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
+        raise TypeError(f"window_size must be a (left, right) pair, got {window_size!r}")
+    params.window_left = _int_option("window_size[0]", window_size[0], -1)
+    params.window_right = _int_option("window_size[1]", window_size[1], -1)
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap ({softcap}) must be finite and >= 0 (0 = off)")
+    params.softcap = float(softcap)
+    if alibi_slopes is not None:
+        alibi_slopes = _array("alibi_slopes", alibi_slopes, alibi_slopes.ndim if isinstance(alibi_slopes, np.ndarray) else 1)
+        if alibi_slopes.shape not in ((heads_q,), (batch, heads_q)):
+            raise ValueError(f"alibi_slopes must have shape ({heads_q},) or ({batch}, {heads_q}), got {alibi_slopes.shape}")
+        params.alibi_slopes = _address(alibi_slopes)
+        params.alibi_batch_stride = alibi_slopes.strides[0] // 4 if alibi_slopes.ndim == 2 else 0
+        keep.append(alibi_slopes)
+    if sinks is not None:
+        sinks = _array("sinks", sinks, 1)
+        if sinks.shape != (heads_q,):
+            raise ValueError(f"sinks must have shape ({heads_q},), got {sinks.shape}")
+        params.sinks = _address(np.ascontiguousarray(sinks))
+        keep.append(sinks)
+    params.num_threads = _int_option("num_threads", num_threads, 0)
+    if algorithm not in _ALGORITHMS:
+        raise ValueError(f"algorithm ({algorithm!r}) must be one of {sorted(_ALGORITHMS)}")
+    params.algorithm = _ALGORITHMS[algorithm]
+
+
+def _index_array(name, x, shape):
+    """An int32 index array of the given shape (Python ints and other integer arrays are converted)."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
+    if x.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {x.shape}")
+    if x.size and (x.min() < np.iinfo(np.int32).min or x.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{name} has values outside int32")
+    return np.ascontiguousarray(x, dtype=np.int32)
+
+
 def flash_attn_func(
-    q, k, v, softmax_scale=None, causal=False, *, return_lse=False, num_threads=0, algorithm="auto"
+    q, k, v, softmax_scale=None, causal=False, *, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+    sinks=None, return_lse=False, num_threads=0, algorithm="auto"
 ):
     """Exact attention softmax(q kᵀ · scale) v, computed tile by tile (FlashAttention) in the C library.
 
@@ -84,6 +153,10 @@ def flash_attn_func(
             (grouped-query attention: query head h reads kv head h // (heads_q // heads_kv)).
         softmax_scale: multiplies q kᵀ; None means 1/sqrt(head_dim).
         causal: bottom-right aligned causal mask: query i sees key j iff j <= i + seqlen_k - seqlen_q.
+        window_size: (left, right) sliding window around the aligned diagonal, -1 = unbounded.
+        softcap: if > 0, scores become softcap * tanh(score / softcap) before ALiBi and masking.
+        alibi_slopes: float32 [heads_q] or [batch, heads_q]; adds -slope * |i + seqlen_k - seqlen_q - j|.
+        sinks: float32 [heads_q] logits that join the softmax denominator and contribute no value.
         return_lse: also return the natural-log log-sum-exp, float32 [batch, heads_q, seqlen_q].
         num_threads: 0 uses every online core, 1 the calling thread only. Results are bitwise identical
             for every value.
@@ -101,39 +174,195 @@ def flash_attn_func(
         raise ValueError(f"k shape {k.shape} does not match q shape {q.shape} in batch and head_dim")
     if v.shape != k.shape:
         raise ValueError(f"v shape {v.shape} must equal k shape {k.shape}")
-    seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    if softmax_scale is None:
-        scale = 0.0
-    else:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
-            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        scale = float(softmax_scale)
-        if scale == 0.0 or not math.isfinite(scale):
-            raise ValueError(f"softmax_scale ({scale}) must be finite and nonzero; None means 1/sqrt(head_dim)")
-    num_threads = _int_option("num_threads", num_threads, 0)
-    if algorithm not in _ALGORITHMS:
-        raise ValueError(f"algorithm ({algorithm!r}) must be one of {sorted(_ALGORITHMS)}")
-
     lib = load()
+    params = _new_params(lib)
+    keep = []
+    _set_options(params, keep, heads_q, batch, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
+                 num_threads, algorithm)
     out = np.empty(q.shape, dtype=np.float32)
-    lse = np.empty((batch, heads_q, seqlen_q), dtype=np.float32) if return_lse else None
-    params = _capi.Params()
-    check_status(lib, lib.flash_attention_params_init(ctypes.byref(params), ctypes.sizeof(params)))
-    params.batch, params.seqlen_q, params.seqlen_k = batch, seqlen_q, seqlen_k
-    params.heads_q, params.heads_kv, params.head_dim = heads_q, heads_kv, head_dim
-    tensor_strides = ("batch", "row", "head", "dim")
-    _set_tensor(params, "q", q, tensor_strides)
-    _set_tensor(params, "k", k, tensor_strides)
-    _set_tensor(params, "v", v, tensor_strides)
-    _set_tensor(params, "out", out, tensor_strides)
-    if lse is not None:
+    params.batch, params.seqlen_q, params.seqlen_k = batch, seqlen_q, k.shape[1]
+    params.heads_q, params.heads_kv, params.head_dim = heads_q, k.shape[2], head_dim
+    _set_tensor(params, "q", q)
+    _set_tensor(params, "k", k)
+    _set_tensor(params, "v", v)
+    _set_tensor(params, "out", out)
+    lse = None
+    if return_lse:
+        lse = np.empty((batch, heads_q, seqlen_q), dtype=np.float32)
         _set_tensor(params, "lse", lse, ("batch", "head", "row"))
-    params.softmax_scale = scale
-    params.causal = 1 if causal else 0
-    params.num_threads = num_threads
-    params.algorithm = _ALGORITHMS[algorithm]
     check_status(lib, lib.flash_attention_forward(ctypes.byref(params)))
     return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, max_seqlen_k=0, softmax_scale=None, causal=False, *,
+    window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None, return_lse=False, num_threads=0,
+    algorithm="auto"
+):
+    """Attention over a batch of sequences of different lengths, packed along the row axis.
+
+    Args:
+        q: float32 [total_q, heads_q, head_dim]; k, v: float32 [total_k, heads_kv, head_dim].
+        cu_seqlens_q, cu_seqlens_k: int32 [batch + 1], starting at 0, non-decreasing: sequence b owns rows
+            cu_seqlens[b] ... cu_seqlens[b + 1] - 1. Every option applies per sequence.
+        max_seqlen_q, max_seqlen_k: 0, or upper bounds the library checks.
+        The other arguments are those of flash_attn_func (alibi_slopes may be [batch, heads_q]).
+
+    Returns out float32 [total_q, heads_q, head_dim], or (out, lse) with lse float32 [heads_q, total_q].
+    """
+    q = _array("q", q, 3)
+    k = _array("k", k, 3)
+    v = _array("v", v, 3)
+    total_q, heads_q, head_dim = q.shape
+    if k.shape[2] != head_dim:
+        raise ValueError(f"k shape {k.shape} does not match q shape {q.shape} in head_dim")
+    if v.shape != k.shape:
+        raise ValueError(f"v shape {v.shape} must equal k shape {k.shape}")
+    if not isinstance(cu_seqlens_q, np.ndarray) or cu_seqlens_q.ndim != 1:
+        raise TypeError("cu_seqlens_q must be a 1-D numpy integer array")
+    batch = cu_seqlens_q.shape[0] - 1
+    if batch < 0:
+        raise ValueError("cu_seqlens_q must have at least one element")
+    cu_q = _index_array("cu_seqlens_q", cu_seqlens_q, (batch + 1,))
+    cu_k = _index_array("cu_seqlens_k", cu_seqlens_k, (batch + 1,))
+    lib = load()
+    params = _new_params(lib)
+    keep = [cu_q, cu_k]
+    _set_options(params, keep, heads_q, batch, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
+                 num_threads, algorithm)
+    out = np.empty(q.shape, dtype=np.float32)
+    params.batch, params.seqlen_q, params.seqlen_k = batch, total_q, k.shape[0]
+    params.heads_q, params.heads_kv, params.head_dim = heads_q, k.shape[1], head_dim
+    params.cu_seqlens_q, params.cu_seqlens_k = _address(cu_q), _address(cu_k)
+    params.max_seqlen_q = _int_option("max_seqlen_q", max_seqlen_q, 0)
+    params.max_seqlen_k = _int_option("max_seqlen_k", max_seqlen_k, 0)
+    _set_tensor(params, "q", q)
+    _set_tensor(params, "k", k)
+    _set_tensor(params, "v", v)
+    _set_tensor(params, "out", out)
+    lse = None
+    if return_lse:
+        lse = np.empty((heads_q, total_q), dtype=np.float32)
+        params.lse, params.lse_head_stride, params.lse_row_stride = _address(lse), total_q, 1
+    check_status(lib, lib.flash_attention_forward_varlen(ctypes.byref(params)))
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_with_kvcache(
+    q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cache_batch_idx=None, block_table=None,
+    softmax_scale=None, causal=False, *, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None,
+    return_softmax_lse=False, return_lse=False, num_threads=0, algorithm="auto"
+):
+    """Attention of new queries against a KV cache, optionally appending new keys/values first.
+
+    Args:
+        q: float32 [batch, seqlen_q, heads_q, head_dim].
+        k_cache, v_cache: float32 [batch_cache, seqlen_cache, heads_kv, head_dim], or with block_table a
+            paged cache [num_blocks, block_size, heads_kv, head_dim] (any block_size >= 1).
+        k, v: optional float32 [batch, seqlen_new, heads_kv, head_dim], written into the cache in place at
+            positions cache_seqlens[b] ... before attending (advance cache_seqlens yourself afterwards).
+        cache_seqlens: int or int32 [batch]: keys already cached per batch entry (default: all of them).
+        cache_batch_idx: optional int32 [batch]: which cache row each batch entry uses.
+        block_table: optional int32 [batch, max_blocks_per_seq]: the blocks of each sequence, in order.
+        Batch b attends to cache_seqlens[b] + seqlen_new keys, which is the seqlen_k of causal/window
+        alignment. Every index is checked before anything is read or written.
+
+    Returns out float32 [batch, seqlen_q, heads_q, head_dim], or (out, lse) with lse [batch, heads_q, seqlen_q].
+    """
+    q = _array("q", q, 4)
+    k_cache = _array("k_cache", k_cache, 4)
+    v_cache = _array("v_cache", v_cache, 4)
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {v_cache.shape} must equal k_cache shape {k_cache.shape}")
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache shape {k_cache.shape} does not match q shape {q.shape} in head_dim")
+    heads_kv = k_cache.shape[2]
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if (k is not None) and not cache.flags.writeable:
+            raise ValueError(f"{name} must be writable to append k/v")
+    lib = load()
+    params = _new_params(lib)
+    keep = []
+    _set_options(params, keep, heads_q, batch, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
+                 num_threads, algorithm)
+    if block_table is not None:
+        table = _index_array("block_table", block_table, np.shape(block_table))
+        if table.ndim != 2 or table.shape[0] != batch:
+            raise ValueError(f"block_table must have shape ({batch}, max_blocks_per_seq), got {table.shape}")
+        params.block_table = _address(table)
+        params.block_table_batch_stride, params.max_blocks_per_seq = table.shape[1], table.shape[1]
+        keep.append(table)
+        default_seqlen = table.shape[1] * k_cache.shape[1]
+    else:
+        default_seqlen = k_cache.shape[1]
+    if cache_seqlens is None:
+        cache_seqlens = default_seqlen - (0 if k is None else np.shape(k)[1])
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = np.full(batch, cache_seqlens, dtype=np.int32)
+    seqlens = _index_array("cache_seqlens", cache_seqlens, (batch,))
+    params.cache_seqlens = _address(seqlens)
+    keep.append(seqlens)
+    if cache_batch_idx is not None:
+        index = _index_array("cache_batch_idx", cache_batch_idx, (batch,))
+        params.cache_batch_idx = _address(index)
+        keep.append(index)
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together")
+    if k is not None:
+        k = _array("k", k, 4)
+        v = _array("v", v, 4)
+        if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != (heads_kv, head_dim):
+            raise ValueError(f"k {k.shape} and v {v.shape} must both be ({batch}, seqlen_new, {heads_kv}, {head_dim})")
+        _set_tensor(params, "k_new", k)
+        _set_tensor(params, "v_new", v)
+        params.seqlen_new = k.shape[1]
+    out = np.empty(q.shape, dtype=np.float32)
+    params.batch, params.seqlen_q = batch, seqlen_q
+    params.heads_q, params.heads_kv, params.head_dim = heads_q, heads_kv, head_dim
+    params.cache_batch, params.cache_seqlen = k_cache.shape[0], k_cache.shape[1]
+    _set_tensor(params, "q", q)
+    _set_tensor(params, "k", k_cache)
+    _set_tensor(params, "v", v_cache)
+    _set_tensor(params, "out", out)
+    want_lse = return_lse or return_softmax_lse
+    lse = None
+    if want_lse:
+        lse = np.empty((batch, heads_q, seqlen_q), dtype=np.float32)
+        _set_tensor(params, "lse", lse, ("batch", "head", "row"))
+    check_status(lib, lib.flash_attention_forward_kvcache(ctypes.byref(params)))
+    return (out, lse) if want_lse else out
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    """The exact attention over the union of two disjoint key sets, from the results over each.
+
+    out_* are float32 [..., seqlen, heads, head_dim] and lse_* float32 [..., heads, seqlen] (the layouts
+    flash_attn_func returns). A side that saw no key (lse -inf) contributes nothing. Returns (out, lse).
+    """
+    out_a = _array("out_a", out_a, np.ndim(out_a))
+    out_b = _array("out_b", out_b, np.ndim(out_b))
+    lse_a = _array("lse_a", lse_a, np.ndim(lse_a)) if isinstance(lse_a, np.ndarray) else _array("lse_a", lse_a, 1)
+    lse_b = _array("lse_b", lse_b, np.ndim(lse_b)) if isinstance(lse_b, np.ndarray) else _array("lse_b", lse_b, 1)
+    if out_a.ndim < 3 or out_a.shape != out_b.shape:
+        raise ValueError(f"out_a {out_a.shape} and out_b {out_b.shape} must have one shape [..., seqlen, heads, head_dim]")
+    expected = out_a.shape[:-3] + (out_a.shape[-2], out_a.shape[-3])
+    if lse_a.shape != expected or lse_b.shape != expected:
+        raise ValueError(f"lse_a {lse_a.shape} and lse_b {lse_b.shape} must have shape {expected}")
+    lib = load()
+    out = np.empty(out_a.shape, np.float32)
+    lse = np.empty(expected, np.float32)
+    seqlen, heads, head_dim = out_a.shape[-3:]
+    # One call per (leading index, head): its rows are the sequence positions.
+    for index in np.ndindex(*out_a.shape[:-3], heads):
+        lead, h = index[:-1], index[-1]
+        views = [x[lead + (slice(None), h)] for x in (out_a, out_b, out)]
+        lse_views = [x[lead + (h,)] for x in (lse_a, lse_b, lse)]
+        args = []
+        for o, l in zip(views, lse_views):
+            args += [_address(o), o.strides[0] // 4, _address(l), l.strides[0] // 4]
+        check_status(lib, lib.flash_attention_merge(seqlen, head_dim, *args))
+    return out, lse
 
 
 def library_info():

@@ -1,34 +1,97 @@
-"""Reference attention in numpy float64 with exactly the library's semantics: the oracle of the tests."""
+"""Reference attention in numpy float64 with exactly the library's semantics: the oracle of the tests.
+
+These functions materialise every score; they are written for clarity, not speed.
+"""
 
 import numpy as np
 
 
-def reference_attention(q, k, v, softmax_scale=None, causal=False, return_lse=False):
+def reference_attention(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                        alibi_slopes=None, sinks=None, return_lse=False):
     """softmax(q kᵀ · scale) v computed in float64, materialising the full score matrix.
 
     Same layouts and semantics as flash_attn_func: q [batch, seqlen_q, heads_q, head_dim], k and v
-    [batch, seqlen_k, heads_kv, head_dim], grouped-query heads, bottom-right aligned causal mask, rows that
-    see no key give 0 and LSE -inf. Returns float64 out (and lse [batch, heads_q, seqlen_q]).
+    [batch, seqlen_k, heads_kv, head_dim], grouped-query heads, bottom-right aligned causal mask and
+    sliding window, softcap on the scaled score, ALiBi bias, sink logits in the denominator; rows that
+    see no key give 0 and LSE -inf (or the sink). Returns float64 out (and lse [batch, heads_q, seqlen_q]).
     """
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
-    _, seqlen_q, heads_q, head_dim = q.shape
+    batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     scale = 1.0 / np.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     group = heads_q // heads_kv
     k = np.repeat(k, group, axis=2)
     v = np.repeat(v, group, axis=2)
     scores = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if softcap > 0:
+        scores = softcap * np.tanh(scores / softcap)
+    i = np.arange(seqlen_q)[:, None]
+    j = np.arange(seqlen_k)[None, :]
+    aligned = i + seqlen_k - seqlen_q  # the key each query is aligned with (bottom-right)
+    if alibi_slopes is not None:
+        slopes = np.broadcast_to(np.asarray(alibi_slopes, np.float64), (batch, heads_q))
+        scores = scores - slopes[:, :, None, None] * np.abs(aligned - j)[None, None]
+    left, right = window_size
     if causal:
-        i = np.arange(seqlen_q)[:, None]
-        j = np.arange(seqlen_k)[None, :]
-        scores = np.where(j <= i + seqlen_k - seqlen_q, scores, -np.inf)
-    row_max = scores.max(axis=-1, keepdims=True) if seqlen_k else np.full(scores.shape[:-1] + (1,), -np.inf)
+        right = 0
+    visible = np.ones((seqlen_q, seqlen_k), bool)
+    if left >= 0:
+        visible &= j >= aligned - left
+    if right >= 0:
+        visible &= j <= aligned + right
+    scores = np.where(visible, scores, -np.inf)
+    sink = np.full(heads_q, -np.inf) if sinks is None else np.asarray(sinks, np.float64)
+    sink = np.broadcast_to(sink[None, :, None, None], (batch, heads_q, seqlen_q, 1))
+    with_sink = np.concatenate([scores, sink], axis=-1)
+    row_max = with_sink.max(axis=-1, keepdims=True)
     safe_max = np.where(np.isneginf(row_max), 0.0, row_max)
-    p = np.exp(scores - safe_max)
+    p = np.exp(with_sink - safe_max)
     total = p.sum(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.einsum("bhqk,bkhd->bqhd", np.where(total > 0, p / total, 0.0), v)
+        weights = np.where(total > 0, p[..., :seqlen_k] / total, 0.0)
+        out = np.einsum("bhqk,bkhd->bqhd", weights, v)
         lse = np.where(total[..., 0] > 0, (safe_max + np.log(total))[..., 0], -np.inf)
     return (out, lse) if return_lse else out
+
+
+def reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=None, **options):
+    """Varlen attention as a loop of reference_attention over the packed sequences: out [total_q, heads_q,
+    head_dim] and lse [heads_q, total_q]."""
+    out = np.zeros(q.shape, np.float64)
+    lse = np.full((q.shape[1], q.shape[0]), -np.inf)
+    for b in range(len(cu_seqlens_q) - 1):
+        qs = slice(cu_seqlens_q[b], cu_seqlens_q[b + 1])
+        ks = slice(cu_seqlens_k[b], cu_seqlens_k[b + 1])
+        slopes = None if alibi_slopes is None else np.asarray(alibi_slopes)[b] if np.ndim(alibi_slopes) == 2 else alibi_slopes
+        o, l = reference_attention(q[None, qs], k[None, ks], v[None, ks], alibi_slopes=slopes, return_lse=True, **options)
+        out[qs], lse[:, qs] = o[0], l[0]
+    return out, lse
+
+
+def reference_kvcache_attention(q, k_cache, v_cache, cache_seqlens, k=None, v=None, cache_batch_idx=None,
+                                block_table=None, alibi_slopes=None, **options):
+    """KV-cache attention from first principles: gather each batch entry's cached keys (contiguous or
+    through the block table), append the new ones, and call reference_attention. Does not modify the
+    cache. Returns out [batch, seqlen_q, heads_q, head_dim] and lse [batch, heads_q, seqlen_q]."""
+    batch = q.shape[0]
+    outs, lses = [], []
+    for b in range(batch):
+        cached = int(cache_seqlens[b])
+        if block_table is not None:
+            page = k_cache.shape[1]
+            rows = [(block_table[b][j // page], j % page) for j in range(cached)]
+            keys = np.array([k_cache[blk, off] for blk, off in rows]).reshape(cached, *k_cache.shape[2:])
+            values = np.array([v_cache[blk, off] for blk, off in rows]).reshape(cached, *v_cache.shape[2:])
+        else:
+            entry = b if cache_batch_idx is None else cache_batch_idx[b]
+            keys, values = k_cache[entry, :cached], v_cache[entry, :cached]
+        if k is not None:
+            keys = np.concatenate([keys, k[b]])
+            values = np.concatenate([values, v[b]])
+        slopes = None if alibi_slopes is None else np.asarray(alibi_slopes)[b] if np.ndim(alibi_slopes) == 2 else alibi_slopes
+        o, l = reference_attention(q[b:b + 1], keys[None], values[None], alibi_slopes=slopes, return_lse=True, **options)
+        outs.append(o[0])
+        lses.append(l[0])
+    return np.array(outs), np.array(lses)
