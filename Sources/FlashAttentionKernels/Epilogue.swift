@@ -12,20 +12,20 @@ import Glibc
 let ln2: Float = 0.693_147_180_559_945_3
 let log2e: Float = 1.442_695_040_888_963_4
 
-/// Writes one finished row: out = O / l (0 for a row that saw no key) and its LSE, with the sink (natural
-/// log, or −inf for none) merged in.
+/// Writes one finished row: out = O / l (0 for a row that saw no key) and its LSE plus `lseShift` (a
+/// constant taken out of the row's scores), with the sink (natural log, or −inf for none) merged in.
 /// - Parameters:
 ///   - o: the row's unnormalised accumulator, at least `headDim` floats.
 ///   - rowMax: the running max in log2 units; rowSum: the running sum of 2^(s − max).
 @inline(__always)
 func finishRow(
-    o: UnsafePointer<Float>, rowMax: Float, rowSum: Float, sink: Float, headDim: Int,
+    o: UnsafePointer<Float>, rowMax: Float, rowSum: Float, lseShift: Float, sink: Float, headDim: Int,
     out: UnsafeMutablePointer<Float>, lse: UnsafeMutablePointer<Float>?
 ) {
     // A row that saw no key has max −inf (its sum holds only exp2's ~1e-38 floor for −inf scores): its
     // output is 0 and its LSE −inf. NaN sums stay NaN.
     let sawNoKey = rowMax == -.infinity
-    var rowLSE = sawNoKey ? -Float.infinity : (rowMax + log2(rowSum)) * ln2
+    var rowLSE = sawNoKey ? -Float.infinity : (rowMax + log2(rowSum)) * ln2 + lseShift
     var factor: Float = sawNoKey ? 0 : 1 / rowSum
     if sink > -.infinity {
         let merged = logAddExp(rowLSE, sink)

@@ -123,12 +123,13 @@ func softcapped(_ s: Vec, _ cap: Float) -> Vec {
 ///   - adjust: softcap, ALiBi and mask; 8-row group j reads only the keys its rows' band needs.
 ///   - blockMax: each query's max over the block's scores, from the score tiles, or nil to compute it here
 ///     (blocks whose scores are adjusted, or whose score tiles were padded).
-///   - rowPosition, rowSlope: the item's row tables (block-relative position, ALiBi slope·log2(e)).
+///   - rowPosition, rowSlope, rowDistance: the item's row tables (block-relative position, ALiBi
+///     slope·log2(e), the distance the row's ALiBi bias is rebased on).
 ///   - rowMax, rowSum, alpha: indexed by item row.
 func softmaxUpdate(
     s: UnsafeMutablePointer<Float>, ldS: Int, firstRow: Int, queryVectors: Int, adjust: ScoreAdjustment,
     blockMax: UnsafePointer<Float>?, rowPosition: UnsafePointer<Float>, rowSlope: UnsafePointer<Float>,
-    rowMax: UnsafeMutablePointer<Float>, rowSum: UnsafeMutablePointer<Float>, alpha: UnsafeMutablePointer<Float>
+    rowDistance: UnsafePointer<Float>, rowMax: UnsafeMutablePointer<Float>, rowSum: UnsafeMutablePointer<Float>, alpha: UnsafeMutablePointer<Float>
 ) {
     let negInf = Vec(repeating: -.infinity)
     let masked = adjust.mask.isMasked
@@ -142,12 +143,13 @@ func softmaxUpdate(
         let high = position + Vec(repeating: Float(adjust.mask.highShift))
         let slope = load(rowSlope + row)
         let distanceBase = position + Vec(repeating: adjust.alibiOffset)
+        let rebase = load(rowDistance + row)
         @inline(__always) func score(_ k: Int) -> Vec {
             var x = load(column + k * ldS)
             if adjust.softcap > 0 { x = softcapped(x, adjust.softcap) }
             if adjust.alibi {
                 let distance = distanceBase - Vec(repeating: Float(k))
-                x = x - slope * maximum(distance, -distance)
+                x = x - slope * (maximum(distance, -distance) - rebase)
             }
             if masked {
                 let key = Vec(repeating: Float(k))
