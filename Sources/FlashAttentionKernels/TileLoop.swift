@@ -12,6 +12,12 @@ package let keyBlockSize = 96
 /// Query rows that go through score → softmax → output together: a multiple of 16, 8 and 6, small enough
 /// that their Bk × 48 scores (18 KiB) stay in L1 from the score tiles through the output tiles.
 let subBlockRows = 48
+/// Keys per block of a thin (decoding) item: its rows of every kv head (16 × heads × head_dim floats for
+/// K and V) stay in L2 while the heads are worked through one by one. Measured on Zen 3 over a
+/// [b, s, 8 heads, 128] cache: 16-key blocks read it at the full DRAM rate, 64-key blocks at two thirds.
+let thinBlockKeys = 16
+/// Rows of each kv head's slot in a thin item: a softmax vector, of which 6 rows (one output tile) are used.
+let thinSlotRows = 8
 /// Key splits are at least this long, so a split's fixed costs stay small beside its work.
 let minimumSplitKeys = 512
 /// Below this many work items, decoding-like shapes split their keys (a property of the shape, never of the
@@ -62,12 +68,17 @@ struct Workspace {
     }
 }
 
-/// The rows of one work item: `heads` query heads × `positions` consecutive query positions, row
-/// r = (head firstHead + r / positions, position firstPosition + r % positions), and the keys it covers.
+/// The rows of one work item and the keys it covers. Rows come in `slots`, one per kv head the item
+/// covers, each `slotRows` rows long: row r of slot g stands for query head firstHead + g·headsPerSlot +
+/// r / positions at position firstPosition + r % positions, for r < headsPerSlot · positions (the rest of a
+/// slot is padding). A query block has one slot holding one head (or a GQA group's heads); a thin
+/// (decoding) item has a slot of 8 rows per kv head.
 struct WorkItem {
     var sequence: Sequence
     var firstHead: Int
-    var heads: Int
+    var headsPerSlot: Int
+    var slots: Int
+    var slotRows: Int
     var firstPosition: Int
     var positions: Int
     /// The keys this item attends to (its split's share of the union of its rows' windows).
@@ -76,20 +87,32 @@ struct WorkItem {
     var unsplit: Int
     var split: Int
 
-    var rows: Int { heads * positions }
+    /// Rows including slot padding.
+    var rows: Int { slots * slotRows }
+    /// Whether row r stands for a query, and which (head, position within the sequence) it is.
+    @inline(__always) func query(row r: Int) -> (head: Int, position: Int)? {
+        let slot = r / slotRows, j = r % slotRows
+        guard slot < slots, j < headsPerSlot * positions else { return nil }
+        return (firstHead + slot * headsPerSlot + j / positions, firstPosition + j % positions)
+    }
 }
 
 /// Work items, scratch size and the per-item computation of the tiled forward for one problem.
 package struct TiledForward: @unchecked Sendable {
     package let problem: AttentionProblem
-    /// Whether the query heads of a GQA group share one item (few queries per sequence: decoding), so that
-    /// each key and value is read once for the whole group.
+    /// Few queries per kv head (decoding): items cover every kv head of a (sequence, key split), walk the
+    /// keys in 16-key blocks, read K and V rows in place, and score by dot products (`thinBlock`).
+    package let thin: Bool
+    /// Otherwise, whether the query heads of a GQA group share one item, so that each key and value block
+    /// is packed once for the whole group.
     package let stacked: Bool
     /// Query positions per item.
     let blockPositions: Int
-    /// Items per batch entry before splitting (dense and cache layouts), or nil for varlen.
+    /// Kv heads per thin item (a thin item's slots must fit the query-block workspace).
+    let kvHeadsPerItem: Int
+    /// Items per batch entry before splitting (dense and cache layouts, and thin or stacked varlen).
     let itemsPerBatch: Int?
-    /// Varlen: first unsplit item of each batch entry, batch + 1 entries.
+    /// Varlen query blocks: first unsplit item of each batch entry, batch + 1 entries.
     let itemStarts: [Int]
     /// Items before splitting along the keys.
     package let unsplitItems: Int
@@ -103,26 +126,29 @@ package struct TiledForward: @unchecked Sendable {
     package init(_ problem: AttentionProblem) {
         self.problem = problem
         let group = problem.groupSize
-        stacked = group > 1 && problem.maxSeqlenQ * group <= queryBlockSize
-        blockPositions = stacked ? max(1, problem.maxSeqlenQ) : queryBlockSize
-        let units = stacked ? problem.headsKV : problem.headsQ
+        thin = group * problem.maxSeqlenQ <= microRows && problem.headDim % microCols == 0
+        stacked = !thin && group > 1 && problem.maxSeqlenQ * group <= queryBlockSize
+        blockPositions = thin || stacked ? max(1, problem.maxSeqlenQ) : queryBlockSize
+        kvHeadsPerItem = min(problem.headsKV, queryBlockSize / thinSlotRows)
         let blocks = { (seqlen: Int) in (seqlen + queryBlockSize - 1) / queryBlockSize }
-        if case .varlen = problem.layout {
+        if thin || stacked {
+            // One item per (sequence, unit) even for varlen: an empty sequence's items are empty.
+            itemsPerBatch = thin ? (problem.headsKV + kvHeadsPerItem - 1) / kvHeadsPerItem : problem.headsKV
+            itemStarts = []
+        } else if case .varlen = problem.layout {
             var starts = [0]
             starts.reserveCapacity(problem.batch + 1)
-            for b in 0..<problem.batch {
-                starts.append(starts[b] + units * (stacked ? 1 : blocks(problem.sequence(b).seqlenQ)))
-            }
+            for b in 0..<problem.batch { starts.append(starts[b] + problem.headsQ * blocks(problem.sequence(b).seqlenQ)) }
             itemStarts = starts
             itemsPerBatch = nil
-            unsplitItems = starts[problem.batch]
         } else {
-            let perBatch = problem.seqlenQ == 0 ? 0 : units * (stacked ? 1 : blocks(problem.seqlenQ))
+            itemsPerBatch = problem.headsQ * blocks(problem.seqlenQ)
             itemStarts = []
-            itemsPerBatch = perBatch
-            unsplitItems = problem.batch * perBatch
         }
-        maxItemRows = stacked ? group * blockPositions : min(queryBlockSize, problem.maxSeqlenQ)
+        unsplitItems = itemsPerBatch.map { problem.batch * $0 } ?? itemStarts[problem.batch]
+        maxItemRows =
+            thin ? kvHeadsPerItem * thinSlotRows
+            : stacked ? group * blockPositions : min(queryBlockSize, problem.maxSeqlenQ)
         if unsplitItems > 0 && unsplitItems < splitTargetItems {
             let wanted = (splitTargetItems + unsplitItems - 1) / unsplitItems
             splits = max(1, min(wanted, problem.maxSeqlenK / minimumSplitKeys))
@@ -139,42 +165,54 @@ package struct TiledForward: @unchecked Sendable {
     /// Floats of the partial-result buffer the driver must provide when splits > 1.
     package var partialFloats: Int { unsplitItems * splits * maxItemRows * (problem.headDim + 1) }
 
-    /// The geometry of item `item`. Items run batch entry by batch entry and head by head, so that the
-    /// blocks of one head run close together in time and find its K and V still in L2/L3; within a head the
-    /// most expensive (last, under causal masking) blocks come first, so a dynamic scheduler ends on small
-    /// items and balances the triangle.
+    /// The geometry of item `item`. Query-block items run sequence by sequence and head by head, so that
+    /// the blocks of one head run close together in time and find its K and V still in L2/L3; within a
+    /// head the most expensive (last, under causal masking) blocks come first, so a dynamic scheduler ends
+    /// on small items and balances the triangle. Thin items run split by split.
     func workItem(_ item: Int) -> WorkItem {
         let p = problem
-        let unsplit = item / splits, split = item % splits
-        let b: Int, local: Int
-        if let perBatch = itemsPerBatch {
-            (b, local) = (unsplit / perBatch, unsplit % perBatch)
+        let b: Int, local: Int, split: Int
+        if thin, let perBatch = itemsPerBatch {
+            (b, split, local) = (item / perBatch / splits, item / perBatch % splits, item % perBatch)
+        } else if let perBatch = itemsPerBatch {
+            (b, local, split) = (item / splits / perBatch, item / splits % perBatch, item % splits)
         } else {
-            var low = 0, high = p.batch  // last b with itemStarts[b] <= unsplit
+            let unsplit = item / splits
+            var low = 0, high = p.batch  // the last b with itemStarts[b] <= unsplit
             while high - low > 1 {
                 let mid = (low + high) / 2
                 if itemStarts[mid] <= unsplit { low = mid } else { high = mid }
             }
-            (b, local) = (low, unsplit - itemStarts[low])
+            (b, local, split) = (low, unsplit - itemStarts[low], item % splits)
         }
+        let unsplit = (itemsPerBatch.map { b * $0 } ?? itemStarts[b]) + local
         let sequence = p.sequence(b)
-        let blocks = stacked ? 1 : (sequence.seqlenQ + queryBlockSize - 1) / queryBlockSize
-        let unit = local / blocks
+        let blocks = thin || stacked ? 1 : (sequence.seqlenQ + queryBlockSize - 1) / queryBlockSize
         let firstPosition = (blocks - 1 - local % blocks) * blockPositions
         let positions = min(blockPositions, sequence.seqlenQ - firstPosition)
         // Window bounds grow with the query position, so the rows' union is first row's start ..< last row's end.
         let first = p.keyRange(position: firstPosition, seqlenQ: sequence.seqlenQ, seqlenK: sequence.seqlenK)
         let last = p.keyRange(
             position: firstPosition + positions - 1, seqlenQ: sequence.seqlenQ, seqlenK: sequence.seqlenK)
-        var keys = first.lowerBound..<max(first.lowerBound, last.upperBound)
+        var keys = positions == 0 ? 0..<0 : first.lowerBound..<max(first.lowerBound, last.upperBound)
         if splits > 1 {
             let chunk = ((keys.count + splits - 1) / splits + keyBlockSize - 1) / keyBlockSize * keyBlockSize
             let lower = min(keys.upperBound, keys.lowerBound + split * chunk)
             keys = lower..<min(keys.upperBound, lower + chunk)
         }
+        let unit = local / blocks
+        if thin {
+            let firstKV = unit * kvHeadsPerItem
+            return WorkItem(
+                sequence: sequence, firstHead: firstKV * p.groupSize, headsPerSlot: p.groupSize,
+                slots: min(kvHeadsPerItem, p.headsKV - firstKV), slotRows: thinSlotRows, firstPosition: firstPosition,
+                positions: positions, keys: keys, unsplit: unsplit, split: split)
+        }
+        let heads = stacked ? p.groupSize : 1
         return WorkItem(
-            sequence: sequence, firstHead: stacked ? unit * p.groupSize : unit, heads: stacked ? p.groupSize : 1,
-            firstPosition: firstPosition, positions: positions, keys: keys, unsplit: unsplit, split: split)
+            sequence: sequence, firstHead: stacked ? unit * p.groupSize : unit, headsPerSlot: heads, slots: 1,
+            slotRows: heads * positions, firstPosition: firstPosition, positions: positions, keys: keys,
+            unsplit: unsplit, split: split)
     }
 
     /// Runs work item `item`.
@@ -186,7 +224,6 @@ package struct TiledForward: @unchecked Sendable {
         let paddedRows = (rows + 15) / 16 * 16
         let ldO = Workspace.paddedDim(d)
         let w = Workspace(scratch.assumingMemoryBound(to: Float.self), headDim: d)
-        let kvHead = item.firstHead / p.groupSize
         let offset = item.sequence.seqlenK - item.sequence.seqlenQ
 
         packQueries(item, into: w)
@@ -196,65 +233,115 @@ package struct TiledForward: @unchecked Sendable {
 
         var firstKey = item.keys.lowerBound
         while firstKey < item.keys.upperBound {
-            let keyCount = min(keyBlockSize, item.keys.upperBound - firstKey)
-            packBlock(item.sequence, kvHead: kvHead, firstKey: firstKey, count: keyCount, into: w)
+            var keyCount = min(thin ? thinBlockKeys : keyBlockSize, item.keys.upperBound - firstKey)
+            // Thin blocks read rows in place, so they stop at page boundaries (rows evenly strided).
+            if thin, case .paged(_, _, let page) = p.storage { keyCount = min(keyCount, page - firstKey % page) }
 
-            // Row r (block-relative position i = r % positions) sees block keys [i + lowShift, i + highShift).
+            // Row r (block-relative position i) sees block keys [i + lowShift, i + highShift).
             let aligned = item.firstPosition + offset - firstKey
             let mask = BlockMask(
                 keyCount: keyCount, lowShift: p.windowLeft.map { aligned - $0 } ?? -BlockMask.unbounded,
                 highShift: p.windowRight.map { aligned + $0 + 1 } ?? BlockMask.unbounded,
-                positions: item.positions, monotonic: item.heads == 1)
+                positions: item.positions, monotonic: item.headsPerSlot == 1 && item.slots == 1)
             let adjust = ScoreAdjustment(
                 mask: mask, softcap: p.softcap * 1.442_695_040_888_963_4, alibi: p.alibiSlopes != nil,
                 alibiOffset: Float(aligned))
-            // The score tiles' running max is exact only for plain blocks: it also saw the zero rows that
-            // pad a partial last key tile (score 0, which can exceed every real score by more than exp2's
-            // range) and, elsewhere, scores the mask, softcap or ALiBi change.
-            let tilesMaxIsExact = !adjust.changesScores && keyCount % microRows == 0
-
-            // The query block meets the key block 48 rows at a time, so that the scores of those rows
-            // stay in L1 from the score tiles through the softmax to the output tiles.
-            for first in stride(from: 0, to: paddedRows, by: subBlockRows) {
-                let subRows = min(subBlockRows, paddedRows - first)
-
-                // S = K·Qᵀ, 6 keys × 16 queries at a time, over the keys the panel's rows need.
-                w.blockMax.update(repeating: -.infinity, count: subRows)
-                for panel in 0..<(subRows / microCols) {
-                    let row = first + panel * microCols
-                    let needed = mask.needed(fromRow: row, throughRow: row + microCols - 1)
-                    let queries = w.qT + row * d
-                    for tile in (needed.lowerBound / microRows)..<((needed.upperBound + microRows - 1) / microRows) {
-                        scoreTile(
-                            keys: w.kPack + tile * microRows * d, ldK: d, queries: queries, depth: d,
-                            s: w.s + tile * microRows * subBlockRows + panel * microCols, ldS: subBlockRows,
-                            columnMax: w.blockMax + panel * microCols)
-                    }
+            if thin {
+                for slot in 0..<item.slots {
+                    thinBlock(item, slot: slot, firstKey: firstKey, adjust: adjust, w)
                 }
-
-                softmaxUpdate(
-                    s: w.s, ldS: subBlockRows, firstRow: first, queryVectors: subRows / 8, adjust: adjust,
-                    blockMax: tilesMaxIsExact ? w.blockMax : nil, rowPosition: w.rowPosition,
-                    rowSlope: w.rowSlope, rowDistance: w.rowDistance, rowMax: w.rowMax, rowSum: w.rowSum,
-                    alpha: w.alpha)
-
-                // O = α·O + P·V, 6 queries × 16 columns at a time, each tile over the keys its rows see.
-                let tiles = (min(rows - first, subRows) + microRows - 1) / microRows
-                for column in stride(from: 0, to: d, by: microCols) {
-                    let values = w.vPack + column * keyBlockSize
-                    for tile in 0..<tiles {
-                        let q = tile * microRows
-                        let keys = mask.visible(fromRow: first + q, throughRow: first + q + microRows - 1)
-                        outputTile(
-                            p: w.s + keys.lowerBound * subBlockRows + q, ldP: subBlockRows,
-                            v: values + keys.lowerBound * microCols, count: keys.count, alpha: w.alpha + first + q,
-                            o: w.o + (first + q) * ldO + column, ldO: ldO)
-                    }
-                }
+            } else {
+                packedBlock(item, firstKey: firstKey, adjust: adjust, w)
             }
-            firstKey += keyBlockSize
+            firstKey += keyCount
         }
         finish(item, w)
+    }
+
+    /// One key block of a query block: pack K and V, then score → softmax → output 48 rows at a time.
+    private func packedBlock(_ item: WorkItem, firstKey: Int, adjust: ScoreAdjustment, _ w: Workspace) {
+        let d = problem.headDim
+        let rows = item.rows
+        let paddedRows = (rows + 15) / 16 * 16
+        let ldO = Workspace.paddedDim(d)
+        let mask = adjust.mask
+        let keyCount = mask.keyCount
+        packBlock(item.sequence, kvHead: item.firstHead / problem.groupSize, firstKey: firstKey, count: keyCount, into: w)
+
+        // The score tiles' running max is exact only for plain blocks: it also saw the zero rows that pad a
+        // partial last key tile (score 0, which can exceed every real score by more than exp2's range)
+        // and, elsewhere, scores the mask, softcap or ALiBi change.
+        let tilesMaxIsExact = !adjust.changesScores && keyCount % microRows == 0
+
+        // The query block meets the key block 48 rows at a time, so that the scores of those rows stay in
+        // L1 from the score tiles through the softmax to the output tiles.
+        for first in stride(from: 0, to: paddedRows, by: subBlockRows) {
+            let subRows = min(subBlockRows, paddedRows - first)
+
+            // S = K·Qᵀ, 6 keys × 16 queries at a time, over the keys the panel's rows need.
+            w.blockMax.update(repeating: -.infinity, count: subRows)
+            for panel in 0..<(subRows / microCols) {
+                let row = first + panel * microCols
+                let needed = mask.needed(fromRow: row, throughRow: row + microCols - 1)
+                let queries = w.qT + row * d
+                for tile in (needed.lowerBound / microRows)..<((needed.upperBound + microRows - 1) / microRows) {
+                    scoreTile(
+                        keys: w.kPack + tile * microRows * d, ldK: d, queries: queries, depth: d,
+                        s: w.s + tile * microRows * subBlockRows + panel * microCols, ldS: subBlockRows,
+                        columnMax: w.blockMax + panel * microCols)
+                }
+            }
+
+            softmaxUpdate(
+                s: w.s, ldS: subBlockRows, firstRow: first, queryVectors: subRows / 8, adjust: adjust,
+                blockMax: tilesMaxIsExact ? w.blockMax : nil, rowPosition: w.rowPosition, rowSlope: w.rowSlope,
+                rowDistance: w.rowDistance, rowMax: w.rowMax, rowSum: w.rowSum, alpha: w.alpha)
+
+            // O = α·O + P·V, 6 queries × 16 columns at a time, each tile over the keys its rows see.
+            let tiles = (min(rows - first, subRows) + microRows - 1) / microRows
+            for column in stride(from: 0, to: d, by: microCols) {
+                let values = w.vPack + column * keyBlockSize
+                for tile in 0..<tiles {
+                    let q = tile * microRows
+                    let keys = mask.visible(fromRow: first + q, throughRow: first + q + microRows - 1)
+                    outputTile(
+                        SixRows.self, p: w.s + keys.lowerBound * subBlockRows + q, ldP: subBlockRows,
+                        v: values + keys.lowerBound * microCols, ldV: microCols, count: keys.count,
+                        alpha: w.alpha + first + q, o: w.o + (first + q) * ldO + column, ldO: ldO)
+                }
+            }
+        }
+    }
+
+    /// One key block of one kv head's slot of a thin item: dot-product scores against K rows in place, the
+    /// softmax of the slot's one 8-row vector, and output tiles that read V rows in place.
+    private func thinBlock(_ item: WorkItem, slot: Int, firstKey: Int, adjust: ScoreAdjustment, _ w: Workspace) {
+        let p = problem
+        let d = p.headDim
+        let ldO = Workspace.paddedDim(d)
+        let kvHead = item.firstHead / p.groupSize + slot
+        let row = slot * thinSlotRows
+        let needed = adjust.mask.needed(fromRow: row, throughRow: row + thinSlotRows - 1)
+        let kRows = p.keyRow(p.k, item.sequence, head: kvHead, position: firstKey)
+        let vRows = p.keyRow(p.v, item.sequence, head: kvHead, position: firstKey)
+        withTileRows(item.headsPerSlot * item.positions) { rows in
+            scoreRows(
+                rows, keys: kRows + needed.lowerBound * p.k.rowStride, ldK: p.k.rowStride, count: needed.count,
+                queries: w.qT + row * d, depth: d, s: w.s + needed.lowerBound * subBlockRows, ldS: subBlockRows)
+        }
+        softmaxUpdate(
+            s: w.s, ldS: subBlockRows, firstRow: row, queryVectors: 1, adjust: adjust, blockMax: nil,
+            rowPosition: w.rowPosition, rowSlope: w.rowSlope, rowDistance: w.rowDistance, rowMax: w.rowMax,
+            rowSum: w.rowSum, alpha: w.alpha)
+        let keys = adjust.mask.visible(fromRow: row, throughRow: row + microRows - 1)
+        withTileRows(item.headsPerSlot * item.positions) { rows in
+            for column in stride(from: 0, to: d, by: microCols) {
+                outputTile(
+                    rows, p: w.s + keys.lowerBound * subBlockRows, ldP: subBlockRows,
+                    v: vRows + keys.lowerBound * p.v.rowStride + column, ldV: p.v.rowStride, count: keys.count,
+                    alpha: w.alpha + row, o: w.o + row * ldO + column, ldO: ldO)
+            }
+        }
     }
 
     /// Writes the item's rows: final outputs and LSEs (with the sink folded in), or, for a split item, its
@@ -264,8 +351,8 @@ package struct TiledForward: @unchecked Sendable {
         let d = p.headDim
         let ldO = Workspace.paddedDim(d)
         for r in 0..<item.rows {
-            let head = item.firstHead + r / item.positions
-            let row = item.sequence.qRow + item.firstPosition + r % item.positions
+            guard let (head, position) = item.query(row: r) else { continue }
+            let row = item.sequence.qRow + position
             let out: UnsafeMutablePointer<Float>, lse: UnsafeMutablePointer<Float>?
             var sink = -Float.infinity
             if let partials {
@@ -289,31 +376,33 @@ package struct TiledForward: @unchecked Sendable {
     package func mergeSplits(item: Int) {
         let p = problem
         let d = p.headDim
-        let geometry = workItem(item * splits)
         guard let partials else { return }
+        // The unsplit item's first split has the same rows as every split.
+        let perBatch = itemsPerBatch ?? 1
+        let first = thin ? (item / perBatch * splits) * perBatch + item % perBatch : item * splits
+        let geometry = workItem(first)
         for r in 0..<geometry.rows {
-            let head = geometry.firstHead + r / geometry.positions
-            let row = geometry.sequence.qRow + geometry.firstPosition + r % geometry.positions
+            guard let (head, position) = geometry.query(row: r) else { continue }
+            let row = geometry.sequence.qRow + position
             let out = p.out.row(batch: geometry.sequence.qBatch, head: head, row: row)
             let slot = { (split: Int) in partials + ((item * self.splits + split) * self.maxItemRows + r) * (d + 1) }
             var lse = slot(0)[d]
             out.update(from: slot(0), count: d)
             for split in 1..<splits {
-                lse = mergeStates(
-                    out: out, lse: lse, other: slot(split), otherLSE: slot(split)[d], headDim: d)
+                lse = mergeStates(out: out, lse: lse, other: slot(split), otherLSE: slot(split)[d], headDim: d)
             }
             if let sinks = p.sinks { lse = mergeSink(out: out, lse: lse, sink: sinks[head], headDim: d) }
             p.lse?.row(batch: geometry.sequence.qBatch, head: head, row: row).pointee = lse
         }
     }
 
-    /// Packs the item's queries as transposed 16-row panels, multiplied by scale·log2(e) so the softmax
-    /// can use exp2 (rows past the item's up to the next multiple of 16 are zero), and fills the row
-    /// tables: each row's position within the block, its ALiBi slope·log2(e), and the distance from its
-    /// aligned key to the nearest key it attends to here. Subtracting that distance from every ALiBi
-    /// distance of the row shifts its scores by a constant, which the softmax ignores and the LSE takes
-    /// back; it keeps the scores that matter near 0, where float32 is precise (biases of a few hundred
-    /// would otherwise cost ~5e-6 of relative accuracy).
+    /// Packs the item's queries, multiplied by scale·log2(e) so the softmax can use exp2: as transposed
+    /// 16-row panels for the block kernels, or as plain rows for the thin kernel; padding rows (to the
+    /// next multiple of 16) are zero. Fills the row tables: each row's position within the block, its
+    /// ALiBi slope·log2(e), and the distance from its aligned key to the nearest key it attends to here.
+    /// Subtracting that distance from every ALiBi distance of the row shifts its scores by a constant,
+    /// which the softmax ignores and the LSE takes back; it keeps the scores that matter near 0, where
+    /// float32 is precise (biases of a few hundred would otherwise cost ~5e-6 of relative accuracy).
     private func packQueries(_ item: WorkItem, into w: Workspace) {
         let p = problem
         let d = p.headDim
@@ -321,24 +410,22 @@ package struct TiledForward: @unchecked Sendable {
         let factor = p.scale * log2e
         let paddedRows = (item.rows + 15) / 16 * 16
         for r in 0..<paddedRows {
-            let panel = w.qT + (r / microCols) * microCols * d + r % microCols
-            guard r < item.rows else {
-                for c in 0..<d { panel[c * microCols] = 0 }
+            let panel = thin ? w.qT + r * d : w.qT + (r / microCols) * microCols * d + r % microCols
+            let step = thin ? 1 : microCols
+            guard let (head, position) = item.query(row: r) else {
+                for c in 0..<d { panel[c * step] = 0 }
                 w.rowPosition[r] = Float(item.positions - 1)
                 w.rowSlope[r] = 0
                 w.rowDistance[r] = 0
                 continue
             }
-            let head = item.firstHead + r / item.positions
-            let position = r % item.positions
-            let source = p.q.row(
-                batch: item.sequence.qBatch, head: head, row: item.sequence.qRow + item.firstPosition + position)
-            for c in 0..<d { panel[c * microCols] = source[c] * factor }
-            w.rowPosition[r] = Float(position)
+            let source = p.q.row(batch: item.sequence.qBatch, head: head, row: item.sequence.qRow + position)
+            for c in 0..<d { panel[c * step] = source[c] * factor }
+            w.rowPosition[r] = Float(position - item.firstPosition)
             w.rowSlope[r] = p.alibiSlopes.map { $0[item.sequence.batch * p.alibiBatchStride + head] * log2e } ?? 0
-            let aligned = item.firstPosition + position + item.sequence.seqlenK - item.sequence.seqlenQ
-            let keys = p.keyRange(position: item.firstPosition + position, seqlenQ: item.sequence.seqlenQ,
-                                  seqlenK: item.sequence.seqlenK).clamped(to: item.keys)
+            let aligned = position + item.sequence.seqlenK - item.sequence.seqlenQ
+            let keys = p.keyRange(position: position, seqlenQ: item.sequence.seqlenQ, seqlenK: item.sequence.seqlenK)
+                .clamped(to: item.keys)
             let nearest = keys.isEmpty ? aligned : min(max(aligned, keys.lowerBound), keys.upperBound - 1)
             w.rowDistance[r] = Float(abs(aligned - nearest))
         }
