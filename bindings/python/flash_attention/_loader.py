@@ -33,6 +33,8 @@ def candidate_paths():
 def load():
     """The loaded, ABI-checked library (loaded once per process)."""
     global _library
+    if _library is not None:  # the common case, without taking the lock
+        return _library
     with _lock:
         if _library is None:
             _library = _load()

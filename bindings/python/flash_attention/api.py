@@ -41,11 +41,11 @@ def _array(name, x, ndim, dtype=np.float32):
     """Checks type, dtype and rank; returns the array (a view, or a copy if the last axis is strided)."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
-    if x.dtype != dtype:
+    if x.dtype is not dtype and x.dtype != dtype:
         raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {x.dtype}")
     if x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimension{'s' if ndim > 1 else ''}, got shape {x.shape}")
-    if any(s % x.itemsize for s in x.strides):
+    if x.itemsize != 1 and any(s % x.itemsize for s in x.strides):
         raise ValueError(f"{name} has strides {x.strides} that are not multiples of the element size")
     # The kernel reads head_dim contiguously; a view strided along it is the one case that is copied.
     if x.ndim and x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
@@ -65,14 +65,21 @@ def _address(x):
     return x.__array_interface__["data"][0]
 
 
+# Field names per tensor, computed once: building them per call is a measurable part of a small call.
+_FIELDS = {}
+
+
 def _set_tensor(params, name, x, stride_names=_TENSOR_STRIDES):
     """Sets pointer and strides; a 3-D [rows, heads, dim] array (varlen) gets batch stride 0."""
+    fields = _FIELDS.get((name, stride_names))
+    if fields is None:
+        fields = _FIELDS[(name, stride_names)] = [f"{name}_{field}_stride" for field in stride_names]
     setattr(params, name, _address(x))
     strides = _element_strides(x)
-    if len(strides) == len(stride_names) - 1:
+    if len(strides) == len(fields) - 1:
         strides = [0] + strides
-    for field, stride in zip(stride_names, strides):
-        setattr(params, f"{name}_{field}_stride", stride)
+    for field, stride in zip(fields, strides):
+        setattr(params, field, stride)
 
 
 def _int_option(name, value, minimum):
@@ -83,15 +90,26 @@ def _int_option(name, value, minimum):
     return int(value)
 
 
+_TEMPLATES = {}
+
+
 def _new_params(lib):
-    params = _capi.Params()
-    check_status(lib, lib.flash_attention_params_init(ctypes.byref(params), ctypes.sizeof(params)))
-    return params
+    """A params struct with the library's defaults (initialised once per library, then copied)."""
+    template = _TEMPLATES.get(id(lib))
+    if template is None:
+        template = _capi.Params()
+        check_status(lib, lib.flash_attention_params_init(ctypes.byref(template), ctypes.sizeof(template)))
+        _TEMPLATES[id(lib)] = template
+    return _capi.Params.from_buffer_copy(template)
 
 
 def _set_options(params, keep, heads_q, batch, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
                  num_threads, algorithm):
     """Checks and sets the options shared by every forward function; arrays to keep alive go to `keep`."""
+    if (softmax_scale is None and window_size == (-1, -1) and softcap == 0.0 and alibi_slopes is None
+            and sinks is None and num_threads == 0 and algorithm == "auto" and not isinstance(causal, np.ndarray)):
+        params.causal = 1 if causal else 0  # every other field keeps its default
+        return
     if softmax_scale is None:
         params.softmax_scale = 0.0
     else:
