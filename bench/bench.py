@@ -39,6 +39,12 @@ PREFILL = [
 LONG = [((1, 4, 4, 16384, 64), True), ((1, 1, 1, 65536, 64), True)]
 # Sequence sweep for the plot: (1, 8, 8, s, 64).
 SWEEP = [256, 512, 1024, 2048, 4096, 8192]
+# Decoding: (batch, heads_q, heads_kv, cache length, head_dim), one query per sequence.
+DECODE = [(8, 32, 8, 4096, 128), (1, 32, 8, 32768, 128)]
+# Sliding window: (batch, heads, seqlen, head_dim, window) against full attention over `window` tokens.
+WINDOW = (1, 8, 16384, 64, 512)
+# Bytes copied to measure the copy bandwidth beside decoding.
+COPY_BYTES = 256 << 20
 
 
 def flops(shape, causal):
@@ -83,13 +89,66 @@ def numpy_attention(q, k, v, causal):
     return np.matmul(scores, vh)
 
 
-def prepare(impl, threads, shape, causal, layout):
-    """Returns (callable, flops) for one measurement."""
+def prepare(impl, case, args, threads, layout):
+    """Returns (callable, work) for one measurement; work is FLOPs (prefill, window) or bytes read (decode:
+    the K and V caches; copy: the source)."""
     import numpy as np
 
-    if impl == "sgemm":
-        a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    if case == "sgemm":
+        a = rng.standard_normal((2048, 2048), dtype=np.float32)
         return (lambda: a @ a), 2.0 * 2048**3
+    if case == "copy":  # `threads` numpy copies of equal parts, one per thread (numpy releases the GIL)
+        import threading
+
+        source = np.ones(args[0] // 4, np.float32)
+        target = np.empty_like(source)
+        parts = np.array_split(np.arange(source.size), threads)
+        bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts]
+
+        def copy():
+            workers = [threading.Thread(target=np.copyto, args=(target[lo:hi], source[lo:hi])) for lo, hi in bounds]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+
+        return copy, source.nbytes
+    if case == "decode":  # one query per sequence against a full cache of seqlen_k keys
+        b, hq, hk, sk, d, page = args
+        q = rng.standard_normal((b, 1, hq, d), dtype=np.float32)
+        k = rng.standard_normal((b, sk, hk, d), dtype=np.float32)
+        v = rng.standard_normal((b, sk, hk, d), dtype=np.float32)
+        work = k.nbytes + v.nbytes
+        if impl == "flash":
+            from flash_attention import flash_attn_with_kvcache
+
+            if page:  # the same keys, paged: blocks of `page` rows in shuffled order
+                blocks = b * sk // page
+                order = rng.permutation(blocks)
+                kp = np.empty((blocks, page, hk, d), np.float32)
+                vp = np.empty_like(kp)
+                kp[order] = k.reshape(blocks, page, hk, d)
+                vp[order] = v.reshape(blocks, page, hk, d)
+                table = order.reshape(b, sk // page).astype(np.int32)
+                return (lambda: flash_attn_with_kvcache(q, kp, vp, cache_seqlens=sk, block_table=table,
+                                                        num_threads=threads)), work
+            return (lambda: flash_attn_with_kvcache(q, k, v, cache_seqlens=sk, num_threads=threads)), work
+        if impl == "torch":
+            import torch
+            import torch.nn.functional as F
+
+            torch.set_num_threads(threads)
+            tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))) for x in (q, k, v))
+            return (lambda: F.scaled_dot_product_attention(tq, tk, tv, enable_gqa=hq != hk)), work
+        return (lambda: numpy_attention(q, k, v, False)), work
+    if case == "window":  # causal sliding window of `left` keys
+        b, h, s, d, left = args
+        q, k, v = make_inputs((b, h, h, s, d), layout)
+        from flash_attention import flash_attn_func
+
+        return (lambda: flash_attn_func(q, k, v, causal=True, window_size=(left, 0), num_threads=threads)), 0.0
+    shape, causal = tuple(args[:5]), bool(args[5])  # prefill
     q, k, v = make_inputs(shape, layout)
     work = flops(shape, causal)
     if impl == "flash":
@@ -111,22 +170,22 @@ def prepare(impl, threads, shape, causal, layout):
 
 
 def serve(impl, threads, layout):
-    """Worker loop: reads `b hq hkv s d causal reps` lines, answers each with a JSON line of timings. Inputs
-    of the last shape are kept, so interleaved requests for one cell pay their set-up once."""
+    """Worker loop: reads JSON requests {case, args, reps}, answers each with a JSON line of timings. The
+    last case's inputs are kept, so interleaved requests for one cell pay their set-up once."""
     cache = {}
     for line in sys.stdin:
-        *dims, causal, reps = map(int, line.split())
-        key = (tuple(dims), bool(causal))
+        request = json.loads(line)
+        key = (request["case"], tuple(request["args"]))
         if key not in cache:
             cache.clear()
-            run, work = prepare(impl, threads, tuple(dims), bool(causal), layout)
+            run, work = prepare(impl, request["case"], request["args"], threads, layout)
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             run()  # warm-up (and pool / page-fault start-up)
             cache[key] = (run, work, rss_before)
         run, work, rss_before = cache[key]
         run()  # this request's own warm-up: another process may have just evicted our data from the caches
         times = []
-        for _ in range(reps):
+        for _ in range(request["reps"]):
             start = time.perf_counter()
             run()
             times.append(time.perf_counter() - start)
@@ -168,8 +227,8 @@ class Worker:
             [sys.executable, __file__, "--serve", "--impl", impl, "--threads", str(threads), "--layout", layout],
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def request(self, shape, causal, reps):
-        self.process.stdin.write(" ".join(map(str, (*shape, int(causal), reps))) + "\n")
+    def request(self, case, args, reps):
+        self.process.stdin.write(json.dumps({"case": case, "args": list(args), "reps": reps}) + "\n")
         self.process.stdin.flush()
         line = self.process.stdout.readline()
         if not line:
@@ -187,13 +246,15 @@ def summarize(data):
     return data
 
 
-def measure_interleaved(workers, shape, causal, rounds, reps_per_round):
+def measure_interleaved(workers, case, args, rounds, reps_per_round):
     """Alternates the workers round by round, so that the host's noise falls on all of them alike; returns
-    each worker's pooled timings. Each round starts with an untimed call (warm caches, woken threads)."""
+    each worker's pooled timings. Each round starts with an untimed call (warm caches, woken threads).
+    `workers` maps a name to a worker, or to (worker, case, args) for a case of its own."""
     pooled = {name: None for name in workers}
     for _ in range(rounds):
-        for name, worker in workers.items():
-            r = worker.request(shape, causal, reps_per_round)
+        for name, entry in workers.items():
+            worker, own_case, own_args = entry if isinstance(entry, tuple) else (entry, case, args)
+            r = worker.request(own_case, own_args, reps_per_round)
             if pooled[name] is None:
                 pooled[name] = r
             else:
@@ -202,11 +263,11 @@ def measure_interleaved(workers, shape, causal, rounds, reps_per_round):
     return {name: summarize(r) for name, r in pooled.items()}
 
 
-def measure(impl, threads, shape=(1, 1, 1, 1, 1), causal=False, reps=5, layout="bshd"):
+def measure(impl, threads, case, args, reps=5, layout="bshd"):
     """One implementation alone, in a fresh worker (fresh memory high-water mark)."""
     worker = Worker(impl, threads, layout)
     try:
-        return summarize(worker.request(shape, causal, reps))
+        return summarize(worker.request(case, args, reps))
     finally:
         worker.close()
 
@@ -246,6 +307,8 @@ def main():
     parser.add_argument("--layout", default="bhsd", help="memory given to this library: bhsd (the same [b, h, s, d] memory PyTorch gets, seen as [b, s, h, d]) or bshd")
     parser.add_argument("--threads", default="1,2", help="thread counts to run (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="prefill shapes only, fewer repetitions")
+    parser.add_argument("--sections", default="prefill,long,sweep,inference,small",
+                        help="comma-separated: prefill, long, sweep, inference, small")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = parser.parse_args()
     if args.serve:
@@ -253,14 +316,19 @@ def main():
 
     thread_counts = [int(t) for t in args.threads.split(",")]
     reps = 3 if args.quick else 7
+    sections = {"prefill"} if args.quick else set(args.sections.split(","))
     have_torch = torch_available()
     impls = ["flash", "numpy"] + (["torch"] if have_torch else [])
     cells = [(shape, causal, t) for shape in PREFILL for causal in (False, True) for t in thread_counts]
-    total = len(thread_counts) + len(cells) * len(impls) + (0 if args.quick else len(LONG) + len(SWEEP) * 2 + 2)
+    if "prefill" not in sections:
+        cells = []
+    total = (len(thread_counts) + len(cells) * len(impls) + len(LONG) * ("long" in sections)
+             + len(SWEEP) * 2 * ("sweep" in sections) + 2 * ("small" in sections)
+             + len(thread_counts) * (len(DECODE) + 2) * ("inference" in sections))
     step = 0
     results = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "threads": thread_counts,
                "layout": args.layout, "torch": have_torch, "command": " ".join(["python3", "bench/bench.py"] + sys.argv[1:]),
-               "peak": {}, "prefill": [], "long": [], "sweep": [], "small_call": {}}
+               "peak": {}, "prefill": [], "long": [], "sweep": [], "small_call": {}, "decode": [], "window": []}
     if have_torch:
         import importlib.metadata
 
@@ -269,7 +337,7 @@ def main():
     for t in thread_counts:
         step += 1
         progress(step, total, f"sgemm peak, {t} thread(s)")
-        results["peak"][t] = measure("sgemm", t, reps=reps)["gflops"]
+        results["peak"][t] = measure("numpy", t, "sgemm", [], reps=reps)["gflops"]
 
     for t in thread_counts:
         # flash and torch alternate round by round; numpy (slow, and its idle BLAS threads spin) runs alone.
@@ -280,8 +348,9 @@ def main():
             step += len(impls)
             progress(step, total, f"{shape} causal={causal} threads={t}: {', '.join(impls)}")
             row = {"shape": shape, "causal": causal, "threads": t}
-            measured = measure_interleaved(paired, shape, causal, rounds=3, reps_per_round=max(1, reps // 3))
-            measured["numpy"] = measure("numpy", t, shape, causal, reps=max(2, reps // 2))
+            args = [*shape, int(causal)]
+            measured = measure_interleaved(paired, "prefill", args, rounds=3, reps_per_round=max(1, reps // 3))
+            measured["numpy"] = measure("numpy", t, "prefill", args, reps=max(2, reps // 2))
             for impl, r in measured.items():
                 row[impl] = r["gflops"]
                 row[impl + "_ms"] = r["median_s"] * 1e3
@@ -289,26 +358,59 @@ def main():
         for worker in paired.values():
             worker.close()
 
-    if not args.quick:
+    if "long" in sections:
         for shape, causal in LONG:
             step += 1
             progress(step, total, f"flash long context {shape} causal={causal}")
-            r = measure("flash", thread_counts[-1], shape, causal, reps=1)
+            r = measure("flash", thread_counts[-1], "prefill", [*shape, int(causal)], reps=1)
             b, hq, hk, s, d = shape
             tensors_mib = 4 * (2 * b * s * hq * d + 2 * b * s * hk * d) / 2**20
             results["long"].append({"shape": shape, "causal": causal, "gflops": r.get("gflops"),
                                     "tensors_mib": tensors_mib,
-                                    "extra_mib": (r["rss_after_kib"] - r["rss_before_kib"]) / 1024 if "times" in r else None})
+                                    "extra_mib": (r["rss_after_kib"] - r["rss_before_kib"]) / 1024})
+    if "sweep" in sections:
         for s in SWEEP:
             shape = (1, 8, 8, s, 64)
             entry = {"seqlen": s}
             for impl in ("flash", "numpy"):
                 step += 1
                 progress(step, total, f"{impl} sweep {shape}")
-                r = measure(impl, thread_counts[-1], shape, False, reps=3)
+                r = measure(impl, thread_counts[-1], "prefill", [*shape, 0], reps=3)
                 entry[impl] = r.get("gflops")
-                entry[impl + "_peak_rss_mib"] = r["rss_after_kib"] / 1024 if "times" in r else None
+                entry[impl + "_peak_rss_mib"] = r["rss_after_kib"] / 1024
             results["sweep"].append(entry)
+    if "inference" in sections:
+        for t in thread_counts:
+            step += 1
+            progress(step, total, f"copy bandwidth, {t} thread(s)")
+            copy = measure("numpy", t, "copy", [COPY_BYTES], reps=reps)
+            for shape in DECODE:
+                step += 1
+                progress(step, total, f"decode {shape} threads={t}: flash, flash paged-16, torch, numpy")
+                workers = {"flash": (Worker("flash", t), "decode", [*shape, 0]),
+                           "paged": (Worker("flash", t), "decode", [*shape, 16])}
+                if have_torch:
+                    workers["torch"] = (Worker("torch", t), "decode", [*shape, 0])
+                measured = measure_interleaved(workers, None, None, rounds=3, reps_per_round=max(1, reps // 3))
+                for entry in workers.values():
+                    entry[0].close()
+                measured["numpy"] = measure("numpy", t, "decode", [*shape, 0], reps=3)
+                row = {"shape": shape, "threads": t, "copy_gbps": copy["gflops"]}  # "gflops" = work/s/1e9
+                for name, r in measured.items():
+                    row[name + "_gbps"], row[name + "_ms"] = r["gflops"], r["median_s"] * 1e3
+                results["decode"].append(row)
+            step += 1
+            b, h, s, d, window = WINDOW
+            progress(step, total, f"sliding window {window} over {s} tokens vs full {window}-token attention, threads={t}")
+            worker = Worker("flash", t, args.layout)
+            measured = measure_interleaved(
+                {"window": (worker, "window", [b, h, s, d, window]),
+                 "full": (worker, "prefill", [b, h, h, window, d, 0])}, None, None, rounds=3, reps_per_round=max(1, reps // 3))
+            worker.close()
+            linear = measured["full"]["median_s"] * s / window
+            results["window"].append({"threads": t, "window_ms": measured["window"]["median_s"] * 1e3,
+                                      "linear_ms": linear * 1e3, "ratio": measured["window"]["median_s"] / linear})
+    if "small" in sections:
         step += 1
         progress(step, total, "small call from C")
         results["small_call"]["c_us"] = (small_call_c() or float("nan")) / 1000
@@ -324,7 +426,7 @@ def main():
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     report = render(results)
     print("\n" + report)
-    if not args.quick:
+    if not args.quick and sections == {"prefill", "long", "sweep", "inference", "small"}:
         write_results_md(report)
     plot(results, out_dir)
 
@@ -359,6 +461,21 @@ def render(results):
         for r in results["sweep"]:
             lines.append(f"| {r['seqlen']} | {fmt(r['flash'])} | {fmt(r['numpy'])} | {fmt(r['flash_peak_rss_mib'], 0)}"
                          f" | {fmt(r['numpy_peak_rss_mib'], 0)} |")
+    if results["decode"]:
+        lines += ["", "| decode (b, hq, hkv, cache, d), 1 query | threads | copy GB/s (read) | flash ms | flash K/V GB/s"
+                  " | flash / copy | paged-16 ms | paged / contiguous time | torch K/V GB/s | numpy K/V GB/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results["decode"]:
+            lines.append(
+                f"| {tuple(r['shape'])} | {r['threads']} | {fmt(r['copy_gbps'])} | {fmt(r['flash_ms'], 2)}"
+                f" | {fmt(r['flash_gbps'])} | {fmt(r['flash_gbps'] / r['copy_gbps'], 2)} | {fmt(r['paged_ms'], 2)}"
+                f" | {fmt(r['paged_ms'] / r['flash_ms'], 2)} | {fmt(r.get('torch_gbps'))} | {fmt(r.get('numpy_gbps'))} |")
+    if results["window"]:
+        b, h, s, d, window = WINDOW
+        lines += ["", f"| sliding window {window} (causal) over {s} tokens, ({b}, {h}, {h}, s, {d}) | threads | ms"
+                  f" | full {window}-token attention × {s // window}, ms | ratio |", "|---|---|---|---|---|"]
+        for r in results["window"]:
+            lines.append(f"| | {r['threads']} | {fmt(r['window_ms'])} | {fmt(r['linear_ms'])} | {fmt(r['ratio'], 2)} |")
     if results["small_call"]:
         lines += ["", f"- Small call (1, 1, 1, 1, 64): {fmt(results['small_call']['c_us'], 2)} µs from C,"
                   f" {fmt(results['small_call']['python_us'], 1)} µs through Python (median)."]
