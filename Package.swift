@@ -22,10 +22,11 @@ let package = Package(
     targets: [
         // The one declaration of the C ABI; Swift implements it with `@c @implementation`.
         .target(name: "CFlashAttention", path: "include", publicHeadersPath: "."),
-        // What Swift cannot express: the `cpuid`/`xgetbv` probe, compiled without ISA flags.
+        // What Swift cannot express: the `cpuid`/`xgetbv` probe (compiled without ISA flags) and a prefetch.
         .target(name: "FlashAttentionShims"),
         .target(
             name: "FlashAttentionKernels",
+            dependencies: ["FlashAttentionShims"],
             swiftSettings: [.unsafeFlags(kernelFlags)]
         ),
         .target(

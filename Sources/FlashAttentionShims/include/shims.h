@@ -9,4 +9,8 @@
  * flags (cpu_features.c), so it runs on any CPU. */
 unsigned fa_cpu_features(void);
 
+/* Asks for the cache line at p ahead of use. Static inline so that Swift inlines it into the kernels:
+ * Swift has no prefetch of its own, and a load whose value is unused is optimised away. */
+static inline void fa_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+
 #endif
