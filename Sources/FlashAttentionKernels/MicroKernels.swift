@@ -53,10 +53,12 @@ let microCols = 16
 ///   - s: the top-left score of the tile; row r (key r) starts at `s + r * ldS`.
 ///   - columnMax: the 16 queries' running max over the block's keys, raised to include this tile. Doing
 ///     this here, while the scores are still in registers, saves the softmax a full pass over the block.
+///   - band: if set, scores of keys outside each query's visible band become −inf before the store and
+///     the max (the mask of diagonal and window-edge blocks, and the padding rows of a partial key tile).
 @inline(never)
 func scoreTile(
     keys: UnsafePointer<Float>, ldK: Int, queries: UnsafePointer<Float>, depth: Int,
-    s: UnsafeMutablePointer<Float>, ldS: Int, columnMax: UnsafeMutablePointer<Float>
+    s: UnsafeMutablePointer<Float>, ldS: Int, columnMax: UnsafeMutablePointer<Float>, band: TileBand?
 ) {
     var c00 = Vec(), c01 = Vec(), c10 = Vec(), c11 = Vec(), c20 = Vec(), c21 = Vec()
     var c30 = Vec(), c31 = Vec(), c40 = Vec(), c41 = Vec(), c50 = Vec(), c51 = Vec()
@@ -79,6 +81,14 @@ func scoreTile(
         c50.addProduct(x, b0); c51.addProduct(x, b1)
         b += microCols
     }
+    if let band {
+        (c00, c01) = band.apply(c00, c01, key: 0)
+        (c10, c11) = band.apply(c10, c11, key: 1)
+        (c20, c21) = band.apply(c20, c21, key: 2)
+        (c30, c31) = band.apply(c30, c31, key: 3)
+        (c40, c41) = band.apply(c40, c41, key: 4)
+        (c50, c51) = band.apply(c50, c51, key: 5)
+    }
     store(c00, s); store(c01, s + 8)
     store(c10, s + ldS); store(c11, s + ldS + 8)
     store(c20, s + 2 * ldS); store(c21, s + 2 * ldS + 8)
@@ -89,6 +99,18 @@ func scoreTile(
     let max1 = maximum(maximum(maximum(c01, c11), maximum(c21, c31)), maximum(maximum(c41, c51), load(columnMax + 8)))
     store(max0, columnMax)
     store(max1, columnMax + 8)
+}
+
+/// The visible keys of a score tile's 16 queries: query lane i sees the tile's keys k (0..<6, relative to
+/// the tile) with low_i ≤ k < high_i.
+struct TileBand {
+    let low0, low1, high0, high1: Vec
+
+    @inline(__always) func apply(_ x0: Vec, _ x1: Vec, key: Float) -> (Vec, Vec) {
+        let k = Vec(repeating: key), hidden = Vec(repeating: -.infinity)
+        return (x0.replacing(with: hidden, where: (k .< low0) .| (k .>= high0)),
+                x1.replacing(with: hidden, where: (k .< low1) .| (k .>= high1)))
+    }
 }
 
 /// Rescales and accumulates an R-query × 16-column output tile (R = 6 in query blocks):

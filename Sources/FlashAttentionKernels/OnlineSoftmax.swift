@@ -11,6 +11,12 @@ func maximum(_ a: Vec, _ b: Vec) -> Vec {
     a.replacing(with: b, where: b .> a)
 }
 
+/// Lane-wise min (one `vminps`).
+@inline(__always)
+func minimum(_ a: Vec, _ b: Vec) -> Vec {
+    a.replacing(with: b, where: b .< a)
+}
+
 /// 2^x for x ≤ 0 (and NaN), eight lanes at a time.
 ///
 /// Accuracy: at most 2.3 ulp relative error for x ≥ −126 (degree-5 polynomial for 2^f on [−0.5, 0.5],
@@ -77,6 +83,18 @@ struct BlockMask {
         return lower..<max(lower, end(position(last)))
     }
 
+    /// The band of a score tile whose first key is `firstKey`, for the 16 query lanes at block-relative
+    /// positions `position0`, `position1`; keys past the block (padding rows) are hidden too.
+    @inline(__always) func tileBand(_ position0: Vec, _ position1: Vec, firstKey: Int) -> TileBand {
+        // Unbounded shifts (±2^40) stay far outside 0..<6 after adding any position; bounded ones are exact.
+        let low = Vec(repeating: Float(lowShift - firstKey))
+        let high = Vec(repeating: Float(highShift - firstKey))
+        let end = Vec(repeating: Float(keyCount - firstKey))
+        return TileBand(
+            low0: position0 + low, low1: position1 + low,
+            high0: minimum(position0 + high, end), high1: minimum(position1 + high, end))
+    }
+
     /// Keys to score and exponentiate for the tiles that hold rows `first...last`: the band 16 rows wider on
     /// each side. Output tiles (6 rows), softmax vectors (8) and score panels (16) do not line up, and each
     /// must find computed every key its rows see; 16 rows of margin covers every overlap.
@@ -97,8 +115,11 @@ struct ScoreAdjustment {
     let alibi: Bool
     /// Block-relative query position minus key index where the distance is 0.
     let alibiOffset: Float
+    /// The score tiles already set hidden scores to −inf (plain masked blocks), so the softmax need not.
+    var scoresMasked = false
 
-    var changesScores: Bool { mask.isMasked || softcap > 0 || alibi }
+    /// Softcap and ALiBi transform scores, and must precede the mask: they are applied here.
+    var transformsScores: Bool { softcap > 0 || alibi }
 }
 
 /// C · tanh(s / C) for C > 0, from exp2 of a non-positive argument: tanh|y| = (1 − e^(−2|y|)) / (1 + e^(−2|y|)).
@@ -132,7 +153,7 @@ func softmaxUpdate(
     rowDistance: UnsafePointer<Float>, rowMax: UnsafeMutablePointer<Float>, rowSum: UnsafeMutablePointer<Float>, alpha: UnsafeMutablePointer<Float>
 ) {
     let negInf = Vec(repeating: -.infinity)
-    let masked = adjust.mask.isMasked
+    let masked = adjust.mask.isMasked && !adjust.scoresMasked
     for j in 0..<queryVectors {
         let column = s + j * 8
         let row = firstRow + 8 * j

@@ -271,10 +271,13 @@ package struct TiledForward: @unchecked Sendable {
         let keyCount = mask.keyCount
         packBlock(item.sequence, kvHead: item.firstHead / problem.groupSize, firstKey: firstKey, count: keyCount, into: w)
 
-        // The score tiles' running max is exact only for plain blocks: it also saw the zero rows that pad a
-        // partial last key tile (score 0, which can exceed every real score by more than exp2's range)
-        // and, elsewhere, scores the mask, softcap or ALiBi change.
-        let tilesMaxIsExact = !adjust.changesScores && keyCount % microRows == 0
+        // Without softcap or ALiBi the score tiles mask hidden keys (and the zero rows padding a partial
+        // last key tile, whose score 0 could exceed every real one by more than exp2's range) as they
+        // store, so their running max is exact and the softmax has neither a max pass nor a mask to do.
+        var adjust = adjust
+        let tilesMask = !adjust.transformsScores && (mask.isMasked || keyCount % microRows != 0)
+        adjust.scoresMasked = tilesMask
+        let tilesMaxIsExact = !adjust.transformsScores
 
         // The query block meets the key block 48 rows at a time, so that the scores of those rows stay in
         // L1 from the score tiles through the softmax to the output tiles.
@@ -287,11 +290,15 @@ package struct TiledForward: @unchecked Sendable {
                 let row = first + panel * microCols
                 let needed = mask.needed(fromRow: row, throughRow: row + microCols - 1)
                 let queries = w.qT + row * d
+                let position0 = load(w.rowPosition + row), position1 = load(w.rowPosition + row + 8)
                 for tile in (needed.lowerBound / microRows)..<((needed.upperBound + microRows - 1) / microRows) {
+                    // Lane i sees tile keys [position_i + lowShift − key0, min(position_i + highShift, keyCount) − key0).
+                    let key0 = tile * microRows
+                    let band = tilesMask ? mask.tileBand(position0, position1, firstKey: key0) : nil
                     scoreTile(
-                        keys: w.kPack + tile * microRows * d, ldK: d, queries: queries, depth: d,
-                        s: w.s + tile * microRows * subBlockRows + panel * microCols, ldS: subBlockRows,
-                        columnMax: w.blockMax + panel * microCols)
+                        keys: w.kPack + key0 * d, ldK: d, queries: queries, depth: d,
+                        s: w.s + key0 * subBlockRows + panel * microCols, ldS: subBlockRows,
+                        columnMax: w.blockMax + panel * microCols, band: band)
                 }
             }
 
