@@ -55,10 +55,11 @@ let microCols = 16
 ///     this here, while the scores are still in registers, saves the softmax a full pass over the block.
 ///   - band: if set, scores of keys outside each query's visible band become −inf before the store and
 ///     the max (the mask of diagonal and window-edge blocks, and the padding rows of a partial key tile).
+///     A pointer, so that unmasked tiles pass 8 bytes rather than copy the band through the stack.
 @inline(never)
 func scoreTile(
     keys: UnsafePointer<Float>, ldK: Int, queries: UnsafePointer<Float>, depth: Int,
-    s: UnsafeMutablePointer<Float>, ldS: Int, columnMax: UnsafeMutablePointer<Float>, band: TileBand?
+    s: UnsafeMutablePointer<Float>, ldS: Int, columnMax: UnsafeMutablePointer<Float>, band: UnsafePointer<TileBand>?
 ) {
     var c00 = Vec(), c01 = Vec(), c10 = Vec(), c11 = Vec(), c20 = Vec(), c21 = Vec()
     var c30 = Vec(), c31 = Vec(), c40 = Vec(), c41 = Vec(), c50 = Vec(), c51 = Vec()
@@ -81,7 +82,7 @@ func scoreTile(
         c50.addProduct(x, b0); c51.addProduct(x, b1)
         b += microCols
     }
-    if let band {
+    if let band = band?.pointee {
         (c00, c01) = band.apply(c00, c01, key: 0)
         (c10, c11) = band.apply(c10, c11, key: 1)
         (c20, c21) = band.apply(c20, c21, key: 2)

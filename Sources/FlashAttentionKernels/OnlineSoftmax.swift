@@ -133,6 +133,48 @@ func softcapped(_ s: Vec, _ cap: Float) -> Vec {
     return t.replacing(with: -t, where: y .< Vec(repeating: 0)) * cap
 }
 
+/// How the softmax reads a key's scores for one 8-query column: plain loads, or with softcap, ALiBi and
+/// the mask applied. A generic parameter, so each reader gets its own specialised copy of the loops and
+/// the plain path carries no per-element option checks.
+protocol ScoreReader {
+    /// The scores' storage: key k of the column at `column + k * ldS` (probabilities are written there).
+    var column: UnsafeMutablePointer<Float> { get }
+    var ldS: Int { get }
+    func callAsFunction(_ k: Int) -> Vec
+}
+
+/// Scores as stored (no transform, or already masked by the score tiles).
+struct PlainScores: ScoreReader {
+    let column: UnsafeMutablePointer<Float>
+    let ldS: Int
+    @inline(__always) func callAsFunction(_ k: Int) -> Vec { load(column + k * ldS) }
+}
+
+/// Scores with softcap, ALiBi and mask applied, in that order.
+struct AdjustedScores: ScoreReader {
+    let column: UnsafeMutablePointer<Float>
+    let ldS: Int
+    let adjust: ScoreAdjustment
+    let masked: Bool
+    /// Lane i sees key k iff low_i <= k < high_i.
+    let low, high: Vec
+    let slope, distanceBase, rebase: Vec
+
+    @inline(__always) func callAsFunction(_ k: Int) -> Vec {
+        var x = load(column + k * ldS)
+        if adjust.softcap > 0 { x = softcapped(x, adjust.softcap) }
+        if adjust.alibi {
+            let distance = distanceBase - Vec(repeating: Float(k))
+            x = x - slope * (maximum(distance, -distance) - rebase)
+        }
+        if masked {
+            let key = Vec(repeating: Float(k))
+            x = x.replacing(with: Vec(repeating: -.infinity), where: (key .< low) .| (key .>= high))
+        }
+        return x
+    }
+}
+
 /// One online-softmax step for a block of keys, for the rows `firstRow ..< firstRow + 8·queryVectors`.
 ///
 /// For each query: m' = max(m, blockMax); α = 2^(m − m'); p_k = 2^(s_k − m') written over s;
@@ -143,77 +185,80 @@ func softcapped(_ s: Vec, _ cap: Float) -> Vec {
 ///   - s: transposed scores of the sub-block, key k at `s + k * ldS`; overwritten with probabilities.
 ///   - adjust: softcap, ALiBi and mask; 8-row group j reads only the keys its rows' band needs.
 ///   - blockMax: each query's max over the block's scores, from the score tiles, or nil to compute it here
-///     (blocks whose scores are adjusted, or whose score tiles were padded).
+///     (blocks whose scores are transformed here).
 ///   - rowPosition, rowSlope, rowDistance: the item's row tables (block-relative position, ALiBi
 ///     slope·log2(e), the distance the row's ALiBi bias is rebased on).
 ///   - rowMax, rowSum, alpha: indexed by item row.
 func softmaxUpdate(
     s: UnsafeMutablePointer<Float>, ldS: Int, firstRow: Int, queryVectors: Int, adjust: ScoreAdjustment,
     blockMax: UnsafePointer<Float>?, rowPosition: UnsafePointer<Float>, rowSlope: UnsafePointer<Float>,
-    rowDistance: UnsafePointer<Float>, rowMax: UnsafeMutablePointer<Float>, rowSum: UnsafeMutablePointer<Float>, alpha: UnsafeMutablePointer<Float>
+    rowDistance: UnsafePointer<Float>, rowMax: UnsafeMutablePointer<Float>, rowSum: UnsafeMutablePointer<Float>,
+    alpha: UnsafeMutablePointer<Float>
 ) {
-    let negInf = Vec(repeating: -.infinity)
     let masked = adjust.mask.isMasked && !adjust.scoresMasked
     for j in 0..<queryVectors {
         let column = s + j * 8
         let row = firstRow + 8 * j
         let keys = adjust.mask.needed(fromRow: row, throughRow: row + 7)
-        let position = load(rowPosition + row)
-        // Lane i sees key k iff low <= k < high.
-        let low = position + Vec(repeating: Float(adjust.mask.lowShift))
-        let high = position + Vec(repeating: Float(adjust.mask.highShift))
-        let slope = load(rowSlope + row)
-        let distanceBase = position + Vec(repeating: adjust.alibiOffset)
-        let rebase = load(rowDistance + row)
-        @inline(__always) func score(_ k: Int) -> Vec {
-            var x = load(column + k * ldS)
-            if adjust.softcap > 0 { x = softcapped(x, adjust.softcap) }
-            if adjust.alibi {
-                let distance = distanceBase - Vec(repeating: Float(k))
-                x = x - slope * (maximum(distance, -distance) - rebase)
-            }
-            if masked {
-                let key = Vec(repeating: Float(k))
-                x = x.replacing(with: negInf, where: (key .< low) .| (key .>= high))
-            }
-            return x
-        }
-        var columnMax: Vec
-        if let blockMax {
-            columnMax = load(blockMax + row - firstRow)
+        let known = blockMax.map { load($0 + row - firstRow) }
+        if masked || adjust.transformsScores {
+            let position = load(rowPosition + row)
+            let reader = AdjustedScores(
+                column: column, ldS: ldS, adjust: adjust, masked: masked,
+                low: position + Vec(repeating: Float(adjust.mask.lowShift)),
+                high: position + Vec(repeating: Float(adjust.mask.highShift)), slope: load(rowSlope + row),
+                distanceBase: position + Vec(repeating: adjust.alibiOffset), rebase: load(rowDistance + row))
+            softmaxColumn(reader, keys: keys, blockMax: known, rowMax: rowMax + row, rowSum: rowSum + row, alpha: alpha + row)
         } else {
-            var max0 = negInf, max1 = negInf
-            var k = keys.lowerBound
-            while k + 1 < keys.upperBound {
-                max0 = maximum(max0, score(k))
-                max1 = maximum(max1, score(k + 1))
-                k += 2
-            }
-            if k < keys.upperBound { max0 = maximum(max0, score(k)) }
-            columnMax = maximum(max0, max1)
+            softmaxColumn(
+                PlainScores(column: column, ldS: ldS), keys: keys, blockMax: known, rowMax: rowMax + row,
+                rowSum: rowSum + row, alpha: alpha + row)
         }
-        let oldMax = load(rowMax + row)
-        let newMax = maximum(oldMax, columnMax)
-        let base = newMax.replacing(with: 0, where: newMax .== negInf)
-        let scale = exp2(oldMax - base)
-        var sum0 = Vec(), sum1 = Vec()
+    }
+}
+
+/// The online-softmax step of one 8-query column over `keys`, writing probabilities over the scores.
+@inline(__always)
+func softmaxColumn<Reader: ScoreReader>(
+    _ score: Reader, keys: Range<Int>, blockMax: Vec?, rowMax: UnsafeMutablePointer<Float>,
+    rowSum: UnsafeMutablePointer<Float>, alpha: UnsafeMutablePointer<Float>
+) where Reader: ScoreReader {
+    let negInf = Vec(repeating: -.infinity)
+    var columnMax: Vec
+    if let blockMax {
+        columnMax = blockMax
+    } else {
+        var max0 = negInf, max1 = negInf
         var k = keys.lowerBound
         while k + 1 < keys.upperBound {
-            let p0 = exp2(score(k) - base)
-            let p1 = exp2(score(k + 1) - base)
-            store(p0, column + k * ldS)
-            store(p1, column + (k + 1) * ldS)
-            sum0 += p0
-            sum1 += p1
+            max0 = maximum(max0, score(k))
+            max1 = maximum(max1, score(k + 1))
             k += 2
         }
-        if k < keys.upperBound {
-            let p0 = exp2(score(k) - base)
-            store(p0, column + k * ldS)
-            sum0 += p0
-        }
-        store(newMax, rowMax + row)
-        store(scale * load(rowSum + row) + (sum0 + sum1), rowSum + row)
-        store(scale, alpha + row)
+        if k < keys.upperBound { max0 = maximum(max0, score(k)) }
+        columnMax = maximum(max0, max1)
     }
+    let oldMax = load(rowMax)
+    let newMax = maximum(oldMax, columnMax)
+    let base = newMax.replacing(with: 0, where: newMax .== negInf)
+    let scale = exp2(oldMax - base)
+    var sum0 = Vec(), sum1 = Vec()
+    var k = keys.lowerBound
+    while k + 1 < keys.upperBound {
+        let p0 = exp2(score(k) - base)
+        let p1 = exp2(score(k + 1) - base)
+        store(p0, score.column + k * score.ldS)
+        store(p1, score.column + (k + 1) * score.ldS)
+        sum0 += p0
+        sum1 += p1
+        k += 2
+    }
+    if k < keys.upperBound {
+        let p0 = exp2(score(k) - base)
+        store(p0, score.column + k * score.ldS)
+        sum0 += p0
+    }
+    store(newMax, rowMax)
+    store(scale * load(rowSum) + (sum0 + sum1), rowSum)
+    store(scale, alpha)
 }

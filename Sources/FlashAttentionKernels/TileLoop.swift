@@ -294,11 +294,13 @@ package struct TiledForward: @unchecked Sendable {
                 for tile in (needed.lowerBound / microRows)..<((needed.upperBound + microRows - 1) / microRows) {
                     // Lane i sees tile keys [position_i + lowShift − key0, min(position_i + highShift, keyCount) − key0).
                     let key0 = tile * microRows
-                    let band = tilesMask ? mask.tileBand(position0, position1, firstKey: key0) : nil
-                    scoreTile(
-                        keys: w.kPack + key0 * d, ldK: d, queries: queries, depth: d,
-                        s: w.s + key0 * subBlockRows + panel * microCols, ldS: subBlockRows,
-                        columnMax: w.blockMax + panel * microCols, band: band)
+                    var band = mask.tileBand(position0, position1, firstKey: key0)
+                    withUnsafePointer(to: &band) { bandPointer in
+                        scoreTile(
+                            keys: w.kPack + key0 * d, ldK: d, queries: queries, depth: d,
+                            s: w.s + key0 * subBlockRows + panel * microCols, ldS: subBlockRows,
+                            columnMax: w.blockMax + panel * microCols, band: tilesMask ? bandPointer : nil)
+                    }
                 }
             }
 
