@@ -348,9 +348,9 @@ def main():
             step += len(impls)
             progress(step, total, f"{shape} causal={causal} threads={t}: {', '.join(impls)}")
             row = {"shape": shape, "causal": causal, "threads": t}
-            args = [*shape, int(causal)]
-            measured = measure_interleaved(paired, "prefill", args, rounds=3, reps_per_round=max(1, reps // 3))
-            measured["numpy"] = measure("numpy", t, "prefill", args, reps=max(2, reps // 2))
+            cell = [*shape, int(causal)]
+            measured = measure_interleaved(paired, "prefill", cell, rounds=3, reps_per_round=max(1, reps // 3))
+            measured["numpy"] = measure("numpy", t, "prefill", cell, reps=max(2, reps // 2))
             for impl, r in measured.items():
                 row[impl] = r["gflops"]
                 row[impl + "_ms"] = r["median_s"] * 1e3
