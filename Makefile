@@ -28,13 +28,16 @@ test-swift:
 	$(SWIFT) test -c release
 
 # The header alone as C99 and C++17 with warnings as errors; a dlopen client checked against a naive C
-# loop; and the exported symbol list, which must hold only flash_attention_* functions.
+# loop; 8 pthreads calling at once, then dlclose/dlopen; and the exported symbol list, which must hold
+# only flash_attention_* functions.
 test-c: build
 	@mkdir -p $(TMP)
 	$(CC) -std=c99 -Wall -Wextra -Werror -pedantic -Iinclude -c Tests/c/header_check.c -o $(TMP)/header_c.o
 	$(CXX) -std=c++17 -Wall -Wextra -Werror -pedantic -Iinclude -x c++ -c Tests/c/header_check.c -o $(TMP)/header_cpp.o
 	$(CC) -std=c99 -O1 -Wall -Wextra -Werror -Iinclude Tests/c/dlopen_test.c -ldl -lm -o $(TMP)/dlopen_test
 	$(TMP)/dlopen_test $(LIB)
+	$(CC) -std=c99 -O1 -Wall -Wextra -Werror -Iinclude Tests/c/concurrency_test.c -ldl -lpthread -o $(TMP)/concurrency_test
+	$(TMP)/concurrency_test $(LIB)
 	@exports=$$(nm -D --defined-only --extern-only $(LIB) | awk '{print $$3}' | grep -v '^flash_attention_'); \
 	if [ -n "$$exports" ]; then echo "unexpected exported symbols:"; echo "$$exports"; exit 1; fi; \
 	echo "ok: $(LIB) exports only flash_attention_* ($$(nm -D --defined-only --extern-only $(LIB) | wc -l) symbols)"

@@ -22,7 +22,8 @@ let package = Package(
     targets: [
         // The one declaration of the C ABI; Swift implements it with `@c @implementation`.
         .target(name: "CFlashAttention", path: "include", publicHeadersPath: "."),
-        // What Swift cannot express: the `cpuid`/`xgetbv` probe (compiled without ISA flags) and a prefetch.
+        // What Swift cannot express: the `cpuid`/`xgetbv` probe (compiled without ISA flags), a prefetch,
+        // and an unload hook.
         .target(name: "FlashAttentionShims"),
         .target(
             name: "FlashAttentionKernels",
@@ -33,7 +34,8 @@ let package = Package(
             name: "FlashAttention",
             dependencies: ["CFlashAttention", "FlashAttentionShims", "FlashAttentionKernels"],
             exclude: ["exports.map"],
-            linkerSettings: [.unsafeFlags(["-Xlinker", "--version-script=\(exportsMap)"])]
+            // nodelete: dlclose never unmaps the code the pool's workers sleep in (they stop at exit).
+            linkerSettings: [.unsafeFlags(["-Xlinker", "--version-script=\(exportsMap)", "-Xlinker", "-z", "-Xlinker", "nodelete"])]
         ),
         .executableTarget(name: "flash-attention", dependencies: ["FlashAttention", "CFlashAttention"]),
         .testTarget(name: "FlashAttentionTests", dependencies: ["FlashAttention", "FlashAttentionKernels", "CFlashAttention"]),

@@ -1,3 +1,4 @@
+import FlashAttentionShims
 import Glibc
 import Synchronization
 
@@ -98,7 +99,10 @@ final class ThreadPool: @unchecked Sendable {
     private var wake = pthread_cond_t()
     /// Jobs that may still have unclaimed items; guarded by `mutex`.
     private var jobs: [Job] = []
-    private(set) var workerCount = 0
+    /// Set once, at unload; guarded by `mutex`.
+    private var stopping = false
+    private var workers: [pthread_t] = []
+    var workerCount: Int { workers.count }
 
     private init(workerCount: Int) {
         pthread_mutex_init(&mutex, nil)
@@ -115,9 +119,18 @@ final class ThreadPool: @unchecked Sendable {
                 Unmanaged<ThreadPool>.fromOpaque(context).release()
                 break
             }
-            pthread_detach(thread)
-            self.workerCount += 1
+            workers.append(thread)
         }
+        fa_set_unload_hook { ThreadPool.shared.stop() }
+    }
+
+    /// Stops and joins the workers (at unload): each finishes the job it is helping with, then exits.
+    private func stop() {
+        pthread_mutex_lock(&mutex)
+        stopping = true
+        pthread_cond_broadcast(&wake)
+        pthread_mutex_unlock(&mutex)
+        for worker in workers { pthread_join(worker, nil) }
     }
 
     /// Runs every item of `plan` on up to `threads` threads (the caller included) and returns when all are
@@ -156,12 +169,13 @@ final class ThreadPool: @unchecked Sendable {
         while true {
             pthread_mutex_lock(&mutex)
             var job = nextJob()
-            while job == nil {
+            while job == nil && !stopping {
                 pthread_cond_wait(&wake, &mutex)
                 job = nextJob()
             }
             pthread_mutex_unlock(&mutex)
-            job!.participate()
+            guard let job else { return }
+            job.participate()
         }
     }
 

@@ -81,13 +81,14 @@ struct TensorArgument {
             if sumOverflow { throw .invalidStride("\(name): its strides address a range that overflows int64") }
             if extent < 0 { low = sum } else { high = sum }
         }
+        // Every step is checked before its result is used: a wrapped value must never reach a conversion.
+        let outside = FlashAttentionError.invalidStride("\(name): its strides address memory outside the address space")
         let (lowBytes, lowOverflow) = low.multipliedReportingOverflow(by: elementSize)
         let (highBytes, highOverflow) = high.multipliedReportingOverflow(by: elementSize)
+        if lowOverflow || highOverflow { throw outside }
         let (lower, underflow) = address.subtractingReportingOverflow(lowBytes.magnitude)
-        let (upper, beyond) = address.addingReportingOverflow(UInt(highBytes) + UInt(elementSize))
-        if lowOverflow || highOverflow || underflow || beyond {
-            throw .invalidStride("\(name): its strides address memory outside the address space")
-        }
+        let (upper, beyond) = address.addingReportingOverflow(highBytes.magnitude + UInt(elementSize))
+        if underflow || beyond { throw outside }
         return AddressRange(lower: lower, upper: upper)
     }
 
@@ -135,6 +136,9 @@ struct CacheAppend {
     let values: TensorView
     let count: Int
 }
+
+/// A stand-in for index arrays with no elements: never read.
+nonisolated(unsafe) private let noIndices = UnsafePointer(UnsafeMutablePointer<Int32>.allocate(capacity: 1))
 
 /// A stand-in address for tensors with no elements: never dereferenced, and their strides become 0.
 nonisolated(unsafe) private let emptyTensor = UnsafeMutablePointer<Float>.allocate(capacity: 1)
@@ -334,7 +338,9 @@ extension AttentionProblem {
                 }
                 append = (keys, values, valuesRange, appendCount)
             }
-            layout = .cache(seqlens: params.cache_seqlens!, batchIndex: params.cache_batch_idx, appended: appendCount)
+            // With batch 0 the index arrays may be NULL; nothing will read them.
+            layout = .cache(
+                seqlens: params.cache_seqlens ?? noIndices, batchIndex: params.cache_batch_idx, appended: appendCount)
             if paged {
                 storage = .paged(
                     table: params.block_table!, tableStride: Int(params.block_table_batch_stride), pageSize: kvRows)

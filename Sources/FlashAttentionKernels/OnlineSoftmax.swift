@@ -73,6 +73,12 @@ struct BlockMask {
     @inline(__always) private func start(_ i: Int) -> Int { min(keyCount, max(0, i + lowShift)) }
     @inline(__always) private func end(_ i: Int) -> Int { min(keyCount, max(0, i + highShift)) }
 
+    /// The keys a row at block-relative position i sees.
+    @inline(__always) func keys(position i: Int) -> Range<Int> {
+        let lower = start(i)
+        return lower..<max(lower, end(i))
+    }
+
     /// Whether some row sees only part of the block (the block needs masking).
     var isMasked: Bool { start(positions - 1) > 0 || end(0) < keyCount }
 

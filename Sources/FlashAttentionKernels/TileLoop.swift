@@ -99,6 +99,13 @@ struct WorkItem {
     }
 }
 
+/// Rescale factor 1, for output tiles that add to rows already rescaled in the same block.
+nonisolated(unsafe) private let unitScale: UnsafePointer<Float> = {
+    let one = UnsafeMutablePointer<Float>.allocate(capacity: 1)
+    one.initialize(to: 1)
+    return UnsafePointer(one)
+}()
+
 /// Work items, scratch size and the per-item computation of the tiled forward for one problem.
 package struct TiledForward: @unchecked Sendable {
     package let problem: AttentionProblem
@@ -266,7 +273,6 @@ package struct TiledForward: @unchecked Sendable {
         let d = problem.headDim
         let rows = item.rows
         let paddedRows = (rows + 15) / 16 * 16
-        let ldO = Workspace.paddedDim(d)
         let mask = adjust.mask
         let keyCount = mask.keyCount
         packBlock(item.sequence, kvHead: item.firstHead / problem.groupSize, firstKey: firstKey, count: keyCount, into: w)
@@ -309,18 +315,13 @@ package struct TiledForward: @unchecked Sendable {
                 blockMax: tilesMaxIsExact ? w.blockMax : nil, rowPosition: w.rowPosition, rowSlope: w.rowSlope,
                 rowDistance: w.rowDistance, rowMax: w.rowMax, rowSum: w.rowSum, alpha: w.alpha)
 
-            // O = α·O + P·V, 6 queries × 16 columns at a time, each tile over the keys its rows see.
+            // O = α·O + P·V, 6 queries × 16 columns at a time.
             let tiles = (min(rows - first, subRows) + microRows - 1) / microRows
-            for column in stride(from: 0, to: d, by: microCols) {
-                let values = w.vPack + column * keyBlockSize
-                for tile in 0..<tiles {
-                    let q = tile * microRows
-                    let keys = mask.visible(fromRow: first + q, throughRow: first + q + microRows - 1)
-                    outputTile(
-                        SixRows.self, p: w.s + keys.lowerBound * subBlockRows + q, ldP: subBlockRows,
-                        v: values + keys.lowerBound * microCols, ldV: microCols, count: keys.count,
-                        alpha: w.alpha + first + q, o: w.o + (first + q) * ldO + column, ldO: ldO)
-                }
+            for tile in 0..<tiles {
+                let q = tile * microRows
+                accumulateRows(
+                    SixRows.self, mask: mask, firstRow: first + q, p: w.s + q, ldP: subBlockRows, v: w.vPack,
+                    ldV: microCols, columnStride: keyBlockSize * microCols, w)
             }
         }
     }
@@ -360,13 +361,52 @@ package struct TiledForward: @unchecked Sendable {
             s: w.s, ldS: subBlockRows, firstRow: row, queryVectors: 1, adjust: adjust, blockMax: nil,
             rowPosition: w.rowPosition, rowSlope: w.rowSlope, rowDistance: w.rowDistance, rowMax: w.rowMax,
             rowSum: w.rowSum, alpha: w.alpha)
-        let keys = adjust.mask.visible(fromRow: row, throughRow: row + microRows - 1)
         withTileRows(item.headsPerSlot * item.positions) { rows in
+            accumulateRows(
+                rows, mask: adjust.mask, firstRow: row, p: w.s, ldP: subBlockRows, v: vRows, ldV: p.v.rowStride,
+                columnStride: microCols, w)
+        }
+    }
+
+    /// O = α·O + P·V for the R rows of an output tile from `firstRow`, every row over exactly the keys it
+    /// sees. In an unmasked block that is one R-row tile per 16 columns. In a masked one, the keys every
+    /// row sees go through the R-row tile and each row's own extra keys through a one-row tile: the
+    /// probability of a hidden key is tiny but not 0, and 0 · NaN is NaN anyway, so multiplying a hidden
+    /// value row would let a NaN in it poison rows that must not see it.
+    /// - Parameters:
+    ///   - p: probabilities of the tile's first row for key 0 (key k at `p + k * ldP`, row r at `p + r`).
+    ///   - v: value row 0 of column 0; row k at `v + k * ldV`, column panel c at `v + c / 16 * columnStride`.
+    private func accumulateRows<R: TileRows>(
+        _ rows: R.Type, mask: BlockMask, firstRow: Int, p: UnsafePointer<Float>, ldP: Int,
+        v: UnsafePointer<Float>, ldV: Int, columnStride: Int, _ w: Workspace
+    ) {
+        let d = problem.headDim
+        let ldO = Workspace.paddedDim(d)
+        let o = w.o + firstRow * ldO, alpha = w.alpha + firstRow
+        let n = R.count
+        @inline(__always) func tile<T: TileRows>(_ r: T.Type, row: Int, keys: Range<Int>, alpha: UnsafePointer<Float>) {
             for column in stride(from: 0, to: d, by: microCols) {
                 outputTile(
-                    rows, p: w.s + keys.lowerBound * subBlockRows, ldP: subBlockRows,
-                    v: vRows + keys.lowerBound * p.v.rowStride + column, ldV: p.v.rowStride, count: keys.count,
-                    alpha: w.alpha + row, o: w.o + row * ldO + column, ldO: ldO)
+                    r, p: p + keys.lowerBound * ldP + row, ldP: ldP, v: v + keys.lowerBound * ldV + column / microCols * columnStride,
+                    ldV: ldV, count: keys.count, alpha: alpha, o: o + row * ldO + column, ldO: ldO)
+            }
+        }
+        guard mask.isMasked else { return tile(R.self, row: 0, keys: 0..<mask.keyCount, alpha: alpha) }
+        let position = { (r: Int) in Int(w.rowPosition[firstRow + r]) }
+        var common = mask.keys(position: position(0))
+        for r in 1..<n { common = common.clamped(to: mask.keys(position: position(r))) }
+        if !common.isEmpty { tile(R.self, row: 0, keys: common, alpha: alpha) }
+        for r in 0..<n {
+            let own = mask.keys(position: position(r))
+            if common.isEmpty {
+                tile(OneRow.self, row: r, keys: own, alpha: alpha + r)
+            } else {
+                if own.lowerBound < common.lowerBound {
+                    tile(OneRow.self, row: r, keys: own.lowerBound..<common.lowerBound, alpha: unitScale)
+                }
+                if own.upperBound > common.upperBound {
+                    tile(OneRow.self, row: r, keys: common.upperBound..<own.upperBound, alpha: unitScale)
+                }
             }
         }
     }

@@ -12,5 +12,14 @@ int main(void) {
     flash_attention_status (*forward)(const flash_attention_params *) = flash_attention_forward;
     const char *(*isa)(void) = flash_attention_kernel_isa;
     int32_t (*threads)(void) = flash_attention_default_num_threads;
-    return !(version && version_string && abi && status_string && last_error && init && forward && isa && threads);
+    flash_attention_status (*varlen)(const flash_attention_params *) = flash_attention_forward_varlen;
+    flash_attention_status (*kvcache)(const flash_attention_params *) = flash_attention_forward_kvcache;
+    flash_attention_status (*merge)(int64_t, int64_t, const float *, int64_t, const float *, int64_t, const float *,
+                                    int64_t, const float *, int64_t, float *, int64_t, float *, int64_t) =
+        flash_attention_merge;
+    /* Appended fields keep their offsets: a caller compiled against 0.1 (264 bytes) stays compatible. */
+    typedef char v1_prefix_is_stable[offsetof(flash_attention_params, window_left) == FA_PARAMS_SIZE_V1 ? 1 : -1];
+    (void)sizeof(v1_prefix_is_stable);
+    return !(version && version_string && abi && status_string && last_error && init && forward && isa && threads &&
+             varlen && kvcache && merge);
 }

@@ -9,6 +9,11 @@
  * flags (cpu_features.c), so it runs on any CPU. */
 unsigned fa_cpu_features(void);
 
+/* Sets the function run when the library is finally unloaded (at process exit: the library is linked
+ * -z nodelete, so dlclose never unmaps code that worker threads may be sleeping in). The pool uses it to
+ * stop and join its workers, so that they never outlive the code they run. */
+void fa_set_unload_hook(void (*hook)(void));
+
 /* Asks for the cache line at p ahead of use. Static inline so that Swift inlines it into the kernels:
  * Swift has no prefetch of its own, and a load whose value is unused is optimised away. */
 static inline void fa_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }

@@ -50,9 +50,15 @@ def reference_attention(q, k, v, softmax_scale=None, causal=False, window_size=(
     p = np.exp(with_sink - safe_max)
     total = p.sum(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        weights = np.where(total > 0, p[..., :seqlen_k] / total, 0.0)
-        out = np.einsum("bhqk,bkhd->bqhd", weights, v)
-        lse = np.where(total[..., 0] > 0, (safe_max + np.log(total))[..., 0], -np.inf)
+        # Only an empty row (total exactly 0) gives 0; a NaN total stays NaN.
+        weights = np.where(total == 0, 0.0, p[..., :seqlen_k] / total)
+        # Hidden keys are excluded, not weighted by 0: a NaN or inf value reaches only the rows that see
+        # its key (a matrix product would spread 0 · NaN to every row).
+        out = np.einsum("bhqk,bkhd->bqhd", weights, np.where(np.isfinite(v), v, 0.0))
+        for b, j, h, c in zip(*np.nonzero(~np.isfinite(v))):
+            rows = visible[:, j]
+            out[b, rows, h, c] += weights[b, h, rows, j] * v[b, j, h, c]
+        lse = np.where(total[..., 0] == 0, -np.inf, (safe_max + np.log(total))[..., 0])
     return (out, lse) if return_lse else out
 
 

@@ -27,3 +27,11 @@ unsigned fa_cpu_features(void) {
 #else
 unsigned fa_cpu_features(void) { return 0; }
 #endif
+
+static void (*unload_hook)(void);
+
+void fa_set_unload_hook(void (*hook)(void)) { unload_hook = hook; }
+
+__attribute__((destructor)) static void fa_unload(void) {
+    if (unload_hook) unload_hook();
+}
