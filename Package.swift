@@ -1,11 +1,13 @@
 // swift-tools-version: 6.2
 import PackageDescription
 
-/// The tiled kernels are compiled for AVX2 + FMA in a module of their own; everything else stays baseline
+/// The tiled kernels are compiled for AVX2 + FMA (+ F16C) in a module of their own; everything else stays baseline
 /// x86-64, so the library loads and validates on any x86-64 CPU and enters the AVX2 module only after a
 /// `cpuid` check (see `Sources/FlashAttention/Dispatch.swift`).
 #if arch(x86_64)
-let kernelFlags: [String] = ["-Xcc", "-mavx2", "-Xcc", "-mfma", "-Ounchecked", "-enforce-exclusivity=unchecked"]
+let kernelFlags: [String] = [
+    "-Xcc", "-mavx2", "-Xcc", "-mfma", "-Xcc", "-mf16c", "-Ounchecked", "-enforce-exclusivity=unchecked",
+]
 #else
 let kernelFlags: [String] = ["-Ounchecked", "-enforce-exclusivity=unchecked"]
 #endif

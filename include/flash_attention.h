@@ -31,7 +31,7 @@ extern "C" {
 /* ---- Versions ------------------------------------------------------------------------------------- */
 
 #define FA_VERSION_MAJOR 0
-#define FA_VERSION_MINOR 2
+#define FA_VERSION_MINOR 3
 #define FA_VERSION_PATCH 0
 /* MAJOR*10000 + MINOR*100 + PATCH, comparable with flash_attention_version(). */
 #define FA_VERSION_NUMBER (FA_VERSION_MAJOR * 10000 + FA_VERSION_MINOR * 100 + FA_VERSION_PATCH)
@@ -80,6 +80,13 @@ const char *flash_attention_last_error(void);
 #define FA_ALGORITHM_REFERENCE 1
 #define FA_ALGORITHM_TILED 2
 
+/* Element types of tensors (arithmetic and accumulation are always float32, and so is lse). float16 is IEEE
+ * binary16; bfloat16 the top 16 bits of a float32. Outputs are rounded to nearest even. */
+typedef int32_t flash_attention_dtype;
+#define FA_DTYPE_FLOAT32 0
+#define FA_DTYPE_FLOAT16 1
+#define FA_DTYPE_BFLOAT16 2
+
 /* Largest head_dim accepted. */
 #define FA_MAX_HEAD_DIM 1024
 
@@ -90,7 +97,7 @@ const char *flash_attention_last_error(void);
  * New fields are only ever appended; struct_size tells the library which fields the caller knows, and
  * fields beyond it take their defaults.
  *
- * Shapes (element type float32):
+ * Shapes (element types: dtype for q and out, kv_dtype for k and v; float32 by default):
  *   q    [batch, seqlen_q, heads_q,  head_dim]
  *   k, v [batch, seqlen_k, heads_kv, head_dim]
  *   out  [batch, seqlen_q, heads_q,  head_dim]   written
@@ -117,7 +124,7 @@ const char *flash_attention_last_error(void);
  * Sizes: batch, seqlen_q, seqlen_k >= 0 (zero-size work succeeds without touching memory);
  * heads_kv >= 1; heads_q a positive multiple of heads_kv; 1 <= head_dim <= FA_MAX_HEAD_DIM.
  * Pointers: q, out must be non-NULL when the tensor has elements, likewise k and v; all must be aligned to
- * 4 bytes. out and lse must not overlap each other, k or v; out may be the very same view as q (in place).
+ * their element size. out and lse must not overlap each other, k or v; out may be the very same view as q (in place).
  */
 typedef struct flash_attention_params {
     /* sizeof(flash_attention_params) as the caller compiled it; set by flash_attention_params_init. */
@@ -209,10 +216,19 @@ typedef struct flash_attention_params {
     const void *v_new;
     int64_t v_new_batch_stride, v_new_row_stride, v_new_head_stride, v_new_dim_stride;
     int64_t seqlen_new;
+
+    /* ---- Element types (appended in 0.3; both default to FA_DTYPE_FLOAT32) -------------------------- */
+
+    /* Element type of q and out (FA_DTYPE_*). */
+    flash_attention_dtype dtype;
+    /* Element type of k and v, and of k_new/v_new: a KV cache may be stored in another type than q. */
+    flash_attention_dtype kv_dtype;
 } flash_attention_params;
 
-/* sizeof(flash_attention_params) in version 0.1, which ended at `algorithm`; still accepted. */
+/* sizeof(flash_attention_params) in earlier versions (0.1 ended at `algorithm`, 0.2 at `seqlen_new`);
+ * both are still accepted. */
 #define FA_PARAMS_SIZE_V1 264
+#define FA_PARAMS_SIZE_V2 488
 
 /*
  * Fills *params with defaults: struct_size = struct_size argument, every size 0, pointers NULL, dim strides

@@ -13,7 +13,7 @@ enum CPU {
     static let features = fa_cpu_features()
     static var hasTiledKernel: Bool { features & FA_CPU_AVX2_FMA != 0 }
     /// Name of the instruction set the tiled kernel uses here, or "none".
-    static var kernelISA: StaticString { hasTiledKernel ? "avx2+fma" : "none" }
+    static var kernelISA: StaticString { hasTiledKernel ? "avx2+fma+f16c" : "none" }
 }
 
 extension TiledForward: WorkPlan {}
@@ -30,7 +30,7 @@ struct SplitMerge: WorkPlan {
 /// values into the cache.
 func runForward(_ problem: AttentionProblem, options: ForwardOptions, append: CacheAppend?) throws(FlashAttentionError) {
     if options.algorithm == FA_ALGORITHM_TILED && !CPU.hasTiledKernel {
-        throw .unsupported("algorithm FA_ALGORITHM_TILED needs a CPU with AVX2 and FMA; this one lacks them")
+        throw .unsupported("algorithm FA_ALGORITHM_TILED needs a CPU with AVX2, FMA and F16C; this one lacks them")
     }
     if let append { appendToCache(problem, append) }
     let cores = ThreadPool.onlineCores
@@ -60,10 +60,11 @@ private func appendToCache(_ p: AttentionProblem, _ append: CacheAppend) {
         for j in 0..<append.count {
             for h in 0..<p.headsKV {
                 let position = Int(seqlens[b]) + j
+                let bytes = p.headDim * p.k.element.size  // k_new/v_new have the cache's element type
                 p.keyRow(p.k, sequence, head: h, position: position)
-                    .update(from: append.keys.row(batch: b, head: h, row: j), count: p.headDim)
+                    .copyMemory(from: append.keys.row(batch: b, head: h, row: j), byteCount: bytes)
                 p.keyRow(p.v, sequence, head: h, position: position)
-                    .update(from: append.values.row(batch: b, head: h, row: j), count: p.headDim)
+                    .copyMemory(from: append.values.row(batch: b, head: h, row: j), byteCount: bytes)
             }
         }
     }

@@ -20,33 +20,42 @@ struct ReferenceForward: WorkPlan {
         let slope = p.alibiSlopes.map { Double($0[s.batch * p.alibiBatchStride + h]) } ?? 0
         let sink = p.sinks.map { Double($0[h]) } ?? -.infinity
         let cap = Double(p.softcap)
-        for i in 0..<s.seqlenQ {
-            let q = p.q.row(batch: s.qBatch, head: h, row: s.qRow + i)
-            let out = p.out.row(batch: s.qBatch, head: h, row: s.qRow + i)
-            let keys = p.keyRange(position: i, seqlenQ: s.seqlenQ, seqlenK: s.seqlenK)
-            var maximum = sink
-            for j in keys {
-                let k = p.keyRow(p.k, s, head: kvHead, position: j)
-                var dot = 0.0
-                for c in 0..<p.headDim { dot += Double(q[c]) * Double(k[c]) }
-                var score = dot * Double(p.scale)
-                if cap > 0 { score = cap * tanh(score / cap) }
-                score -= slope * Double(abs(i + s.seqlenK - s.seqlenQ - j))
-                scores[j] = score
-                maximum = Swift.max(maximum, score)
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * p.headDim) { rows in
+            let q = rows.baseAddress!, key = q + p.headDim, out = key + p.headDim
+            func read(_ tensor: TensorView, _ row: UnsafeRawPointer, into target: UnsafeMutablePointer<Float>) {
+                withStorage(tensor.element) { loadRow($0, row, count: p.headDim, into: target) }
             }
-            var sum = maximum == -.infinity ? 0 : exp(sink - maximum)
-            for j in keys {
-                scores[j] = exp(scores[j] - maximum)
-                sum += scores[j]
+            for i in 0..<s.seqlenQ {
+                read(p.q, p.q.row(batch: s.qBatch, head: h, row: s.qRow + i), into: q)
+                let keys = p.keyRange(position: i, seqlenQ: s.seqlenQ, seqlenK: s.seqlenK)
+                var maximum = sink
+                for j in keys {
+                    read(p.k, p.keyRow(p.k, s, head: kvHead, position: j), into: key)
+                    var dot = 0.0
+                    for c in 0..<p.headDim { dot += Double(q[c]) * Double(key[c]) }
+                    var score = dot * Double(p.scale)
+                    if cap > 0 { score = cap * tanh(score / cap) }
+                    score -= slope * Double(abs(i + s.seqlenK - s.seqlenQ - j))
+                    scores[j] = score
+                    maximum = Swift.max(maximum, score)
+                }
+                var sum = maximum == -.infinity ? 0 : exp(sink - maximum)
+                for j in keys {
+                    scores[j] = exp(scores[j] - maximum)
+                    sum += scores[j]
+                }
+                var accumulators = [Double](repeating: 0, count: p.headDim)
+                for j in keys {
+                    read(p.v, p.keyRow(p.v, s, head: kvHead, position: j), into: key)
+                    for c in 0..<p.headDim { accumulators[c] += scores[j] * Double(key[c]) }
+                }
+                for c in 0..<p.headDim { out[c] = keys.isEmpty ? 0 : Float(accumulators[c] / sum) }
+                withStorage(p.out.element) {
+                    storeRow($0, out, count: p.headDim, scale: 1, into: p.out.row(batch: s.qBatch, head: h, row: s.qRow + i))
+                }
+                p.lse?.row(batch: s.qBatch, head: h, row: s.qRow + i).pointee =
+                    maximum == -.infinity ? -.infinity : Float(maximum + log(sum))
             }
-            for c in 0..<p.headDim {
-                var acc = 0.0
-                for j in keys { acc += scores[j] * Double(p.keyRow(p.v, s, head: kvHead, position: j)[c]) }
-                out[c] = keys.isEmpty ? 0 : Float(acc / sum)
-            }
-            p.lse?.row(batch: s.qBatch, head: h, row: s.qRow + i).pointee =
-                maximum == -.infinity ? -.infinity : Float(maximum + log(sum))
         }
     }
 }

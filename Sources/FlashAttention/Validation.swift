@@ -180,15 +180,21 @@ extension AttentionProblem {
             throw .invalidArgument("softcap (\(params.softcap)) must be finite and >= 0 (0 = off)")
         }
         if params.reserved0 != 0 { throw .invalidArgument("reserved0 (\(params.reserved0)) must be 0") }
+        guard let qType = ElementType(rawValue: params.dtype) else {
+            throw .invalidArgument("dtype (\(params.dtype)) must be FA_DTYPE_FLOAT32 (0), FA_DTYPE_FLOAT16 (1) or FA_DTYPE_BFLOAT16 (2)")
+        }
+        guard let kvType = ElementType(rawValue: params.kv_dtype) else {
+            throw .invalidArgument("kv_dtype (\(params.kv_dtype)) must be FA_DTYPE_FLOAT32 (0), FA_DTYPE_FLOAT16 (1) or FA_DTYPE_BFLOAT16 (2)")
+        }
         if params.window_left < -1 { throw .invalidArgument("window_left (\(params.window_left)) must be >= -1") }
         if params.window_right < -1 { throw .invalidArgument("window_right (\(params.window_right)) must be >= -1") }
 
         // Varlen: the packed tensors have one "batch" entry; the sequences come from cu_seqlens.
         let tensorBatch = entry == .varlen ? 1 : batch
-        let q = tensor4("q", params.q, tensorBatch, seqlenQ, headsQ, headDim,
+        let q = tensor4("q", params.q, qType, tensorBatch, seqlenQ, headsQ, headDim,
                         params.q_batch_stride, params.q_row_stride, params.q_head_stride, params.q_dim_stride,
                         ("q_batch_stride", "q_row_stride", "q_head_stride", "q_dim_stride"), ignoreBatch: entry == .varlen)
-        let out = tensor4("out", UnsafeRawPointer(params.out), tensorBatch, seqlenQ, headsQ, headDim,
+        let out = tensor4("out", UnsafeRawPointer(params.out), qType, tensorBatch, seqlenQ, headsQ, headDim,
                           params.out_batch_stride, params.out_row_stride, params.out_head_stride, params.out_dim_stride,
                           ("out_batch_stride", "out_row_stride", "out_head_stride", "out_dim_stride"), ignoreBatch: entry == .varlen)
         let paged = entry == .kvcache && params.block_table != nil
@@ -200,10 +206,10 @@ extension AttentionProblem {
                 throw .invalidShape("cache_seqlen (\(kvRows)) must be >= \(paged ? "1 (the block size)" : "0")")
             }
         }
-        let k = tensor4("k", params.k, kvBatch, kvRows, headsKV, headDim,
+        let k = tensor4("k", params.k, kvType, kvBatch, kvRows, headsKV, headDim,
                         params.k_batch_stride, params.k_row_stride, params.k_head_stride, params.k_dim_stride,
                         ("k_batch_stride", "k_row_stride", "k_head_stride", "k_dim_stride"), ignoreBatch: entry == .varlen)
-        let v = tensor4("v", params.v, kvBatch, kvRows, headsKV, headDim,
+        let v = tensor4("v", params.v, kvType, kvBatch, kvRows, headsKV, headDim,
                         params.v_batch_stride, params.v_row_stride, params.v_head_stride, params.v_dim_stride,
                         ("v_batch_stride", "v_row_stride", "v_head_stride", "v_dim_stride"), ignoreBatch: entry == .varlen)
         try checkDimStride(q)
@@ -312,11 +318,11 @@ extension AttentionProblem {
                 }
             }
             if appendCount > 0 {
-                let keys = tensor4("k_new", params.k_new, batch, appendCount, headsKV, headDim,
+                let keys = tensor4("k_new", params.k_new, kvType, batch, appendCount, headsKV, headDim,
                                    params.k_new_batch_stride, params.k_new_row_stride, params.k_new_head_stride,
                                    params.k_new_dim_stride,
                                    ("k_new_batch_stride", "k_new_row_stride", "k_new_head_stride", "k_new_dim_stride"))
-                let values = tensor4("v_new", params.v_new, batch, appendCount, headsKV, headDim,
+                let values = tensor4("v_new", params.v_new, kvType, batch, appendCount, headsKV, headDim,
                                      params.v_new_batch_stride, params.v_new_row_stride, params.v_new_head_stride,
                                      params.v_new_dim_stride,
                                      ("v_new_batch_stride", "v_new_row_stride", "v_new_head_stride", "v_new_dim_stride"))
@@ -374,7 +380,8 @@ extension AttentionProblem {
         let causal = params.causal != 0
         let problem = AttentionProblem(
             batch: batch, seqlenQ: seqlenQ, seqlenK: seqlenK, headsQ: headsQ, headsKV: headsKV, headDim: headDim,
-            q: view(q, qRange), k: view(k, kRange), v: view(v, vRange), out: view(out, outRange),
+            q: view(q, qRange, qType), k: view(k, kRange, kvType), v: view(v, vRange, kvType),
+            out: view(out, outRange, qType),
             lse: lse.map { t in
                 let (base, batchStride, headStride, rowStride, _) = strided(t, lseRange)
                 return LSEView(base: base, batchStride: batchStride, headStride: headStride, rowStride: rowStride)
@@ -386,20 +393,22 @@ extension AttentionProblem {
             sinks: sinksRange == nil ? nil : params.sinks, layout: layout, storage: storage,
             maxSeqlenQ: maxSeqlenQ, maxSeqlenK: maxSeqlenK)
         let cacheAppend = append.map {
-            CacheAppend(keys: view($0.keys, indexRanges.3), values: view($0.values, $0.valuesRange), count: $0.count)
+            CacheAppend(
+                keys: view($0.keys, indexRanges.3, kvType), values: view($0.values, $0.valuesRange, kvType), count: $0.count)
         }
         return (problem, ForwardOptions(numThreads: Int(params.num_threads), algorithm: params.algorithm), cacheAppend)
     }
 }
 
-/// A [batch, rows, heads, dim] float32 tensor argument; `ignoreBatch` (varlen) pins the batch stride to 0.
+/// A [batch, rows, heads, dim] tensor argument; `ignoreBatch` (varlen) pins the batch stride to 0.
 private func tensor4(
-    _ name: StaticString, _ pointer: UnsafeRawPointer?, _ batch: Int, _ rows: Int, _ heads: Int, _ dim: Int,
+    _ name: StaticString, _ pointer: UnsafeRawPointer?, _ element: ElementType, _ batch: Int, _ rows: Int,
+    _ heads: Int, _ dim: Int,
     _ batchStride: Int64, _ rowStride: Int64, _ headStride: Int64, _ dimStride: Int64,
     _ fields: (StaticString, StaticString, StaticString, StaticString), ignoreBatch: Bool = false
 ) -> TensorArgument {
     TensorArgument(
-        name, pointer, Axis(size: batch, stride: ignoreBatch ? 0 : Int(batchStride), field: fields.0),
+        name, pointer, elementSize: element.size, Axis(size: batch, stride: ignoreBatch ? 0 : Int(batchStride), field: fields.0),
         Axis(size: rows, stride: Int(rowStride), field: fields.1), Axis(size: heads, stride: Int(headStride), field: fields.2),
         Axis(size: dim, stride: Int(dimStride), field: fields.3))
 }
@@ -412,9 +421,9 @@ private func strided(_ t: TensorArgument, _ range: AddressRange?) -> (UnsafeMuta
             t.axes.0.stride, t.axes.1.stride, t.axes.2.stride, t.axes.3.stride)
 }
 
-private func view(_ t: TensorArgument, _ range: AddressRange?) -> TensorView {
+private func view(_ t: TensorArgument, _ range: AddressRange?, _ element: ElementType) -> TensorView {
     let (base, b, r, h, _) = strided(t, range)
-    return TensorView(base: base, batchStride: b, rowStride: r, headStride: h)
+    return TensorView(base: UnsafeMutableRawPointer(base), element: element, batchStride: b, rowStride: r, headStride: h)
 }
 
 /// Checks that cu_seqlens starts at 0, never decreases and stays within `total` rows; returns the longest

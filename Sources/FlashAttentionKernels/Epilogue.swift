@@ -12,16 +12,13 @@ import Glibc
 let ln2: Float = 0.693_147_180_559_945_3
 let log2e: Float = 1.442_695_040_888_963_4
 
-/// Writes one finished row: out = O / l (0 for a row that saw no key) and its LSE plus `lseShift` (a
-/// constant taken out of the row's scores), with the sink (natural log, or −inf for none) merged in.
+/// The normalisation of one finished row: the factor its accumulator is multiplied by (1 / l, or 0 for a
+/// row that saw no key) and its LSE plus `lseShift` (a constant taken out of the row's scores), with the
+/// sink (natural log, or −inf for none) merged in.
 /// - Parameters:
-///   - o: the row's unnormalised accumulator, at least `headDim` floats.
 ///   - rowMax: the running max in log2 units; rowSum: the running sum of 2^(s − max).
 @inline(__always)
-func finishRow(
-    o: UnsafePointer<Float>, rowMax: Float, rowSum: Float, lseShift: Float, sink: Float, headDim: Int,
-    out: UnsafeMutablePointer<Float>, lse: UnsafeMutablePointer<Float>?
-) {
+func finishRow(rowMax: Float, rowSum: Float, lseShift: Float, sink: Float) -> (factor: Float, lse: Float) {
     // A row that saw no key has max −inf (its sum holds only exp2's ~1e-38 floor for −inf scores): its
     // output is 0 and its LSE −inf. NaN sums stay NaN.
     let sawNoKey = rowMax == -.infinity
@@ -32,8 +29,7 @@ func finishRow(
         factor *= exp(rowLSE - merged)
         rowLSE = merged
     }
-    scaleRow(o, by: factor, into: out, count: headDim)
-    lse?.pointee = rowLSE
+    return (factor, rowLSE)
 }
 
 /// Merges state (other, otherLSE) into (out, lse) in place; returns the merged LSE.

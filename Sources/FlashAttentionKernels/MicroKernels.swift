@@ -123,13 +123,14 @@ struct TileBand {
 /// multiply per row and vector instead of a separate pass over O.
 /// - Parameters:
 ///   - p: probabilities of the tile's first query for key 0; key k at `p + k * ldP`.
-///   - v: 16 columns of V row 0; row k at `v + k * ldV` (a packed panel, ldV 16, or V itself).
+///   - v: 16 columns of V row 0 stored as S; row k `ldV` elements further (a packed float32 panel, ldV 16,
+///     or V itself in any storage type, converted as it is loaded).
 ///   - count: keys to accumulate.
 ///   - alpha: R per-query rescale factors.
 ///   - o: the tile's top-left accumulator; query r at `o + r * ldO`.
 @inline(never)
-func outputTile<R: TileRows>(
-    _ rows: R.Type, p: UnsafePointer<Float>, ldP: Int, v: UnsafePointer<Float>, ldV: Int, count: Int,
+func outputTile<R: TileRows, S: StorageElement>(
+    _ rows: R.Type, _ storage: S.Type, p: UnsafePointer<Float>, ldP: Int, v: UnsafeRawPointer, ldV: Int, count: Int,
     alpha: UnsafePointer<Float>, o: UnsafeMutablePointer<Float>, ldO: Int
 ) {
     let n = R.count
@@ -155,8 +156,9 @@ func outputTile<R: TileRows>(
     }
     var pk = p
     var vk = v
+    let rowBytes = ldV * S.size, half = 8 * S.size
     for _ in 0..<count {
-        let b0 = load(vk), b1 = load(vk + 8)
+        let b0 = S.load8(vk), b1 = S.load8(vk + half)
         a = Vec(repeating: pk[0])
         c00.addProduct(a, b0); c01.addProduct(a, b1)
         if n > 1 {
@@ -176,7 +178,7 @@ func outputTile<R: TileRows>(
             c50.addProduct(a, b0); c51.addProduct(a, b1)
         }
         pk += ldP
-        vk += ldV
+        vk += rowBytes
     }
     store(c00, o); store(c01, o + 8)
     if n > 1 { store(c10, o + ldO); store(c11, o + ldO + 8) }
@@ -198,24 +200,25 @@ func outputTile<R: TileRows>(
 /// all R query rows (2R accumulators over head_dim, 8 lanes wide), then each accumulator is summed across
 /// its lanes. An odd last key is paired with itself.
 /// - Parameters:
-///   - keys: key 0's row; key k at `keys + k * ldK` (head_dim contiguous floats, a multiple of 8).
+///   - keys: key 0's row stored as S (converted as it is loaded); key k `ldK` elements further; head_dim
+///     contiguous elements, a multiple of 8.
 ///   - queries: R rows × `depth` floats, pre-scaled.
 @inline(never)
-func scoreRows<R: TileRows>(
-    _ rows: R.Type, keys: UnsafePointer<Float>, ldK: Int, count: Int, queries: UnsafePointer<Float>, depth: Int,
-    s: UnsafeMutablePointer<Float>, ldS: Int
+func scoreRows<R: TileRows, S: StorageElement>(
+    _ rows: R.Type, _ storage: S.Type, keys: UnsafeRawPointer, ldK: Int, count: Int, queries: UnsafePointer<Float>,
+    depth: Int, s: UnsafeMutablePointer<Float>, ldS: Int
 ) {
     let n = R.count
     let q0 = queries, q1 = queries + depth, q2 = queries + 2 * depth, q3 = queries + 3 * depth
     let q4 = queries + 4 * depth, q5 = queries + 5 * depth
     var k = 0
     while k < count {
-        let a = keys + k * ldK, b = keys + min(k + 1, count - 1) * ldK
+        let a = keys + k * ldK * S.size, b = keys + min(k + 1, count - 1) * ldK * S.size
         var a0 = Vec(), a1 = Vec(), a2 = Vec(), a3 = Vec(), a4 = Vec(), a5 = Vec()
         var b0 = Vec(), b1 = Vec(), b2 = Vec(), b3 = Vec(), b4 = Vec(), b5 = Vec()
         var c = 0
         while c < depth {
-            let x = load(a + c), y = load(b + c)
+            let x = S.load8(a + c * S.size), y = S.load8(b + c * S.size)
             var q = load(q0 + c)
             a0.addProduct(x, q); b0.addProduct(y, q)
             if n > 1 {

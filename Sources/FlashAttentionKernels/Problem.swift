@@ -2,28 +2,35 @@
 /// options. Only the `FlashAttention` module builds these (from `flash_attention_params`), after checking
 /// every size, stride and index, so the kernels trust every field.
 
-/// A float32 tensor `[batch, seq, heads, dim]` seen through element strides (dim stride 1).
+/// A tensor `[batch, seq, heads, dim]` of `element`s seen through element strides (dim stride 1).
 ///
 /// The pointer is to element (0, 0, 0, 0); strides may be negative or zero for inputs. Validation has
 /// checked that every addressed element lies inside the caller's buffer.
 package struct TensorView: @unchecked Sendable {
-    package var base: UnsafeMutablePointer<Float>
+    package var base: UnsafeMutableRawPointer
+    package var element: ElementType
     package var batchStride: Int
     package var rowStride: Int
     package var headStride: Int
 
-    package init(base: UnsafeMutablePointer<Float>, batchStride: Int, rowStride: Int, headStride: Int) {
+    package init(
+        base: UnsafeMutableRawPointer, element: ElementType, batchStride: Int, rowStride: Int, headStride: Int
+    ) {
         self.base = base
+        self.element = element
         self.batchStride = batchStride
         self.rowStride = rowStride
         self.headStride = headStride
     }
 
-    /// Pointer to element (b, row, h, 0).
+    /// Address of element (b, row, h, 0).
     @inline(__always)
-    package func row(batch b: Int, head h: Int, row: Int) -> UnsafeMutablePointer<Float> {
-        base + (b &* batchStride &+ row &* rowStride &+ h &* headStride)
+    package func row(batch b: Int, head h: Int, row: Int) -> UnsafeMutableRawPointer {
+        base + (b &* batchStride &+ row &* rowStride &+ h &* headStride) &* element.size
     }
+
+    /// Bytes between consecutive rows.
+    @inline(__always) package var rowBytes: Int { rowStride &* element.size }
 }
 
 /// The log-sum-exp output `[batch, heads_q, seqlen_q]` seen through element strides.
@@ -164,9 +171,9 @@ package struct AttentionProblem: @unchecked Sendable {
         }
     }
 
-    /// Pointer to key (or value, with `tensor` = v) position j of sequence `s` in kv head h.
+    /// Address of key (or value, with `tensor` = v) position j of sequence `s` in kv head h.
     @inline(__always)
-    package func keyRow(_ tensor: TensorView, _ s: Sequence, head h: Int, position j: Int) -> UnsafeMutablePointer<Float> {
+    package func keyRow(_ tensor: TensorView, _ s: Sequence, head h: Int, position j: Int) -> UnsafeMutableRawPointer {
         switch storage {
         case .contiguous:
             return tensor.row(batch: s.kvBatch, head: h, row: s.kRow + j)

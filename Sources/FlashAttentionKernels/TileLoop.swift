@@ -320,8 +320,8 @@ package struct TiledForward: @unchecked Sendable {
             for tile in 0..<tiles {
                 let q = tile * microRows
                 accumulateRows(
-                    SixRows.self, mask: mask, firstRow: first + q, p: w.s + q, ldP: subBlockRows, v: w.vPack,
-                    ldV: microCols, columnStride: keyBlockSize * microCols, w)
+                    SixRows.self, Float32Storage.self, mask: mask, firstRow: first + q, p: w.s + q, ldP: subBlockRows,
+                    v: w.vPack, ldV: microCols, columnStride: keyBlockSize * microCols * 4, w)
             }
         }
     }
@@ -335,8 +335,8 @@ package struct TiledForward: @unchecked Sendable {
         let firstKV = item.firstHead / p.groupSize
         for key in firstKey..<min(item.keys.upperBound, firstKey + thinBlockKeys) {
             for kvHead in firstKV..<(firstKV + item.slots) {
-                prefetchRow(p.keyRow(p.k, item.sequence, head: kvHead, position: key), count: p.headDim)
-                prefetchRow(p.keyRow(p.v, item.sequence, head: kvHead, position: key), count: p.headDim)
+                prefetchRow(p.keyRow(p.k, item.sequence, head: kvHead, position: key), bytes: p.headDim * p.k.element.size)
+                prefetchRow(p.keyRow(p.v, item.sequence, head: kvHead, position: key), bytes: p.headDim * p.v.element.size)
             }
         }
     }
@@ -350,21 +350,28 @@ package struct TiledForward: @unchecked Sendable {
         let kvHead = item.firstHead / p.groupSize + slot
         let row = slot * thinSlotRows
         let needed = adjust.mask.needed(fromRow: row, throughRow: row + thinSlotRows - 1)
+        // Rows are read in place in their storage type and converted as they are loaded.
         let kRows = p.keyRow(p.k, item.sequence, head: kvHead, position: firstKey)
         let vRows = p.keyRow(p.v, item.sequence, head: kvHead, position: firstKey)
-        withTileRows(item.headsPerSlot * item.positions) { rows in
-            scoreRows(
-                rows, keys: kRows + needed.lowerBound * p.k.rowStride, ldK: p.k.rowStride, count: needed.count,
-                queries: w.qT + row * d, depth: d, s: w.s + needed.lowerBound * subBlockRows, ldS: subBlockRows)
+        let rowCount = item.headsPerSlot * item.positions
+        withTileRows(rowCount) { rows in
+            withStorage(p.k.element) { storage in
+                scoreRows(
+                    rows, storage, keys: kRows + needed.lowerBound * p.k.rowBytes, ldK: p.k.rowStride,
+                    count: needed.count, queries: w.qT + row * d, depth: d, s: w.s + needed.lowerBound * subBlockRows,
+                    ldS: subBlockRows)
+            }
         }
         softmaxUpdate(
             s: w.s, ldS: subBlockRows, firstRow: row, queryVectors: 1, adjust: adjust, blockMax: nil,
             rowPosition: w.rowPosition, rowSlope: w.rowSlope, rowDistance: w.rowDistance, rowMax: w.rowMax,
             rowSum: w.rowSum, alpha: w.alpha)
-        withTileRows(item.headsPerSlot * item.positions) { rows in
-            accumulateRows(
-                rows, mask: adjust.mask, firstRow: row, p: w.s, ldP: subBlockRows, v: vRows, ldV: p.v.rowStride,
-                columnStride: microCols, w)
+        withTileRows(rowCount) { rows in
+            withStorage(p.v.element) { storage in
+                accumulateRows(
+                    rows, storage, mask: adjust.mask, firstRow: row, p: w.s, ldP: subBlockRows, v: vRows,
+                    ldV: p.v.rowStride, columnStride: microCols * storage.size, w)
+            }
         }
     }
 
@@ -375,10 +382,11 @@ package struct TiledForward: @unchecked Sendable {
     /// value row would let a NaN in it poison rows that must not see it.
     /// - Parameters:
     ///   - p: probabilities of the tile's first row for key 0 (key k at `p + k * ldP`, row r at `p + r`).
-    ///   - v: value row 0 of column 0; row k at `v + k * ldV`, column panel c at `v + c / 16 * columnStride`.
-    private func accumulateRows<R: TileRows>(
-        _ rows: R.Type, mask: BlockMask, firstRow: Int, p: UnsafePointer<Float>, ldP: Int,
-        v: UnsafePointer<Float>, ldV: Int, columnStride: Int, _ w: Workspace
+    ///   - v: value row 0 of column 0 stored as S; row k `ldV` elements further, column panel c at
+    ///     `v + c / 16 * columnStride` bytes.
+    private func accumulateRows<R: TileRows, S: StorageElement>(
+        _ rows: R.Type, _ storage: S.Type, mask: BlockMask, firstRow: Int, p: UnsafePointer<Float>, ldP: Int,
+        v: UnsafeRawPointer, ldV: Int, columnStride: Int, _ w: Workspace
     ) {
         let d = problem.headDim
         let ldO = Workspace.paddedDim(d)
@@ -387,8 +395,9 @@ package struct TiledForward: @unchecked Sendable {
         @inline(__always) func tile<T: TileRows>(_ r: T.Type, row: Int, keys: Range<Int>, alpha: UnsafePointer<Float>) {
             for column in stride(from: 0, to: d, by: microCols) {
                 outputTile(
-                    r, p: p + keys.lowerBound * ldP + row, ldP: ldP, v: v + keys.lowerBound * ldV + column / microCols * columnStride,
-                    ldV: ldV, count: keys.count, alpha: alpha, o: o + row * ldO + column, ldO: ldO)
+                    r, S.self, p: p + keys.lowerBound * ldP + row, ldP: ldP,
+                    v: v + (keys.lowerBound * ldV) * S.size + column / microCols * columnStride, ldV: ldV,
+                    count: keys.count, alpha: alpha, o: o + row * ldO + column, ldO: ldO)
             }
         }
         guard mask.isMasked else { return tile(R.self, row: 0, keys: 0..<mask.keyCount, alpha: alpha) }
@@ -420,21 +429,22 @@ package struct TiledForward: @unchecked Sendable {
         for r in 0..<item.rows {
             guard let (head, position) = item.query(row: r) else { continue }
             let row = item.sequence.qRow + position
-            let out: UnsafeMutablePointer<Float>, lse: UnsafeMutablePointer<Float>?
-            var sink = -Float.infinity
-            if let partials {
-                let slot = partials + ((item.unsplit * splits + item.split) * maxItemRows + r) * (d + 1)
-                (out, lse) = (slot, slot + d)
-            } else {
-                out = p.out.row(batch: item.sequence.qBatch, head: head, row: row)
-                lse = p.lse?.row(batch: item.sequence.qBatch, head: head, row: row)
-                if let sinks = p.sinks { sink = sinks[head] }
-            }
             // ALiBi was rebased on the row's nearest visible key; its bias returns to the LSE here.
             let bias = w.rowSlope[r] * ln2 * w.rowDistance[r]
-            finishRow(
-                o: w.o + r * ldO, rowMax: w.rowMax[r], rowSum: w.rowSum[r], lseShift: -bias, sink: sink,
-                headDim: d, out: out, lse: lse)
+            let o = w.o + r * ldO
+            if let partials {
+                let slot = partials + ((item.unsplit * splits + item.split) * maxItemRows + r) * (d + 1)
+                let (factor, lse) = finishRow(rowMax: w.rowMax[r], rowSum: w.rowSum[r], lseShift: -bias, sink: -.infinity)
+                scaleRow(o, by: factor, into: slot, count: d)
+                slot[d] = lse
+            } else {
+                let (factor, lse) = finishRow(
+                    rowMax: w.rowMax[r], rowSum: w.rowSum[r], lseShift: -bias, sink: p.sinks.map { $0[head] } ?? -.infinity)
+                withStorage(p.out.element) { storage in
+                    storeRow(storage, o, count: d, scale: factor, into: p.out.row(batch: item.sequence.qBatch, head: head, row: row))
+                }
+                p.lse?.row(batch: item.sequence.qBatch, head: head, row: row).pointee = lse
+            }
         }
     }
 
@@ -451,14 +461,17 @@ package struct TiledForward: @unchecked Sendable {
         for r in 0..<geometry.rows {
             guard let (head, position) = geometry.query(row: r) else { continue }
             let row = geometry.sequence.qRow + position
-            let out = p.out.row(batch: geometry.sequence.qBatch, head: head, row: row)
             let slot = { (split: Int) in partials + ((item * self.splits + split) * self.maxItemRows + r) * (d + 1) }
-            var lse = slot(0)[d]
-            out.update(from: slot(0), count: d)
+            // Merged in place in split 0's slot (float32), then stored once in the output's type.
+            let out = slot(0)
+            var lse = out[d]
             for split in 1..<splits {
                 lse = mergeStates(out: out, lse: lse, other: slot(split), otherLSE: slot(split)[d], headDim: d)
             }
             if let sinks = p.sinks { lse = mergeSink(out: out, lse: lse, sink: sinks[head], headDim: d) }
+            withStorage(p.out.element) { storage in
+                storeRow(storage, out, count: d, scale: 1, into: p.out.row(batch: geometry.sequence.qBatch, head: head, row: row))
+            }
             p.lse?.row(batch: geometry.sequence.qBatch, head: head, row: row).pointee = lse
         }
     }
@@ -487,7 +500,14 @@ package struct TiledForward: @unchecked Sendable {
                 continue
             }
             let source = p.q.row(batch: item.sequence.qBatch, head: head, row: item.sequence.qRow + position)
-            for c in 0..<d { panel[c * step] = source[c] * factor }
+            if thin {
+                withStorage(p.q.element) { loadRow($0, source, count: d, scale: factor, into: panel) }
+            } else {
+                withUnsafeTemporaryAllocation(of: Float.self, capacity: d) { row in
+                    withStorage(p.q.element) { loadRow($0, source, count: d, scale: factor, into: row.baseAddress!) }
+                    for c in 0..<d { panel[c * step] = row[c] }
+                }
+            }
             w.rowPosition[r] = Float(position - item.firstPosition)
             w.rowSlope[r] = p.alibiSlopes.map { $0[item.sequence.batch * p.alibiBatchStride + head] * log2e } ?? 0
             let aligned = position + item.sequence.seqlenK - item.sequence.seqlenQ
@@ -503,28 +523,30 @@ package struct TiledForward: @unchecked Sendable {
     /// defined values), value rows into 16-column panels [keyBlockSize][16] (columns past head_dim zero).
     /// Rows are located one by one, so a paged cache costs one table read per row.
     private func packBlock(_ sequence: Sequence, kvHead: Int, firstKey: Int, count: Int, into w: Workspace) {
+        withStorage(problem.k.element) { storage in
+            packBlock(storage, sequence, kvHead: kvHead, firstKey: firstKey, count: count, into: w)
+        }
+    }
+
+    private func packBlock<S: StorageElement>(
+        _ storage: S.Type, _ sequence: Sequence, kvHead: Int, firstKey: Int, count: Int, into w: Workspace
+    ) {
         let depth = problem.headDim
         let fullColumns = depth / microCols * microCols
         for key in 0..<count {
             let kSource = problem.keyRow(problem.k, sequence, head: kvHead, position: firstKey + key)
             let vSource = problem.keyRow(problem.v, sequence, head: kvHead, position: firstKey + key)
-            let kTarget = w.kPack + key * depth
+            loadRow(S.self, kSource, count: depth, into: w.kPack + key * depth)
             var column = 0
             while column < fullColumns {
                 let vTarget = w.vPack + column * keyBlockSize + key * microCols
-                store(load(kSource + column), kTarget + column)
-                store(load(kSource + column + 8), kTarget + column + 8)
-                store(load(vSource + column), vTarget)
-                store(load(vSource + column + 8), vTarget + 8)
+                store(S.load8(vSource + column * S.size), vTarget)
+                store(S.load8(vSource + (column + 8) * S.size), vTarget + 8)
                 column += microCols
             }
             if column < depth {
                 let vTarget = w.vPack + column * keyBlockSize + key * microCols
-                for c in 0..<microCols {
-                    let inside = column + c < depth
-                    if inside { kTarget[column + c] = kSource[column + c] }
-                    vTarget[c] = inside ? vSource[column + c] : 0
-                }
+                for c in 0..<microCols { vTarget[c] = column + c < depth ? S.load(vSource + (column + c) * S.size) : 0 }
             }
         }
         let paddedCount = (count + microRows - 1) / microRows * microRows
@@ -532,12 +554,12 @@ package struct TiledForward: @unchecked Sendable {
     }
 }
 
-/// Prefetches the cache lines of `count` floats from `row`.
+/// Prefetches the cache lines of `bytes` bytes from `row`.
 @inline(__always)
-func prefetchRow(_ row: UnsafePointer<Float>, count: Int) {
-    var c = 0
-    while c < count {
-        fa_prefetch(row + c)
-        c += 16
+func prefetchRow(_ row: UnsafeRawPointer, bytes: Int) {
+    var offset = 0
+    while offset < bytes {
+        fa_prefetch(row + offset)
+        offset += 64
     }
 }

@@ -15,12 +15,13 @@ unsigned fa_cpu_features(void) {
     unsigned a, b, c, d, features = 0;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
     int fma = (c & bit_FMA) != 0, osxsave = (c & bit_OSXSAVE) != 0, avx = (c & bit_AVX) != 0;
+    int f16c = (c & bit_F16C) != 0;
     if (!osxsave || !avx) return 0;
     unsigned long long xcr0 = read_xcr0();
     int ymm_state = (xcr0 & 0x6) == 0x6;            /* SSE + AVX state */
     int zmm_state = ymm_state && (xcr0 & 0xe0) == 0xe0; /* opmask + ZMM_Hi256 + Hi16_ZMM */
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    if (ymm_state && fma && (b & bit_AVX2)) features |= FA_CPU_AVX2_FMA;
+    if (ymm_state && fma && f16c && (b & bit_AVX2)) features |= FA_CPU_AVX2_FMA;
     if (zmm_state && (b & bit_AVX512F)) features |= FA_CPU_AVX512F;
     return features;
 }

@@ -24,7 +24,7 @@ import Testing
 @Test func introspection() {
     #expect(flash_attention_default_num_threads() >= 1)
     let isa = String(cString: flash_attention_kernel_isa())
-    #expect(isa == "avx2+fma" || isa == "none")
+    #expect(isa == "avx2+fma+f16c" || isa == "none")
 }
 
 /// The exp2 of the online softmax: ≤ 2.5 ulp relative error on [−126, 0], at most ~1.5e-38 below (−inf

@@ -2,7 +2,7 @@
 #ifndef FA_SHIMS_H
 #define FA_SHIMS_H
 
-#define FA_CPU_AVX2_FMA 1u     /* AVX2 and FMA instructions, with YMM state enabled by the OS */
+#define FA_CPU_AVX2_FMA 1u     /* AVX2, FMA and F16C instructions, with YMM state enabled by the OS */
 #define FA_CPU_AVX512F 2u      /* AVX-512 Foundation, with ZMM state enabled by the OS */
 
 /* Bit set of FA_CPU_* features this CPU and OS can run; 0 on non-x86 machines. Compiled without ISA
@@ -17,5 +17,31 @@ void fa_set_unload_hook(void (*hook)(void));
 /* Asks for the cache line at p ahead of use. Static inline so that Swift inlines it into the kernels:
  * Swift has no prefetch of its own, and a load whose value is unused is optimised away. */
 static inline void fa_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+
+/* bfloat16 <-> float32, eight lanes, for the AVX2 kernels (Swift's generic SIMD integer widening is an
+ * out-of-line call). The vector type imports into Swift as SIMD8<Float>; the target attribute lets modules
+ * compiled without AVX2 include this header (they never call these). */
+#if defined(__x86_64__)
+#include <immintrin.h>
+typedef float fa_float8 __attribute__((ext_vector_type(8)));
+
+/* Widens 8 bfloat16 values at p (the top halves of float32s). */
+__attribute__((target("avx2"))) static inline fa_float8 fa_load_bf16x8(const void *p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return (fa_float8)_mm256_slli_epi32(wide, 16);
+}
+
+/* Rounds 8 floats to bfloat16 (nearest even; NaN stays a quiet NaN) and stores them at p. */
+__attribute__((target("avx2"))) static inline void fa_store_bf16x8(fa_float8 x, void *p) {
+    __m256i bits = (__m256i)x;
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps((__m256)x, (__m256)x, _CMP_UNORD_Q));
+    __m256i quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x400000));
+    __m256i high = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, quiet, nan), 16);
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
+    _mm_storeu_si128((__m128i *)p, packed);
+}
+#endif
 
 #endif

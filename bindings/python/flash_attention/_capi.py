@@ -23,6 +23,10 @@ FA_ALGORITHM_REFERENCE = 1
 FA_ALGORITHM_TILED = 2
 FA_MAX_HEAD_DIM = 1024
 FA_PARAMS_SIZE_V1 = 264
+FA_PARAMS_SIZE_V2 = 488
+FA_DTYPE_FLOAT32 = 0
+FA_DTYPE_FLOAT16 = 1
+FA_DTYPE_BFLOAT16 = 2
 
 
 def _tensor_fields(name, strides):
@@ -53,6 +57,8 @@ class Params(ctypes.Structure):
         + _tensor_fields("k_new", ("batch", "row", "head", "dim"))
         + _tensor_fields("v_new", ("batch", "row", "head", "dim"))
         + [("seqlen_new", c_int64)]
+        # Element types (0.3).
+        + [("dtype", c_int32), ("kv_dtype", c_int32)]
     )
 
 

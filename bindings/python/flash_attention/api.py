@@ -29,6 +29,23 @@ _ALGORITHMS = {
 _TENSOR_STRIDES = ("batch", "row", "head", "dim")
 
 
+def _bfloat16():
+    """ml_dtypes.bfloat16 (the package JAX uses for this dtype) if installed, else None."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+_BFLOAT16 = _bfloat16()
+_DTYPES = {np.dtype(np.float32): _capi.FA_DTYPE_FLOAT32, np.dtype(np.float16): _capi.FA_DTYPE_FLOAT16}
+if _BFLOAT16 is not None:
+    _DTYPES[_BFLOAT16] = _capi.FA_DTYPE_BFLOAT16
+_DTYPE_NAMES = "float32, float16" + (" or bfloat16 (ml_dtypes)" if _BFLOAT16 is not None else
+                                     " (bfloat16 needs the ml_dtypes package: pip install ml_dtypes)")
+
+
 def check_status(lib, status):
     """Raises the exception for a nonzero status, with the library's per-thread message."""
     if status != _capi.FA_OK:
@@ -38,10 +55,14 @@ def check_status(lib, status):
 
 
 def _array(name, x, ndim, dtype=np.float32):
-    """Checks type, dtype and rank; returns the array (a view, or a copy if the last axis is strided)."""
+    """Checks type, dtype and rank; returns the array (a view, or a copy if the last axis is strided).
+    dtype None accepts any element type the library stores (float32, float16, bfloat16)."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
-    if x.dtype is not dtype and x.dtype != dtype:
+    if dtype is None:
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}, got {x.dtype}")
+    elif x.dtype is not dtype and x.dtype != dtype:
         raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {x.dtype}")
     if x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimension{'s' if ndim > 1 else ''}, got shape {x.shape}")
@@ -147,6 +168,18 @@ def _set_options(params, keep, heads_q, batch, softmax_scale, causal, window_siz
     params.algorithm = _ALGORITHMS[algorithm]
 
 
+def _qkv(q, k, v, ndim):
+    """Checks q, k, v: any stored dtype, k and v of one dtype and shape (q may differ in dtype)."""
+    q = _array("q", q, ndim, dtype=None)
+    k = _array("k", k, ndim, dtype=None)
+    v = _array("v", v, ndim, dtype=None)
+    if v.dtype != k.dtype:
+        raise TypeError(f"v must have the dtype of k ({k.dtype}), got {v.dtype}")
+    if v.shape != k.shape:
+        raise ValueError(f"v shape {v.shape} must equal k shape {k.shape}")
+    return q, k, v
+
+
 def _index_array(name, x, shape):
     """An int32 index array of the given shape (Python ints and other integer arrays are converted)."""
     x = np.asarray(x)
@@ -166,8 +199,8 @@ def flash_attn_func(
     """Exact attention softmax(q kᵀ · scale) v, computed tile by tile (FlashAttention) in the C library.
 
     Args:
-        q: float32 [batch, seqlen_q, heads_q, head_dim].
-        k, v: float32 [batch, seqlen_k, heads_kv, head_dim]; heads_q must be a multiple of heads_kv
+        q: [batch, seqlen_q, heads_q, head_dim], float32, float16 or bfloat16 (ml_dtypes); out has its dtype.
+        k, v: [batch, seqlen_k, heads_kv, head_dim], one dtype (may differ from q's); heads_q must be a multiple of heads_kv
             (grouped-query attention: query head h reads kv head h // (heads_q // heads_kv)).
         softmax_scale: multiplies q kᵀ; None means 1/sqrt(head_dim).
         causal: bottom-right aligned causal mask: query i sees key j iff j <= i + seqlen_k - seqlen_q.
@@ -181,23 +214,21 @@ def flash_attn_func(
         algorithm: "auto", "tiled" or "reference" (the plain float64-accumulating loop, for testing).
 
     Any strided view is accepted without a copy (e.g. x.transpose(0, 2, 1, 3) of a [b, h, s, d] array)
-    except one strided along head_dim, which is copied. Returns out (float32, shape of q, contiguous),
-    or (out, lse).
+    except one strided along head_dim, which is copied. Arithmetic is float32 whatever the storage; out is
+    rounded to q's dtype (nearest even). Returns out (q's dtype and shape, contiguous), or (out, lse) with
+    lse float32.
     """
-    q = _array("q", q, 4)
-    k = _array("k", k, 4)
-    v = _array("v", v, 4)
+    q, k, v = _qkv(q, k, v, 4)
     batch, seqlen_q, heads_q, head_dim = q.shape
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"k shape {k.shape} does not match q shape {q.shape} in batch and head_dim")
-    if v.shape != k.shape:
-        raise ValueError(f"v shape {v.shape} must equal k shape {k.shape}")
     lib = load()
     params = _new_params(lib)
     keep = []
     _set_options(params, keep, heads_q, batch, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
                  num_threads, algorithm)
-    out = np.empty(q.shape, dtype=np.float32)
+    params.dtype, params.kv_dtype = _DTYPES[q.dtype], _DTYPES[k.dtype]
+    out = np.empty(q.shape, dtype=q.dtype)
     params.batch, params.seqlen_q, params.seqlen_k = batch, seqlen_q, k.shape[1]
     params.heads_q, params.heads_kv, params.head_dim = heads_q, k.shape[2], head_dim
     _set_tensor(params, "q", q)
@@ -228,14 +259,10 @@ def flash_attn_varlen_func(
 
     Returns out float32 [total_q, heads_q, head_dim], or (out, lse) with lse float32 [heads_q, total_q].
     """
-    q = _array("q", q, 3)
-    k = _array("k", k, 3)
-    v = _array("v", v, 3)
+    q, k, v = _qkv(q, k, v, 3)
     total_q, heads_q, head_dim = q.shape
     if k.shape[2] != head_dim:
         raise ValueError(f"k shape {k.shape} does not match q shape {q.shape} in head_dim")
-    if v.shape != k.shape:
-        raise ValueError(f"v shape {v.shape} must equal k shape {k.shape}")
     if not isinstance(cu_seqlens_q, np.ndarray) or cu_seqlens_q.ndim != 1:
         raise TypeError("cu_seqlens_q must be a 1-D numpy integer array")
     batch = cu_seqlens_q.shape[0] - 1
@@ -248,7 +275,8 @@ def flash_attn_varlen_func(
     keep = [cu_q, cu_k]
     _set_options(params, keep, heads_q, batch, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
                  num_threads, algorithm)
-    out = np.empty(q.shape, dtype=np.float32)
+    params.dtype, params.kv_dtype = _DTYPES[q.dtype], _DTYPES[k.dtype]
+    out = np.empty(q.shape, dtype=q.dtype)
     params.batch, params.seqlen_q, params.seqlen_k = batch, total_q, k.shape[0]
     params.heads_q, params.heads_kv, params.head_dim = heads_q, k.shape[1], head_dim
     params.cu_seqlens_q, params.cu_seqlens_k = _address(cu_q), _address(cu_k)
@@ -287,10 +315,12 @@ def flash_attn_with_kvcache(
 
     Returns out float32 [batch, seqlen_q, heads_q, head_dim], or (out, lse) with lse [batch, heads_q, seqlen_q].
     """
-    q = _array("q", q, 4)
-    k_cache = _array("k_cache", k_cache, 4)
-    v_cache = _array("v_cache", v_cache, 4)
+    q = _array("q", q, 4, dtype=None)
+    k_cache = _array("k_cache", k_cache, 4, dtype=None)
+    v_cache = _array("v_cache", v_cache, 4, dtype=None)
     batch, seqlen_q, heads_q, head_dim = q.shape
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache must have the dtype of k_cache ({k_cache.dtype}), got {v_cache.dtype}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache shape {v_cache.shape} must equal k_cache shape {k_cache.shape}")
     if k_cache.shape[3] != head_dim:
@@ -328,14 +358,15 @@ def flash_attn_with_kvcache(
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together")
     if k is not None:
-        k = _array("k", k, 4)
-        v = _array("v", v, 4)
+        k = _array("k", k, 4, dtype=k_cache.dtype)
+        v = _array("v", v, 4, dtype=k_cache.dtype)
         if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != (heads_kv, head_dim):
             raise ValueError(f"k {k.shape} and v {v.shape} must both be ({batch}, seqlen_new, {heads_kv}, {head_dim})")
         _set_tensor(params, "k_new", k)
         _set_tensor(params, "v_new", v)
         params.seqlen_new = k.shape[1]
-    out = np.empty(q.shape, dtype=np.float32)
+    params.dtype, params.kv_dtype = _DTYPES[q.dtype], _DTYPES[k_cache.dtype]
+    out = np.empty(q.shape, dtype=q.dtype)
     params.batch, params.seqlen_q = batch, seqlen_q
     params.heads_q, params.heads_kv, params.head_dim = heads_q, heads_kv, head_dim
     params.cache_batch, params.cache_seqlen = k_cache.shape[0], k_cache.shape[1]

@@ -36,6 +36,6 @@ def test_library_info():
     info = library_info()
     assert info["abi_version"] == _capi.FA_ABI_VERSION
     assert re.fullmatch(r"\d+\.\d+\.\d+", info["version"])
-    assert info["kernel_isa"] in ("avx2+fma", "none")
+    assert info["kernel_isa"] in ("avx2+fma+f16c", "none")
     assert info["default_num_threads"] >= 1
     assert ctypes.sizeof(_capi.Params) > 0
