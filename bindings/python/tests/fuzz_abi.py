@@ -21,6 +21,15 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from flash_attention import _capi  # noqa: E402
+
+try:
+    import ml_dtypes
+
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # bfloat16 cases are then skipped
+    BF16 = None
+DTYPES = [(np.dtype(np.float32), 0), (np.dtype(np.float16), 1)] + ([(BF16, 2)] if BF16 is not None else [])
+SENTINEL = 12288.0  # exact in float32, float16 and bfloat16
 from flash_attention._loader import load  # noqa: E402
 
 PAGE = mmap.PAGESIZE
@@ -81,7 +90,7 @@ class Case:
         lib.flash_attention_params_init(ctypes.byref(self.params), ctypes.sizeof(self.params))
         self.inputs, self.outputs, self.keep = [], [], []
 
-    def tensor(self, name, sizes, output, fill=None):
+    def tensor(self, name, sizes, output, fill=None, dtype=np.float32):
         """A guarded [b, s, h, d] tensor with a random layout: axis order, padding, and (inputs) reversed
         axes, whose pointer then sits at the far end so that the view stays inside the buffer."""
         rng = self.rng
@@ -89,9 +98,10 @@ class Case:
         strides, _ = dense_strides(sizes, order, rng.random() < 0.3, rng)
         empty = 0 in sizes
         count = 0 if empty else int(np.dot(np.array(sizes) - 1, strides)) + 1
-        buffer = GuardedBuffer(count, np.float32, rng)
+        buffer = GuardedBuffer(count, dtype, rng)
         values = fill if fill is not None else rng.choice(VALUE_KINDS)
-        buffer.array[:] = values(rng, buffer.array.size)
+        with np.errstate(over="ignore"):
+            buffer.array[:] = values(rng, buffer.array.size).astype(dtype)
         start = 0
         if not output and not empty:
             for axis in range(3):
@@ -99,7 +109,7 @@ class Case:
                     start += (sizes[axis] - 1) * strides[axis]
                     strides[axis] = -strides[axis]
         p = self.params
-        setattr(p, name, buffer.address + 4 * start if count or rng.random() < 0.5 else None)
+        setattr(p, name, buffer.address + buffer.dtype.itemsize * start if count or rng.random() < 0.5 else None)
         for field, stride in zip(("batch", "row", "head", "dim"), strides):
             setattr(p, f"{name}_{field}_stride", stride)
         record = (name, buffer, sizes, strides)
@@ -131,7 +141,7 @@ def invalid_mutation(rng, case):
     honestly, but in a way validation can see (negative or overflowing sizes and strides, NULLs,
     misalignment, aliasing, bad options, unknown struct sizes)."""
     p = case.params
-    kind = rng.randrange(12)
+    kind = rng.randrange(13)
     case.mutation = kind
     if kind == 0:
         setattr(p, rng.choice(["batch", "seqlen_q", "seqlen_k", "heads_q", "heads_kv", "head_dim"]),
@@ -148,27 +158,33 @@ def invalid_mutation(rng, case):
         p.heads_kv = max(2, p.heads_kv)
     elif kind == 5:
         p.head_dim = rng.choice([0, 1025])
-    elif kind == 6:  # NULL where data is needed, or a misaligned pointer
+    elif kind == 6:  # NULL where data is needed, or a misaligned (odd) pointer
         name = rng.choice(["q", "k", "v", "out"])
-        setattr(p, name, None if rng.random() < 0.5 else (getattr(p, name) or 4096) + 2)
+        setattr(p, name, None if rng.random() < 0.5 else (getattr(p, name) or 4096) + 1)
     elif kind == 7:  # an output over an input whose buffer could hold it (else it would be a lie, not a test)
         out_count = next(b.count for name, b, _, _ in case.outputs if name == "out")
         roomy = [b for name, b, _, _ in case.inputs if name in ("q", "k", "v") and b.count >= out_count + 1]
         if roomy:
-            p.out = rng.choice(roomy).address + 4 * rng.choice([0, 1])
+            p.out = rng.choice(roomy).address + 4 * rng.choice([0, 1])  # 4 bytes: aligned for every dtype
     elif kind == 8:
         p.struct_size = rng.choice([0, 8, 263, 265, 10**6])
     elif kind == 9:
         p.num_threads = rng.choice([-1, -(2**31)])
     elif kind == 10:
         p.softmax_scale = rng.choice([float("nan"), float("inf"), float("-inf")])
-    else:
+    elif kind == 11:
         p.softcap = rng.choice([-1.0, float("nan"), float("inf")])
+    else:
+        setattr(p, rng.choice(["dtype", "kv_dtype"]), rng.choice([-1, 3, 99]))
 
 
 def build_forward(rng, entry):
     case = Case(rng, entry)
     p = case.params
+    (q_dtype, p.dtype), (kv_dtype, p.kv_dtype) = rng.choice(DTYPES), rng.choice(DTYPES)
+    plain_tensor = case.tensor
+    case.tensor = lambda name, sizes, output, fill=None: plain_tensor(
+        name, sizes, output, fill, q_dtype if name in ("q", "out") else kv_dtype)
     batch = rng.choice([0, 1, 1, 2, 3])
     heads_kv = rng.choice([1, 1, 2, 3])
     heads_q = heads_kv * rng.choice([1, 2, 4])
@@ -236,7 +252,7 @@ def build_forward(rng, entry):
         case.tensor("out", [batch, seqlen_q, heads_q, head_dim], True, fill=sentinel)
     if rng.random() < 0.5:
         lse = GuardedBuffer(batch * heads_q * seqlen_q, np.float32, rng)
-        lse.array[:] = np.float32(12345.0)
+        lse.array[:] = np.float32(SENTINEL)
         p.lse = lse.address
         if entry == "varlen":
             p.lse_head_stride, p.lse_row_stride = seqlen_q, 1
@@ -270,7 +286,7 @@ def build_forward(rng, entry):
 
 
 def sentinel(rng, n):
-    return np.full(n, np.float32(12345.0))
+    return np.full(n, np.float32(SENTINEL))
 
 
 def output_view(case, name):
@@ -287,7 +303,7 @@ def output_view(case, name):
 def check(case, status):
     """Returns a violation message, or None."""
     for name, buffer, _, _ in case.outputs:
-        changed = buffer.array != np.float32(12345.0)
+        changed = buffer.array.astype(np.float32) != np.float32(SENTINEL)
         if status != _capi.FA_OK:
             if changed.any():
                 return f"rejected call (status {status}) wrote {name}"
