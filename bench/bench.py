@@ -43,6 +43,10 @@ SWEEP = [256, 512, 1024, 2048, 4096, 8192]
 DECODE = [(8, 32, 8, 4096, 128), (1, 32, 8, 32768, 128)]
 # Sliding window: (batch, heads, seqlen, head_dim, window) against full attention over `window` tokens.
 WINDOW = (1, 8, 16384, 64, 512)
+# Half precision: the prefill shape and decode shape compared across storage types.
+HALF_PREFILL = (1, 16, 16, 2048, 128)
+HALF_DECODE = (8, 32, 8, 4096, 128)
+DTYPE_NAMES = {0: "float32", 1: "float16", 2: "bfloat16"}
 # Bytes copied to measure the copy bandwidth beside decoding.
 COPY_BYTES = 256 << 20
 
@@ -89,6 +93,17 @@ def numpy_attention(q, k, v, causal):
     return np.matmul(scores, vh)
 
 
+def storage_dtype(code):
+    """numpy dtype of FA_DTYPE code 0 (float32), 1 (float16) or 2 (bfloat16, from ml_dtypes)."""
+    import numpy as np
+
+    if code == 2:
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.float16 if code == 1 else np.float32
+
+
 def prepare(impl, case, args, threads, layout):
     """Returns (callable, work) for one measurement; work is FLOPs (prefill, window) or bytes read (decode:
     the K and V caches; copy: the source)."""
@@ -114,11 +129,12 @@ def prepare(impl, case, args, threads, layout):
                 w.join()
 
         return copy, source.nbytes
-    if case == "decode":  # one query per sequence against a full cache of seqlen_k keys
-        b, hq, hk, sk, d, page = args
+    if case == "decode":  # one query per sequence against a full cache of seqlen_k keys (float32 queries)
+        b, hq, hk, sk, d, page, *dtype = args
+        cache_dtype = storage_dtype(dtype[0] if dtype else 0)
         q = rng.standard_normal((b, 1, hq, d), dtype=np.float32)
-        k = rng.standard_normal((b, sk, hk, d), dtype=np.float32)
-        v = rng.standard_normal((b, sk, hk, d), dtype=np.float32)
+        k = rng.standard_normal((b, sk, hk, d), dtype=np.float32).astype(cache_dtype)
+        v = rng.standard_normal((b, sk, hk, d), dtype=np.float32).astype(cache_dtype)
         work = k.nbytes + v.nbytes
         if impl == "flash":
             from flash_attention import flash_attn_with_kvcache
@@ -148,8 +164,8 @@ def prepare(impl, case, args, threads, layout):
         from flash_attention import flash_attn_func
 
         return (lambda: flash_attn_func(q, k, v, causal=True, window_size=(left, 0), num_threads=threads)), 0.0
-    shape, causal = tuple(args[:5]), bool(args[5])  # prefill
-    q, k, v = make_inputs(shape, layout)
+    shape, causal = tuple(args[:5]), bool(args[5])  # prefill (args[6]: storage dtype code, default float32)
+    q, k, v = (x.astype(storage_dtype(args[6])) if len(args) > 6 else x for x in make_inputs(shape, layout))
     work = flops(shape, causal)
     if impl == "flash":
         from flash_attention import flash_attn_func
@@ -307,8 +323,8 @@ def main():
     parser.add_argument("--layout", default="bhsd", help="memory given to this library: bhsd (the same [b, h, s, d] memory PyTorch gets, seen as [b, s, h, d]) or bshd")
     parser.add_argument("--threads", default="1,2", help="thread counts to run (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="prefill shapes only, fewer repetitions")
-    parser.add_argument("--sections", default="prefill,long,sweep,inference,small",
-                        help="comma-separated: prefill, long, sweep, inference, small")
+    parser.add_argument("--sections", default="prefill,long,sweep,inference,half,small",
+                        help="comma-separated: prefill, long, sweep, inference, half, small")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = parser.parse_args()
     if args.serve:
@@ -324,11 +340,13 @@ def main():
         cells = []
     total = (len(thread_counts) + len(cells) * len(impls) + len(LONG) * ("long" in sections)
              + len(SWEEP) * 2 * ("sweep" in sections) + 2 * ("small" in sections)
-             + len(thread_counts) * (len(DECODE) + 2) * ("inference" in sections))
+             + len(thread_counts) * (len(DECODE) + 2) * ("inference" in sections)
+             + len(thread_counts) * 2 * ("half" in sections))
     step = 0
     results = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "threads": thread_counts,
                "layout": args.layout, "torch": have_torch, "command": " ".join(["python3", "bench/bench.py"] + sys.argv[1:]),
-               "peak": {}, "prefill": [], "long": [], "sweep": [], "small_call": {}, "decode": [], "window": []}
+               "peak": {}, "prefill": [], "long": [], "sweep": [], "small_call": {}, "decode": [], "window": [],
+               "half": []}
     if have_torch:
         import importlib.metadata
 
@@ -410,6 +428,19 @@ def main():
             linear = measured["full"]["median_s"] * s / window
             results["window"].append({"threads": t, "window_ms": measured["window"]["median_s"] * 1e3,
                                       "linear_ms": linear * 1e3, "ratio": measured["window"]["median_s"] / linear})
+    if "half" in sections:
+        for t in thread_counts:
+            for kind, case, base in (("prefill", "prefill", [*HALF_PREFILL, 0]), ("decode", "decode", [*HALF_DECODE, 0])):
+                step += 1
+                progress(step, total, f"half precision {kind} threads={t}: float32, float16, bfloat16")
+                workers = {code: (Worker("flash", t, args.layout), case, base + [code]) for code in DTYPE_NAMES}
+                measured = measure_interleaved(workers, None, None, rounds=3, reps_per_round=max(1, reps // 3))
+                for entry in workers.values():
+                    entry[0].close()
+                row = {"kind": kind, "threads": t}
+                for code, r in measured.items():
+                    row[DTYPE_NAMES[code] + "_ms"] = r["median_s"] * 1e3
+                results["half"].append(row)
     if "small" in sections:
         step += 1
         progress(step, total, "small call from C")
@@ -426,7 +457,7 @@ def main():
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     report = render(results)
     print("\n" + report)
-    if not args.quick and sections == {"prefill", "long", "sweep", "inference", "small"}:
+    if not args.quick and sections == {"prefill", "long", "sweep", "inference", "half", "small"}:
         write_results_md(report)
     plot(results, out_dir)
 
@@ -476,6 +507,14 @@ def render(results):
                   f" | full {window}-token attention × {s // window}, ms | ratio |", "|---|---|---|---|---|"]
         for r in results["window"]:
             lines.append(f"| | {r['threads']} | {fmt(r['window_ms'])} | {fmt(r['linear_ms'])} | {fmt(r['ratio'], 2)} |")
+    if results["half"]:
+        lines += ["", f"| half precision: prefill {HALF_PREFILL}, decode {HALF_DECODE} with a float32 query | threads"
+                  " | float32 ms | float16 ms | bfloat16 ms | float16 speed / float32 | bfloat16 speed / float32 |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in results["half"]:
+            lines.append(f"| {r['kind']} | {r['threads']} | {fmt(r['float32_ms'], 2)} | {fmt(r['float16_ms'], 2)}"
+                         f" | {fmt(r['bfloat16_ms'], 2)} | {fmt(r['float32_ms'] / r['float16_ms'], 2)}"
+                         f" | {fmt(r['float32_ms'] / r['bfloat16_ms'], 2)} |")
     if results["small_call"]:
         lines += ["", f"- Small call (1, 1, 1, 1, 64): {fmt(results['small_call']['c_us'], 2)} µs from C,"
                   f" {fmt(results['small_call']['python_us'], 1)} µs through Python (median)."]
