@@ -31,7 +31,7 @@ extern "C" {
 /* ---- Versions ------------------------------------------------------------------------------------- */
 
 #define FA_VERSION_MAJOR 0
-#define FA_VERSION_MINOR 3
+#define FA_VERSION_MINOR 4
 #define FA_VERSION_PATCH 0
 /* MAJOR*10000 + MINOR*100 + PATCH, comparable with flash_attention_version(). */
 #define FA_VERSION_NUMBER (FA_VERSION_MAJOR * 10000 + FA_VERSION_MINOR * 100 + FA_VERSION_PATCH)
@@ -277,6 +277,46 @@ flash_attention_status flash_attention_merge(int64_t rows, int64_t head_dim,
                                              const float *lse_b, int64_t lse_b_stride,
                                              float *out, int64_t out_row_stride,
                                              float *lse, int64_t lse_stride);
+
+/* ---- Backward ---------------------------------------------------------------------------------------- */
+
+/*
+ * Gradients of a forward call (0.4). `forward` points to the params of the forward call being
+ * differentiated: shapes, options and q, k, v as given to it, plus its `out` and `lse` (both required
+ * here, as inputs). dout is laid out like out; dq like q; dk and dv like k and v, each with its own
+ * strides (dout and dq of the forward `dtype`, dk and dv of its `kv_dtype`; accumulation is float32).
+ * With grouped-query heads, dk and dv of a kv head sum over the query heads that share it. With sinks,
+ * dsinks [heads_q] (float32, optional) receives the gradient of the sink logits.
+ *
+ * Algorithm (FlashAttention-2): D_i = rowsum(dO_i ∘ O_i); per tile, P = exp(S·scale − LSE) is recomputed,
+ * dV += Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − D) (times 1 − tanh² under softcap), dQ += dS K · scale,
+ * dK += dSᵀ Q · scale. dK and dV have one owner per (sequence, kv head, key block) and dQ one per query
+ * block: no atomics, and results are bitwise identical for every num_threads. Workspace is O(seqlen) row
+ * statistics plus per-thread tiles; nothing of size seqlen_q × seqlen_k.
+ */
+typedef struct flash_attention_backward_params {
+    /* sizeof(flash_attention_backward_params); set by flash_attention_backward_params_init. */
+    uint64_t struct_size;
+    /* The forward call's params (its own struct_size may be any accepted one). */
+    const flash_attention_params *forward;
+    const void *dout;
+    int64_t dout_batch_stride, dout_row_stride, dout_head_stride, dout_dim_stride;
+    void *dq;
+    int64_t dq_batch_stride, dq_row_stride, dq_head_stride, dq_dim_stride;
+    void *dk;
+    int64_t dk_batch_stride, dk_row_stride, dk_head_stride, dk_dim_stride;
+    void *dv;
+    int64_t dv_batch_stride, dv_row_stride, dv_head_stride, dv_dim_stride;
+    float *dsinks; /* optional, [heads_q] */
+} flash_attention_backward_params;
+
+/* Fills *params with defaults (NULL pointers, dim strides 1, other strides 0); pass sizeof(*params). */
+flash_attention_status flash_attention_backward_params_init(flash_attention_backward_params *params,
+                                                           size_t struct_size);
+
+/* Gradients for a dense or variable-length forward (varlen when forward->cu_seqlens_q is set; batch strides
+ * of dout/dq/dk/dv are then ignored). KV-cache forwards have no backward. */
+flash_attention_status flash_attention_backward(const flash_attention_backward_params *params);
 
 /* ---- Introspection ---------------------------------------------------------------------------------- */
 

@@ -69,3 +69,37 @@ private func appendToCache(_ p: AttentionProblem, _ append: CacheAppend) {
         }
     }
 }
+
+extension BackwardRows: WorkPlan {}
+extension BackwardKeyValue: WorkPlan {}
+extension BackwardQuery: WorkPlan {}
+
+/// Runs a validated backward problem: row statistics, then dK/dV, then dQ (each phase's items write
+/// disjoint outputs), then the sink gradient summed over the batch in a fixed order.
+func runBackward(_ problem: BackwardProblem, options: ForwardOptions) throws(FlashAttentionError) {
+    guard CPU.hasTiledKernel else {
+        throw .unsupported("the backward pass needs a CPU with AVX2, FMA and F16C; this one lacks them")
+    }
+    let f = problem.forward
+    if f.batch == 0 || (f.seqlenQ == 0 && f.maxSeqlenK == 0) { return }
+    let cores = ThreadPool.onlineCores
+    let threads = options.numThreads == 0 ? cores : min(options.numThreads, cores)
+    let shares = f.batch * f.headsQ
+    let bytes = (max(1, problem.rowDotCount) + max(1, shares)) * MemoryLayout<Float>.size
+    guard let memory = malloc(bytes) else { throw .outOfMemory("could not allocate \(bytes) bytes of row statistics") }
+    defer { free(memory) }
+    var problem = problem
+    problem.rowDots = memory.assumingMemoryBound(to: Float.self)
+    problem.sinkShares = problem.rowDots! + max(1, problem.rowDotCount)
+    problem.sinkShares!.update(repeating: 0, count: shares)
+    try ThreadPool.shared.run(BackwardRows(problem), threads: threads)
+    try ThreadPool.shared.run(BackwardKeyValue(problem), threads: threads)
+    try ThreadPool.shared.run(BackwardQuery(problem), threads: threads)
+    if let dsinks = problem.dsinks {
+        for h in 0..<f.headsQ {
+            var sum: Float = 0
+            for b in 0..<f.batch { sum += problem.sinkShares![b * f.headsQ + h] }
+            dsinks[h] = sum
+        }
+    }
+}

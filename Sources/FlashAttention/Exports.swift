@@ -13,7 +13,7 @@ public func flash_attention_version() -> Int32 {
 @c @implementation
 public func flash_attention_version_string() -> UnsafePointer<CChar>! {
     // Kept equal to FA_VERSION_MAJOR.MINOR.PATCH by a test.
-    cString("0.3.0")
+    cString("0.4.0")
 }
 
 @c @implementation
@@ -119,6 +119,39 @@ public func flash_attention_merge(
             rows: n, headDim: d, outA: out_a, outAStride: Int(out_a_row_stride), lseA: lse_a, lseAStride: Int(lse_a_stride),
             outB: out_b, outBStride: Int(out_b_row_stride), lseB: lse_b, lseBStride: Int(lse_b_stride), out: out,
             outStride: Int(out_row_stride), lse: lse, lseStride: Int(lse_stride))
+    }
+}
+
+@c @implementation
+public func flash_attention_backward_params_init(
+    _ params: UnsafeMutablePointer<flash_attention_backward_params>!, _ struct_size: Int
+) -> flash_attention_status {
+    withStatus { () throws(FlashAttentionError) in
+        guard let params else { throw .nullPointer("params is NULL") }
+        guard struct_size == MemoryLayout<flash_attention_backward_params>.size else {
+            throw .unsupported(
+                "struct_size (\(struct_size)) is not a flash_attention_backward_params size this library knows"
+                    + " (\(MemoryLayout<flash_attention_backward_params>.size))")
+        }
+        var defaults = flash_attention_backward_params()
+        defaults.struct_size = UInt64(struct_size)
+        (defaults.dout_dim_stride, defaults.dq_dim_stride, defaults.dk_dim_stride, defaults.dv_dim_stride) = (1, 1, 1, 1)
+        params.pointee = defaults
+    }
+}
+
+@c @implementation
+public func flash_attention_backward(_ params: UnsafePointer<flash_attention_backward_params>!) -> flash_attention_status {
+    withStatus { () throws(FlashAttentionError) in
+        guard let params else { throw .nullPointer("params is NULL") }
+        let size = params.pointee.struct_size
+        guard size == UInt64(MemoryLayout<flash_attention_backward_params>.size) else {
+            throw .unsupported(
+                "params->struct_size (\(size)) is not a flash_attention_backward_params size this library knows;"
+                    + " initialise params with flash_attention_backward_params_init(&params, sizeof params)")
+        }
+        let (problem, options) = try BackwardProblem.validated(params.pointee)
+        try runBackward(problem, options: options)
     }
 }
 

@@ -459,3 +459,97 @@ private func checkFinite(_ t: TensorArgument, _ name: StaticString) throws(Flash
         }
     }
 }
+
+extension BackwardProblem {
+    /// Validates backward params: the forward params as for a forward call (dense, or varlen when
+    /// cu_seqlens_q is set), their out and lse as inputs, and the gradients as outputs that overlap
+    /// nothing else.
+    static func validated(_ params: flash_attention_backward_params) throws(FlashAttentionError) -> (
+        BackwardProblem, ForwardOptions
+    ) {
+        guard let forwardParams = params.forward else { throw .nullPointer("forward is NULL") }
+        let widened = try widen(forwardParams)
+        let entry: Entry = widened.cu_seqlens_q != nil ? .varlen : .dense
+        let (problem, options, _) = try AttentionProblem.validated(widened, entry: entry)
+        let p = widened
+        let qElements = problem.batch * problem.seqlenQ * problem.headsQ
+        if qElements > 0 && p.lse == nil {
+            throw .nullPointer("forward->lse is NULL; the backward pass needs the forward's log-sum-exp")
+        }
+        let qType = ElementType(rawValue: p.dtype) ?? .float32, kvType = ElementType(rawValue: p.kv_dtype) ?? .float32
+        let tensorBatch = entry == .varlen ? 1 : problem.batch
+        let varlen = entry == .varlen
+        let dout = tensor4("dout", params.dout, qType, tensorBatch, problem.seqlenQ, problem.headsQ, problem.headDim,
+                           params.dout_batch_stride, params.dout_row_stride, params.dout_head_stride, params.dout_dim_stride,
+                           ("dout_batch_stride", "dout_row_stride", "dout_head_stride", "dout_dim_stride"), ignoreBatch: varlen)
+        let dq = tensor4("dq", UnsafeRawPointer(params.dq), qType, tensorBatch, problem.seqlenQ, problem.headsQ, problem.headDim,
+                         params.dq_batch_stride, params.dq_row_stride, params.dq_head_stride, params.dq_dim_stride,
+                         ("dq_batch_stride", "dq_row_stride", "dq_head_stride", "dq_dim_stride"), ignoreBatch: varlen)
+        let dk = tensor4("dk", UnsafeRawPointer(params.dk), kvType, tensorBatch, problem.seqlenK, problem.headsKV, problem.headDim,
+                         params.dk_batch_stride, params.dk_row_stride, params.dk_head_stride, params.dk_dim_stride,
+                         ("dk_batch_stride", "dk_row_stride", "dk_head_stride", "dk_dim_stride"), ignoreBatch: varlen)
+        let dv = tensor4("dv", UnsafeRawPointer(params.dv), kvType, tensorBatch, problem.seqlenK, problem.headsKV, problem.headDim,
+                         params.dv_batch_stride, params.dv_row_stride, params.dv_head_stride, params.dv_dim_stride,
+                         ("dv_batch_stride", "dv_row_stride", "dv_head_stride", "dv_dim_stride"), ignoreBatch: varlen)
+        for t in [dout, dq, dk, dv] { try checkDimStride(t) }
+        let doutRange = try dout.validate()
+        let dqRange = try dq.validate(), dkRange = try dk.validate(), dvRange = try dv.validate()
+        let dsinks: TensorArgument? = params.dsinks.map { TensorArgument("dsinks", UnsafeRawPointer($0), count: problem.headsQ) }
+        let dsinksRange = try dsinks?.validate()
+        for (output, range) in [(dq, dqRange), (dk, dkRange), (dv, dvRange)] where range != nil {
+            try output.validateNoSelfOverlap()
+        }
+        // The gradients overlap no input and no other gradient.
+        let outputs: [(String, AddressRange?)] = [("dq", dqRange), ("dk", dkRange), ("dv", dvRange), ("dsinks", dsinksRange)]
+        let forwardTensors = try forwardRanges(widened, entry: entry, qType: qType, kvType: kvType)
+        for (i, (name, range)) in outputs.enumerated() {
+            guard let range else { continue }
+            for (other, otherRange) in forwardTensors + [("dout", doutRange)] where range.overlaps(otherRange) {
+                throw .invalidArgument("\(name) overlaps \(other); gradients must not alias inputs")
+            }
+            for (other, otherRange) in outputs[(i + 1)...] where range.overlaps(otherRange) {
+                throw .invalidArgument("\(name) overlaps \(other); gradients must not alias each other")
+            }
+        }
+        let backward = BackwardProblem(
+            forward: problem, dout: view(dout, doutRange, qType), dq: view(dq, dqRange, qType),
+            dk: view(dk, dkRange, kvType), dv: view(dv, dvRange, kvType),
+            dsinks: problem.sinks == nil || dsinksRange == nil ? nil : params.dsinks)
+        return (backward, options)
+    }
+}
+
+/// The address ranges of the forward params' tensors and arrays (already validated), for overlap checks.
+private func forwardRanges(
+    _ p: flash_attention_params, entry: Entry, qType: ElementType, kvType: ElementType
+) throws(FlashAttentionError) -> [(String, AddressRange?)] {
+    let varlen = entry == .varlen
+    let batch = Int(p.batch), tensorBatch = varlen ? 1 : batch
+    let (sq, sk, hq, hk, d) = (Int(p.seqlen_q), Int(p.seqlen_k), Int(p.heads_q), Int(p.heads_kv), Int(p.head_dim))
+    let q = tensor4("q", p.q, qType, tensorBatch, sq, hq, d, p.q_batch_stride, p.q_row_stride, p.q_head_stride,
+                    p.q_dim_stride, ("", "", "", ""), ignoreBatch: varlen)
+    let out = tensor4("out", UnsafeRawPointer(p.out), qType, tensorBatch, sq, hq, d, p.out_batch_stride,
+                      p.out_row_stride, p.out_head_stride, p.out_dim_stride, ("", "", "", ""), ignoreBatch: varlen)
+    let k = tensor4("k", p.k, kvType, tensorBatch, sk, hk, d, p.k_batch_stride, p.k_row_stride, p.k_head_stride,
+                    p.k_dim_stride, ("", "", "", ""), ignoreBatch: varlen)
+    let v = tensor4("v", p.v, kvType, tensorBatch, sk, hk, d, p.v_batch_stride, p.v_row_stride, p.v_head_stride,
+                    p.v_dim_stride, ("", "", "", ""), ignoreBatch: varlen)
+    var ranges: [(String, AddressRange?)] = [
+        ("q", try q.validate()), ("k", try k.validate()), ("v", try v.validate()), ("out", try out.validate()),
+    ]
+    if let lse = p.lse {
+        let unit = Axis(size: 1, stride: 0, field: "")
+        let t = TensorArgument(
+            "lse", UnsafeRawPointer(lse), Axis(size: tensorBatch, stride: varlen ? 0 : Int(p.lse_batch_stride), field: ""),
+            Axis(size: hq, stride: Int(p.lse_head_stride), field: ""), Axis(size: sq, stride: Int(p.lse_row_stride), field: ""), unit)
+        ranges.append(("lse", try t.validate()))
+    }
+    for (name, pointer, count) in [("alibi_slopes", UnsafeRawPointer(p.alibi_slopes), hq * max(batch, 1)),
+                                   ("sinks", UnsafeRawPointer(p.sinks), hq),
+                                   ("cu_seqlens_q", UnsafeRawPointer(p.cu_seqlens_q), batch + 1),
+                                   ("cu_seqlens_k", UnsafeRawPointer(p.cu_seqlens_k), batch + 1)] where pointer != nil {
+        let address = UInt(bitPattern: pointer)
+        ranges.append((name, AddressRange(lower: address, upper: address + UInt(count * 4))))
+    }
+    return ranges
+}

@@ -1,19 +1,26 @@
 """FlashAttention for CPUs: exact tiled attention from a Swift C-ABI library, called through ctypes."""
 
 from .api import (
+    flash_attn_backward,
     flash_attn_func,
+    flash_attn_func_with_backward,
+    flash_attn_varlen_backward,
     flash_attn_varlen_func,
     flash_attn_with_kvcache,
     library_info,
     merge_attention_states,
 )
-from .reference import reference_attention
+from .reference import reference_attention, reference_attention_backward
 
 __all__ = [
+    "flash_attn_backward",
     "flash_attn_func",
+    "flash_attn_func_with_backward",
+    "flash_attn_varlen_backward",
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
     "library_info",
     "merge_attention_states",
     "reference_attention",
+    "reference_attention_backward",
 ]

@@ -62,6 +62,19 @@ class Params(ctypes.Structure):
     )
 
 
+class BackwardParams(ctypes.Structure):
+    """typedef struct flash_attention_backward_params { ... } flash_attention_backward_params;"""
+
+    _fields_ = (
+        [("struct_size", c_uint64), ("forward", POINTER(Params))]
+        + _tensor_fields("dout", ("batch", "row", "head", "dim"))
+        + _tensor_fields("dq", ("batch", "row", "head", "dim"))
+        + _tensor_fields("dk", ("batch", "row", "head", "dim"))
+        + _tensor_fields("dv", ("batch", "row", "head", "dim"))
+        + [("dsinks", c_void_p)]
+    )
+
+
 def declare(lib):
     """Attaches argtypes/restype to every exported function of `lib`."""
     # int32_t flash_attention_version(void);
@@ -97,6 +110,13 @@ def declare(lib):
     #     float *out, int64_t out_row_stride, float *lse, int64_t lse_stride);
     lib.flash_attention_merge.argtypes = [c_int64, c_int64] + [c_void_p, c_int64] * 6
     lib.flash_attention_merge.restype = c_int32
+    # flash_attention_status flash_attention_backward_params_init(flash_attention_backward_params *params,
+    #                                                            size_t struct_size);
+    lib.flash_attention_backward_params_init.argtypes = [POINTER(BackwardParams), c_size_t]
+    lib.flash_attention_backward_params_init.restype = c_int32
+    # flash_attention_status flash_attention_backward(const flash_attention_backward_params *params);
+    lib.flash_attention_backward.argtypes = [POINTER(BackwardParams)]
+    lib.flash_attention_backward.restype = c_int32
     # const char *flash_attention_kernel_isa(void);
     lib.flash_attention_kernel_isa.argtypes = []
     lib.flash_attention_kernel_isa.restype = c_char_p

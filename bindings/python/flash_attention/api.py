@@ -124,8 +124,8 @@ def _new_params(lib):
     return _capi.Params.from_buffer_copy(template)
 
 
-def _set_options(params, keep, heads_q, batch, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
-                 num_threads, algorithm):
+def _set_options(params, keep, heads_q, batch, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                 alibi_slopes=None, sinks=None, num_threads=0, algorithm="auto"):
     """Checks and sets the options shared by every forward function; arrays to keep alive go to `keep`."""
     if (softmax_scale is None and window_size == (-1, -1) and softcap == 0.0 and alibi_slopes is None
             and sinks is None and num_threads == 0 and algorithm == "auto" and not isinstance(causal, np.ndarray)):
@@ -412,6 +412,104 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
             args += [_address(o), o.strides[0] // 4, _address(l), l.strides[0] // 4]
         check_status(lib, lib.flash_attention_merge(seqlen, head_dim, *args))
     return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, cu_seqlens, options):
+    """Shared by the dense and varlen backward functions; cu_seqlens is None or (cu_q, cu_k, max_q, max_k)."""
+    ndim = 3 if cu_seqlens is not None else 4
+    q, k, v = _qkv(q, k, v, ndim)
+    dout = _array("dout", dout, ndim, dtype=q.dtype)
+    out = _array("out", out, ndim, dtype=q.dtype)
+    lse = _array("lse", lse, 2 if cu_seqlens is not None else 3)
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"dout {dout.shape} and out {out.shape} must have q's shape {q.shape}")
+    heads_q, head_dim = q.shape[-2], q.shape[-1]
+    lib = load()
+    params = _new_params(lib)
+    keep = []
+    if cu_seqlens is not None:
+        cu_q, cu_k, max_q, max_k = cu_seqlens
+        batch = np.shape(cu_q)[0] - 1
+        cu_q = _index_array("cu_seqlens_q", cu_q, (batch + 1,))
+        cu_k = _index_array("cu_seqlens_k", cu_k, (batch + 1,))
+        keep += [cu_q, cu_k]
+        params.cu_seqlens_q, params.cu_seqlens_k = _address(cu_q), _address(cu_k)
+        params.max_seqlen_q = _int_option("max_seqlen_q", max_q, 0)
+        params.max_seqlen_k = _int_option("max_seqlen_k", max_k, 0)
+        params.batch, params.seqlen_q, params.seqlen_k = batch, q.shape[0], k.shape[0]
+        if lse.shape != (heads_q, q.shape[0]):
+            raise ValueError(f"lse must have shape {(heads_q, q.shape[0])}, got {lse.shape}")
+        params.lse, params.lse_head_stride, params.lse_row_stride = _address(lse), lse.strides[0] // 4, lse.strides[1] // 4
+    else:
+        batch = q.shape[0]
+        if k.shape[0] != batch or k.shape[3] != head_dim:
+            raise ValueError(f"k shape {k.shape} does not match q shape {q.shape} in batch and head_dim")
+        params.batch, params.seqlen_q, params.seqlen_k = batch, q.shape[1], k.shape[1]
+        if lse.shape != (batch, heads_q, q.shape[1]):
+            raise ValueError(f"lse must have shape {(batch, heads_q, q.shape[1])}, got {lse.shape}")
+        _set_tensor(params, "lse", lse, ("batch", "head", "row"))
+    params.heads_q, params.heads_kv, params.head_dim = heads_q, k.shape[-2], head_dim
+    _set_options(params, keep, heads_q, batch, **options)
+    params.dtype, params.kv_dtype = _DTYPES[q.dtype], _DTYPES[k.dtype]
+    for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
+        _set_tensor(params, name, x)
+    dq, dk, dv = np.empty(q.shape, q.dtype), np.empty(k.shape, k.dtype), np.empty(v.shape, v.dtype)
+    backward = _capi.BackwardParams()
+    check_status(lib, lib.flash_attention_backward_params_init(ctypes.byref(backward), ctypes.sizeof(backward)))
+    backward.forward = ctypes.pointer(params)
+    for name, x in (("dout", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
+        _set_tensor(backward, name, x)
+    dsinks = None
+    if options.get("sinks") is not None:
+        dsinks = np.zeros(heads_q, np.float32)
+        backward.dsinks = _address(dsinks)
+    check_status(lib, lib.flash_attention_backward(ctypes.byref(backward)))
+    return (dq, dk, dv) if dsinks is None else (dq, dk, dv, dsinks)
+
+
+def _backward_options(softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_threads):
+    return dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+                alibi_slopes=alibi_slopes, sinks=sinks, num_threads=num_threads, algorithm="auto")
+
+
+def flash_attn_backward(
+    dout, q, k, v, out, lse, softmax_scale=None, causal=False, *, window_size=(-1, -1), softcap=0.0,
+    alibi_slopes=None, sinks=None, num_threads=0
+):
+    """Gradients of flash_attn_func: (dq, dk, dv), or (dq, dk, dv, dsinks) when `sinks` is given.
+
+    dout is the gradient of out; out and lse are what the forward returned for the same q, k, v and
+    options (which must be passed again). dq, dk, dv have the dtypes and shapes of q, k, v; with grouped
+    heads dk and dv sum over the query heads that share a kv head. Recomputes the probabilities tile by
+    tile from lse (FlashAttention-2): no seqlen_q × seqlen_k buffer, and the result is bitwise identical
+    for every num_threads.
+    """
+    return _backward(dout, q, k, v, out, lse, None,
+                     _backward_options(softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_threads))
+
+
+def flash_attn_varlen_backward(
+    dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, max_seqlen_k=0, softmax_scale=None,
+    causal=False, *, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None, num_threads=0
+):
+    """Gradients of flash_attn_varlen_func (packed [total, heads, head_dim] tensors, lse [heads, total_q])."""
+    return _backward(dout, q, k, v, out, lse, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                     _backward_options(softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_threads))
+
+
+def flash_attn_func_with_backward(q, k, v, softmax_scale=None, causal=False, **options):
+    """Runs flash_attn_func and returns (out, lse, backward), where backward(dout) gives the gradients.
+
+    For autograd frameworks: the closure keeps the inputs, out and lse, and passes the same options to
+    flash_attn_backward. No framework is needed.
+    """
+    threads = options.pop("num_threads", 0)
+    out, lse = flash_attn_func(q, k, v, softmax_scale, causal, return_lse=True, num_threads=threads, **options)
+
+    def backward(dout):
+        return flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal, num_threads=threads, **options)
+
+    return out, lse, backward
 
 
 def library_info():

@@ -101,3 +101,62 @@ def reference_kvcache_attention(q, k_cache, v_cache, cache_seqlens, k=None, v=No
         outs.append(o[0])
         lses.append(l[0])
     return np.array(outs), np.array(lses)
+
+
+def reference_attention_backward(dout, q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                 alibi_slopes=None, sinks=None):
+    """Analytic float64 gradients of reference_attention: (dq, dk, dv), plus dsinks when sinks is given.
+
+    With S = q kᵀ · scale, S' = softcap·tanh(S/softcap) − ALiBi (masked to −inf), P = softmax([S', sink])
+    and O = P v:  dv = Pᵀ dO;  dP = dO vᵀ;  D = rowsum(dO ∘ O);  dS' = P ∘ (dP − D);
+    dS = dS' ∘ (1 − tanh²(S/softcap));  dq = dS k · scale;  dk = dSᵀ q · scale;  dsink = −Σ p_sink · D.
+    Grouped kv heads receive the sum over their query heads.
+    """
+    q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    scale = 1.0 / np.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    group = heads_q // heads_kv
+    kr, vr = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    raw = np.einsum("bqhd,bkhd->bhqk", q, kr) * scale
+    scores = softcap * np.tanh(raw / softcap) if softcap > 0 else raw
+    i = np.arange(seqlen_q)[:, None]
+    j = np.arange(seqlen_k)[None, :]
+    aligned = i + seqlen_k - seqlen_q
+    if alibi_slopes is not None:
+        slopes = np.broadcast_to(np.asarray(alibi_slopes, np.float64), (batch, heads_q))
+        scores = scores - slopes[:, :, None, None] * np.abs(aligned - j)[None, None]
+    left, right = window_size
+    if causal:
+        right = 0
+    visible = np.ones((seqlen_q, seqlen_k), bool)
+    if left >= 0:
+        visible &= j >= aligned - left
+    if right >= 0:
+        visible &= j <= aligned + right
+    scores = np.where(visible, scores, -np.inf)
+    sink = np.full(heads_q, -np.inf) if sinks is None else np.asarray(sinks, np.float64)
+    with_sink = np.concatenate([scores, np.broadcast_to(sink[None, :, None, None], (batch, heads_q, seqlen_q, 1))], -1)
+    row_max = with_sink.max(axis=-1, keepdims=True)
+    safe_max = np.where(np.isneginf(row_max), 0.0, row_max)
+    e = np.exp(with_sink - safe_max)
+    total = e.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p_all = np.where(total == 0, 0.0, e / total)
+    p, p_sink = p_all[..., :seqlen_k], p_all[..., seqlen_k]
+    out = np.einsum("bhqk,bkhd->bqhd", p, vr)
+    dout_h = dout.transpose(0, 2, 1, 3)  # [b, h, q, d]
+    dv = np.einsum("bhqk,bhqd->bkhd", p, dout_h)
+    dp = np.einsum("bhqd,bkhd->bhqk", dout_h, vr)
+    d_row = np.einsum("bqhd,bqhd->bhq", dout, out)[..., None]
+    ds = p * (dp - d_row)
+    if softcap > 0:
+        ds = ds * (1 - np.tanh(raw / softcap) ** 2)
+    dq = np.einsum("bhqk,bkhd->bqhd", ds, kr) * scale
+    dk = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
+    dk = dk.reshape(batch, seqlen_k, heads_kv, group, head_dim).sum(axis=3)
+    dv = dv.reshape(batch, seqlen_k, heads_kv, group, head_dim).sum(axis=3)
+    if sinks is None:
+        return dq, dk, dv
+    dsinks = -(p_sink * d_row[..., 0]).sum(axis=(0, 2))
+    return dq, dk, dv, dsinks
