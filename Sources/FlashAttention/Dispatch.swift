@@ -74,8 +74,9 @@ extension BackwardRows: WorkPlan {}
 extension BackwardKeyValue: WorkPlan {}
 extension BackwardQuery: WorkPlan {}
 
-/// Runs a validated backward problem: row statistics, then dK/dV, then dQ (each phase's items write
-/// disjoint outputs), then the sink gradient summed over the batch in a fixed order.
+/// Runs a validated backward problem: row statistics, then dK/dV with per-chunk dQ partials, then dQ
+/// (each phase's items write disjoint outputs), then the sink gradient summed over the batch in a fixed
+/// order. The partials come from calloc: fresh zero pages, faulted in by the threads that first use them.
 func runBackward(_ problem: BackwardProblem, options: ForwardOptions) throws(FlashAttentionError) {
     guard CPU.hasTiledKernel else {
         throw .unsupported("the backward pass needs a CPU with AVX2, FMA and F16C; this one lacks them")
@@ -92,6 +93,12 @@ func runBackward(_ problem: BackwardProblem, options: ForwardOptions) throws(Fla
     problem.rowDots = memory.assumingMemoryBound(to: Float.self)
     problem.sinkShares = problem.rowDots! + max(1, problem.rowDotCount)
     problem.sinkShares!.update(repeating: 0, count: shares)
+    let partialBytes = problem.partialFloats * MemoryLayout<Float>.size
+    guard let partials = calloc(problem.partialFloats, MemoryLayout<Float>.size) else {
+        throw .outOfMemory("could not allocate \(partialBytes) bytes for the dQ partial sums")
+    }
+    defer { free(partials) }
+    problem.partials = partials.assumingMemoryBound(to: Float.self)
     try ThreadPool.shared.run(BackwardRows(problem), threads: threads)
     try ThreadPool.shared.run(BackwardKeyValue(problem), threads: threads)
     try ThreadPool.shared.run(BackwardQuery(problem), threads: threads)

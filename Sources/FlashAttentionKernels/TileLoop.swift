@@ -346,7 +346,6 @@ package struct TiledForward: @unchecked Sendable {
     private func thinBlock(_ item: WorkItem, slot: Int, firstKey: Int, adjust: ScoreAdjustment, _ w: Workspace) {
         let p = problem
         let d = p.headDim
-        let ldO = Workspace.paddedDim(d)
         let kvHead = item.firstHead / p.groupSize + slot
         let row = slot * thinSlotRows
         let needed = adjust.mask.needed(fromRow: row, throughRow: row + thinSlotRows - 1)

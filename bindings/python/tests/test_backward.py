@@ -114,6 +114,41 @@ def test_varlen_gradients():
             assert np.abs(got - ref[0]).max(initial=0) <= 1e-5
 
 
+# Long enough key ranges that the keys are cut into chunks of several 96-key blocks, each with its own dQ
+# partial (8 kv heads: 4 chunks of 3 blocks for 1000 keys).
+@pytest.mark.parametrize("variant", ["plain", "causal", "window-two-sided", "sinks"])
+@pytest.mark.parametrize("shape", [(1, 500, 1000, 8, 8, 32), (1, 1000, 600, 8, 8, 48)], ids=str)
+def test_gradients_with_chunked_keys(variant, shape):
+    b, sq, sk, hq, hk, d = shape
+    q, k, v = random_inputs(90 + d, b, sq, sk, hq, hk, d)
+    dout = np.random.default_rng(91).standard_normal(q.shape).astype(np.float32)
+    options = dict(VARIANTS[variant])
+    if "sinks" in options:
+        options["sinks"] = np.linspace(-1, 2, hq).astype(np.float32)
+    out, lse, backward = flash_attn_func_with_backward(q, k, v, **options)
+    grads = backward(dout)
+    expected = reference_attention_backward(dout, q, k, v, **options)
+    for name, got, want in zip(("dq", "dk", "dv", "dsinks"), grads, expected):
+        assert relative(got, want) <= RELATIVE_BOUND, f"{name}: relative error {relative(got, want):.3g}"
+    for threads in (1, 3):
+        again = flash_attn_backward(dout, q, k, v, out, lse, num_threads=threads, **options)
+        assert all(x.tobytes() == y.tobytes() for x, y in zip(grads, again))
+
+
+def test_varlen_gradients_with_chunked_keys():
+    cu_q, cu_k = np.array([0, 300, 301, 700], np.int32), np.array([0, 700, 900, 1000], np.int32)
+    rng = np.random.default_rng(92)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((700, 4, 16), (1000, 2, 16), (1000, 2, 16)))
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    out, lse = flash_attn_varlen_func(q, k, v, cu_q, cu_k, window_size=(150, 20), return_lse=True)
+    dq, dk, dv = flash_attn_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, window_size=(150, 20))
+    for b in range(3):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        want = reference_attention_backward(dout[None, qs], q[None, qs], k[None, ks], v[None, ks], window_size=(150, 20))
+        for got, ref in zip((dq[qs], dk[ks], dv[ks]), want):
+            assert relative(got, ref[0]) <= RELATIVE_BOUND
+
+
 def test_strided_views_give_the_same_gradients():
     q, k, v = random_inputs(75, 2, 100, 120, 4, 2, 64, layout="bhsd")
     dout = np.random.default_rng(76).standard_normal(q.shape).astype(np.float32)
