@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: this library vs numpy's materialised attention vs PyTorch's CPU SDPA.
 
-Usage: python3 bench/bench.py [--quick] [--threads 1,2] [--out bench/out]
+Usage: python3 bench/bench.py [--quick] [--threads 1,2] [--sections prefill,backward,...] [--out bench/out]
 
 Every measurement runs in its own subprocess with the BLAS/OpenMP thread count set in its environment:
 idle OpenBLAS threads spin and would steal a core from whatever runs next in the same process. Each cell
 is the median of several timed calls after a warm-up. FLOPs are 4·b·h·s_q·s_k·d, halved for causal when
-s_q = s_k. "% peak" is relative to a float32 sgemm (numpy/OpenBLAS, 2048³) measured in the same run at
+s_q = s_k; a backward pass counts 2.5× its forward's (five products instead of two). "% peak" is relative to a float32 sgemm (numpy/OpenBLAS, 2048³) measured in the same run at
 the same thread count. Prints a table, and writes <out>/results.json, bench/RESULTS.md (the generated
 part) and, when matplotlib is importable, <out>/bench.png.
 """
@@ -47,6 +47,9 @@ WINDOW = (1, 8, 16384, 64, 512)
 HALF_PREFILL = (1, 16, 16, 2048, 128)
 HALF_DECODE = (8, 32, 8, 4096, 128)
 DTYPE_NAMES = {0: "float32", 1: "float16", 2: "bfloat16"}
+# Backward: the prefill shapes, causal and not.
+BACKWARD = [(shape, causal) for shape in PREFILL for causal in (False, True)]
+SECTIONS = ("prefill", "long", "sweep", "inference", "half", "backward", "small")
 # Bytes copied to measure the copy bandwidth beside decoding.
 COPY_BYTES = 256 << 20
 
@@ -59,11 +62,11 @@ def flops(shape, causal):
 # ---- worker side: one implementation, one thread count, one shape ---------------------------------------
 
 
-def make_inputs(shape, layout):
+def make_inputs(shape, layout, seed=0):
     import numpy as np
 
     b, hq, hk, s, d = shape
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     if layout == "bhsd":  # [b, h, s, d] memory (PyTorch's layout), seen as [b, s, h, d]
         q = rng.standard_normal((b, hq, s, d), dtype=np.float32).transpose(0, 2, 1, 3)
         k = rng.standard_normal((b, hk, s, d), dtype=np.float32).transpose(0, 2, 1, 3)
@@ -164,6 +167,27 @@ def prepare(impl, case, args, threads, layout):
         from flash_attention import flash_attn_func
 
         return (lambda: flash_attn_func(q, k, v, causal=True, window_size=(left, 0), num_threads=threads)), 0.0
+    if case == "backward":  # gradients of the prefill shapes; work counted as 2.5× the forward's FLOPs
+        shape, causal = tuple(args[:5]), bool(args[5])
+        q, k, v = make_inputs(shape, layout)
+        dout = make_inputs(shape, layout, seed=1)[0]
+        work = 2.5 * flops(shape, causal)
+        if impl == "flash":
+            from flash_attention import flash_attn_backward, flash_attn_func
+
+            out, lse = flash_attn_func(q, k, v, causal=causal, return_lse=True, num_threads=threads)
+            return (lambda: flash_attn_backward(dout, q, k, v, out, lse, causal=causal, num_threads=threads)), work
+        if impl == "torch":
+            import torch
+            import torch.nn.functional as F
+
+            torch.set_num_threads(threads)
+            tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))).requires_grad_()
+                          for x in (q, k, v))
+            tdout = torch.from_numpy(np.ascontiguousarray(dout.transpose(0, 2, 1, 3)))
+            out = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal, enable_gqa=shape[1] != shape[2])
+            return (lambda: torch.autograd.grad(out, (tq, tk, tv), tdout, retain_graph=True)), work
+        raise SystemExit(f"no backward for {impl}")
     shape, causal = tuple(args[:5]), bool(args[5])  # prefill (args[6]: storage dtype code, default float32)
     q, k, v = (x.astype(storage_dtype(args[6])) if len(args) > 6 else x for x in make_inputs(shape, layout))
     work = flops(shape, causal)
@@ -323,8 +347,7 @@ def main():
     parser.add_argument("--layout", default="bhsd", help="memory given to this library: bhsd (the same [b, h, s, d] memory PyTorch gets, seen as [b, s, h, d]) or bshd")
     parser.add_argument("--threads", default="1,2", help="thread counts to run (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="prefill shapes only, fewer repetitions")
-    parser.add_argument("--sections", default="prefill,long,sweep,inference,half,small",
-                        help="comma-separated: prefill, long, sweep, inference, half, small")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = parser.parse_args()
     if args.serve:
@@ -341,12 +364,13 @@ def main():
     total = (len(thread_counts) + len(cells) * len(impls) + len(LONG) * ("long" in sections)
              + len(SWEEP) * 2 * ("sweep" in sections) + 2 * ("small" in sections)
              + len(thread_counts) * (len(DECODE) + 2) * ("inference" in sections)
-             + len(thread_counts) * 2 * ("half" in sections))
+             + len(thread_counts) * 2 * ("half" in sections)
+             + len(thread_counts) * len(BACKWARD) * ("backward" in sections))
     step = 0
     results = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "threads": thread_counts,
                "layout": args.layout, "torch": have_torch, "command": " ".join(["python3", "bench/bench.py"] + sys.argv[1:]),
                "peak": {}, "prefill": [], "long": [], "sweep": [], "small_call": {}, "decode": [], "window": [],
-               "half": []}
+               "half": [], "backward": []}
     if have_torch:
         import importlib.metadata
 
@@ -441,6 +465,25 @@ def main():
                 for code, r in measured.items():
                     row[DTYPE_NAMES[code] + "_ms"] = r["median_s"] * 1e3
                 results["half"].append(row)
+    if "backward" in sections:
+        for t in thread_counts:
+            # The forward, the backward and torch's backward alternate round by round, each in its own worker.
+            workers = {"forward": Worker("flash", t, args.layout), "backward": Worker("flash", t, args.layout)}
+            if have_torch:
+                workers["torch"] = Worker("torch", t)
+            for shape, causal in BACKWARD:
+                step += 1
+                progress(step, total, f"backward {shape} causal={causal} threads={t}: flash forward, flash backward"
+                         + (", torch backward" if have_torch else ""))
+                cell = [*shape, int(causal)]
+                entries = {name: (w, "prefill" if name == "forward" else "backward", cell) for name, w in workers.items()}
+                measured = measure_interleaved(entries, None, None, rounds=3, reps_per_round=max(1, reps // 3))
+                row = {"shape": shape, "causal": causal, "threads": t}
+                for name, r in measured.items():
+                    row[name + "_ms"] = r["median_s"] * 1e3
+                results["backward"].append(row)
+            for worker in workers.values():
+                worker.close()
     if "small" in sections:
         step += 1
         progress(step, total, "small call from C")
@@ -457,7 +500,7 @@ def main():
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     report = render(results)
     print("\n" + report)
-    if not args.quick and sections == {"prefill", "long", "sweep", "inference", "half", "small"}:
+    if not args.quick and sections == set(SECTIONS):
         write_results_md(report)
     plot(results, out_dir)
 
@@ -470,10 +513,10 @@ def render(results):
     lines = [f"- Date: {results['date']}; CPU: {results['cpu']}; layout given to this library: {results['layout']}",
              f"- Command: `{results['command']}`",
              "- Measured float32 sgemm peak (numpy/OpenBLAS 2048³): "
-             + ", ".join(f"{t} thread(s) {fmt(p)} GFLOP/s" for t, p in results["peak"].items()),
-             "", "| shape (b, hq, hkv, s, d) | causal | threads | flash ms | flash GFLOP/s | % peak | numpy GFLOP/s"
-             " | torch GFLOP/s | flash / torch | flash / numpy |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             + ", ".join(f"{t} thread(s) {fmt(p)} GFLOP/s" for t, p in results["peak"].items())]
+    if results["prefill"]:
+        lines += ["", "| shape (b, hq, hkv, s, d) | causal | threads | flash ms | flash GFLOP/s | % peak | numpy GFLOP/s"
+                  " | torch GFLOP/s | flash / torch | flash / numpy |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["prefill"]:
         peak = results["peak"].get(row["threads"]) or results["peak"].get(str(row["threads"]))
         f, n, t = row.get("flash"), row.get("numpy"), row.get("torch")
@@ -515,6 +558,18 @@ def render(results):
             lines.append(f"| {r['kind']} | {r['threads']} | {fmt(r['float32_ms'], 2)} | {fmt(r['float16_ms'], 2)}"
                          f" | {fmt(r['bfloat16_ms'], 2)} | {fmt(r['float32_ms'] / r['float16_ms'], 2)}"
                          f" | {fmt(r['float32_ms'] / r['bfloat16_ms'], 2)} |")
+    if results.get("backward"):
+        lines += ["", "| backward (b, hq, hkv, s, d) | causal | threads | forward ms | backward ms | backward / forward"
+                  " | backward GFLOP/s (2.5× forward FLOPs) | torch backward ms | flash / torch speed |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in results["backward"]:
+            work = 2.5 * flops(r["shape"], r["causal"])
+            torch_ms = r.get("torch_ms")
+            lines.append(
+                f"| {tuple(r['shape'])} | {'yes' if r['causal'] else 'no'} | {r['threads']} | {fmt(r['forward_ms'])}"
+                f" | {fmt(r['backward_ms'])} | {fmt(r['backward_ms'] / r['forward_ms'], 2)}"
+                f" | {fmt(work / r['backward_ms'] / 1e6)} | {fmt(torch_ms)}"
+                f" | {fmt(torch_ms / r['backward_ms'] if torch_ms else None, 2)} |")
     if results["small_call"]:
         lines += ["", f"- Small call (1, 1, 1, 1, 64): {fmt(results['small_call']['c_us'], 2)} µs from C,"
                   f" {fmt(results['small_call']['python_us'], 1)} µs through Python (median)."]
