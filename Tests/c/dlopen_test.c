@@ -1,5 +1,6 @@
 /* Loads libFlashAttention.so with dlopen, the way a C inference engine would, checks a small attention
- * problem against a naive C loop, and checks that bad input returns error codes without writing output.
+ * problem (forward, then backward) against naive C loops, and checks that bad input returns error codes
+ * without writing output.
  * Usage: dlopen_test path/to/libFlashAttention.so */
 #include "flash_attention.h"
 
@@ -14,6 +15,8 @@ typedef flash_attention_status (*init_fn)(flash_attention_params *, size_t);
 typedef const char *(*string_fn)(void);
 typedef const char *(*status_string_fn)(flash_attention_status);
 typedef int32_t (*int_fn)(void);
+typedef flash_attention_status (*backward_fn)(const flash_attention_backward_params *);
+typedef flash_attention_status (*backward_init_fn)(flash_attention_backward_params *, size_t);
 
 static int failures = 0;
 #define CHECK(cond, ...)                                                                                       \
@@ -67,6 +70,66 @@ static void naive(const float *q, const float *k, const float *v, double *out, d
         }
     }
     free(p);
+}
+
+/* Naive gradients in double: [s, h, d] layouts, GQA (dk/dv summed over the query heads of a kv head),
+ * bottom-right causal. P from the scores row by row, D = rowsum(dout * out), dv += P^T dout,
+ * dP = dout v^T, dS = P * (dP - D), dq = scale * dS k, dk = scale * dS^T q. */
+static void naive_backward(const float *q, const float *k, const float *v, const float *dout, double *dq, double *dk,
+                           double *dv, int sq, int sk, int hq, int hk, int d, int causal) {
+    double scale = 1.0 / sqrt((double)d);
+    double *p = malloc(sizeof(double) * (sk > 0 ? sk : 1));
+    double *o = malloc(sizeof(double) * d);
+    memset(dq, 0, sizeof(double) * sq * hq * d);
+    memset(dk, 0, sizeof(double) * sk * hk * d);
+    memset(dv, 0, sizeof(double) * sk * hk * d);
+    for (int h = 0; h < hq; h++) {
+        int kh = h / (hq / hk);
+        for (int i = 0; i < sq; i++) {
+            int visible = causal ? i + sk - sq + 1 : sk;
+            if (visible > sk) visible = sk;
+            if (visible <= 0) continue; /* no key: every gradient of the row is 0 */
+            const float *qi = q + (i * hq + h) * d, *doi = dout + (i * hq + h) * d;
+            double m = -INFINITY, sum = 0, row_dot = 0;
+            for (int j = 0; j < visible; j++) {
+                double dot = 0;
+                for (int c = 0; c < d; c++) dot += (double)qi[c] * k[(j * hk + kh) * d + c];
+                p[j] = dot * scale;
+                if (p[j] > m) m = p[j];
+            }
+            for (int j = 0; j < visible; j++) { p[j] = exp(p[j] - m); sum += p[j]; }
+            for (int j = 0; j < visible; j++) p[j] /= sum;
+            for (int c = 0; c < d; c++) {
+                o[c] = 0;
+                for (int j = 0; j < visible; j++) o[c] += p[j] * v[(j * hk + kh) * d + c];
+                row_dot += doi[c] * o[c];
+            }
+            for (int j = 0; j < visible; j++) {
+                const float *kj = k + (j * hk + kh) * d, *vj = v + (j * hk + kh) * d;
+                double dp = 0;
+                for (int c = 0; c < d; c++) dp += (double)doi[c] * vj[c];
+                double ds = p[j] * (dp - row_dot);
+                for (int c = 0; c < d; c++) {
+                    dv[(j * hk + kh) * d + c] += p[j] * doi[c];
+                    dq[(i * hq + h) * d + c] += scale * ds * kj[c];
+                    dk[(j * hk + kh) * d + c] += scale * ds * qi[c];
+                }
+            }
+        }
+    }
+    free(o);
+    free(p);
+}
+
+/* max |x - ref| / max(max |ref|, 1e-30); 1e30 if any x is not finite. */
+static double max_relative(const float *x, const double *ref, int n) {
+    double worst = 0, largest = 1e-30;
+    for (int i = 0; i < n; i++) {
+        if (!isfinite(x[i])) return 1e30;
+        worst = fmax(worst, fabs(x[i] - ref[i]));
+        largest = fmax(largest, fabs(ref[i]));
+    }
+    return worst / largest;
 }
 
 static void set_tensor(const void **ptr, int64_t *strides, const void *data, int seq, int heads, int d) {
@@ -138,6 +201,61 @@ int main(int argc, char **argv) {
         memset(sentinel, 0x7f, sizeof sentinel);
         CHECK(memcmp(out, sentinel, sizeof out) == 0, "a rejected call wrote to out");
     }
+
+    /* Backward: forward with lse, then gradients of sum(out * dout), against naive_backward. */
+    backward_fn backward = (backward_fn)must_sym(lib, "flash_attention_backward");
+    backward_init_fn backward_init = (backward_init_fn)must_sym(lib, "flash_attention_backward_params_init");
+    enum { BSQ = 5, BSK = 7, BHQ = 2, BHK = 1, BD = 4 };
+    static float bq[BSQ * BHQ * BD], bk[BSK * BHK * BD], bv[BSK * BHK * BD], bout[BSQ * BHQ * BD], blse[BHQ * BSQ];
+    static float bdout[BSQ * BHQ * BD], bdq[BSQ * BHQ * BD], bdk[BSK * BHK * BD], bdv[BSK * BHK * BD];
+    static double ref_dq[BSQ * BHQ * BD], ref_dk[BSK * BHK * BD], ref_dv[BSK * BHK * BD];
+    for (int i = 0; i < BSQ * BHQ * BD; i++) { bq[i] = next_value(&state); bdout[i] = next_value(&state); }
+    for (int i = 0; i < BSK * BHK * BD; i++) { bk[i] = next_value(&state); bv[i] = next_value(&state); }
+    for (int causal = 0; causal <= 1; causal++) {
+        flash_attention_params p;
+        CHECK(init(&p, sizeof p) == FA_OK, "params_init");
+        p.batch = 1; p.seqlen_q = BSQ; p.seqlen_k = BSK; p.heads_q = BHQ; p.heads_kv = BHK; p.head_dim = BD;
+        p.causal = causal;
+        int64_t s[3];
+        set_tensor(&p.q, s, bq, BSQ, BHQ, BD); p.q_batch_stride = s[0]; p.q_row_stride = s[1]; p.q_head_stride = s[2];
+        set_tensor(&p.k, s, bk, BSK, BHK, BD); p.k_batch_stride = s[0]; p.k_row_stride = s[1]; p.k_head_stride = s[2];
+        set_tensor(&p.v, s, bv, BSK, BHK, BD); p.v_batch_stride = s[0]; p.v_row_stride = s[1]; p.v_head_stride = s[2];
+        p.out = bout; p.out_batch_stride = BSQ * BHQ * BD; p.out_row_stride = BHQ * BD; p.out_head_stride = BD;
+        p.lse = blse; p.lse_batch_stride = BHQ * BSQ; p.lse_head_stride = BSQ; p.lse_row_stride = 1;
+        CHECK(forward(&p) == FA_OK, "forward for backward: %s", last_error());
+
+        flash_attention_backward_params bp;
+        CHECK(backward_init(&bp, sizeof bp) == FA_OK, "backward_params_init");
+        bp.forward = &p;
+        bp.dout = bdout; bp.dout_batch_stride = BSQ * BHQ * BD; bp.dout_row_stride = BHQ * BD; bp.dout_head_stride = BD;
+        bp.dq = bdq; bp.dq_batch_stride = BSQ * BHQ * BD; bp.dq_row_stride = BHQ * BD; bp.dq_head_stride = BD;
+        bp.dk = bdk; bp.dk_batch_stride = BSK * BHK * BD; bp.dk_row_stride = BHK * BD; bp.dk_head_stride = BD;
+        bp.dv = bdv; bp.dv_batch_stride = BSK * BHK * BD; bp.dv_row_stride = BHK * BD; bp.dv_head_stride = BD;
+        memset(bdq, 0x7f, sizeof bdq); memset(bdk, 0x7f, sizeof bdk); memset(bdv, 0x7f, sizeof bdv);
+        CHECK(backward(&bp) == FA_OK, "backward: %s", last_error());
+        CHECK(strcmp(last_error(), "") == 0, "last_error after backward: '%s'", last_error());
+        naive_backward(bq, bk, bv, bdout, ref_dq, ref_dk, ref_dv, BSQ, BSK, BHQ, BHK, BD, causal);
+        double err_dq = max_relative(bdq, ref_dq, BSQ * BHQ * BD), err_dk = max_relative(bdk, ref_dk, BSK * BHK * BD);
+        double err_dv = max_relative(bdv, ref_dv, BSK * BHK * BD);
+        CHECK(err_dq <= 1e-5, "causal=%d backward dq: max error / max |ref| = %g", causal, err_dq);
+        CHECK(err_dk <= 1e-5, "causal=%d backward dk: max error / max |ref| = %g", causal, err_dk);
+        CHECK(err_dv <= 1e-5, "causal=%d backward dv: max error / max |ref| = %g", causal, err_dv);
+
+        /* A NULL dq: an error code, a message naming dq, and no gradient written. */
+        memset(bdk, 0x7f, sizeof bdk);
+        flash_attention_backward_params bad = bp;
+        bad.dq = NULL;
+        CHECK(backward(&bad) == FA_ERROR_NULL_POINTER, "backward NULL dq");
+        CHECK(strstr(last_error(), "dq is NULL") != NULL, "message: %s", last_error());
+        bad = bp; bad.struct_size = 3;
+        CHECK(backward(&bad) == FA_ERROR_UNSUPPORTED, "backward struct_size");
+        CHECK(strstr(last_error(), "struct_size (3)") != NULL, "message: %s", last_error());
+        CHECK(backward(NULL) == FA_ERROR_NULL_POINTER, "backward NULL params");
+        unsigned char sentinel[sizeof bdk];
+        memset(sentinel, 0x7f, sizeof sentinel);
+        CHECK(memcmp(bdk, sentinel, sizeof bdk) == 0, "a rejected backward call wrote to dk");
+    }
+
     CHECK(strcmp(status_string(12345), "unknown status code") == 0, "unknown status string");
     CHECK(status_string(FA_ERROR_NULL_POINTER) != NULL && *status_string(FA_ERROR_NULL_POINTER), "status string");
     printf("%s: dlopen test of libFlashAttention %s\n", failures ? "FAILED" : "ok", version());
