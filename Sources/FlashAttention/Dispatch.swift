@@ -78,11 +78,24 @@ extension BackwardQuery: WorkPlan {}
 /// (each phase's items write disjoint outputs), then the sink gradient summed over the batch in a fixed
 /// order. The partials come from calloc: fresh zero pages, faulted in by the threads that first use them.
 func runBackward(_ problem: BackwardProblem, options: ForwardOptions) throws(FlashAttentionError) {
+    let f = problem.forward
+    if f.batch == 0 || f.seqlenQ == 0 {
+        // No query rows: dQ is empty, and dK, dV and the sinks' gradient are sums over nothing. (heads_q
+        // may then be any multiple of heads_kv, so nothing below may count per query head.)
+        // Only tensors with elements are walked: batch may be huge when seqlen_k is 0.
+        var kvBatch = f.seqlenK == 0 ? 0 : 1
+        if case .dense = f.layout, f.seqlenK > 0 { kvBatch = f.batch }
+        for t in [problem.dk, problem.dv] {
+            for b in 0..<kvBatch { for r in 0..<f.seqlenK { for h in 0..<f.headsKV {
+                t.row(batch: b, head: h, row: r).initializeMemory(as: UInt8.self, repeating: 0, count: f.headDim * t.element.size)
+            } } }
+        }
+        problem.dsinks?.update(repeating: 0, count: f.headsQ)
+        return
+    }
     guard CPU.hasTiledKernel else {
         throw .unsupported("the backward pass needs a CPU with AVX2, FMA and F16C; this one lacks them")
     }
-    let f = problem.forward
-    if f.batch == 0 || (f.seqlenQ == 0 && f.maxSeqlenK == 0) { return }
     let cores = ThreadPool.onlineCores
     let threads = options.numThreads == 0 ? cores : min(options.numThreads, cores)
     let shares = f.batch * f.headsQ

@@ -70,7 +70,7 @@ public func flash_attention_forward_kvcache(_ params: UnsafePointer<flash_attent
 /// The three forward entry points differ only in how the params describe the sequences.
 func forward(_ params: UnsafePointer<flash_attention_params>?, entry: Entry) -> flash_attention_status {
     withStatus { () throws(FlashAttentionError) in
-        let (problem, options, append) = try AttentionProblem.validated(try widen(params), entry: entry)
+        let (problem, options, append, _) = try AttentionProblem.validated(try widen(params), entry: entry)
         try runForward(problem, options: options, append: append)
     }
 }

@@ -144,9 +144,10 @@ nonisolated(unsafe) private let noIndices = UnsafePointer(UnsafeMutablePointer<I
 nonisolated(unsafe) private let emptyTensor = UnsafeMutablePointer<Float>.allocate(capacity: 1)
 
 extension AttentionProblem {
-    /// Validates `params` (already widened to the current struct) for `entry`.
+    /// Validates `params` (already widened to the current struct) for `entry`. Also returns the address range
+    /// of every tensor and array the call touches, by name, for callers that add outputs of their own.
     static func validated(_ params: flash_attention_params, entry: Entry) throws(FlashAttentionError) -> (
-        AttentionProblem, ForwardOptions, CacheAppend?
+        AttentionProblem, ForwardOptions, CacheAppend?, ranges: [(String, AddressRange?)]
     ) {
         let batch = Int(params.batch), seqlenQ = Int(params.seqlen_q)
         let headsQ = Int(params.heads_q), headsKV = Int(params.heads_kv), headDim = Int(params.head_dim)
@@ -251,6 +252,7 @@ extension AttentionProblem {
         case .dense:
             break
         case .varlen:
+            if batch == .max { throw .invalidShape("batch (\(batch)) is too large: cu_seqlens_q needs batch + 1 entries") }
             let cuQ = TensorArgument("cu_seqlens_q", params.cu_seqlens_q, count: batch + 1)
             let cuK = TensorArgument("cu_seqlens_k", params.cu_seqlens_k, count: batch + 1)
             indexRanges.0 = try cuQ.validate()
@@ -396,7 +398,14 @@ extension AttentionProblem {
             CacheAppend(
                 keys: view($0.keys, indexRanges.3, kvType), values: view($0.values, $0.valuesRange, kvType), count: $0.count)
         }
-        return (problem, ForwardOptions(numThreads: Int(params.num_threads), algorithm: params.algorithm), cacheAppend)
+        let ranges: [(String, AddressRange?)] = [
+            ("q", qRange), ("k", kRange), ("v", vRange), ("out", outRange), ("lse", lseRange),
+            ("alibi_slopes", alibiRange), ("sinks", sinksRange),
+            (entry == .varlen ? "cu_seqlens_q" : "cache_seqlens", indexRanges.0),
+            (entry == .varlen ? "cu_seqlens_k" : "cache_batch_idx", indexRanges.1), ("block_table", indexRanges.2),
+        ]
+        let options = ForwardOptions(numThreads: Int(params.num_threads), algorithm: params.algorithm)
+        return (problem, options, cacheAppend, ranges)
     }
 }
 
@@ -452,7 +461,9 @@ private func checkDimStride(_ t: TensorArgument) throws(FlashAttentionError) {
 /// ALiBi slopes and sinks must be finite: a NaN or infinite bias would silently poison or empty rows.
 private func checkFinite(_ t: TensorArgument, _ name: StaticString) throws(FlashAttentionError) {
     guard let base = t.pointer?.assumingMemoryBound(to: Float.self) else { return }
-    for outer in 0..<t.axes.2.size {
+    // A zero batch stride repeats one row for every batch entry (and batch may be huge when nothing else is).
+    let rows = t.axes.2.stride == 0 ? min(t.axes.2.size, 1) : t.axes.2.size
+    for outer in 0..<rows {
         for i in 0..<t.axes.3.size {
             let x = base[outer * t.axes.2.stride + i * t.axes.3.stride]
             if !x.isFinite { throw .invalidArgument("\(name) has a non-finite value (\(x)) at index \(outer * t.axes.3.size + i)") }
@@ -470,7 +481,7 @@ extension BackwardProblem {
         guard let forwardParams = params.forward else { throw .nullPointer("forward is NULL") }
         let widened = try widen(forwardParams)
         let entry: Entry = widened.cu_seqlens_q != nil ? .varlen : .dense
-        let (problem, options, _) = try AttentionProblem.validated(widened, entry: entry)
+        let (problem, options, _, forwardTensors) = try AttentionProblem.validated(widened, entry: entry)
         let p = widened
         let qElements = problem.batch * problem.seqlenQ * problem.headsQ
         if qElements > 0 && p.lse == nil {
@@ -501,7 +512,6 @@ extension BackwardProblem {
         }
         // The gradients overlap no input and no other gradient.
         let outputs: [(String, AddressRange?)] = [("dq", dqRange), ("dk", dkRange), ("dv", dvRange), ("dsinks", dsinksRange)]
-        let forwardTensors = try forwardRanges(widened, entry: entry, qType: qType, kvType: kvType)
         for (i, (name, range)) in outputs.enumerated() {
             guard let range else { continue }
             for (other, otherRange) in forwardTensors + [("dout", doutRange)] where range.overlaps(otherRange) {
@@ -517,39 +527,4 @@ extension BackwardProblem {
             dsinks: problem.sinks == nil || dsinksRange == nil ? nil : params.dsinks)
         return (backward, options)
     }
-}
-
-/// The address ranges of the forward params' tensors and arrays (already validated), for overlap checks.
-private func forwardRanges(
-    _ p: flash_attention_params, entry: Entry, qType: ElementType, kvType: ElementType
-) throws(FlashAttentionError) -> [(String, AddressRange?)] {
-    let varlen = entry == .varlen
-    let batch = Int(p.batch), tensorBatch = varlen ? 1 : batch
-    let (sq, sk, hq, hk, d) = (Int(p.seqlen_q), Int(p.seqlen_k), Int(p.heads_q), Int(p.heads_kv), Int(p.head_dim))
-    let q = tensor4("q", p.q, qType, tensorBatch, sq, hq, d, p.q_batch_stride, p.q_row_stride, p.q_head_stride,
-                    p.q_dim_stride, ("", "", "", ""), ignoreBatch: varlen)
-    let out = tensor4("out", UnsafeRawPointer(p.out), qType, tensorBatch, sq, hq, d, p.out_batch_stride,
-                      p.out_row_stride, p.out_head_stride, p.out_dim_stride, ("", "", "", ""), ignoreBatch: varlen)
-    let k = tensor4("k", p.k, kvType, tensorBatch, sk, hk, d, p.k_batch_stride, p.k_row_stride, p.k_head_stride,
-                    p.k_dim_stride, ("", "", "", ""), ignoreBatch: varlen)
-    let v = tensor4("v", p.v, kvType, tensorBatch, sk, hk, d, p.v_batch_stride, p.v_row_stride, p.v_head_stride,
-                    p.v_dim_stride, ("", "", "", ""), ignoreBatch: varlen)
-    var ranges: [(String, AddressRange?)] = [
-        ("q", try q.validate()), ("k", try k.validate()), ("v", try v.validate()), ("out", try out.validate()),
-    ]
-    if let lse = p.lse {
-        let unit = Axis(size: 1, stride: 0, field: "")
-        let t = TensorArgument(
-            "lse", UnsafeRawPointer(lse), Axis(size: tensorBatch, stride: varlen ? 0 : Int(p.lse_batch_stride), field: ""),
-            Axis(size: hq, stride: Int(p.lse_head_stride), field: ""), Axis(size: sq, stride: Int(p.lse_row_stride), field: ""), unit)
-        ranges.append(("lse", try t.validate()))
-    }
-    for (name, pointer, count) in [("alibi_slopes", UnsafeRawPointer(p.alibi_slopes), hq * max(batch, 1)),
-                                   ("sinks", UnsafeRawPointer(p.sinks), hq),
-                                   ("cu_seqlens_q", UnsafeRawPointer(p.cu_seqlens_q), batch + 1),
-                                   ("cu_seqlens_k", UnsafeRawPointer(p.cu_seqlens_k), batch + 1)] where pointer != nil {
-        let address = UInt(bitPattern: pointer)
-        ranges.append((name, AddressRange(lower: address, upper: address + UInt(count * 4))))
-    }
-    return ranges
 }

@@ -104,15 +104,17 @@ def reference_kvcache_attention(q, k_cache, v_cache, cache_seqlens, k=None, v=No
 
 
 def reference_attention_backward(dout, q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                                 alibi_slopes=None, sinks=None):
+                                 alibi_slopes=None, sinks=None, out=None):
     """Analytic float64 gradients of reference_attention: (dq, dk, dv), plus dsinks when sinks is given.
 
     With S = q kᵀ · scale, S' = softcap·tanh(S/softcap) − ALiBi (masked to −inf), P = softmax([S', sink])
     and O = P v:  dv = Pᵀ dO;  dP = dO vᵀ;  D = rowsum(dO ∘ O);  dS' = P ∘ (dP − D);
     dS = dS' ∘ (1 − tanh²(S/softcap));  dq = dS k · scale;  dk = dSᵀ q · scale;  dsink = −Σ p_sink · D.
-    Grouped kv heads receive the sum over their query heads.
+    Grouped kv heads receive the sum over their query heads. `out`, when given, is the forward output as
+    stored (float16 or bfloat16 storage rounds it) and D is taken from it, as the library's backward does.
     """
     q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
+    stored_out = out
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     scale = 1.0 / np.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
@@ -148,6 +150,8 @@ def reference_attention_backward(dout, q, k, v, softmax_scale=None, causal=False
     dout_h = dout.transpose(0, 2, 1, 3)  # [b, h, q, d]
     dv = np.einsum("bhqk,bhqd->bkhd", p, dout_h)
     dp = np.einsum("bhqd,bkhd->bhqk", dout_h, vr)
+    if stored_out is not None:
+        out = np.asarray(stored_out, np.float64)
     d_row = np.einsum("bqhd,bqhd->bhq", dout, out)[..., None]
     ds = p * (dp - d_row)
     if softcap > 0:
