@@ -19,6 +19,9 @@ let package = Package(
     name: "FlashAttention",
     products: [
         .library(name: "FlashAttention", type: .dynamic, targets: ["FlashAttention"]),
+        // The same module for Swift packages (`import FlashAttention`, SwiftAPI.swift), linked into the client:
+        // the shared library exports only the C functions (exports.map), so the Swift API cannot come from it.
+        .library(name: "FlashAttentionSwift", targets: ["FlashAttention"]),
         .executable(name: "flash-attention", targets: ["flash-attention"]),
     ],
     targets: [

@@ -1,0 +1,401 @@
+import CFlashAttention
+
+/// The Swift API: typed tensors in, typed results out, `AttentionError` thrown. Each function checks what only
+/// Swift knows (that every array holds as many elements as the shapes it implies, since the C library trusts
+/// pointers), fills a `flash_attention_params` and calls the C entry point, which validates everything else
+/// and runs the kernels. Three layers, as in swift-system: this file → Exports.swift → the kernel driver.
+///
+///     let q = try AttentionTensor(batch: 1, seqlen: 128, heads: 8, headDim: 64, values: ...)
+///     let result = try Attention.forward(q: q, k: k, v: v, options: .init(causal: true))
+///     let grads = try Attention.backward(dout: dout, q: q, k: k, v: v, result: result, options: .init(causal: true))
+public enum Attention {
+    // MARK: Forward and backward
+
+    /// Exact attention softmax(Q Kᵀ · scale) V, computed tile by tile.
+    /// - Parameters:
+    ///   - q: [batch, seqlenQ, headsQ, headDim].
+    ///   - k, v: [batch, seqlenK, headsKV, headDim]; headsQ must be a multiple of headsKV (grouped-query
+    ///     attention: query head h reads kv head h / (headsQ / headsKV)).
+    /// - Returns: out, like q, and the LSE [batch, headsQ, seqlenQ] (cheap, and what `backward` needs).
+    public static func forward(
+        q: AttentionTensor, k: AttentionTensor, v: AttentionTensor, options: AttentionOptions = .init()
+    ) throws(AttentionError) -> AttentionResult {
+        try checkKeysValues(q: q, k: k, v: v, batch: q.batch)
+        var params = try makeParams(options, batch: q.batch, headsQ: q.heads)
+        setSizes(&params, q: q, k: k)
+        return try runForward(params, q: q, k: k, v: v, options: options, indices: []) { flash_attention_forward($0) }
+    }
+
+    /// Gradients of a loss L with respect to q, k and v (and the sinks), given dout = ∂L/∂out and the
+    /// forward's `result`, whose LSE lets the pass recompute the probabilities instead of storing them.
+    /// `options` must be those of the forward call.
+    public static func backward(
+        dout: AttentionTensor, q: AttentionTensor, k: AttentionTensor, v: AttentionTensor, result: AttentionResult,
+        options: AttentionOptions = .init()
+    ) throws(AttentionError) -> AttentionGradients {
+        try checkKeysValues(q: q, k: k, v: v, batch: q.batch)
+        var params = try makeParams(options, batch: q.batch, headsQ: q.heads)
+        setSizes(&params, q: q, k: k)
+        return try runBackward(params, dout: dout, q: q, k: k, v: v, result: result, options: options, indices: [])
+    }
+
+    // MARK: Variable-length batches
+
+    /// Attention over sequences of different lengths packed along the rows: q is [1, totalQ, headsQ,
+    /// headDim] and sequence b owns its rows cuSeqlensQ[b] ..< cuSeqlensQ[b + 1] (likewise k and v with
+    /// cuSeqlensK). Every option applies per sequence; alibiSlopes may be [batch, headsQ] with batch =
+    /// cuSeqlensQ.count − 1. The LSE is [headsQ, totalQ].
+    public static func forwardVarlen(
+        q: AttentionTensor, k: AttentionTensor, v: AttentionTensor, cuSeqlensQ: [Int], cuSeqlensK: [Int],
+        options: AttentionOptions = .init()
+    ) throws(AttentionError) -> AttentionResult {
+        let (cuQ, cuK) = try checkPacked(q: q, k: k, v: v, cuSeqlensQ: cuSeqlensQ, cuSeqlensK: cuSeqlensK)
+        var params = try makeParams(options, batch: cuQ.count - 1, headsQ: q.heads)
+        setSizes(&params, q: q, k: k)
+        params.batch = Int64(cuQ.count - 1)
+        return try runForward(params, q: q, k: k, v: v, options: options, indices: [cuQ, cuK]) {
+            flash_attention_forward_varlen($0)
+        }
+    }
+
+    /// The backward pass of `forwardVarlen`; arguments as there and in `backward`.
+    public static func backwardVarlen(
+        dout: AttentionTensor, q: AttentionTensor, k: AttentionTensor, v: AttentionTensor, result: AttentionResult,
+        cuSeqlensQ: [Int], cuSeqlensK: [Int], options: AttentionOptions = .init()
+    ) throws(AttentionError) -> AttentionGradients {
+        let (cuQ, cuK) = try checkPacked(q: q, k: k, v: v, cuSeqlensQ: cuSeqlensQ, cuSeqlensK: cuSeqlensK)
+        var params = try makeParams(options, batch: cuQ.count - 1, headsQ: q.heads)
+        setSizes(&params, q: q, k: k)
+        params.batch = Int64(cuQ.count - 1)
+        return try runBackward(
+            params, dout: dout, q: q, k: k, v: v, result: result, options: options, indices: [cuQ, cuK])
+    }
+
+    // MARK: KV cache
+
+    /// Attention of new queries against a KV cache (decoding, chunked prefill), optionally appending new keys
+    /// and values to it first.
+    /// - Parameters:
+    ///   - q: [batch, seqlenQ, headsQ, headDim].
+    ///   - kCache, vCache: [cacheBatch, cacheSeqlen, headsKV, headDim]; with `blockTable`, a paged cache
+    ///     [numBlocks, blockSize, headsKV, headDim]. Written only when `newK`/`newV` are given.
+    ///   - cacheSeqlens: [batch], the keys already cached per batch entry. Advance it yourself after an append.
+    ///   - newK, newV: [batch, seqlenNew, headsKV, headDim], written at positions cacheSeqlens[b] ... first.
+    ///   - cacheBatchIndex: [batch], which cache row each entry uses (contiguous cache only).
+    ///   - blockTable: batch rows of equal length: the blocks of each sequence, in order.
+    /// Entry b attends to cacheSeqlens[b] + seqlenNew keys, its seqlenK for causal and window alignment.
+    /// Every index is checked before anything is read or written; on error the cache is unchanged.
+    public static func forwardKVCache(
+        q: AttentionTensor, kCache: inout AttentionTensor, vCache: inout AttentionTensor, cacheSeqlens: [Int],
+        newK: AttentionTensor? = nil, newV: AttentionTensor? = nil, cacheBatchIndex: [Int]? = nil,
+        blockTable: [[Int]]? = nil, options: AttentionOptions = .init()
+    ) throws(AttentionError) -> AttentionResult {
+        guard kCache.shape == vCache.shape, kCache.headDim == q.headDim else {
+            throw .invalidShape("kCache \(kCache.shape) and vCache \(vCache.shape) must have one shape, with q's headDim (\(q.headDim))")
+        }
+        guard (newK == nil) == (newV == nil) else { throw .invalidArgument("newK and newV must be given together") }
+        if let newK, let newV {
+            guard newK.shape == newV.shape, newK.batch == q.batch, newK.heads == kCache.heads, newK.headDim == q.headDim else {
+                throw .invalidShape(
+                    "newK \(newK.shape) and newV \(newV.shape) must both be [\(q.batch), seqlenNew, \(kCache.heads), \(q.headDim)]")
+            }
+        }
+        let seqlens = try int32s(cacheSeqlens, "cacheSeqlens", count: q.batch)
+        let batchIndex = try cacheBatchIndex.map { (x) throws(AttentionError) in try int32s(x, "cacheBatchIndex", count: q.batch) }
+        var table: [Int32]? = nil
+        var params = try makeParams(options, batch: q.batch, headsQ: q.heads)
+        if let blockTable {
+            let width = blockTable.first?.count ?? 0
+            guard blockTable.count == q.batch, blockTable.allSatisfy({ $0.count == width }) else {
+                throw .invalidShape("blockTable must have \(q.batch) rows (q.batch) of one length")
+            }
+            table = try int32s(blockTable.flatMap { $0 }, "blockTable", count: q.batch * width)
+            (params.block_table_batch_stride, params.max_blocks_per_seq) = (Int64(width), Int64(width))
+        }
+        (params.batch, params.seqlen_q, params.heads_q) = (Int64(q.batch), Int64(q.seqlen), Int64(q.heads))
+        (params.heads_kv, params.head_dim) = (Int64(kCache.heads), Int64(q.headDim))
+        (params.cache_batch, params.cache_seqlen) = (Int64(kCache.batch), Int64(kCache.seqlen))
+        params.seqlen_new = Int64(newK?.seqlen ?? 0)
+        var out = AttentionTensor(batch: q.batch, seqlen: q.seqlen, heads: q.heads, headDim: q.headDim)
+        var lse = [Float](repeating: 0, count: q.batch * q.heads * q.seqlen)
+        let status = withAddresses([q.values, newK?.values, newV?.values, options.alibiSlopes, options.sinks]) { f in
+            withAddresses([seqlens, batchIndex, table]) { i in
+                kCache.withMutableValues { kp in
+                    vCache.withMutableValues { vp in
+                        out.withMutableValues { op in
+                            lse.withUnsafeMutableBufferPointer { lp in
+                                setPointers(&params, q: f[0], k: UnsafePointer(kp.baseAddress), v: UnsafePointer(vp.baseAddress),
+                                            out: op.baseAddress, lse: lp.baseAddress, alibi: f[3], sinks: f[4], shape: q)
+                                (params.k_new, params.v_new) = (UnsafeRawPointer(f[1]), UnsafeRawPointer(f[2]))
+                                if let newK {
+                                    (params.k_new_batch_stride, params.k_new_row_stride, params.k_new_head_stride) = strides(newK)
+                                    (params.v_new_batch_stride, params.v_new_row_stride, params.v_new_head_stride) = strides(newK)
+                                }
+                                (params.cache_seqlens, params.cache_batch_idx, params.block_table) = (i[0], i[1], i[2])
+                                return flash_attention_forward_kvcache(&params)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        try check(status)
+        return AttentionResult(out: out, lse: lse)
+    }
+
+    // MARK: Merging partial results
+
+    /// The exact attention over the union of two disjoint key sets, from the results over each (split-KV,
+    /// chunked prefill, ring attention). A side that saw no key (LSE −inf) contributes nothing.
+    public static func merge(_ a: AttentionResult, _ b: AttentionResult) throws(AttentionError) -> AttentionResult {
+        let shape = a.out.shape
+        let rows = a.out.batch * a.out.heads * a.out.seqlen
+        guard b.out.shape == shape, a.lse.count == rows, b.lse.count == rows else {
+            throw .invalidShape(
+                "results of shapes \(a.out.shape) and \(b.out.shape) with \(a.lse.count) and \(b.lse.count) LSE values"
+                    + " cannot be merged; both must be \(shape) with \(rows)")
+        }
+        var out = AttentionTensor(batch: a.out.batch, seqlen: a.out.seqlen, heads: a.out.heads, headDim: a.out.headDim)
+        var lse = [Float](repeating: 0, count: rows)
+        let (seqlen, heads, dim) = (a.out.seqlen, a.out.heads, a.out.headDim)
+        if rows == 0 { return AttentionResult(out: out, lse: lse) }
+        // One call per (batch, head): its rows are seqlen apart in lse and heads·dim apart in out.
+        let status = withAddresses([a.out.values, a.lse, b.out.values, b.lse]) { p in
+            out.withMutableValues { op in
+                lse.withUnsafeMutableBufferPointer { lp in
+                    for bh in 0..<(a.out.batch * heads) {
+                        let (outOffset, lseOffset) = ((bh / heads * seqlen * heads + bh % heads) * dim, bh * seqlen)
+                        // map: an empty out (headDim 0) may have no address; the library then names the error.
+                        let status = flash_attention_merge(
+                            Int64(seqlen), Int64(dim), p[0].map { $0 + outOffset }, Int64(heads * dim),
+                            p[1].map { $0 + lseOffset }, 1, p[2].map { $0 + outOffset }, Int64(heads * dim),
+                            p[3].map { $0 + lseOffset }, 1, op.baseAddress.map { $0 + outOffset }, Int64(heads * dim),
+                            lp.baseAddress.map { $0 + lseOffset }, 1)
+                        if status != FA_OK { return status }
+                    }
+                    return FA_OK
+                }
+            }
+        }
+        try check(status)
+        return AttentionResult(out: out, lse: lse)
+    }
+
+    // MARK: Library information
+
+    /// The library's "MAJOR.MINOR.PATCH".
+    public static var version: String { String(cString: flash_attention_version_string()) }
+    /// Bumped when an existing C declaration changes meaning or layout.
+    public static var abiVersion: Int { Int(flash_attention_abi_version()) }
+    /// The instruction set the tiled kernel uses here ("avx2+fma"), or "none" (reference path only).
+    public static var kernelISA: String { String(cString: flash_attention_kernel_isa()) }
+    /// The threads `numThreads = 0` stands for (the online cores).
+    public static var defaultThreadCount: Int { Int(flash_attention_default_num_threads()) }
+}
+
+// MARK: - Checks the C library cannot make
+
+extension Attention {
+    /// k and v must be [batch, seqlenK, headsKV, q.headDim]: the params carry one batch and one head_dim, so a
+    /// mismatch would make the library read past an array.
+    private static func checkKeysValues(
+        q: AttentionTensor, k: AttentionTensor, v: AttentionTensor, batch: Int
+    ) throws(AttentionError) {
+        guard k.shape == v.shape else { throw .invalidShape("v \(v.shape) must have the shape of k \(k.shape)") }
+        guard k.batch == batch, k.headDim == q.headDim else {
+            throw .invalidShape("k \(k.shape) must match q \(q.shape) in batch and headDim")
+        }
+    }
+
+    /// Packed tensors have batch 1; the offsets are int32 [batch + 1] for the C API.
+    private static func checkPacked(
+        q: AttentionTensor, k: AttentionTensor, v: AttentionTensor, cuSeqlensQ: [Int], cuSeqlensK: [Int]
+    ) throws(AttentionError) -> ([Int32], [Int32]) {
+        guard q.batch == 1 else { throw .invalidShape("packed q must have batch 1 (rows along seqlen), got \(q.shape)") }
+        try checkKeysValues(q: q, k: k, v: v, batch: 1)
+        guard !cuSeqlensQ.isEmpty else { throw .invalidShape("cuSeqlensQ must have batch + 1 >= 1 elements") }
+        return (try int32s(cuSeqlensQ, "cuSeqlensQ", count: cuSeqlensQ.count),
+                try int32s(cuSeqlensK, "cuSeqlensK", count: cuSeqlensQ.count))
+    }
+
+    /// An index array as the int32 values the C API reads, after checking its count.
+    private static func int32s(_ values: [Int], _ name: String, count: Int) throws(AttentionError) -> [Int32] {
+        guard values.count == count else { throw .invalidShape("\(name) must have \(count) elements, got \(values.count)") }
+        var result = [Int32]()
+        result.reserveCapacity(count)
+        for (i, x) in values.enumerated() {
+            guard let narrow = Int32(exactly: x) else { throw .invalidIndex("\(name)[\(i)] (\(x)) does not fit in int32") }
+            result.append(narrow)
+        }
+        return result
+    }
+
+    // MARK: - Params
+
+    /// The library's defaults with `options` applied; checks the option arrays' counts, which the params
+    /// imply but cannot carry.
+    private static func makeParams(
+        _ options: AttentionOptions, batch: Int, headsQ: Int
+    ) throws(AttentionError) -> flash_attention_params {
+        var params = flash_attention_params()
+        try check(flash_attention_params_init(&params, MemoryLayout<flash_attention_params>.size))
+        if let scale = options.scale {
+            // 0 would silently mean the default in C; nil says that here.
+            guard scale != 0 else { throw .invalidArgument("scale (0.0) must be nonzero; nil means 1/sqrt(headDim)") }
+            params.softmax_scale = scale
+        }
+        params.causal = options.causal ? 1 : 0
+        (params.window_left, params.window_right) = (Int64(options.windowLeft ?? -1), Int64(options.windowRight ?? -1))
+        params.softcap = options.softcap ?? 0
+        params.num_threads = Int32(clamping: options.numThreads)
+        params.algorithm =
+            switch options.algorithm {
+            case .auto: FA_ALGORITHM_AUTO
+            case .reference: FA_ALGORITHM_REFERENCE
+            case .tiled: FA_ALGORITHM_TILED
+            }
+        if let slopes = options.alibiSlopes {
+            if slopes.count == headsQ {
+                params.alibi_batch_stride = 0
+            } else if slopes.count == batch * headsQ {
+                params.alibi_batch_stride = Int64(headsQ)
+            } else {
+                throw .invalidShape("alibiSlopes has \(slopes.count) elements; it must be [headsQ] (\(headsQ)) or [batch, headsQ] (\(batch * headsQ))")
+            }
+        }
+        if let sinks = options.sinks, sinks.count != headsQ {
+            throw .invalidShape("sinks has \(sinks.count) elements; it must be [headsQ] (\(headsQ))")
+        }
+        return params
+    }
+
+    private static func setSizes(_ params: inout flash_attention_params, q: AttentionTensor, k: AttentionTensor) {
+        (params.batch, params.seqlen_q, params.seqlen_k) = (Int64(q.batch), Int64(q.seqlen), Int64(k.seqlen))
+        (params.heads_q, params.heads_kv, params.head_dim) = (Int64(q.heads), Int64(k.heads), Int64(q.headDim))
+    }
+
+    /// Element strides (batch, row, head) of a dense [batch, seqlen, heads, headDim] tensor.
+    private static func strides(_ t: AttentionTensor) -> (Int64, Int64, Int64) {
+        (Int64(t.seqlen * t.heads * t.headDim), Int64(t.heads * t.headDim), Int64(t.headDim))
+    }
+
+    /// Points the params at q, k, v, out (all dense, out shaped like q, k like v) and a dense [batch, heads,
+    /// seqlen] LSE, plus the option arrays.
+    private static func setPointers(
+        _ params: inout flash_attention_params, q qPointer: UnsafePointer<Float>?, k: UnsafePointer<Float>?,
+        v: UnsafePointer<Float>?, out: UnsafeMutablePointer<Float>?, lse: UnsafeMutablePointer<Float>?,
+        alibi: UnsafePointer<Float>?, sinks: UnsafePointer<Float>?, shape q: AttentionTensor, kv: AttentionTensor? = nil
+    ) {
+        (params.q, params.out, params.lse) = (UnsafeRawPointer(qPointer), UnsafeMutableRawPointer(out), lse)
+        (params.q_batch_stride, params.q_row_stride, params.q_head_stride) = strides(q)
+        (params.out_batch_stride, params.out_row_stride, params.out_head_stride) = strides(q)
+        (params.lse_batch_stride, params.lse_head_stride, params.lse_row_stride) = (Int64(q.heads * q.seqlen), Int64(q.seqlen), 1)
+        (params.k, params.v) = (UnsafeRawPointer(k), UnsafeRawPointer(v))
+        // Without kv, k and v are a KV cache: [cacheBatch, cacheSeqlen, headsKV, headDim].
+        let (cacheRows, heads, dim) = (Int64(params.cache_seqlen), params.heads_kv, params.head_dim)
+        let kvStrides = kv.map(strides) ?? (cacheRows * heads * dim, heads * dim, dim)
+        (params.k_batch_stride, params.k_row_stride, params.k_head_stride) = kvStrides
+        (params.v_batch_stride, params.v_row_stride, params.v_head_stride) = kvStrides
+        (params.alibi_slopes, params.sinks) = (alibi, sinks)
+    }
+
+    // MARK: - Calls
+
+    /// Pins q, k, v and the option and index arrays, allocates out and the LSE, and calls `entry`.
+    private static func runForward(
+        _ params: flash_attention_params, q: AttentionTensor, k: AttentionTensor, v: AttentionTensor,
+        options: AttentionOptions, indices: [[Int32]],
+        entry: (UnsafePointer<flash_attention_params>) -> flash_attention_status
+    ) throws(AttentionError) -> AttentionResult {
+        var params = params
+        var out = AttentionTensor(batch: q.batch, seqlen: q.seqlen, heads: q.heads, headDim: q.headDim)
+        var lse = [Float](repeating: 0, count: q.batch * q.heads * q.seqlen)
+        let status = withAddresses([q.values, k.values, v.values, options.alibiSlopes, options.sinks]) { f in
+            withAddresses(indices + [nil, nil]) { i in
+                out.withMutableValues { op in
+                    lse.withUnsafeMutableBufferPointer { lp in
+                        setPointers(&params, q: f[0], k: f[1], v: f[2], out: op.baseAddress, lse: lp.baseAddress,
+                                    alibi: f[3], sinks: f[4], shape: q, kv: k)
+                        (params.cu_seqlens_q, params.cu_seqlens_k) = (i[0], i[1])
+                        return entry(&params)
+                    }
+                }
+            }
+        }
+        try check(status)
+        return AttentionResult(out: out, lse: lse)
+    }
+
+    /// Pins the forward's inputs and result and dout, allocates the gradients and calls the backward entry.
+    private static func runBackward(
+        _ params: flash_attention_params, dout: AttentionTensor, q: AttentionTensor, k: AttentionTensor,
+        v: AttentionTensor, result: AttentionResult, options: AttentionOptions, indices: [[Int32]]
+    ) throws(AttentionError) -> AttentionGradients {
+        guard dout.shape == q.shape, result.out.shape == q.shape else {
+            throw .invalidShape("dout \(dout.shape) and result.out \(result.out.shape) must have the shape of q \(q.shape)")
+        }
+        guard result.lse.count == q.batch * q.heads * q.seqlen else {
+            throw .invalidShape("result.lse has \(result.lse.count) elements; q \(q.shape) needs \(q.batch * q.heads * q.seqlen)")
+        }
+        var forward = params
+        var dq = AttentionTensor(batch: q.batch, seqlen: q.seqlen, heads: q.heads, headDim: q.headDim)
+        var dk = AttentionTensor(batch: k.batch, seqlen: k.seqlen, heads: k.heads, headDim: k.headDim)
+        var dv = dk
+        var dsinks = [Float](repeating: 0, count: options.sinks == nil ? 0 : q.heads)
+        let inputs: [[Float]?] = [q.values, k.values, v.values, options.alibiSlopes, options.sinks, result.out.values, result.lse, dout.values]
+        let status = withAddresses(inputs) { f in
+            withAddresses(indices + [nil, nil]) { i in
+                dq.withMutableValues { dqp in
+                    dk.withMutableValues { dkp in
+                        dv.withMutableValues { dvp in
+                            dsinks.withUnsafeMutableBufferPointer { dsp in
+                                // The library only reads out and lse of the forward params here.
+                                setPointers(&forward, q: f[0], k: f[1], v: f[2], out: UnsafeMutablePointer(mutating: f[5]),
+                                            lse: UnsafeMutablePointer(mutating: f[6]), alibi: f[3], sinks: f[4], shape: q, kv: k)
+                                (forward.cu_seqlens_q, forward.cu_seqlens_k) = (i[0], i[1])
+                                var backward = flash_attention_backward_params()
+                                let initStatus = flash_attention_backward_params_init(
+                                    &backward, MemoryLayout<flash_attention_backward_params>.size)
+                                guard initStatus == FA_OK else { return initStatus }
+                                return withUnsafePointer(to: &forward) { forwardPointer in
+                                    backward.forward = forwardPointer
+                                    backward.dout = UnsafeRawPointer(f[7])
+                                    (backward.dout_batch_stride, backward.dout_row_stride, backward.dout_head_stride) = strides(q)
+                                    backward.dq = UnsafeMutableRawPointer(dqp.baseAddress)
+                                    (backward.dq_batch_stride, backward.dq_row_stride, backward.dq_head_stride) = strides(q)
+                                    backward.dk = UnsafeMutableRawPointer(dkp.baseAddress)
+                                    (backward.dk_batch_stride, backward.dk_row_stride, backward.dk_head_stride) = strides(k)
+                                    backward.dv = UnsafeMutableRawPointer(dvp.baseAddress)
+                                    (backward.dv_batch_stride, backward.dv_row_stride, backward.dv_head_stride) = strides(k)
+                                    backward.dsinks = options.sinks == nil ? nil : dsp.baseAddress
+                                    return flash_attention_backward(&backward)
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        try check(status)
+        return AttentionGradients(dq: dq, dk: dk, dv: dv, dsinks: options.sinks == nil ? nil : dsinks)
+    }
+
+    /// Turns a status into `AttentionError` with the calling thread's last-error message.
+    private static func check(_ status: flash_attention_status) throws(AttentionError) {
+        guard status != FA_OK else { return }
+        throw AttentionError(status: status, message: String(cString: flash_attention_last_error()))
+    }
+}
+
+/// Calls `body` with the base address of each array (nil for a nil array), all valid until `body` returns.
+/// The recursion keeps a dozen nested `withUnsafeBufferPointer` closures out of the call sites.
+private func withAddresses<T, R>(
+    _ arrays: [[T]?], _ body: ([UnsafePointer<T>?]) -> R
+) -> R {
+    func pin(_ rest: ArraySlice<[T]?>, _ pinned: [UnsafePointer<T>?]) -> R {
+        guard let first = rest.first else { return body(pinned) }
+        guard let array = first else { return pin(rest.dropFirst(), pinned + [nil]) }
+        return array.withUnsafeBufferPointer { pin(rest.dropFirst(), pinned + [$0.baseAddress]) }
+    }
+    return pin(arrays[...], [])
+}

@@ -1,0 +1,13 @@
+// swift-tools-version: 6.2
+import PackageDescription
+
+let package = Package(
+    name: "attention-example",
+    dependencies: [.package(name: "FlashAttention", path: "../..")],
+    targets: [
+        .executableTarget(
+            name: "attention-example",
+            dependencies: [.product(name: "FlashAttentionSwift", package: "FlashAttention")]
+        )
+    ]
+)
