@@ -12,7 +12,22 @@ BUILD := .build/release
 LIB := $(BUILD)/libFlashAttention.so
 TMP := .build/c-tests
 
-.PHONY: build demo test test-swift test-c test-python test-sanitizers deps bench clean
+# `make install` (GNU conventions: PREFIX, DESTDIR, LIBDIR, INCLUDEDIR). The installed library links the Swift
+# runtime statically, so it runs without the toolchain; it is built in a scratch folder of its own so the
+# everyday .build/ stays a normal dynamic-stdlib build.
+PREFIX ?= /usr/local
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+DESTDIR ?=
+INSTALL_BUILD := .build-install/release
+# The version is the header's (FA_VERSION_*), so the file names cannot drift from what the library reports.
+FA_MAJOR := $(shell sed -nE 's/^\#define FA_VERSION_MAJOR ([0-9]+).*/\1/p' include/flash_attention.h)
+FA_MINOR := $(shell sed -nE 's/^\#define FA_VERSION_MINOR ([0-9]+).*/\1/p' include/flash_attention.h)
+FA_PATCH := $(shell sed -nE 's/^\#define FA_VERSION_PATCH ([0-9]+).*/\1/p' include/flash_attention.h)
+FA_VERSION := $(FA_MAJOR).$(FA_MINOR).$(FA_PATCH)
+SONAME := libFlashAttention.so.$(FA_MAJOR)
+
+.PHONY: build demo test test-swift test-c test-install test-wheel test-python test-sanitizers deps bench clean build-install install uninstall
 
 build:
 	$(SWIFT) build -c release
@@ -24,11 +39,13 @@ demo: build
 deps:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r bindings/python/requirements-test.txt
 
-test: deps build test-c test-python test-swift test-sanitizers
+test: deps build test-c test-install test-wheel test-python test-swift test-sanitizers
 	@echo "all tests passed"
 
+# The package's tests, then examples/swift: another SwiftPM package that depends on this one by path.
 test-swift:
 	$(SWIFT) test -c release
+	cd examples/swift && $(SWIFT) build -c release && .build/release/attention-example
 
 # The header alone as C99 and C++17 with warnings as errors; a dlopen client checked against a naive C
 # loop; 8 pthreads calling at once, then dlclose/dlopen; and the exported symbol list, which must hold
@@ -44,6 +61,44 @@ test-c: build
 	@exports=$$(nm -D --defined-only --extern-only $(LIB) | awk '{print $$3}' | grep -v '^flash_attention_'); \
 	if [ -n "$$exports" ]; then echo "unexpected exported symbols:"; echo "$$exports"; exit 1; fi; \
 	echo "ok: $(LIB) exports only flash_attention_* ($$(nm -D --defined-only --extern-only $(LIB) | wc -l) symbols)"
+
+# The static-stdlib library for `make install`. SwiftPM cannot set a SONAME, so the linker gets one here: programs
+# then record libFlashAttention.so.MAJOR and keep working across MINOR/PATCH upgrades.
+build-install:
+	$(SWIFT) build -c release -Xswiftc -static-stdlib -Xlinker -soname -Xlinker $(SONAME) \
+		--scratch-path .build-install --product FlashAttention
+
+# The header, libFlashAttention.so.MAJOR.MINOR.PATCH with its .so.MAJOR (runtime) and .so (link time) links,
+# and a pkg-config file. The .pc holds PREFIX without DESTDIR (DESTDIR is only a staging root for packagers).
+install: build-install
+	@test -n "$(FA_MAJOR)" -a -n "$(FA_MINOR)" -a -n "$(FA_PATCH)" || { echo "cannot read FA_VERSION_* from include/flash_attention.h"; exit 1; }
+	install -d "$(DESTDIR)$(INCLUDEDIR)" "$(DESTDIR)$(LIBDIR)/pkgconfig"
+	install -m 644 include/flash_attention.h "$(DESTDIR)$(INCLUDEDIR)/flash_attention.h"
+	install -m 755 $(INSTALL_BUILD)/libFlashAttention.so "$(DESTDIR)$(LIBDIR)/libFlashAttention.so.$(FA_VERSION)"
+	ln -sf libFlashAttention.so.$(FA_VERSION) "$(DESTDIR)$(LIBDIR)/$(SONAME)"
+	ln -sf $(SONAME) "$(DESTDIR)$(LIBDIR)/libFlashAttention.so"
+	printf '%s\n' 'prefix=$(PREFIX)' 'libdir=$(patsubst $(PREFIX)/%,$${prefix}/%,$(LIBDIR))' \
+		'includedir=$(patsubst $(PREFIX)/%,$${prefix}/%,$(INCLUDEDIR))' '' \
+		'Name: flash-attention' 'Description: Exact FlashAttention-style attention on the CPU (C ABI)' \
+		'Version: $(FA_VERSION)' 'Libs: -L$${libdir} -lFlashAttention' 'Cflags: -I$${includedir}' \
+		> "$(DESTDIR)$(LIBDIR)/pkgconfig/flash-attention.pc"
+	chmod 644 "$(DESTDIR)$(LIBDIR)/pkgconfig/flash-attention.pc"
+
+# Removes exactly what `install` wrote (same PREFIX/DESTDIR/LIBDIR/INCLUDEDIR); folders are left in place.
+uninstall:
+	rm -f "$(DESTDIR)$(INCLUDEDIR)/flash_attention.h" "$(DESTDIR)$(LIBDIR)/libFlashAttention.so.$(FA_VERSION)" \
+		"$(DESTDIR)$(LIBDIR)/$(SONAME)" "$(DESTDIR)$(LIBDIR)/libFlashAttention.so" \
+		"$(DESTDIR)$(LIBDIR)/pkgconfig/flash-attention.pc"
+
+# Installs into .build/install-test, builds examples/c/attention.c with nothing but pkg-config's flags, runs it
+# with the toolchain out of reach, checks SONAME/NEEDED/ldd, then uninstalls (see the script).
+test-install:
+	bash Tests/install/test_install.sh
+
+# pip builds the wheel (static Swift stdlib, in .build-install like `make install`, so CI compiles it once),
+# installs it into a fresh venv and runs it without the toolchain (see the script).
+test-wheel:
+	FLASH_ATTENTION_SCRATCH_PATH=$(CURDIR)/.build-install bash Tests/packaging/test_wheel.sh
 
 # The Swift tests under AddressSanitizer (with LeakSanitizer) and ThreadSanitizer, each in its own build
 # folder. The suppressions cover the XCTest runner's own leaks and TSan's blindness to swift_once (see the

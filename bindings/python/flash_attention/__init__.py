@@ -1,5 +1,6 @@
 """FlashAttention for CPUs: exact tiled attention from a Swift C-ABI library, called through ctypes."""
 
+from ._version import __version__
 from .api import (
     flash_attn_backward,
     flash_attn_func,
