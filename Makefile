@@ -114,6 +114,7 @@ test-python: build
 
 # Side-by-side benchmark (numpy always; PyTorch if importable: pip install torch==2.13.0).
 bench: build
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	$(PYTHON) bench/bench.py
 
 clean:

@@ -2,13 +2,15 @@
 """Side-by-side benchmark: this library vs numpy's materialised attention vs PyTorch's CPU SDPA.
 
 Usage: python3 bench/bench.py [--quick] [--threads 1,2] [--sections prefill,backward,...] [--out bench/out]
+                              [--plot PATH | --no-plot]
 
 Every measurement runs in its own subprocess with the BLAS/OpenMP thread count set in its environment:
 idle OpenBLAS threads spin and would steal a core from whatever runs next in the same process. Each cell
 is the median of several timed calls after a warm-up. FLOPs are 4·b·h·s_q·s_k·d, halved for causal when
 s_q = s_k; a backward pass counts 2.5× its forward's (five products instead of two). "% peak" is relative to a float32 sgemm (numpy/OpenBLAS, 2048³) measured in the same run at
 the same thread count. Prints a table, and writes <out>/results.json, bench/RESULTS.md (the generated
-part) and, when matplotlib is importable, <out>/bench.png.
+part) and, when matplotlib is importable, bench/results.png (--plot PATH elsewhere, --no-plot not at all). While
+it runs, a one-line `[i/n] section shape ...` progress indicator is drawn on stderr when stderr is a terminal.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import pathlib
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -336,8 +339,29 @@ def small_call_c():
     return float(out.split()[0]) if out else None
 
 
-def progress(step, total, text):
-    print(f"[{step}/{total}] {text}", flush=True)
+class Progress:
+    """The one-line `[i/n] section shape ...` indicator on stderr, one step per measured cell. Drawn only when
+    stderr is a terminal, so that logs and pipes receive the report alone; cut to the terminal's width, since a
+    wrapped line cannot be redrawn in place with `\\r`."""
+
+    def __init__(self, total):
+        self.total, self.step, self.drawn = total, 0, 0
+        self.enabled = sys.stderr.isatty()
+
+    def advance(self, section, text):
+        self.step += 1
+        if not self.enabled:
+            return
+        line = f"[{self.step}/{self.total}] {section} {text} ..."[:shutil.get_terminal_size().columns - 1]
+        sys.stderr.write("\r" + line.ljust(self.drawn))
+        sys.stderr.flush()
+        self.drawn = len(line)
+
+    def clear(self):
+        if self.drawn:
+            sys.stderr.write("\r" + " " * self.drawn + "\r")
+            sys.stderr.flush()
+            self.drawn = 0
 
 
 def main():
@@ -349,6 +373,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="prefill shapes only, fewer repetitions")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    parser.add_argument("--plot", default=str(ROOT / "bench" / "results.png"), metavar="PATH",
+                        help="where the PNG goes when matplotlib is importable (default: bench/results.png)")
+    parser.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="write no PNG")
     args = parser.parse_args()
     if args.serve:
         return serve(args.impl, int(args.threads), args.layout)
@@ -361,12 +388,11 @@ def main():
     cells = [(shape, causal, t) for shape in PREFILL for causal in (False, True) for t in thread_counts]
     if "prefill" not in sections:
         cells = []
-    total = (len(thread_counts) + len(cells) * len(impls) + len(LONG) * ("long" in sections)
-             + len(SWEEP) * 2 * ("sweep" in sections) + 2 * ("small" in sections)
-             + len(thread_counts) * (len(DECODE) + 2) * ("inference" in sections)
-             + len(thread_counts) * 2 * ("half" in sections)
-             + len(thread_counts) * len(BACKWARD) * ("backward" in sections))
-    step = 0
+    progress = Progress(len(thread_counts) + len(cells) + len(LONG) * ("long" in sections)
+                        + len(SWEEP) * 2 * ("sweep" in sections) + 2 * ("small" in sections)
+                        + len(thread_counts) * (len(DECODE) + 2) * ("inference" in sections)
+                        + len(thread_counts) * 2 * ("half" in sections)
+                        + len(thread_counts) * len(BACKWARD) * ("backward" in sections))
     results = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "threads": thread_counts,
                "layout": args.layout, "torch": have_torch, "command": " ".join(["python3", "bench/bench.py"] + sys.argv[1:]),
                "peak": {}, "prefill": [], "long": [], "sweep": [], "small_call": {}, "decode": [], "window": [],
@@ -377,8 +403,7 @@ def main():
         results["torch_version"] = importlib.metadata.version("torch")
     print(f"CPU: {results['cpu']}; torch: {'yes ' + results.get('torch_version', '') if have_torch else 'not importable'}")
     for t in thread_counts:
-        step += 1
-        progress(step, total, f"sgemm peak, {t} thread(s)")
+        progress.advance("peak", f"sgemm 2048³ {t}T")
         results["peak"][t] = measure("numpy", t, "sgemm", [], reps=reps)["gflops"]
 
     for t in thread_counts:
@@ -387,8 +412,7 @@ def main():
         if have_torch:
             paired["torch"] = Worker("torch", t)
         for shape, causal, threads in [c for c in cells if c[2] == t]:
-            step += len(impls)
-            progress(step, total, f"{shape} causal={causal} threads={t}: {', '.join(impls)}")
+            progress.advance("prefill", f"{shape} {'causal' if causal else 'non-causal'} {t}T: {', '.join(impls)}")
             row = {"shape": shape, "causal": causal, "threads": t}
             cell = [*shape, int(causal)]
             measured = measure_interleaved(paired, "prefill", cell, rounds=3, reps_per_round=max(1, reps // 3))
@@ -402,8 +426,7 @@ def main():
 
     if "long" in sections:
         for shape, causal in LONG:
-            step += 1
-            progress(step, total, f"flash long context {shape} causal={causal}")
+            progress.advance("long", f"{shape} {'causal' if causal else 'non-causal'} {thread_counts[-1]}T")
             r = measure("flash", thread_counts[-1], "prefill", [*shape, int(causal)], reps=1)
             b, hq, hk, s, d = shape
             tensors_mib = 4 * (2 * b * s * hq * d + 2 * b * s * hk * d) / 2**20
@@ -415,20 +438,17 @@ def main():
             shape = (1, 8, 8, s, 64)
             entry = {"seqlen": s}
             for impl in ("flash", "numpy"):
-                step += 1
-                progress(step, total, f"{impl} sweep {shape}")
+                progress.advance("sweep", f"{shape} {impl} {thread_counts[-1]}T")
                 r = measure(impl, thread_counts[-1], "prefill", [*shape, 0], reps=3)
                 entry[impl] = r.get("gflops")
                 entry[impl + "_peak_rss_mib"] = r["rss_after_kib"] / 1024
             results["sweep"].append(entry)
     if "inference" in sections:
         for t in thread_counts:
-            step += 1
-            progress(step, total, f"copy bandwidth, {t} thread(s)")
+            progress.advance("inference", f"copy bandwidth {t}T")
             copy = measure("numpy", t, "copy", [COPY_BYTES], reps=reps)
             for shape in DECODE:
-                step += 1
-                progress(step, total, f"decode {shape} threads={t}: flash, flash paged-16, torch, numpy")
+                progress.advance("inference", f"decode {shape} {t}T: flash, flash paged-16, torch, numpy")
                 workers = {"flash": (Worker("flash", t), "decode", [*shape, 0]),
                            "paged": (Worker("flash", t), "decode", [*shape, 16])}
                 if have_torch:
@@ -441,9 +461,8 @@ def main():
                 for name, r in measured.items():
                     row[name + "_gbps"], row[name + "_ms"] = r["gflops"], r["median_s"] * 1e3
                 results["decode"].append(row)
-            step += 1
             b, h, s, d, window = WINDOW
-            progress(step, total, f"sliding window {window} over {s} tokens vs full {window}-token attention, threads={t}")
+            progress.advance("inference", f"sliding window {window} over {(b, h, h, s, d)} vs full {window}-token, {t}T")
             worker = Worker("flash", t, args.layout)
             measured = measure_interleaved(
                 {"window": (worker, "window", [b, h, s, d, window]),
@@ -455,8 +474,8 @@ def main():
     if "half" in sections:
         for t in thread_counts:
             for kind, case, base in (("prefill", "prefill", [*HALF_PREFILL, 0]), ("decode", "decode", [*HALF_DECODE, 0])):
-                step += 1
-                progress(step, total, f"half precision {kind} threads={t}: float32, float16, bfloat16")
+                progress.advance("half", f"{kind} {HALF_PREFILL if kind == 'prefill' else HALF_DECODE} {t}T:"
+                                 " float32, float16, bfloat16")
                 workers = {code: (Worker("flash", t, args.layout), case, base + [code]) for code in DTYPE_NAMES}
                 measured = measure_interleaved(workers, None, None, rounds=3, reps_per_round=max(1, reps // 3))
                 for entry in workers.values():
@@ -472,9 +491,8 @@ def main():
             if have_torch:
                 workers["torch"] = Worker("torch", t)
             for shape, causal in BACKWARD:
-                step += 1
-                progress(step, total, f"backward {shape} causal={causal} threads={t}: flash forward, flash backward"
-                         + (", torch backward" if have_torch else ""))
+                progress.advance("backward", f"{shape} {'causal' if causal else 'non-causal'} {t}T: flash forward,"
+                                 " flash backward" + (", torch backward" if have_torch else ""))
                 cell = [*shape, int(causal)]
                 entries = {name: (w, "prefill" if name == "forward" else "backward", cell) for name, w in workers.items()}
                 measured = measure_interleaved(entries, None, None, rounds=3, reps_per_round=max(1, reps // 3))
@@ -485,16 +503,15 @@ def main():
             for worker in workers.values():
                 worker.close()
     if "small" in sections:
-        step += 1
-        progress(step, total, "small call from C")
+        progress.advance("small", "(1, 1, 1, 1, 64) from C")
         results["small_call"]["c_us"] = (small_call_c() or float("nan")) / 1000
-        step += 1
-        progress(step, total, "small call through Python")
+        progress.advance("small", "(1, 1, 1, 1, 64) through Python")
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
         out = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); "
                               "import bench; print(bench.small_call_python())"], env=env, capture_output=True, text=True)
         results["small_call"]["python_us"] = float(out.stdout.strip() or "nan")
 
+    progress.clear()
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
@@ -502,7 +519,8 @@ def main():
     print("\n" + report)
     if not args.quick and sections == set(SECTIONS):
         write_results_md(report)
-    plot(results, out_dir)
+    if args.plot:
+        plot(results, pathlib.Path(args.plot))
 
 
 def fmt(x, digits=1):
@@ -590,27 +608,90 @@ def write_results_md(report):
     path.write_text(f"{head}{MARK_BEGIN}\n{report}\n{MARK_END}{tail}")
 
 
-def plot(results, out_dir):
+def by_threads(rows):
+    """[(thread count, its rows)] in increasing thread count."""
+    return [(t, [r for r in rows if r["threads"] == t]) for t in sorted({r["threads"] for r in rows})]
+
+
+def cell_label(row):
+    return ",".join(map(str, row["shape"])) + ("" if "causal" not in row else "\ncausal" if row["causal"] else "\nnon-causal")
+
+
+def bar_panels(results):
+    """The grouped-bar panels that the measured sections fill, prefill first: (title, y label, group labels,
+    {series: values}), one panel per thread count. Ratios and times of unequal shapes would not share an axis,
+    so every panel is a rate (higher is better)."""
+    panels = [(f"prefill forward, {t} thread(s)", "GFLOP/s", [cell_label(r) for r in rows],
+               {name: [r.get(key) for r in rows] for name, key in (("this library", "flash"), ("torch", "torch"),
+                                                                   ("numpy", "numpy"))})
+              for t, rows in by_threads(results.get("prefill", []))]
+    for t, rows in by_threads(results.get("backward", [])):
+        mflop = [flops(r["shape"], r["causal"]) / 1e6 for r in rows]  # MFLOP per ms = GFLOP/s
+        panels.append((f"backward, {t} thread(s), counted as 2.5× the forward's FLOPs", "GFLOP/s",
+                       [cell_label(r) for r in rows],
+                       {"this library forward": [w / r["forward_ms"] for w, r in zip(mflop, rows)],
+                        "this library backward": [2.5 * w / r["backward_ms"] for w, r in zip(mflop, rows)],
+                        "torch backward": [2.5 * w / r["torch_ms"] if r.get("torch_ms") else None
+                                           for w, r in zip(mflop, rows)]}))
+    for t, rows in by_threads(results.get("decode", [])):
+        panels.append((f"decode (one query, K/V cache read), {t} thread(s)", "GB/s", [cell_label(r) for r in rows],
+                       {name: [r.get(key + "_gbps") for r in rows] for name, key in (
+                           ("this library", "flash"), ("this library, paged-16", "paged"), ("torch", "torch"),
+                           ("numpy", "numpy"), ("memory copy", "copy"))}))
+    if results.get("half"):
+        rows = results["half"]
+        panels.append(("half-precision storage: speed relative to float32", "× float32 speed",
+                       [f"{r['kind']}\n{r['threads']} thread(s)" for r in rows],
+                       {name: [r["float32_ms"] / r[name + "_ms"] for r in rows] for name in ("float32", "float16", "bfloat16")}))
+    return panels
+
+
+def plot(results, path):
+    """Writes one PNG: a grouped bar chart per panel of bar_panels, then the sequence sweep (GFLOP/s and peak
+    memory) when it was measured."""
     try:
         import matplotlib
 
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError as error:
+        print(f"plot skipped: matplotlib is not importable ({error})")
         return
-    if not results["sweep"]:
+    panels = bar_panels(results)
+    rows = len(panels) + bool(results.get("sweep"))
+    if not rows:
+        print("plot skipped: none of the measured sections has a plot (prefill, backward, inference, half, sweep)")
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    seqlens = [r["seqlen"] for r in results["sweep"]]
-    for impl in ("flash", "numpy"):
-        left.plot(seqlens, [r[impl] for r in results["sweep"]], marker="o", label=impl)
-        right.plot(seqlens, [r[impl + "_peak_rss_mib"] for r in results["sweep"]], marker="o", label=impl)
-    left.set(xscale="log", xlabel="seqlen", ylabel="GFLOP/s", title="(1, 8, 8, s, 64), non-causal")
-    right.set(xscale="log", yscale="log", xlabel="seqlen", ylabel="peak RSS (MiB)", title="peak memory")
-    left.legend()
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "bench.png", dpi=100)
+    fig = plt.figure(figsize=(14, 3.8 * rows), layout="constrained")
+    grid = fig.add_gridspec(rows, 2)
+    fig.suptitle(f"{results['cpu']}, {results['date']}: float32 unless stated; bars: higher is better")
+    for i, (title, ylabel, groups, series) in enumerate(panels):
+        ax = fig.add_subplot(grid[i, :])
+        series = {name: values for name, values in series.items() if any(v is not None for v in values)}
+        width = 0.8 / len(series)
+        for k, (name, values) in enumerate(series.items()):
+            offsets = [g + (k - (len(series) - 1) / 2) * width for g in range(len(groups))]
+            ax.bar(offsets, [float("nan") if v is None else v for v in values], width, label=name)
+        ax.set_xticks(range(len(groups)), groups, fontsize=8)
+        ax.set(title=title, ylabel=ylabel)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))  # outside: bars fill the whole panel
+    if results.get("sweep"):
+        seqlens = [r["seqlen"] for r in results["sweep"]]
+        for column, (suffix, ylabel, title) in enumerate((
+                ("", "GFLOP/s", "sweep (1, 8, 8, s, 64), non-causal"),
+                ("_peak_rss_mib", "peak RSS (MiB)", "sweep: peak memory (lower is better)"))):
+            ax = fig.add_subplot(grid[rows - 1, column])
+            for impl, name in (("flash", "this library"), ("numpy", "numpy")):
+                ax.plot(seqlens, [r[impl + suffix] for r in results["sweep"]], marker="o", label=name)
+            ax.set(xscale="log", yscale="log" if suffix else "linear", xlabel="seqlen", ylabel=ylabel, title=title)
+            ax.set_xticks(seqlens, [str(n) for n in seqlens])
+            ax.minorticks_off()
+            ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,14 @@ import CFlashAttention
 import FlashAttention
 import Glibc
 
-/// `flash-attention demo | info`: the walkthrough plus one realistic-size run, or what the library is.
+/// `flash-attention demo | bench | info`: the walkthrough plus one realistic-size run, native timings of the
+/// prefill shapes (Bench.swift), or what the library is.
 
+let usageText = "usage: flash-attention [demo | bench [options] | info]"
+
+/// An unknown command is an error: the usage goes to stderr and the status is 2.
 func usage() -> Never {
-    print("usage: flash-attention [demo | info]")
+    writeStandardError(usageText + "\n")
     exit(2)
 }
 
@@ -18,53 +22,20 @@ func now() -> Double {
 /// Times batch 1, 16 heads, 2048 tokens, head_dim 128 at 1 thread and at every core, and checks sampled
 /// rows against a float64 reference computed here.
 func realisticRun() -> Bool {
-    let (heads, seqlen, dim) = (16, 2048, 128)
-    let count = seqlen * heads * dim
-    var state: UInt64 = 7
-    func value() -> Float {  // deterministic, roughly N(0, 1) (sum of 4 uniforms, centred and scaled)
-        var sum: Float = 0
-        for _ in 0..<4 {
-            state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
-            sum += Float(state >> 40) / Float(1 << 24)
-        }
-        return (sum - 2) * 1.732
-    }
-    let q = (0..<count).map { _ in value() }, k = (0..<count).map { _ in value() }
-    let v = (0..<count).map { _ in value() }
-    var out = [Float](repeating: 0, count: count)
-    let flops = 4.0 * Double(heads) * Double(seqlen) * Double(seqlen) * Double(dim)
+    let shape = AttentionShape(batch: 1, headsQ: 16, headsKV: 16, seqlen: 2048, headDim: 128)
+    let (heads, seqlen, dim) = (shape.headsQ, shape.seqlen, shape.headDim)
+    var random = PseudoRandom(seed: 7)
+    let q = random.floats(shape.queryCount), k = random.floats(shape.keyCount), v = random.floats(shape.keyCount)
+    var out = [Float](repeating: 0, count: shape.queryCount)
     print("Realistic size: batch 1, \(heads) heads, \(seqlen) tokens, head_dim \(dim), float32, non-causal")
     for threads in [1, Int(flash_attention_default_num_threads())] {
         var times: [Double] = []
         for _ in 0..<3 {
-            let status = q.withUnsafeBufferPointer { qp in
-                k.withUnsafeBufferPointer { kp in
-                    v.withUnsafeBufferPointer { vp in
-                        out.withUnsafeMutableBufferPointer { op in
-                            var p = flash_attention_params()
-                            _ = flash_attention_params_init(&p, MemoryLayout<flash_attention_params>.size)
-                            (p.batch, p.seqlen_q, p.seqlen_k) = (1, Int64(seqlen), Int64(seqlen))
-                            (p.heads_q, p.heads_kv, p.head_dim) = (Int64(heads), Int64(heads), Int64(dim))
-                            p.num_threads = Int32(threads)
-                            (p.q, p.k, p.v) = (UnsafeRawPointer(qp.baseAddress), UnsafeRawPointer(kp.baseAddress), UnsafeRawPointer(vp.baseAddress))
-                            p.out = UnsafeMutableRawPointer(op.baseAddress)
-                            (p.q_row_stride, p.k_row_stride, p.v_row_stride, p.out_row_stride) = (Int64(heads * dim), Int64(heads * dim), Int64(heads * dim), Int64(heads * dim))
-                            (p.q_head_stride, p.k_head_stride, p.v_head_stride, p.out_head_stride) = (Int64(dim), Int64(dim), Int64(dim), Int64(dim))
-                            let start = now()
-                            let status = flash_attention_forward(&p)
-                            times.append(now() - start)
-                            return status
-                        }
-                    }
-                }
-            }
-            guard status == FA_OK else {
-                print("library call failed: \(String(cString: flash_attention_last_error()))")
-                return false
-            }
+            guard let time = timeForward(shape, causal: false, threads: threads, q: q, k: k, v: v, out: &out) else { return false }
+            times.append(time)
         }
         let best = times.min()!
-        print("  \(threads) thread\(threads == 1 ? " " : "s"): \(fixed(best * 1000, 1)) ms  \(fixed(flops / best / 1e9, 1)) GFLOP/s (best of 3)")
+        print("  \(threads) thread\(threads == 1 ? " " : "s"): \(fixed(best * 1000, 1)) ms  \(fixed(shape.flops(causal: false) / best / 1e9, 1)) GFLOP/s (best of 3)")
     }
     // Float64 reference on 64 sampled (row, head) pairs.
     var worst = 0.0
@@ -104,8 +75,12 @@ case "demo":
     let walkthroughOK = Walkthrough.run()
     let realisticOK = realisticRun()
     exit(walkthroughOK && realisticOK ? 0 : 1)
+case "bench":
+    exit(Bench.run(Bench.parse(arguments.dropFirst())) ? 0 : 1)
 case "info":
     info()
+case "--help", "-h":
+    print(usageText)
 default:
     usage()
 }
