@@ -27,7 +27,7 @@ FA_PATCH := $(shell sed -nE 's/^\#define FA_VERSION_PATCH ([0-9]+).*/\1/p' inclu
 FA_VERSION := $(FA_MAJOR).$(FA_MINOR).$(FA_PATCH)
 SONAME := libFlashAttention.so.$(FA_MAJOR)
 
-.PHONY: build demo test test-swift test-c test-install test-wheel test-python test-sanitizers deps bench clean build-install install uninstall
+.PHONY: build demo test deps-mpi bench-ring test-swift test-c test-install test-wheel test-python test-sanitizers deps bench clean build-install install uninstall
 
 build:
 	$(SWIFT) build -c release
@@ -39,7 +39,12 @@ demo: build
 deps:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r bindings/python/requirements-test.txt
 
-test: deps build test-c test-install test-wheel test-python test-swift test-sanitizers
+# OpenMPI and mpi4py for ring attention (flash_attention.distributed), optional: when they cannot be installed
+# it says why and succeeds, and the MPI tests skip with that reason.
+deps-mpi:
+	PYTHON=$(PYTHON) sh Tests/mpi/install_mpi.sh
+
+test: deps deps-mpi build test-c test-install test-wheel test-python test-swift test-sanitizers
 	@echo "all tests passed"
 
 # The package's tests, then examples/swift: another SwiftPM package that depends on this one by path.
@@ -116,6 +121,11 @@ test-python: build
 bench: build
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	$(PYTHON) bench/bench.py
+
+# Ring attention (causal 1×8×8192×64) on 1, 2 and 4 MPI ranks: time, bytes sent per rank, overlap.
+bench-ring: build deps-mpi
+	for n in 1 2 4; do OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+		mpirun -n $$n --oversubscribe $(PYTHON) bench/ring_bench.py; done
 
 clean:
 	rm -rf .build
