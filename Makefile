@@ -128,4 +128,4 @@ bench-ring: build deps-mpi
 		mpirun -n $$n --oversubscribe $(PYTHON) bench/ring_bench.py; done
 
 clean:
-	rm -rf .build
+	rm -rf .build .build-install .build-wheel .build-asan .build-tsan examples/swift/.build

@@ -282,6 +282,11 @@ extension AttentionProblem {
             if paged && params.cache_batch_idx != nil {
                 throw .invalidArgument("cache_batch_idx cannot be combined with block_table (a paged cache)")
             }
+            // Without an index, entry b reads (and appends to) cache row b: every entry needs its own row.
+            if !paged && params.cache_batch_idx == nil && batch > kvBatch {
+                throw .invalidShape(
+                    "batch (\(batch)) exceeds cache_batch (\(kvBatch)): without cache_batch_idx entry b uses cache row b")
+            }
             let capacity: Int
             if paged {
                 let blocks = Int(params.max_blocks_per_seq)
@@ -301,8 +306,8 @@ extension AttentionProblem {
             for b in 0..<batch {
                 let cached = Int(params.cache_seqlens![b])
                 if cached < 0 { throw .invalidIndex("cache_seqlens[\(b)] (\(cached)) must be >= 0") }
-                let total = cached + appendCount
-                if total > capacity {
+                let (total, overflow) = cached.addingReportingOverflow(appendCount)
+                if overflow || total > capacity {
                     throw .invalidIndex(
                         "cache_seqlens[\(b)] (\(cached)) + seqlen_new (\(appendCount)) exceeds the cache capacity"
                             + " (\(capacity) positions)")
@@ -318,6 +323,9 @@ extension AttentionProblem {
                             "block_table[\(b)][\(j)] (\(row[j])) is not in 0..<cache_batch (\(kvBatch) blocks)")
                     }
                 }
+            }
+            if appendCount > 0 && (paged || params.cache_batch_idx != nil) {
+                try checkAppendTargetsDistinct(params, batch: batch, appendCount: appendCount, pageSize: paged ? kvRows : 0)
             }
             if appendCount > 0 {
                 let keys = tensor4("k_new", params.k_new, kvType, batch, appendCount, headsKV, headDim,
@@ -456,6 +464,31 @@ private func checkCumulative(
 
 private func checkDimStride(_ t: TensorArgument) throws(FlashAttentionError) {
     if t.axes.3.stride != 1 { throw .invalidStride("\(t.axes.3.field) (\(t.axes.3.stride)) must be 1") }
+}
+
+/// Two batch entries appending into one cache row (or one page) would race and overwrite each other's keys;
+/// reading a shared row or page (a common prefix) is fine. `pageSize` 0 means a contiguous cache.
+private func checkAppendTargetsDistinct(
+    _ params: flash_attention_params, batch: Int, appendCount: Int, pageSize: Int
+) throws(FlashAttentionError) {
+    var writer = [Int32: Int]()
+    for b in 0..<batch {
+        let cached = Int(params.cache_seqlens![b])
+        let targets: [Int32]
+        if pageSize > 0 {
+            let row = params.block_table! + b * Int(params.block_table_batch_stride)
+            targets = (cached / pageSize...(cached + appendCount - 1) / pageSize).map { row[$0] }
+        } else {
+            targets = [params.cache_batch_idx![b]]
+        }
+        for target in targets {
+            guard let other = writer.updateValue(b, forKey: target), other != b else { continue }
+            throw .invalidIndex(
+                pageSize > 0
+                    ? "block_table: entries \(other) and \(b) both append into block \(target)"
+                    : "cache_batch_idx[\(other)] and cache_batch_idx[\(b)] are both \(target): two entries cannot append to one cache row")
+        }
+    }
 }
 
 /// ALiBi slopes and sinks must be finite: a NaN or infinite bias would silently poison or empty rows.

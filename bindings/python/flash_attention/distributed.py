@@ -82,8 +82,10 @@ def _block_pairs(q_chunks, kv_chunks, length, causal, window_size):
                     yield slice(q0, q0 + length), slice(k0, k0 + keys), False, window
 
 
-def _validate(q, k, v, comm, layout):
-    """Checks that every rank holds shards of one shape (the ring assumes it); returns (chunk length, chunks, count)."""
+def _validate(q, k, v, comm, layout, options):
+    """Checks that every rank holds shards of one shape and dtype and was called with the same `options` (the
+    ring assumes it: a rank that raised alone would leave the others waiting); returns (chunk length, chunks,
+    count)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, np.ndarray) or x.ndim != 4:
             raise ValueError(f"{name} must be a 4-D numpy array [batch, seqlen_local, heads, head_dim]")
@@ -91,10 +93,15 @@ def _validate(q, k, v, comm, layout):
         raise ValueError(f"v {v.shape} {v.dtype} must have k's shape and dtype {k.shape} {k.dtype}")
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must hold the same rows of the sequence: seqlen_local {q.shape[1]} != {k.shape[1]}")
-    shapes = comm.allgather((q.shape, k.shape))
+    window = options.get("window_size", (-1, -1))
+    if len(window) != 2 or not all(isinstance(w, (int, np.integer)) and w >= -1 for w in window):
+        raise ValueError(f"window_size ({window}) must be two integers >= -1 (-1 = unbounded)")
+    calls = comm.allgather((q.shape, k.shape, str(q.dtype), str(k.dtype), layout, sorted(options.items())))
     for name, index in (("q", 0), ("k", 1)):
-        if len({s[index] for s in shapes}) != 1:
-            raise ValueError(f"{name} shards must have one shape on every rank, got {[s[index] for s in shapes]}")
+        if len({c[index] for c in calls}) != 1:
+            raise ValueError(f"{name} shards must have one shape on every rank, got {[c[index] for c in calls]}")
+    if len({repr(c[2:]) for c in calls}) != 1:
+        raise ValueError(f"every rank must pass the same dtypes, layout and options, got {[c[2:] for c in calls]}")
     chunks, count = _chunk_indices(comm.Get_rank(), comm.Get_size(), layout)
     if q.shape[1] % len(chunks):
         raise ValueError(f"q has seqlen_local {q.shape[1]}, which must be even for the zigzag layout")
@@ -111,8 +118,9 @@ def _no_alibi(alibi_slopes):
 class _Ring:
     """A double-buffered block (K/V, or a dK/dV accumulator) travelling from rank r - 1 to rank r + 1."""
 
-    def __init__(self, comm, buffer):
-        self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
+    def __init__(self, comm, buffer, tag):
+        # Each ring has its own tag, so that the K/V and dK/dV rings of the backward can never match each other.
+        self.comm, self.rank, self.size, self.tag = comm, comm.Get_rank(), comm.Get_size(), tag
         self.current, self.next = buffer, np.empty_like(buffer)
         self.requests = []
         self.bytes_sent = 0
@@ -124,8 +132,9 @@ class _Ring:
     def start(self):
         """Posts the send of the block in hand and the receive of the next one."""
         # As bytes: MPI has no datatype for float16 or bfloat16, and the receiver knows the layout.
-        self.requests = [self.comm.Isend(self.current.reshape(-1).view(np.uint8), dest=(self.rank + 1) % self.size),
-                         self.comm.Irecv(self.next.reshape(-1).view(np.uint8), source=(self.rank - 1) % self.size)]
+        self.requests = [
+            self.comm.Isend(self.current.reshape(-1).view(np.uint8), dest=(self.rank + 1) % self.size, tag=self.tag),
+            self.comm.Irecv(self.next.reshape(-1).view(np.uint8), source=(self.rank - 1) % self.size, tag=self.tag)]
         self.bytes_sent += self.current.nbytes
 
     def finish(self):
@@ -175,8 +184,11 @@ def ring_attention(q, k, v, comm, softmax_scale=None, causal=False, *, window_si
     """
     _no_alibi(alibi_slopes)
     window_size = tuple(window_size)
-    length, chunks, _ = _validate(q, k, v, comm, layout)
-    ring = _Ring(comm, np.stack([k, v]))  # one packed buffer: one message per step
+    options = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap)
+    length, chunks, _ = _validate(q, k, v, comm, layout, options)
+    # float32 throughout: each block's result is merged, so half-precision blocks would round once per rank.
+    q, k, v = (np.asarray(x, np.float32) for x in (q, k, v))
+    ring = _Ring(comm, np.stack([k, v]), tag=0)  # one packed buffer: one message per step
     batch, seqlen, heads, head_dim = q.shape
     out = np.zeros((batch, seqlen, heads, head_dim), np.float32)
     lse = np.full((batch, heads, seqlen), -np.inf, np.float32)
@@ -206,9 +218,11 @@ def ring_attention_backward(dout, q, k, v, out, lse, comm, softmax_scale=None, c
     N steps the N-th send has taken every accumulator home.
     """
     window_size = tuple(window_size)
-    length, chunks, _ = _validate(q, k, v, comm, layout)
-    kv = _Ring(comm, np.stack([k, v]))
-    grads = _Ring(comm, np.zeros((2,) + k.shape, np.float32))  # [dk/dv, batch, seqlen_local, heads_kv, head_dim]
+    options = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap)
+    length, chunks, _ = _validate(q, k, v, comm, layout, options)
+    dout, q, k, v, out = (np.asarray(x, np.float32) for x in (dout, q, k, v, out))  # as in ring_attention
+    kv = _Ring(comm, np.stack([k, v]), tag=0)
+    grads = _Ring(comm, np.zeros((2,) + k.shape, np.float32), tag=1)  # [dk/dv, batch, seqlen_local, heads_kv, head_dim]
     dq = np.zeros(q.shape, np.float32)
 
     def compute(step):

@@ -30,8 +30,10 @@ def test_ring_attention_matches_single_process(ranks):
     reason = _mpi_missing()
     if reason:
         pytest.skip(reason)
-    # Inherits FLASH_ATTENTION_LIBRARY etc.; OpenMPI refuses to run as root without these two.
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    # Inherits FLASH_ATTENTION_LIBRARY etc.; OpenMPI refuses to run as root without the first two, and its
+    # shared-memory transport's single-copy mode (CMA) needs ptrace rights that containers often withhold.
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_btl_vader_single_copy_mechanism="none")
     command = ["mpirun", "-n", str(ranks), "--oversubscribe", sys.executable, str(CHECK)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
@@ -97,3 +99,19 @@ def test_rejects_q_and_k_of_different_rows(inputs):
     q, k, v = inputs(0, 1, 8, 16, 2, 2, 8)
     with pytest.raises(ValueError, match="seqlen_local"):
         ring_attention(q, k, v, _SelfComm())
+
+
+def test_rejects_a_window_below_minus_one(inputs):
+    q, k, v = inputs(0, 1, 8, 8, 2, 2, 8)
+    with pytest.raises(ValueError, match=r"window_size \(\(-2, 0\)\) must be two integers >= -1"):
+        ring_attention(q, k, v, _SelfComm(), window_size=(-2, 0))
+
+
+def test_half_precision_shards_are_computed_in_float32(inputs):
+    # Every block's partial result is merged in float32, so float16 inputs give float16 inputs' exact
+    # float32 attention (no rounding per block).
+    q, k, v = (x.astype(np.float16) for x in inputs(3, 1, 32, 32, 4, 2, 40))
+    out = ring_attention(q, k, v, _SelfComm(), causal=True, layout="zigzag")
+    expected = flash_attn_func(*(x.astype(np.float32) for x in (q, k, v)), causal=True)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)

@@ -261,6 +261,34 @@ def test_cache_errors_leave_the_cache_unchanged(case):
     assert np.array_equal(k_cache, k0) and np.array_equal(v_cache, v0)
 
 
+APPEND_CONFLICTS = {
+    # Without cache_batch_idx, entry b uses cache row b: two entries need two rows.
+    "batch past cache_batch": (1, {}, r"batch \(2\) exceeds cache_batch \(1\)"),
+    "two entries append to one row": (3, dict(cache_batch_idx=[1, 1]),
+                                      r"cache_batch_idx\[0\] and cache_batch_idx\[1\] are both 1"),
+    "two entries append into one block": (6, dict(block_table=[[0, 2], [1, 2]], cache_seqlens=[40, 40]),
+                                          r"entries 0 and 1 both append into block 2"),
+}
+
+
+@pytest.mark.parametrize("case", APPEND_CONFLICTS)
+def test_appends_that_would_collide_are_rejected(case):
+    rows, extra, message = APPEND_CONFLICTS[case]
+    r = rng_arrays(25)
+    q, k_new, v_new = r(2, 2, 4, 8), r(2, 2, 2, 8), r(2, 2, 2, 8)
+    k_cache, v_cache = r(rows, 32 if "block_table" in extra else 64, 2, 8), r(rows, 32 if "block_table" in extra else 64, 2, 8)
+    extra = {key: np.array(value, np.int32) for key, value in extra.items()}
+    extra.setdefault("cache_seqlens", np.array([5, 5], np.int32))
+    k0, v0 = k_cache.copy(), v_cache.copy()
+    with pytest.raises(ValueError, match=message):
+        flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, **extra)
+    assert np.array_equal(k_cache, k0) and np.array_equal(v_cache, v0)
+    if "cache_batch_idx" in extra or "block_table" in extra:
+        # Reading one row or block from two entries (a shared prefix) is fine without an append.
+        out = flash_attn_with_kvcache(q, k_cache, v_cache, **extra)
+        assert np.isfinite(out).all()
+
+
 def test_option_errors():
     q, k, v = random_inputs(24, 1, 4, 4, 2, 1, 8)
     with pytest.raises(ValueError, match=r"window_size\[0\] \(-2\) must be >= -1"):
