@@ -250,7 +250,7 @@ def build_forward(rng, entry):
         seqlen_q, seqlen_k = total_q, total_k
         p.max_seqlen_q = rng.choice([0, 0, max(lengths_q, default=0), 1])
     elif entry == "kvcache":
-        cache_batch = batch + rng.choice([0, 1, 2])
+        cache_batch = max(0, batch + rng.choice([-1, 0, 1, 2]))  # below batch: valid only with an index
         paged = rng.random() < 0.5
         page = rng.choice([1, 3, 16])
         capacity = rng.choice([0, 5, 40])
