@@ -14,6 +14,20 @@ enum Entry {
 }
 
 /// Byte interval [lower, upper) that an argument addresses.
+/// Where a validated forward call's tensors and arrays lie, for a caller that adds outputs of its own (the
+/// backward). Plain fields, so the forward's small calls pay nothing for it; `named` lists them on demand.
+struct InputRanges {
+    var q, k, v, out, lse, alibi, sinks: AddressRange?
+    var indices: (AddressRange?, AddressRange?, AddressRange?)
+    var varlen: Bool
+
+    var named: [(String, AddressRange?)] {
+        [("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse), ("alibi_slopes", alibi), ("sinks", sinks),
+         (varlen ? "cu_seqlens_q" : "cache_seqlens", indices.0), (varlen ? "cu_seqlens_k" : "cache_batch_idx", indices.1),
+         ("block_table", indices.2)]
+    }
+}
+
 struct AddressRange {
     let lower: UInt
     let upper: UInt
@@ -147,7 +161,7 @@ extension AttentionProblem {
     /// Validates `params` (already widened to the current struct) for `entry`. Also returns the address range
     /// of every tensor and array the call touches, by name, for callers that add outputs of their own.
     static func validated(_ params: flash_attention_params, entry: Entry) throws(FlashAttentionError) -> (
-        AttentionProblem, ForwardOptions, CacheAppend?, ranges: [(String, AddressRange?)]
+        AttentionProblem, ForwardOptions, CacheAppend?, InputRanges
     ) {
         let batch = Int(params.batch), seqlenQ = Int(params.seqlen_q)
         let headsQ = Int(params.heads_q), headsKV = Int(params.heads_kv), headDim = Int(params.head_dim)
@@ -406,12 +420,9 @@ extension AttentionProblem {
             CacheAppend(
                 keys: view($0.keys, indexRanges.3, kvType), values: view($0.values, $0.valuesRange, kvType), count: $0.count)
         }
-        let ranges: [(String, AddressRange?)] = [
-            ("q", qRange), ("k", kRange), ("v", vRange), ("out", outRange), ("lse", lseRange),
-            ("alibi_slopes", alibiRange), ("sinks", sinksRange),
-            (entry == .varlen ? "cu_seqlens_q" : "cache_seqlens", indexRanges.0),
-            (entry == .varlen ? "cu_seqlens_k" : "cache_batch_idx", indexRanges.1), ("block_table", indexRanges.2),
-        ]
+        let ranges = InputRanges(
+            q: qRange, k: kRange, v: vRange, out: outRange, lse: lseRange, alibi: alibiRange, sinks: sinksRange,
+            indices: (indexRanges.0, indexRanges.1, indexRanges.2), varlen: entry == .varlen)
         let options = ForwardOptions(numThreads: Int(params.num_threads), algorithm: params.algorithm)
         return (problem, options, cacheAppend, ranges)
     }
@@ -545,9 +556,10 @@ extension BackwardProblem {
         }
         // The gradients overlap no input and no other gradient.
         let outputs: [(String, AddressRange?)] = [("dq", dqRange), ("dk", dkRange), ("dv", dvRange), ("dsinks", dsinksRange)]
+        let inputs = forwardTensors.named + [("dout", doutRange)]
         for (i, (name, range)) in outputs.enumerated() {
             guard let range else { continue }
-            for (other, otherRange) in forwardTensors + [("dout", doutRange)] where range.overlaps(otherRange) {
+            for (other, otherRange) in inputs where range.overlaps(otherRange) {
                 throw .invalidArgument("\(name) overlaps \(other); gradients must not alias inputs")
             }
             for (other, otherRange) in outputs[(i + 1)...] where range.overlaps(otherRange) {

@@ -6,27 +6,18 @@ These functions materialise every score; they are written for clarity, not speed
 import numpy as np
 
 
-def reference_attention(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                        alibi_slopes=None, sinks=None, return_lse=False):
-    """softmax(q kᵀ · scale) v computed in float64, materialising the full score matrix.
-
-    Same layouts and semantics as flash_attn_func: q [batch, seqlen_q, heads_q, head_dim], k and v
-    [batch, seqlen_k, heads_kv, head_dim], grouped-query heads, bottom-right aligned causal mask and
-    sliding window, softcap on the scaled score, ALiBi bias, sink logits in the denominator; rows that
-    see no key give 0 and LSE -inf (or the sink). Returns float64 out (and lse [batch, heads_q, seqlen_q]).
-    """
-    q = np.asarray(q, dtype=np.float64)
-    k = np.asarray(k, dtype=np.float64)
-    v = np.asarray(v, dtype=np.float64)
+def _softmax(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks):
+    """The library's probabilities, shared by the forward and backward references: scores scaled, softcapped,
+    ALiBi added, masked around the bottom-right diagonal, with the sink logit joining the softmax. Returns a
+    dict: raw (scaled scores before softcap), k repeated per query head, visible [seqlen_q, seqlen_k], p
+    [batch, heads_q, seqlen_q, seqlen_k + 1] (last column: the sink), and the row's safe_max and total."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     scale = 1.0 / np.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
-    group = heads_q // heads_kv
-    k = np.repeat(k, group, axis=2)
-    v = np.repeat(v, group, axis=2)
-    scores = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    if softcap > 0:
-        scores = softcap * np.tanh(scores / softcap)
+    kr = np.repeat(k, heads_q // heads_kv, axis=2)
+    raw = np.einsum("bqhd,bkhd->bhqk", q, kr) * scale
+    scores = softcap * np.tanh(raw / softcap) if softcap > 0 else raw
     i = np.arange(seqlen_q)[:, None]
     j = np.arange(seqlen_k)[None, :]
     aligned = i + seqlen_k - seqlen_q  # the key each query is aligned with (bottom-right)
@@ -47,11 +38,31 @@ def reference_attention(q, k, v, softmax_scale=None, causal=False, window_size=(
     with_sink = np.concatenate([scores, sink], axis=-1)
     row_max = with_sink.max(axis=-1, keepdims=True)
     safe_max = np.where(np.isneginf(row_max), 0.0, row_max)
-    p = np.exp(with_sink - safe_max)
-    total = p.sum(axis=-1, keepdims=True)
+    e = np.exp(with_sink - safe_max)
+    total = e.sum(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         # Only an empty row (total exactly 0) gives 0; a NaN total stays NaN.
-        weights = np.where(total == 0, 0.0, p[..., :seqlen_k] / total)
+        p = np.where(total == 0, 0.0, e / total)
+    return dict(raw=raw, kr=kr, visible=visible, p=p, safe_max=safe_max, total=total)
+
+
+def reference_attention(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                        alibi_slopes=None, sinks=None, return_lse=False):
+    """softmax(q kᵀ · scale) v computed in float64, materialising the full score matrix.
+
+    Same layouts and semantics as flash_attn_func: q [batch, seqlen_q, heads_q, head_dim], k and v
+    [batch, seqlen_k, heads_kv, head_dim], grouped-query heads, bottom-right aligned causal mask and
+    sliding window, softcap on the scaled score, ALiBi bias, sink logits in the denominator; rows that
+    see no key give 0 and LSE -inf (or the sink). Returns float64 out (and lse [batch, heads_q, seqlen_q]).
+    """
+    q = np.asarray(q, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    seqlen_k = k.shape[1]
+    v = np.repeat(v, q.shape[2] // v.shape[2], axis=2)
+    s = _softmax(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks)
+    visible, safe_max, total = s["visible"], s["safe_max"], s["total"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        weights = s["p"][..., :seqlen_k]
         # Hidden keys are excluded, not weighted by 0: a NaN or inf value reaches only the rows that see
         # its key (a matrix product would spread 0 · NaN to every row).
         out = np.einsum("bhqk,bkhd->bqhd", weights, np.where(np.isfinite(v), v, 0.0))
@@ -119,33 +130,9 @@ def reference_attention_backward(dout, q, k, v, softmax_scale=None, causal=False
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     scale = 1.0 / np.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     group = heads_q // heads_kv
-    kr, vr = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-    raw = np.einsum("bqhd,bkhd->bhqk", q, kr) * scale
-    scores = softcap * np.tanh(raw / softcap) if softcap > 0 else raw
-    i = np.arange(seqlen_q)[:, None]
-    j = np.arange(seqlen_k)[None, :]
-    aligned = i + seqlen_k - seqlen_q
-    if alibi_slopes is not None:
-        slopes = np.broadcast_to(np.asarray(alibi_slopes, np.float64), (batch, heads_q))
-        scores = scores - slopes[:, :, None, None] * np.abs(aligned - j)[None, None]
-    left, right = window_size
-    if causal:
-        right = 0
-    visible = np.ones((seqlen_q, seqlen_k), bool)
-    if left >= 0:
-        visible &= j >= aligned - left
-    if right >= 0:
-        visible &= j <= aligned + right
-    scores = np.where(visible, scores, -np.inf)
-    sink = np.full(heads_q, -np.inf) if sinks is None else np.asarray(sinks, np.float64)
-    with_sink = np.concatenate([scores, np.broadcast_to(sink[None, :, None, None], (batch, heads_q, seqlen_q, 1))], -1)
-    row_max = with_sink.max(axis=-1, keepdims=True)
-    safe_max = np.where(np.isneginf(row_max), 0.0, row_max)
-    e = np.exp(with_sink - safe_max)
-    total = e.sum(axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p_all = np.where(total == 0, 0.0, e / total)
-    p, p_sink = p_all[..., :seqlen_k], p_all[..., seqlen_k]
+    s = _softmax(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks)
+    raw, kr, vr = s["raw"], s["kr"], np.repeat(v, group, axis=2)
+    p, p_sink = s["p"][..., :seqlen_k], s["p"][..., seqlen_k]
     out = np.einsum("bhqk,bkhd->bqhd", p, vr)
     dout_h = dout.transpose(0, 2, 1, 3)  # [b, h, q, d]
     dv = np.einsum("bhqk,bhqd->bkhd", p, dout_h)

@@ -341,23 +341,28 @@ def output_view(case, name):
     return [batch, p.seqlen_q, p.heads_q, p.head_dim], [p.out_batch_stride, p.out_row_stride, p.out_head_stride, 1]
 
 
+def wrote_outside(name, buffer, status, offsets):
+    """A rejected call must leave an output at the sentinel; an accepted one may change only the elements at
+    `offsets` (None: not checked, the output was redirected onto another buffer)."""
+    changed = buffer.array.astype(np.float32) != np.float32(SENTINEL)
+    if status != _capi.FA_OK:
+        return f"rejected call (status {status}) wrote {name}" if changed.any() else None
+    if offsets is None:
+        return None
+    allowed = np.zeros(buffer.array.size, bool)
+    allowed[offsets[(offsets >= 0) & (offsets < buffer.array.size)]] = True
+    return f"accepted call wrote {name} outside its elements" if (changed & ~allowed).any() else None
+
+
 def check(case, status):
     """Returns a violation message, or None."""
     for name, buffer, _, _ in case.outputs:
-        changed = buffer.array.astype(np.float32) != np.float32(SENTINEL)
-        if status != _capi.FA_OK:
-            if changed.any():
-                return f"rejected call (status {status}) wrote {name}"
-            continue
-        if getattr(case.params, name) != buffer.address:  # the output was redirected (aliasing case)
-            continue
-        allowed = np.zeros(buffer.array.size, bool)
-        if buffer.count:
-            offsets = strided_offsets(*output_view(case, name))
-            offsets = offsets[(offsets >= 0) & (offsets < buffer.array.size)]
-            allowed[offsets] = True
-        if (changed & ~allowed).any():
-            return f"accepted call wrote {name} outside its elements"
+        offsets = None
+        if status == _capi.FA_OK and getattr(case.params, name) == buffer.address:  # not redirected (aliasing)
+            offsets = strided_offsets(*output_view(case, name)) if buffer.count else np.zeros(0, np.int64)
+        problem = wrote_outside(name, buffer, status, offsets)
+        if problem:
+            return problem
     return None
 
 
@@ -728,31 +733,28 @@ def check_backward(case, status, lib, before):
         if not buffer.canary_intact():
             return f"bytes next to {name}'s elements changed"
     for name, buffer, _, _ in case.outputs:
-        changed = buffer.array.astype(np.float32) != np.float32(SENTINEL)
-        if status != _capi.FA_OK:
-            if changed.any():
-                return f"rejected call (status {status}) wrote {name}"
-            continue
         view = case.views[name]
-        if getattr(b, name) != buffer.address + view.start * buffer.dtype.itemsize:
-            continue  # redirected (aliasing): then it must have been rejected, or inputs show the damage
-        allowed = np.zeros(buffer.array.size, bool)
-        if name == "dsinks":
-            allowed[: p.heads_q] = True
-        else:
-            batch = 1 if case.varlen else p.batch
-            sizes = [batch, p.seqlen_q if name == "dq" else p.seqlen_k, p.heads_q if name == "dq" else p.heads_kv, p.head_dim]
-            strides = [getattr(b, f"{name}_{axis}_stride") for axis in ("batch", "row", "head", "dim")]
-            if case.varlen:
-                strides[0] = 0
-            if 0 not in sizes:
-                if np.prod(sizes, dtype=object) > 4 * buffer.array.size + 64:
+        offsets = None
+        # A redirected gradient (aliasing) must have been rejected, or the inputs show the damage.
+        if status == _capi.FA_OK and getattr(b, name) == buffer.address + view.start * buffer.dtype.itemsize:
+            if name == "dsinks":
+                offsets = np.arange(p.heads_q)
+            else:
+                batch = 1 if case.varlen else p.batch
+                sizes = [batch, p.seqlen_q if name == "dq" else p.seqlen_k, p.heads_q if name == "dq" else p.heads_kv,
+                         p.head_dim]
+                strides = [getattr(b, f"{name}_{axis}_stride") for axis in ("batch", "row", "head", "dim")]
+                if case.varlen:
+                    strides[0] = 0
+                if 0 in sizes:
+                    offsets = np.zeros(0, np.int64)
+                elif np.prod(sizes, dtype=object) > 4 * buffer.array.size + 64:
                     return f"accepted {name} with {sizes} elements in a buffer of {buffer.array.size}"
-                offsets = view.start + strided_offsets(sizes, strides)
-                offsets = offsets[(offsets >= 0) & (offsets < buffer.array.size)]
-                allowed[offsets] = True
-        if (changed & ~allowed).any():
-            return f"accepted call wrote {name} outside its elements"
+                else:
+                    offsets = view.start + strided_offsets(sizes, strides)
+        problem = wrote_outside(name, buffer, status, offsets)
+        if problem:
+            return problem
     return None
 
 
