@@ -60,9 +60,11 @@ test-c: build
 	$(CC) -std=c99 -Wall -Wextra -Werror -pedantic -Iinclude -c Tests/c/header_check.c -o $(TMP)/header_c.o
 	$(CXX) -std=c++17 -Wall -Wextra -Werror -pedantic -Iinclude -x c++ -c Tests/c/header_check.c -o $(TMP)/header_cpp.o
 	$(CC) -std=c99 -O1 -Wall -Wextra -Werror -Iinclude Tests/c/dlopen_test.c -ldl -lm -o $(TMP)/dlopen_test
-	$(TMP)/dlopen_test $(LIB)
 	$(CC) -std=c99 -O1 -Wall -Wextra -Werror -Iinclude Tests/c/concurrency_test.c -ldl -lpthread -o $(TMP)/concurrency_test
-	$(TMP)/concurrency_test $(LIB)
+	for isa in $$($(BUILD)/flash-attention isas); do \
+		echo "kernel path $$isa:"; \
+		FLASH_ATTENTION_ISA=$$isa $(TMP)/dlopen_test $(LIB) && FLASH_ATTENTION_ISA=$$isa $(TMP)/concurrency_test $(LIB) || exit 1; \
+	done
 	@exports=$$(nm -D --defined-only --extern-only $(LIB) | awk '{print $$3}' | grep -v '^flash_attention_'); \
 	if [ -n "$$exports" ]; then echo "unexpected exported symbols:"; echo "$$exports"; exit 1; fi; \
 	echo "ok: $(LIB) exports only flash_attention_* ($$(nm -D --defined-only --extern-only $(LIB) | wc -l) symbols)"
@@ -114,8 +116,16 @@ test-sanitizers:
 	TSAN_OPTIONS=suppressions=$(CURDIR)/Tests/sanitizers/tsan.supp \
 		$(SWIFT) test -c release --sanitize=thread --scratch-path .build-tsan 2>&1 | grep -v "Cannot export local symbol"
 
+# The whole suite on the default (widest) kernel path, then the kernel tests again on every other path this
+# CPU can run, forced with FLASH_ATTENTION_ISA (each run's header names its path).
+KERNEL_TESTS := $(addprefix bindings/python/tests/,test_parity.py test_inference.py test_half.py test_backward.py \
+	test_properties.py test_reliability.py)
+
 test-python: build
 	$(PYTHON) -m pytest -q bindings/python/tests
+	for isa in $$($(BUILD)/flash-attention isas | cut -d' ' -f2-); do \
+		FLASH_ATTENTION_ISA=$$isa $(PYTHON) -m pytest -q $(KERNEL_TESTS) || exit 1; \
+	done
 
 # Side-by-side benchmark (numpy always; PyTorch if importable: pip install torch==2.13.0).
 bench: build

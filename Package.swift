@@ -1,16 +1,45 @@
 // swift-tools-version: 6.2
 import PackageDescription
 
-/// The tiled kernels are compiled for AVX2 + FMA (+ F16C) in a module of their own; everything else stays baseline
-/// x86-64, so the library loads and validates on any x86-64 CPU and enters the AVX2 module only after a
-/// `cpuid` check (see `Sources/FlashAttention/Dispatch.swift`).
+/// One kernel source, several compiled copies.
+///
+/// `Sources/FlashAttentionKernels` holds the kernels once, written over a vector type whose width is a
+/// property of the compiled copy. Each `FlashAttentionKernels<ISA>` directory is a symbolic link to it, so
+/// SwiftPM builds the same files as one module per instruction set, each with that set's flags and a
+/// `FA_KERNEL_<ISA>` define that picks the vector type and tile shapes (Vector.swift). Why links: SwiftPM
+/// lets no two targets share a source file, and the other route — generic `@inlinable` kernels in a flag-free
+/// module specialised by thin per-ISA modules — leaves where the specialised code lands (and with which
+/// flags) to the optimiser's cross-module inlining decisions; a compiled copy per module makes it certain.
+///
+/// Everything that is not ISA-specific (the validated problem, the work decomposition, the thread pool, the
+/// reference loop, merging attention states) lives in `FlashAttentionCore`, compiled without ISA flags, and
+/// the C boundary in `FlashAttention` picks one copy's table of entry points when the library loads
+/// (Dispatch.swift): no baseline code path can reach an AVX instruction without the CPU check.
+let optimise = ["-Ounchecked", "-enforce-exclusivity=unchecked"]
+
+/// (module suffix, define, compiler flags) of each compiled copy on this architecture.
 #if arch(x86_64)
-let kernelFlags: [String] = [
-    "-Xcc", "-mavx2", "-Xcc", "-mfma", "-Xcc", "-mf16c", "-Ounchecked", "-enforce-exclusivity=unchecked",
+let kernelCopies: [(String, String, [String])] = [
+    ("AVX512", "FA_KERNEL_AVX512", [
+        "-Xcc", "-mavx512f", "-Xcc", "-mavx512bw", "-Xcc", "-mavx512dq", "-Xcc", "-mavx512vl",
+        "-Xcc", "-mavx2", "-Xcc", "-mfma", "-Xcc", "-mf16c",
+    ]),
+    ("AVX2", "FA_KERNEL_AVX2", ["-Xcc", "-mavx2", "-Xcc", "-mfma", "-Xcc", "-mf16c"]),
+    // No ISA flags: SSE2 on x86-64, whatever the target's baseline is elsewhere.
+    ("Portable", "FA_KERNEL_PORTABLE", []),
 ]
 #else
-let kernelFlags: [String] = ["-Ounchecked", "-enforce-exclusivity=unchecked"]
+let kernelCopies: [(String, String, [String])] = [("Portable", "FA_KERNEL_PORTABLE", [])]
 #endif
+
+let kernelTargets: [Target] = kernelCopies.map { suffix, define, flags in
+    .target(
+        name: "FlashAttentionKernels\(suffix)",
+        dependencies: ["FlashAttentionCore", "FlashAttentionShims"],
+        swiftSettings: [.define(define), .unsafeFlags(flags + optimise)]
+    )
+}
+let kernelModules: [Target.Dependency] = kernelCopies.map { .target(name: "FlashAttentionKernels\($0.0)") }
 
 /// Keeps `nm -D libFlashAttention.so` down to the `flash_attention_*` functions of the header.
 let exportsMap = Context.packageDirectory + "/Sources/FlashAttention/exports.map"
@@ -24,25 +53,27 @@ let package = Package(
         .library(name: "FlashAttentionSwift", targets: ["FlashAttention"]),
         .executable(name: "flash-attention", targets: ["flash-attention"]),
     ],
-    targets: [
+    targets: kernelTargets + [
         // The one declaration of the C ABI; Swift implements it with `@c @implementation`.
         .target(name: "CFlashAttention", path: "include", publicHeadersPath: "."),
         // What Swift cannot express: the `cpuid`/`xgetbv` probe (compiled without ISA flags), a prefetch,
-        // and an unload hook.
+        // per-ISA vector helpers (each behind its own target attribute), and an unload hook.
         .target(name: "FlashAttentionShims"),
+        // ISA-neutral: problem, work decomposition, pool, reference loop, state merging. No ISA flags.
         .target(
-            name: "FlashAttentionKernels",
-            dependencies: ["FlashAttentionShims"],
-            swiftSettings: [.unsafeFlags(kernelFlags)]
+            name: "FlashAttentionCore",
+            dependencies: ["CFlashAttention", "FlashAttentionShims"]
         ),
         .target(
             name: "FlashAttention",
-            dependencies: ["CFlashAttention", "FlashAttentionShims", "FlashAttentionKernels"],
+            dependencies: ["CFlashAttention", "FlashAttentionShims", "FlashAttentionCore"] + kernelModules,
             exclude: ["exports.map"],
             // nodelete: dlclose never unmaps the code the pool's workers sleep in (they stop at exit).
             linkerSettings: [.unsafeFlags(["-Xlinker", "--version-script=\(exportsMap)", "-Xlinker", "-z", "-Xlinker", "nodelete"])]
         ),
         .executableTarget(name: "flash-attention", dependencies: ["FlashAttention", "CFlashAttention"]),
-        .testTarget(name: "FlashAttentionTests", dependencies: ["FlashAttention", "FlashAttentionKernels", "CFlashAttention"]),
+        .testTarget(
+            name: "FlashAttentionTests",
+            dependencies: ["FlashAttention", "FlashAttentionCore", "CFlashAttention"]),
     ]
 )

@@ -31,7 +31,7 @@ extern "C" {
 /* ---- Versions ------------------------------------------------------------------------------------- */
 
 #define FA_VERSION_MAJOR 0
-#define FA_VERSION_MINOR 4
+#define FA_VERSION_MINOR 5
 #define FA_VERSION_PATCH 0
 /* MAJOR*10000 + MINOR*100 + PATCH, comparable with flash_attention_version(). */
 #define FA_VERSION_NUMBER (FA_VERSION_MAJOR * 10000 + FA_VERSION_MINOR * 100 + FA_VERSION_PATCH)
@@ -72,10 +72,10 @@ const char *flash_attention_last_error(void);
 
 /* ---- Options ---------------------------------------------------------------------------------------- */
 
-/* Which implementation runs. AUTO picks the tiled SIMD kernel where the CPU has it (x86-64 with AVX2 and
- * FMA) and the reference path elsewhere. REFERENCE forces the plain, untiled float64-accumulating loop
- * (slow; for testing). TILED forces the tiled kernel and fails with FA_ERROR_UNSUPPORTED where the CPU
- * lacks its instructions. */
+/* Which implementation runs. AUTO runs the tiled SIMD kernels of the selected instruction set (see
+ * "Kernel instruction sets" below), or the reference loop where FLASH_ATTENTION_ISA=reference. REFERENCE
+ * forces the plain, untiled float64-accumulating loop (slow; for testing). TILED forces the tiled kernels
+ * (the portable copy where FLASH_ATTENTION_ISA=reference); since 0.5 every CPU has them. */
 #define FA_ALGORITHM_AUTO 0
 #define FA_ALGORITHM_REFERENCE 1
 #define FA_ALGORITHM_TILED 2
@@ -320,9 +320,28 @@ flash_attention_status flash_attention_backward(const flash_attention_backward_p
 
 /* ---- Introspection ---------------------------------------------------------------------------------- */
 
-/* The instruction set the tiled kernel uses on this CPU ("avx2+fma"), or "none" where only the reference
- * path can run; static storage, never NULL. */
+/* Kernel instruction sets (0.5). The kernels are one source compiled once per instruction set; the library
+ * picks the widest the CPU (and OS) can run the first time it needs one:
+ *   "avx512"    AVX-512 F/BW/DQ/VL + FMA + F16C, 16-float vectors (x86-64)
+ *   "avx2"      AVX2 + FMA + F16C, 8-float vectors (x86-64)
+ *   "portable"  no ISA extensions (SSE2 on x86-64), 4-float vectors; any CPU
+ *   "reference" the plain float64-accumulating forward loop (the backward runs the portable kernels)
+ * The environment variable FLASH_ATTENTION_ISA, read once at that moment, forces one of these names (for
+ * tests and benchmarks). A name the CPU cannot run, or an unknown name, makes every attention call fail with
+ * FA_ERROR_UNSUPPORTED and a message saying why — never an illegal instruction. Results are bitwise
+ * identical for every num_threads within one instruction set, not across them. */
+#define FA_ISA_AVX512 "avx512"
+#define FA_ISA_AVX2 "avx2"
+#define FA_ISA_PORTABLE "portable"
+#define FA_ISA_REFERENCE "reference"
+
+/* The instruction set attention calls use (one of the FA_ISA_* names), or "invalid" when FLASH_ATTENTION_ISA
+ * names one this CPU cannot run or none at all; static storage, never NULL. */
 const char *flash_attention_kernel_isa(void);
+
+/* The FA_ISA_* names this CPU can run, widest first, separated by commas (e.g. "avx2,portable,reference");
+ * static storage, never NULL. (0.5) */
+const char *flash_attention_available_isas(void);
 
 /* The number of threads num_threads = 0 stands for (the online cores). */
 int32_t flash_attention_default_num_threads(void);

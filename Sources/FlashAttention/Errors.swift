@@ -1,23 +1,6 @@
 import CFlashAttention
+import FlashAttentionCore
 import Glibc
-
-/// An error the C boundary turns into a status code plus the thread's last-error message.
-struct FlashAttentionError: Error {
-    /// One of the `FA_ERROR_*` codes of the header.
-    let status: flash_attention_status
-    /// Names the argument and the reason, e.g. "head_dim (0) must be in 1...1024".
-    let message: String
-
-    static func nullPointer(_ message: String) -> Self { .init(status: FA_ERROR_NULL_POINTER, message: message) }
-    static func invalidShape(_ message: String) -> Self { .init(status: FA_ERROR_INVALID_SHAPE, message: message) }
-    static func invalidStride(_ message: String) -> Self { .init(status: FA_ERROR_INVALID_STRIDE, message: message) }
-    static func invalidArgument(_ message: String) -> Self {
-        .init(status: FA_ERROR_INVALID_ARGUMENT, message: message)
-    }
-    static func unsupported(_ message: String) -> Self { .init(status: FA_ERROR_UNSUPPORTED, message: message) }
-    static func outOfMemory(_ message: String) -> Self { .init(status: FA_ERROR_OUT_OF_MEMORY, message: message) }
-    static func invalidIndex(_ message: String) -> Self { .init(status: FA_ERROR_INVALID_INDEX, message: message) }
-}
 
 /// The fixed description of each status code. String literals are NUL-terminated static storage, so the
 /// pointers stay valid for the life of the process.

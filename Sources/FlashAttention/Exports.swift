@@ -1,5 +1,5 @@
 import CFlashAttention
-import FlashAttentionKernels
+import FlashAttentionCore
 
 /// The C entry points declared in include/flash_attention.h. `@c @implementation` makes the compiler check
 /// each signature against the header. Each function is a thin layer: read and widen the params, validate
@@ -13,7 +13,7 @@ public func flash_attention_version() -> Int32 {
 @c @implementation
 public func flash_attention_version_string() -> UnsafePointer<CChar>! {
     // Kept equal to FA_VERSION_MAJOR.MINOR.PATCH by a test.
-    cString("0.4.0")
+    cString("0.5.0")
 }
 
 @c @implementation
@@ -157,7 +157,12 @@ public func flash_attention_backward(_ params: UnsafePointer<flash_attention_bac
 
 @c @implementation
 public func flash_attention_kernel_isa() -> UnsafePointer<CChar>! {
-    cString(CPU.kernelISA)
+    cString(KernelSelection.reportedName)
+}
+
+@c @implementation
+public func flash_attention_available_isas() -> UnsafePointer<CChar>! {
+    KernelSelection.availableNames
 }
 
 @c @implementation

@@ -187,8 +187,13 @@ public enum Attention {
     public static var version: String { String(cString: flash_attention_version_string()) }
     /// Bumped when an existing C declaration changes meaning or layout.
     public static var abiVersion: Int { Int(flash_attention_abi_version()) }
-    /// The instruction set the tiled kernel uses here ("avx2+fma"), or "none" (reference path only).
+    /// The kernel instruction set calls use here ("avx512", "avx2", "portable" or "reference"; "invalid"
+    /// when the FLASH_ATTENTION_ISA override names one this CPU cannot run).
     public static var kernelISA: String { String(cString: flash_attention_kernel_isa()) }
+    /// The kernel instruction sets this CPU can run, widest first (FLASH_ATTENTION_ISA accepts each).
+    public static var availableKernelISAs: [String] {
+        String(cString: flash_attention_available_isas()).split(separator: ",").map(String.init)
+    }
     /// The threads `numThreads = 0` stands for (the online cores).
     public static var defaultThreadCount: Int { Int(flash_attention_default_num_threads()) }
 }

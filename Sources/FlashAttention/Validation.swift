@@ -1,5 +1,5 @@
 import CFlashAttention
-import FlashAttentionKernels
+import FlashAttentionCore
 
 /// Turns a caller's `flash_attention_params` into a trusted `AttentionProblem`, or throws an error that
 /// names the offending argument and value. Everything a kernel relies on is checked here, before any
@@ -142,13 +142,6 @@ struct TensorArgument {
 struct ForwardOptions {
     let numThreads: Int
     let algorithm: Int32
-}
-
-/// New keys and values to write into a KV cache before attending.
-struct CacheAppend {
-    let keys: TensorView
-    let values: TensorView
-    let count: Int
 }
 
 /// A stand-in for index arrays with no elements: never read.

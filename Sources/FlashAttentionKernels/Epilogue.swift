@@ -1,101 +1,32 @@
-import Glibc
+import FlashAttentionCore
 
-/// The epilogue of a work item and the merging of attention states.
-///
-/// A row's state is (out, lse): its output normalised over the keys it saw and the natural log of the
-/// softmax denominator. Two states over disjoint key sets merge exactly:
-///     lse = log(e^lse_a + e^lse_b),  out = out_a · e^(lse_a − lse) + out_b · e^(lse_b − lse).
-/// Split-KV decoding merges its splits this way, an attention sink is a state with out = 0 and lse = the
-/// sink logit, and `flash_attention_merge` exposes the same operation.
+/// The epilogue of a forward work item: each row's output normalised and stored in the output's type, with
+/// its LSE — or, for one split of a split item, its normalised partial state for `ForwardPlan.mergeSplits`.
 
-/// ln(2) and log2(e): the running max lives in log2 units, LSEs in natural-log units.
-let ln2: Float = 0.693_147_180_559_945_3
-let log2e: Float = 1.442_695_040_888_963_4
-
-/// The normalisation of one finished row: the factor its accumulator is multiplied by (1 / l, or 0 for a
-/// row that saw no key) and its LSE plus `lseShift` (a constant taken out of the row's scores), with the
-/// sink (natural log, or −inf for none) merged in.
-/// - Parameters:
-///   - rowMax: the running max in log2 units; rowSum: the running sum of 2^(s − max).
-@inline(__always)
-func finishRow(rowMax: Float, rowSum: Float, lseShift: Float, sink: Float) -> (factor: Float, lse: Float) {
-    // A row that saw no key has max −inf (its sum holds only exp2's ~1e-38 floor for −inf scores): its
-    // output is 0 and its LSE −inf. NaN sums stay NaN.
-    let sawNoKey = rowMax == -.infinity
-    var rowLSE = sawNoKey ? -Float.infinity : (rowMax + log2(rowSum)) * ln2 + lseShift
-    var factor: Float = sawNoKey ? 0 : 1 / rowSum
-    if sink > -.infinity {
-        let merged = logAddExp(rowLSE, sink)
-        factor *= exp(rowLSE - merged)
-        rowLSE = merged
-    }
-    return (factor, rowLSE)
-}
-
-/// Merges state (other, otherLSE) into (out, lse) in place; returns the merged LSE.
-@inline(__always)
-func mergeStates(
-    out: UnsafeMutablePointer<Float>, lse: Float, other: UnsafePointer<Float>, otherLSE: Float, headDim: Int
-) -> Float {
-    let merged = logAddExp(lse, otherLSE)
-    if merged == -.infinity {  // neither side saw a key
-        out.update(repeating: 0, count: headDim)
-        return merged
-    }
-    let a = Vec(repeating: lse == -.infinity ? 0 : exp(lse - merged))
-    let b = Vec(repeating: otherLSE == -.infinity ? 0 : exp(otherLSE - merged))
-    var c = 0
-    while c + 8 <= headDim {
-        store(load(out + c) * a, out + c)
-        store(load(out + c).addingProduct(load(other + c), b), out + c)
-        c += 8
-    }
-    for tail in c..<headDim { out[tail] = out[tail] * a[0] + other[tail] * b[0] }
-    return merged
-}
-
-/// Merges an attention sink (a state with output 0) into (out, lse) in place; returns the merged LSE.
-@inline(__always)
-func mergeSink(out: UnsafeMutablePointer<Float>, lse: Float, sink: Float, headDim: Int) -> Float {
-    let merged = logAddExp(lse, sink)
-    scaleRow(out, by: lse == -.infinity ? 0 : exp(lse - merged), into: out, count: headDim)
-    return merged
-}
-
-/// log(e^a + e^b) without overflow; −inf when both are −inf; NaN if either is NaN.
-@inline(__always)
-func logAddExp(_ a: Float, _ b: Float) -> Float {
-    let high = max(a, b), low = min(a, b)
-    if a.isNaN || b.isNaN { return .nan }
-    if high == -.infinity { return -.infinity }
-    return high + log1p(exp(low - high))
-}
-
-/// target[c] = source[c] · factor for c < count (source may equal target).
-@inline(__always)
-func scaleRow(_ source: UnsafePointer<Float>, by factor: Float, into target: UnsafeMutablePointer<Float>, count: Int) {
-    let scale = Vec(repeating: factor)
-    var c = 0
-    while c + 8 <= count {
-        store(load(source + c) * scale, target + c)
-        c += 8
-    }
-    for tail in c..<count { target[tail] = source[tail] * factor }
-}
-
-/// The public merge of two states over disjoint key sets, rows at a time (`flash_attention_merge`).
-package func mergeAttentionStates(
-    rows: Int, headDim: Int, outA: UnsafePointer<Float>, outAStride: Int, lseA: UnsafePointer<Float>, lseAStride: Int,
-    outB: UnsafePointer<Float>, outBStride: Int, lseB: UnsafePointer<Float>, lseBStride: Int,
-    out: UnsafeMutablePointer<Float>, outStride: Int, lse: UnsafeMutablePointer<Float>, lseStride: Int
-) {
-    for r in 0..<rows {
-        let target = out + r * outStride
-        if UnsafePointer(target) != outA + r * outAStride {
-            target.update(from: outA + r * outAStride, count: headDim)
+/// Writes the item's rows: final outputs and LSEs (with the sink folded in), or, for a split item, its
+/// normalised partial state.
+func finishItem(_ plan: ForwardPlan, _ item: WorkItem, _ w: Workspace) {
+    let p = plan.problem
+    let d = p.headDim
+    let ldO = Workspace.paddedDim(d)
+    for r in 0..<item.rows {
+        guard let (head, position) = item.query(row: r) else { continue }
+        let row = item.sequence.qRow + position
+        // ALiBi was rebased on the row's nearest visible key; its bias returns to the LSE here.
+        let bias = w.rowSlope[r] * ln2 * w.rowDistance[r]
+        let o = w.o + r * ldO
+        if plan.partials != nil {
+            let slot = plan.partialRow(item, row: r)
+            let (factor, lse) = finishRow(rowMax: w.rowMax[r], rowSum: w.rowSum[r], lseShift: -bias, sink: -.infinity)
+            storeRow(Float32Storage.self, o, count: d, scale: factor, into: slot)
+            slot[d] = lse
+        } else {
+            let (factor, lse) = finishRow(
+                rowMax: w.rowMax[r], rowSum: w.rowSum[r], lseShift: -bias, sink: p.sinks.map { $0[head] } ?? -.infinity)
+            withStorage(p.out.element) { storage in
+                storeRow(storage, o, count: d, scale: factor, into: p.out.row(batch: item.sequence.qBatch, head: head, row: row))
+            }
+            p.lse?.row(batch: item.sequence.qBatch, head: head, row: row).pointee = lse
         }
-        lse[r * lseStride] = mergeStates(
-            out: target, lse: lseA[r * lseAStride], other: outB + r * outBStride, otherLSE: lseB[r * lseBStride],
-            headDim: headDim)
     }
 }

@@ -1,52 +1,8 @@
-/// Online softmax: the vectorised exp2, the causal mask of diagonal blocks, and the running max/sum update.
+/// Online softmax: the causal and window masks of key blocks, and the running max/sum update.
 ///
 /// Scores arrive in log2 units (the queries were pre-multiplied by scale·log2(e)), so every exponential is
 /// an exp2. Scores are stored transposed (row k = key k, consecutive queries along the row), so the
 /// per-query max and sum over keys are vertical vector operations with no horizontal reductions.
-
-/// Lane-wise max that compiles to one `vmaxps` (the stdlib's generic `pointwiseMax` is an out-of-line
-/// call here). If `b` is NaN the result is `a`; NaN scores still poison their row through exp2.
-@inline(__always)
-func maximum(_ a: Vec, _ b: Vec) -> Vec {
-    a.replacing(with: b, where: b .> a)
-}
-
-/// Lane-wise min (one `vminps`).
-@inline(__always)
-func minimum(_ a: Vec, _ b: Vec) -> Vec {
-    a.replacing(with: b, where: b .< a)
-}
-
-/// 2^x for x ≤ 0 (and NaN), eight lanes at a time.
-///
-/// Accuracy: at most 2.3 ulp relative error for x ≥ −126 (degree-5 polynomial for 2^f on [−0.5, 0.5],
-/// fitted by weighted least squares; measured max relative error 1.9e-7). Arguments below −126, −inf
-/// included, give 2^−126·p(f) ≈ 1e-38 instead of 0: negligible beside a row's maximum term (which is 1),
-/// and rows whose every key is masked are recognised by their −inf running max instead (the epilogue
-/// writes 0 for them). NaN propagates. Arguments above 0 never occur here and are not handled.
-/// Cost: 10 vector operations, of which 5 FMAs.
-@inline(__always)
-func exp2(_ x: Vec) -> Vec {
-    // Clamping keeps n ≥ −126, so adding n to the polynomial's exponent bits never leaves the normal range.
-    // `maximum` keeps its first argument when the other is NaN, so NaN passes through.
-    let xc = maximum(x, Vec(repeating: -126))
-    // Adding 1.5·2^23 rounds to the nearest integer n and leaves n in the low mantissa bits of t.
-    let t = xc + 12_582_912.0
-    let f = xc - (t - 12_582_912.0)
-    var poly = Vec(repeating: 1.326_472_731_307_149e-3)
-    poly = Vec(repeating: 9.671_512_991_189_957e-3).addingProduct(poly, f)
-    poly = Vec(repeating: 5.550_733_581_185_341e-2).addingProduct(poly, f)
-    poly = Vec(repeating: 2.402_224_242_687_225_3e-1).addingProduct(poly, f)
-    poly = Vec(repeating: 6.931_470_036_506_653e-1).addingProduct(poly, f)
-    poly = Vec(repeating: 1.0).addingProduct(poly, f)
-    // Multiply by 2^n by adding n to the exponent field: shifting t's bits left by 23 leaves exactly n << 23
-    // (the bits of 1.5·2^23 above the low nine are shifted out).
-    let bits = unsafeBitCast(poly, to: SIMD8<UInt32>.self) &+ (unsafeBitCast(t, to: SIMD8<UInt32>.self) &<< 23)
-    return unsafeBitCast(bits, to: Vec.self)
-}
-
-/// The kernel's exp2 for tests of its accuracy.
-package func exp2Lanes(_ x: SIMD8<Float>) -> SIMD8<Float> { exp2(x) }
 
 /// Which keys of a key block each row of a work item may see.
 ///
@@ -89,10 +45,10 @@ struct BlockMask {
         return lower..<max(lower, end(position(last)))
     }
 
-    /// The band of a score tile whose first key is `firstKey`, for the 16 query lanes at block-relative
-    /// positions `position0`, `position1`; keys past the block (padding rows) are hidden too.
+    /// The band of a score tile whose first key is `firstKey`, for the query lanes of its two vectors at
+    /// block-relative positions `position0`, `position1`; keys past the block (padding rows) are hidden too.
     @inline(__always) func tileBand(_ position0: Vec, _ position1: Vec, firstKey: Int) -> TileBand {
-        // Unbounded shifts (±2^40) stay far outside 0..<6 after adding any position; bounded ones are exact.
+        // Unbounded shifts (±2^40) stay far outside the tile after adding any position; bounded ones are exact.
         let low = Vec(repeating: Float(lowShift - firstKey))
         let high = Vec(repeating: Float(highShift - firstKey))
         let end = Vec(repeating: Float(keyCount - firstKey))
@@ -101,13 +57,14 @@ struct BlockMask {
             high0: minimum(position0 + high, end), high1: minimum(position1 + high, end))
     }
 
-    /// Keys to score and exponentiate for the tiles that hold rows `first...last`: the band 16 rows wider on
-    /// each side. Output tiles (6 rows), softmax vectors (8) and score panels (16) do not line up, and each
-    /// must find computed every key its rows see; 16 rows of margin covers every overlap.
+    /// Keys to score and exponentiate for the tiles that hold rows `first...last`: the band `microCols` rows
+    /// wider on each side. Output tiles (`microRows` rows), softmax vectors (`lanes`) and score panels
+    /// (`microCols`) do not line up, and each must find computed every key its rows see; a score panel's
+    /// height of margin covers every overlap.
     @inline(__always) func needed(fromRow first: Int, throughRow last: Int) -> Range<Int> {
         guard monotonic else { return visible(fromRow: first, throughRow: last) }
-        let lower = start(position(first - 16))
-        return lower..<max(lower, end(position(last + 16)))
+        let lower = start(position(first - microCols))
+        return lower..<max(lower, end(position(last + microCols)))
     }
 }
 
@@ -128,18 +85,7 @@ struct ScoreAdjustment {
     var transformsScores: Bool { softcap > 0 || alibi }
 }
 
-/// C · tanh(s / C) for C > 0, from exp2 of a non-positive argument: tanh|y| = (1 − e^(−2|y|)) / (1 + e^(−2|y|)).
-/// Absolute error ≲ 2e-7 · C.
-@inline(__always)
-func softcapped(_ s: Vec, _ cap: Float) -> Vec {
-    let y = s / cap
-    let magnitude = maximum(y, -y)
-    let e = exp2(magnitude * Vec(repeating: -2 * 1.442_695_040_888_963_4))
-    let t = (Vec(repeating: 1) - e) / (Vec(repeating: 1) + e)
-    return t.replacing(with: -t, where: y .< Vec(repeating: 0)) * cap
-}
-
-/// How the softmax reads a key's scores for one 8-query column: plain loads, or with softcap, ALiBi and
+/// How the softmax reads a key's scores for one column of a vector of queries: plain loads, or with softcap, ALiBi and
 /// the mask applied. A generic parameter, so each reader gets its own specialised copy of the loops and
 /// the plain path carries no per-element option checks.
 protocol ScoreReader {
@@ -181,7 +127,7 @@ struct AdjustedScores: ScoreReader {
     }
 }
 
-/// One online-softmax step for a block of keys, for the rows `firstRow ..< firstRow + 8·queryVectors`.
+/// One online-softmax step for a block of keys, for the rows `firstRow ..< firstRow + lanes·queryVectors`.
 ///
 /// For each query: m' = max(m, blockMax); α = 2^(m − m'); p_k = 2^(s_k − m') written over s;
 /// l' = α·l + Σ_k p_k. α is left in `alpha` for the output tile to rescale O with. A query that has seen
@@ -189,7 +135,7 @@ struct AdjustedScores: ScoreReader {
 /// (its tiny sums are discarded by the epilogue, which writes 0 for rows whose max is −inf).
 /// - Parameters:
 ///   - s: transposed scores of the sub-block, key k at `s + k * ldS`; overwritten with probabilities.
-///   - adjust: softcap, ALiBi and mask; 8-row group j reads only the keys its rows' band needs.
+///   - adjust: softcap, ALiBi and mask; the vector of rows j reads only the keys its rows' band needs.
 ///   - blockMax: each query's max over the block's scores, from the score tiles, or nil to compute it here
 ///     (blocks whose scores are transformed here).
 ///   - rowPosition, rowSlope, rowDistance: the item's row tables (block-relative position, ALiBi
@@ -203,9 +149,9 @@ func softmaxUpdate(
 ) {
     let masked = adjust.mask.isMasked && !adjust.scoresMasked
     for j in 0..<queryVectors {
-        let column = s + j * 8
-        let row = firstRow + 8 * j
-        let keys = adjust.mask.needed(fromRow: row, throughRow: row + 7)
+        let column = s + j * lanes
+        let row = firstRow + lanes * j
+        let keys = adjust.mask.needed(fromRow: row, throughRow: row + lanes - 1)
         let known = blockMax.map { load($0 + row - firstRow) }
         if masked || adjust.transformsScores {
             let position = load(rowPosition + row)
@@ -223,7 +169,7 @@ func softmaxUpdate(
     }
 }
 
-/// The online-softmax step of one 8-query column over `keys`, writing probabilities over the scores.
+/// The online-softmax step of one vector of queries over `keys`, writing probabilities over the scores.
 @inline(__always)
 func softmaxColumn<Reader: ScoreReader>(
     _ score: Reader, keys: Range<Int>, blockMax: Vec?, rowMax: UnsafeMutablePointer<Float>,

@@ -22,7 +22,8 @@ unsigned fa_cpu_features(void) {
     int zmm_state = ymm_state && (xcr0 & 0xe0) == 0xe0; /* opmask + ZMM_Hi256 + Hi16_ZMM */
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     if (ymm_state && fma && f16c && (b & bit_AVX2)) features |= FA_CPU_AVX2_FMA;
-    if (zmm_state && (b & bit_AVX512F)) features |= FA_CPU_AVX512F;
+    unsigned avx512 = bit_AVX512F | bit_AVX512BW | bit_AVX512DQ | bit_AVX512VL;
+    if (zmm_state && (features & FA_CPU_AVX2_FMA) && (b & avx512) == avx512) features |= FA_CPU_AVX512;
     return features;
 }
 #else

@@ -2,10 +2,11 @@ import CFlashAttention
 import FlashAttention
 import Glibc
 
-/// `flash-attention demo | bench | info`: the walkthrough plus one realistic-size run, native timings of the
-/// prefill shapes (Bench.swift), or what the library is.
+/// `flash-attention demo | bench | info | isas`: the walkthrough plus one realistic-size run, native timings of
+/// the prefill shapes (Bench.swift), what the library is, or the kernel paths this CPU can run (one line,
+/// space-separated, widest first: for scripts that run something once per path with FLASH_ATTENTION_ISA).
 
-let usageText = "usage: flash-attention [demo | bench [options] | info]"
+let usageText = "usage: flash-attention [demo | bench [options] | info | isas]"
 
 /// An unknown command is an error: the usage goes to stderr and the status is 2.
 func usage() -> Never {
@@ -63,7 +64,9 @@ func realisticRun() -> Bool {
 
 func info() {
     print("libFlashAttention \(String(cString: flash_attention_version_string())) (ABI \(flash_attention_abi_version()))")
-    print("kernel instruction set: \(String(cString: flash_attention_kernel_isa()))")
+    print("kernel instruction set: \(String(cString: flash_attention_kernel_isa()))"
+          + " (available here: \(String(cString: flash_attention_available_isas()).split(separator: ",").joined(separator: ", "));"
+          + " FLASH_ATTENTION_ISA picks one)")
     print("default threads: \(flash_attention_default_num_threads())")
 }
 
@@ -79,6 +82,8 @@ case "bench":
     exit(Bench.run(Bench.parse(arguments.dropFirst())) ? 0 : 1)
 case "info":
     info()
+case "isas":
+    print(String(cString: flash_attention_available_isas()).split(separator: ",").joined(separator: " "))
 case "--help", "-h":
     print(usageText)
 default:

@@ -1,6 +1,6 @@
 import CFlashAttention
 import FlashAttention
-import FlashAttentionKernels
+import FlashAttentionCore
 import Testing
 
 @Test func versionsAgreeWithTheHeader() {
@@ -23,28 +23,37 @@ import Testing
 
 @Test func introspection() {
     #expect(flash_attention_default_num_threads() >= 1)
+    let names = KernelISA.allCases.map(\.name)
+    #expect(names == [FA_ISA_AVX512, FA_ISA_AVX2, FA_ISA_PORTABLE, FA_ISA_REFERENCE])
+    let available = String(cString: flash_attention_available_isas()).split(separator: ",").map(String.init)
+    #expect(available == KernelSelection.available.map(\.name))
+    #expect(available.suffix(2) == ["portable", "reference"], "every CPU runs the portable kernels and the reference loop")
+    // Without FLASH_ATTENTION_ISA the widest path runs; with it, the named one (the tests run both ways).
     let isa = String(cString: flash_attention_kernel_isa())
-    #expect(isa == "avx2+fma+f16c" || isa == "none")
+    let forced = getenv("FLASH_ATTENTION_ISA").map { String(cString: $0) } ?? ""
+    #expect(isa == (forced.isEmpty ? available[0] : available.contains(forced) ? forced : "invalid"))
+    print("kernel paths tested here: \(kernelPaths.map(\.name).joined(separator: ", "));"
+          + " not available on this CPU (skipped): \(skippedPaths.isEmpty ? "none" : skippedPaths.map(\.name).joined(separator: ", "))")
 }
 
-/// The exp2 of the online softmax: ≤ 2.5 ulp relative error on [−126, 0], at most ~1.5e-38 below (−inf
-/// included), NaN for NaN. Checked on 4 million evenly spread arguments plus the edges, against the float64
-/// exp2.
-@Test func softmaxExp2Accuracy() {
-    var worst = 0.0
+/// Each kernel copy's exp2 (the online softmax's): ≤ 2.5 ulp relative error on [−126, 0], at most ~1.5e-38
+/// below (−inf included), NaN for NaN. Checked on 4 million evenly spread arguments plus the edges, against
+/// the float64 exp2.
+@Test("exp2 accuracy", arguments: tiledPaths)
+func softmaxExp2Accuracy(_ isa: KernelISA) {
+    let exp2 = KernelSelection.kernels(for: isa).table.exp2
     let count = 4_000_000
-    var lanes = SIMD8<Float>()
-    for i in stride(from: 0, to: count, by: 8) {
-        for l in 0..<8 { lanes[l] = -126 * Float(i + l) / Float(count - 1) }
-        let y = exp2Lanes(lanes)
-        for l in 0..<8 {
-            let exact = Glibc.exp2(Double(lanes[l]))
-            let ulp = Double(Float(exact).ulp)
-            worst = max(worst, abs(Double(y[l]) - exact) / ulp)
-        }
+    var values = (0..<count).map { -126 * Float($0) / Float(count - 1) }
+    let arguments = values
+    values.withUnsafeMutableBufferPointer { exp2($0.baseAddress!, count) }
+    var worst = 0.0
+    for (x, y) in zip(arguments, values) {
+        let exact = Glibc.exp2(Double(x))
+        worst = max(worst, abs(Double(y) - exact) / Double(Float(exact).ulp))
     }
-    #expect(worst <= 2.5, "max error \(worst) ulp")
-    let edges = exp2Lanes(SIMD8<Float>(-.infinity, -127, -126.6, -200, 0, -0.0, .nan, -1))
+    #expect(worst <= 2.5, "\(isa.name): max error \(worst) ulp")
+    var edges: [Float] = [-.infinity, -127, -126.6, -200, 0, -0.0, .nan, -1]
+    edges.withUnsafeMutableBufferPointer { exp2($0.baseAddress!, $0.count) }
     #expect((0..<4).allSatisfy { edges[$0] >= 0 && edges[$0] <= 1.5e-38 })
     #expect(edges[4] == 1 && edges[5] == 1)
     #expect(edges[6].isNaN)

@@ -1,5 +1,6 @@
 import CFlashAttention
 import FlashAttention
+import FlashAttentionCore
 import Glibc
 import Testing
 
@@ -297,50 +298,54 @@ let gradientCases: [GradientCase] = [
 ]
 
 @Suite struct BackwardTests {
-    @Test("gradients match the float64 analytic reference", arguments: gradientCases)
-    func backwardMatchesReference(_ c: GradientCase) {
-        let (q, k, v, dout) = c.inputs()
-        let output = runForwardBackward(c, q: q, k: k, v: v, dout: dout)
-        #expect(output.forwardStatus == FA_OK)
-        #expect(output.status == FA_OK, "\(output.message)")
-        #expect(output.message == "")
-        let reference = referenceGradients(c, q: q, k: k, v: v, dout: dout)
-        let errors = [
-            ("out", relativeError(output.out, reference.out)),
-            ("dq", relativeError(output.dq, reference.dq)),
-            ("dk", relativeError(output.dk, reference.dk)),
-            ("dv", relativeError(output.dv, reference.dv)),
-        ]
-        for (name, error) in errors {
-            #expect(error <= gradientRelativeBound, "\(name): relative error \(error)")
-        }
-        if c.sinks != nil {
-            let error = relativeError(output.dsinks.map(Double.init), reference.dsinks)
-            #expect(error <= gradientRelativeBound, "dsinks: relative error \(error), got \(output.dsinks), want \(reference.dsinks)")
-        } else {
-            #expect(output.dsinks.allSatisfy { $0.isNaN }, "dsinks written without sinks")
-        }
+    @Test("gradients match the float64 analytic reference", arguments: tiledPaths, gradientCases)
+func backwardMatchesReference(_ isa: KernelISA, _ c: GradientCase) {
+    onPath(isa) {
+            let (q, k, v, dout) = c.inputs()
+            let output = runForwardBackward(c, q: q, k: k, v: v, dout: dout)
+            #expect(output.forwardStatus == FA_OK)
+            #expect(output.status == FA_OK, "\(output.message)")
+            #expect(output.message == "")
+            let reference = referenceGradients(c, q: q, k: k, v: v, dout: dout)
+            let errors = [
+                ("out", relativeError(output.out, reference.out)),
+                ("dq", relativeError(output.dq, reference.dq)),
+                ("dk", relativeError(output.dk, reference.dk)),
+                ("dv", relativeError(output.dv, reference.dv)),
+            ]
+            for (name, error) in errors {
+                #expect(error <= gradientRelativeBound, "\(name): relative error \(error)")
+            }
+            if c.sinks != nil {
+                let error = relativeError(output.dsinks.map(Double.init), reference.dsinks)
+                #expect(error <= gradientRelativeBound, "dsinks: relative error \(error), got \(output.dsinks), want \(reference.dsinks)")
+            } else {
+                #expect(output.dsinks.allSatisfy { $0.isNaN }, "dsinks written without sinks")
+            }
     }
+}
 
-    @Test("results are bitwise identical for num_threads 1 and 2 (and 0)")
-    func backwardThreadInvariance() {
-        let c = GradientCase(
-            problem: Problem(
-                batch: 2, seqlenQ: 250, seqlenK: 420, headsQ: 4, headsKV: 2, headDim: 48, causal: true, seed: 231),
-            softcap: 4, sinks: [0.5, -0.25, 1, 0])
-        let (q, k, v, dout) = c.inputs()
-        let single = runForwardBackward(c, q: q, k: k, v: v, dout: dout, threads: 1)
-        #expect(single.status == FA_OK, "\(single.message)")
-        for threads: Int32 in [2, 0] {
-            let other = runForwardBackward(c, q: q, k: k, v: v, dout: dout, threads: threads)
-            #expect(other.status == FA_OK, "\(other.message)")
-            #expect(other.out.storage.map(\.bitPattern) == single.out.storage.map(\.bitPattern), "out, threads \(threads)")
-            #expect(other.dq.storage.map(\.bitPattern) == single.dq.storage.map(\.bitPattern), "dq, threads \(threads)")
-            #expect(other.dk.storage.map(\.bitPattern) == single.dk.storage.map(\.bitPattern), "dk, threads \(threads)")
-            #expect(other.dv.storage.map(\.bitPattern) == single.dv.storage.map(\.bitPattern), "dv, threads \(threads)")
-            #expect(other.dsinks.map(\.bitPattern) == single.dsinks.map(\.bitPattern), "dsinks, threads \(threads)")
-        }
+    @Test("results are bitwise identical for num_threads 1 and 2 (and 0)", arguments: tiledPaths)
+func backwardThreadInvariance(_ isa: KernelISA) {
+    onPath(isa) {
+            let c = GradientCase(
+                problem: Problem(
+                    batch: 2, seqlenQ: 250, seqlenK: 420, headsQ: 4, headsKV: 2, headDim: 48, causal: true, seed: 231),
+                softcap: 4, sinks: [0.5, -0.25, 1, 0])
+            let (q, k, v, dout) = c.inputs()
+            let single = runForwardBackward(c, q: q, k: k, v: v, dout: dout, threads: 1)
+            #expect(single.status == FA_OK, "\(single.message)")
+            for threads: Int32 in [2, 0] {
+                let other = runForwardBackward(c, q: q, k: k, v: v, dout: dout, threads: threads)
+                #expect(other.status == FA_OK, "\(other.message)")
+                #expect(other.out.storage.map(\.bitPattern) == single.out.storage.map(\.bitPattern), "out, threads \(threads)")
+                #expect(other.dq.storage.map(\.bitPattern) == single.dq.storage.map(\.bitPattern), "dq, threads \(threads)")
+                #expect(other.dk.storage.map(\.bitPattern) == single.dk.storage.map(\.bitPattern), "dk, threads \(threads)")
+                #expect(other.dv.storage.map(\.bitPattern) == single.dv.storage.map(\.bitPattern), "dv, threads \(threads)")
+                #expect(other.dsinks.map(\.bitPattern) == single.dsinks.map(\.bitPattern), "dsinks, threads \(threads)")
+            }
     }
+}
 
     @Test("a rejected backward call returns its status and message and writes nothing", arguments: badBackwardInputs)
     func backwardRejectsBadInput(_ bad: BadBackwardInput) {

@@ -1,5 +1,6 @@
 import CFlashAttention
 import FlashAttention
+import FlashAttentionCore
 import Testing
 
 /// The inference entry points through the C ABI, checked by properties that must hold exactly: packing
@@ -47,61 +48,70 @@ func setTensors(_ p: inout flash_attention_params, q: Dense, k: Dense, v: Dense,
     (p.out_batch_stride, p.out_row_stride, p.out_head_stride) = out.strides
 }
 
-@Test func varlenEqualsOneCallPerSequence() {
-    var rng = SeededRandom(seed: 71)
-    let cuQ: [Int32] = [0, 5, 5, 300, 301], cuK: [Int32] = [0, 17, 40, 300, 900]
-    let (hq, hk, d) = (4, 2, 40)
-    let q = Dense(batch: 1, seq: 301, heads: hq, dim: d, rng: &rng)
-    let k = Dense(batch: 1, seq: 900, heads: hk, dim: d, rng: &rng)
-    let v = Dense(batch: 1, seq: 900, heads: hk, dim: d, rng: &rng)
-    let out = Dense(zeros: 1, seq: 301, heads: hq, dim: d)
-    var p = defaultParams()
-    (p.batch, p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_kv, p.head_dim, p.causal) = (4, 301, 900, Int64(hq), Int64(hk), Int64(d), 1)
-    let status = cuQ.withUnsafeBufferPointer { cq in
-        cuK.withUnsafeBufferPointer { ck in
-            p.cu_seqlens_q = cq.baseAddress
-            p.cu_seqlens_k = ck.baseAddress
-            setTensors(&p, q: q, k: k, v: v, out: out)
-            return flash_attention_forward_varlen(&p)
+@Test("varlenEqualsOneCallPerSequence", arguments: tiledPaths)
+func varlenEqualsOneCallPerSequence(_ isa: KernelISA) {
+    onPath(isa) {
+        var rng = SeededRandom(seed: 71)
+        let cuQ: [Int32] = [0, 5, 5, 300, 301], cuK: [Int32] = [0, 17, 40, 300, 900]
+        // head_dim 36 is not a whole number of micro-tile columns on any path, so the one-query sequence,
+        // called alone, takes the query-block path as it does inside the batch (a decoding-path call would
+        // sum its dot products in another order).
+        let (hq, hk, d) = (4, 2, 36)
+        let q = Dense(batch: 1, seq: 301, heads: hq, dim: d, rng: &rng)
+        let k = Dense(batch: 1, seq: 900, heads: hk, dim: d, rng: &rng)
+        let v = Dense(batch: 1, seq: 900, heads: hk, dim: d, rng: &rng)
+        let out = Dense(zeros: 1, seq: 301, heads: hq, dim: d)
+        var p = defaultParams()
+        (p.batch, p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_kv, p.head_dim, p.causal) = (4, 301, 900, Int64(hq), Int64(hk), Int64(d), 1)
+        let status = cuQ.withUnsafeBufferPointer { cq in
+            cuK.withUnsafeBufferPointer { ck in
+                p.cu_seqlens_q = cq.baseAddress
+                p.cu_seqlens_k = ck.baseAddress
+                setTensors(&p, q: q, k: k, v: v, out: out)
+                return flash_attention_forward_varlen(&p)
+            }
         }
-    }
-    #expect(status == FA_OK, "\(String(cString: flash_attention_last_error()))")
-    for b in 0..<4 {
-        let (q0, q1, k0, k1) = (Int(cuQ[b]), Int(cuQ[b + 1]), Int(cuK[b]), Int(cuK[b + 1]))
-        guard q1 > q0 else { continue }
-        let rowsQ = (q1 - q0) * hq * d, rowsK = (k1 - k0) * hk * d
-        let qs = Dense(zeros: 1, seq: q1 - q0, heads: hq, dim: d)
-        let ks = Dense(zeros: 1, seq: k1 - k0, heads: hk, dim: d)
-        let vs = Dense(zeros: 1, seq: k1 - k0, heads: hk, dim: d)
-        let single = Dense(zeros: 1, seq: q1 - q0, heads: hq, dim: d)
-        qs.copy(q, from: q0 * hq * d, to: 0, count: rowsQ)
-        ks.copy(k, from: k0 * hk * d, to: 0, count: rowsK)
-        vs.copy(v, from: k0 * hk * d, to: 0, count: rowsK)
-        var sp = defaultParams()
-        (sp.batch, sp.seqlen_q, sp.seqlen_k, sp.heads_q, sp.heads_kv, sp.head_dim, sp.causal) =
-            (1, Int64(q1 - q0), Int64(k1 - k0), Int64(hq), Int64(hk), Int64(d), 1)
-        setTensors(&sp, q: qs, k: ks, v: vs, out: single)
-        #expect(flash_attention_forward(&sp) == FA_OK)
-        #expect(Array(single.values[0..<rowsQ]).map(\.bitPattern) == Array(out.values[(q0 * hq * d)..<(q1 * hq * d)]).map(\.bitPattern), "sequence \(b)")
+        #expect(status == FA_OK, "\(String(cString: flash_attention_last_error()))")
+        for b in 0..<4 {
+            let (q0, q1, k0, k1) = (Int(cuQ[b]), Int(cuQ[b + 1]), Int(cuK[b]), Int(cuK[b + 1]))
+            guard q1 > q0 else { continue }
+            let rowsQ = (q1 - q0) * hq * d, rowsK = (k1 - k0) * hk * d
+            let qs = Dense(zeros: 1, seq: q1 - q0, heads: hq, dim: d)
+            let ks = Dense(zeros: 1, seq: k1 - k0, heads: hk, dim: d)
+            let vs = Dense(zeros: 1, seq: k1 - k0, heads: hk, dim: d)
+            let single = Dense(zeros: 1, seq: q1 - q0, heads: hq, dim: d)
+            qs.copy(q, from: q0 * hq * d, to: 0, count: rowsQ)
+            ks.copy(k, from: k0 * hk * d, to: 0, count: rowsK)
+            vs.copy(v, from: k0 * hk * d, to: 0, count: rowsK)
+            var sp = defaultParams()
+            (sp.batch, sp.seqlen_q, sp.seqlen_k, sp.heads_q, sp.heads_kv, sp.head_dim, sp.causal) =
+                (1, Int64(q1 - q0), Int64(k1 - k0), Int64(hq), Int64(hk), Int64(d), 1)
+            setTensors(&sp, q: qs, k: ks, v: vs, out: single)
+            #expect(flash_attention_forward(&sp) == FA_OK)
+            #expect(Array(single.values[0..<rowsQ]).map(\.bitPattern) == Array(out.values[(q0 * hq * d)..<(q1 * hq * d)]).map(\.bitPattern), "sequence \(b)")
+        }
     }
 }
 
-@Test func causalIsTheWindowWithNoRightSide() {
-    var rng = SeededRandom(seed: 72)
-    let q = Dense(batch: 2, seq: 333, heads: 2, dim: 64, rng: &rng)
-    let k = Dense(batch: 2, seq: 400, heads: 2, dim: 64, rng: &rng)
-    let v = Dense(batch: 2, seq: 400, heads: 2, dim: 64, rng: &rng)
-    let a = Dense(zeros: 2, seq: 333, heads: 2, dim: 64), b = Dense(zeros: 2, seq: 333, heads: 2, dim: 64)
-    var p = defaultParams()
-    (p.batch, p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_kv, p.head_dim) = (2, 333, 400, 2, 2, 64)
-    p.causal = 1
-    setTensors(&p, q: q, k: k, v: v, out: a)
-    #expect(flash_attention_forward(&p) == FA_OK)
-    p.causal = 0
-    p.window_right = 0
-    setTensors(&p, q: q, k: k, v: v, out: b)
-    #expect(flash_attention_forward(&p) == FA_OK)
-    #expect(a.values.map(\.bitPattern) == b.values.map(\.bitPattern))
+@Test("causalIsTheWindowWithNoRightSide", arguments: tiledPaths)
+func causalIsTheWindowWithNoRightSide(_ isa: KernelISA) {
+    onPath(isa) {
+        var rng = SeededRandom(seed: 72)
+        let q = Dense(batch: 2, seq: 333, heads: 2, dim: 64, rng: &rng)
+        let k = Dense(batch: 2, seq: 400, heads: 2, dim: 64, rng: &rng)
+        let v = Dense(batch: 2, seq: 400, heads: 2, dim: 64, rng: &rng)
+        let a = Dense(zeros: 2, seq: 333, heads: 2, dim: 64), b = Dense(zeros: 2, seq: 333, heads: 2, dim: 64)
+        var p = defaultParams()
+        (p.batch, p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_kv, p.head_dim) = (2, 333, 400, 2, 2, 64)
+        p.causal = 1
+        setTensors(&p, q: q, k: k, v: v, out: a)
+        #expect(flash_attention_forward(&p) == FA_OK)
+        p.causal = 0
+        p.window_right = 0
+        setTensors(&p, q: q, k: k, v: v, out: b)
+        #expect(flash_attention_forward(&p) == FA_OK)
+        #expect(a.values.map(\.bitPattern) == b.values.map(\.bitPattern))
+    }
 }
 
 /// Runs the cache entry point on q against `cache` (contiguous [1, capacity, hk, d] or paged through `table`).
@@ -140,44 +150,46 @@ func runCache(
     return (status, out)
 }
 
-@Test("a paged cache gives bitwise the result of a contiguous one", arguments: [1, 16, 100])
-func pagedEqualsContiguous(pageRows: Int) {
-    var rng = SeededRandom(seed: 73)
-    let (batch, capacity, hk, d) = (2, 1200, 2, 64)
-    let q = Dense(batch: batch, seq: 3, heads: 8, dim: d, rng: &rng)
-    let kc = Dense(batch: batch, seq: capacity, heads: hk, dim: d, rng: &rng)
-    let vc = Dense(batch: batch, seq: capacity, heads: hk, dim: d, rng: &rng)
-    let new = (k: Dense(batch: batch, seq: 3, heads: hk, dim: d, rng: &rng), v: Dense(batch: batch, seq: 3, heads: hk, dim: d, rng: &rng))
-    let seqlens: [Int32] = [1000, 37]
-    // The same rows scattered over shuffled pages: batch b's page j is block table[b][j].
-    let perSequence = (capacity + pageRows - 1) / pageRows
-    var blocks = Array(0..<(batch * perSequence))
-    for i in blocks.indices.reversed() { blocks.swapAt(i, Int(rng.next() % UInt64(i + 1))) }
-    let kp = Dense(zeros: batch * perSequence, seq: pageRows, heads: hk, dim: d)
-    let vp = Dense(zeros: batch * perSequence, seq: pageRows, heads: hk, dim: d)
-    let row = hk * d
-    for b in 0..<batch {
-        for j in 0..<capacity {
-            let block = blocks[b * perSequence + j / pageRows], offset = j % pageRows
-            let target = (block * pageRows + offset) * row, source = (b * capacity + j) * row
-            kp.copy(kc, from: source, to: target, count: row)
-            vp.copy(vc, from: source, to: target, count: row)
+@Test("a paged cache gives bitwise the result of a contiguous one", arguments: tiledPaths, [1, 16, 100])
+func pagedEqualsContiguous(_ isa: KernelISA, pageRows: Int) {
+    onPath(isa) {
+        var rng = SeededRandom(seed: 73)
+        let (batch, capacity, hk, d) = (2, 1200, 2, 64)
+        let q = Dense(batch: batch, seq: 3, heads: 8, dim: d, rng: &rng)
+        let kc = Dense(batch: batch, seq: capacity, heads: hk, dim: d, rng: &rng)
+        let vc = Dense(batch: batch, seq: capacity, heads: hk, dim: d, rng: &rng)
+        let new = (k: Dense(batch: batch, seq: 3, heads: hk, dim: d, rng: &rng), v: Dense(batch: batch, seq: 3, heads: hk, dim: d, rng: &rng))
+        let seqlens: [Int32] = [1000, 37]
+        // The same rows scattered over shuffled pages: batch b's page j is block table[b][j].
+        let perSequence = (capacity + pageRows - 1) / pageRows
+        var blocks = Array(0..<(batch * perSequence))
+        for i in blocks.indices.reversed() { blocks.swapAt(i, Int(rng.next() % UInt64(i + 1))) }
+        let kp = Dense(zeros: batch * perSequence, seq: pageRows, heads: hk, dim: d)
+        let vp = Dense(zeros: batch * perSequence, seq: pageRows, heads: hk, dim: d)
+        let row = hk * d
+        for b in 0..<batch {
+            for j in 0..<capacity {
+                let block = blocks[b * perSequence + j / pageRows], offset = j % pageRows
+                let target = (block * pageRows + offset) * row, source = (b * capacity + j) * row
+                kp.copy(kc, from: source, to: target, count: row)
+                vp.copy(vc, from: source, to: target, count: row)
+            }
         }
-    }
-    let contiguous = runCache(q: q, kCache: kc, vCache: vc, seqlens: seqlens, table: nil, new: new)
-    let paged = runCache(q: q, kCache: kp, vCache: vp, seqlens: seqlens, table: blocks.map(Int32.init), new: new)
-    #expect(contiguous.status == FA_OK && paged.status == FA_OK, "\(String(cString: flash_attention_last_error()))")
-    #expect(contiguous.out.values.map(\.bitPattern) == paged.out.values.map(\.bitPattern))
-    // Both caches received the appended rows at positions 1000...1002 and 37...39.
-    for b in 0..<batch {
-        for j in 0..<3 {
-            let position = Int(seqlens[b]) + j
-            let block = blocks[b * perSequence + position / pageRows]
-            let pagedRow = (block * pageRows + position % pageRows) * row
-            let contiguousRow = (b * capacity + position) * row
-            let newRow = (b * 3 + j) * row
-            #expect(Array(kp.values[pagedRow..<(pagedRow + row)]) == Array(new.k.values[newRow..<(newRow + row)]))
-            #expect(Array(kc.values[contiguousRow..<(contiguousRow + row)]) == Array(new.k.values[newRow..<(newRow + row)]))
+        let contiguous = runCache(q: q, kCache: kc, vCache: vc, seqlens: seqlens, table: nil, new: new)
+        let paged = runCache(q: q, kCache: kp, vCache: vp, seqlens: seqlens, table: blocks.map(Int32.init), new: new)
+        #expect(contiguous.status == FA_OK && paged.status == FA_OK, "\(String(cString: flash_attention_last_error()))")
+        #expect(contiguous.out.values.map(\.bitPattern) == paged.out.values.map(\.bitPattern))
+        // Both caches received the appended rows at positions 1000...1002 and 37...39.
+        for b in 0..<batch {
+            for j in 0..<3 {
+                let position = Int(seqlens[b]) + j
+                let block = blocks[b * perSequence + position / pageRows]
+                let pagedRow = (block * pageRows + position % pageRows) * row
+                let contiguousRow = (b * capacity + position) * row
+                let newRow = (b * 3 + j) * row
+                #expect(Array(kp.values[pagedRow..<(pagedRow + row)]) == Array(new.k.values[newRow..<(newRow + row)]))
+                #expect(Array(kc.values[contiguousRow..<(contiguousRow + row)]) == Array(new.k.values[newRow..<(newRow + row)]))
+            }
         }
     }
 }

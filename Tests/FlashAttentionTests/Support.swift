@@ -1,9 +1,24 @@
 import CFlashAttention
 import FlashAttention
+import FlashAttentionCore
 import Glibc
 import Testing
 
-/// Test support: a seeded RNG, strided float tensors, a naive float64 reference, and the tolerance policy.
+/// Test support: the kernel paths under test, a seeded RNG, strided float tensors, a naive float64
+/// reference, and the tolerance policy.
+
+/// Every path this CPU can run, widest first (the reference loop last): tests that exercise the kernels are
+/// parametrised over these and run each call on one path through `onPath`. The paths this CPU lacks are
+/// listed as skipped by `introspection` (ABITests.swift).
+let kernelPaths = KernelSelection.available
+/// The tiled kernel copies among them.
+let tiledPaths = kernelPaths.filter { $0 != .reference }
+let skippedPaths = KernelISA.allCases.filter { !kernelPaths.contains($0) }
+
+/// Runs `body` with every library call it makes on the calling task forced onto `isa`.
+func onPath<R>(_ isa: KernelISA, _ body: () throws -> R) rethrows -> R {
+    try KernelSelection.$override.withValue(isa) { try body() }
+}
 
 /// SplitMix64: tiny, seedable, and the same on every platform.
 struct SeededRandom {

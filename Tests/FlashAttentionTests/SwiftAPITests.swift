@@ -1,5 +1,6 @@
 import CFlashAttention
 import FlashAttention
+import FlashAttentionCore
 import Glibc
 import Testing
 
@@ -105,14 +106,16 @@ let swiftCases: [SwiftCase] = [
               options: .init(numThreads: 1, algorithm: .reference), seed: 510),
 ]
 
-@Test("Swift forward matches a naive float64 loop", arguments: swiftCases)
-func swiftForward(_ c: SwiftCase) throws {
-    let (q, k, v) = c.inputs()
-    let result = try Attention.forward(q: q, k: k, v: v, options: c.options)
-    #expect(result.out.shape == q.shape)
-    #expect(result.lse.count == q.batch * q.heads * q.seqlen)
-    let errors = maxErrors(result, naiveAttention(q: q, k: k, v: v, options: c.options))
-    #expect(errors.out <= Errors.absoluteBound && errors.lse <= Errors.lseBound, "\(errors)")
+@Test("Swift forward matches a naive float64 loop", arguments: tiledPaths, swiftCases)
+func swiftForward(_ isa: KernelISA, _ c: SwiftCase) throws {
+    try onPath(isa) {
+        let (q, k, v) = c.inputs()
+        let result = try Attention.forward(q: q, k: k, v: v, options: c.options)
+        #expect(result.out.shape == q.shape)
+        #expect(result.lse.count == q.batch * q.heads * q.seqlen)
+        let errors = maxErrors(result, naiveAttention(q: q, k: k, v: v, options: c.options))
+        #expect(errors.out <= Errors.absoluteBound && errors.lse <= Errors.lseBound, "\(errors)")
+    }
 }
 
 @Test func swiftForwardIsBitwiseIdenticalForEveryThreadCount() throws {
@@ -143,34 +146,36 @@ let swiftGradientCases: [SwiftCase] = [
               options: .init(scale: 0.7, softcap: 2, sinks: [0.3, -0.8]), seed: 603),
 ]
 
-@Test("Swift backward matches float64 analytic gradients", arguments: swiftGradientCases)
-func swiftBackward(_ c: SwiftCase) throws {
-    let (q, k, v) = c.inputs()
-    var rng = SeededRandom(seed: c.seed &+ 7)
-    let dout = randomTensor(c.batch, c.seqlenQ, c.headsQ, c.headDim, &rng)
-    let result = try Attention.forward(q: q, k: k, v: v, options: c.options)
-    let grads = try Attention.backward(dout: dout, q: q, k: k, v: v, result: result, options: c.options)
-    #expect(grads.dq.shape == q.shape && grads.dk.shape == k.shape && grads.dv.shape == v.shape)
-    // The float64 analytic gradients of BackwardTests.swift, fed through its strided test tensor.
-    func tensor(_ t: AttentionTensor) -> Tensor {
-        var x = Tensor(batch: t.batch, seq: t.seqlen, heads: t.heads, dim: t.headDim)
-        x.storage = t.values
-        return x
-    }
-    let problem = Problem(
-        batch: c.batch, seqlenQ: c.seqlenQ, seqlenK: c.seqlenK, headsQ: c.headsQ, headsKV: c.headsKV,
-        headDim: c.headDim, causal: c.options.causal, scale: c.options.scale ?? 0)
-    let gradientCase = GradientCase(problem: problem, softcap: c.options.softcap ?? 0, sinks: c.options.sinks)
-    let reference = referenceGradients(gradientCase, q: tensor(q), k: tensor(k), v: tensor(v), dout: tensor(dout))
-    for (name, x, r) in [("dq", grads.dq, reference.dq), ("dk", grads.dk, reference.dk), ("dv", grads.dv, reference.dv)] {
-        let error = relativeError(x.values.map(Double.init), r)
-        #expect(error <= gradientRelativeBound, "\(name): \(error)")
-    }
-    if c.options.sinks != nil {
-        let dsinks = try #require(grads.dsinks)
-        #expect(relativeError(dsinks.map(Double.init), reference.dsinks) <= gradientRelativeBound)
-    } else {
-        #expect(grads.dsinks == nil)
+@Test("Swift backward matches float64 analytic gradients", arguments: tiledPaths, swiftGradientCases)
+func swiftBackward(_ isa: KernelISA, _ c: SwiftCase) throws {
+    try onPath(isa) {
+        let (q, k, v) = c.inputs()
+        var rng = SeededRandom(seed: c.seed &+ 7)
+        let dout = randomTensor(c.batch, c.seqlenQ, c.headsQ, c.headDim, &rng)
+        let result = try Attention.forward(q: q, k: k, v: v, options: c.options)
+        let grads = try Attention.backward(dout: dout, q: q, k: k, v: v, result: result, options: c.options)
+        #expect(grads.dq.shape == q.shape && grads.dk.shape == k.shape && grads.dv.shape == v.shape)
+        // The float64 analytic gradients of BackwardTests.swift, fed through its strided test tensor.
+        func tensor(_ t: AttentionTensor) -> Tensor {
+            var x = Tensor(batch: t.batch, seq: t.seqlen, heads: t.heads, dim: t.headDim)
+            x.storage = t.values
+            return x
+        }
+        let problem = Problem(
+            batch: c.batch, seqlenQ: c.seqlenQ, seqlenK: c.seqlenK, headsQ: c.headsQ, headsKV: c.headsKV,
+            headDim: c.headDim, causal: c.options.causal, scale: c.options.scale ?? 0)
+        let gradientCase = GradientCase(problem: problem, softcap: c.options.softcap ?? 0, sinks: c.options.sinks)
+        let reference = referenceGradients(gradientCase, q: tensor(q), k: tensor(k), v: tensor(v), dout: tensor(dout))
+        for (name, x, r) in [("dq", grads.dq, reference.dq), ("dk", grads.dk, reference.dk), ("dv", grads.dv, reference.dv)] {
+            let error = relativeError(x.values.map(Double.init), r)
+            #expect(error <= gradientRelativeBound, "\(name): \(error)")
+        }
+        if c.options.sinks != nil {
+            let dsinks = try #require(grads.dsinks)
+            #expect(relativeError(dsinks.map(Double.init), reference.dsinks) <= gradientRelativeBound)
+        } else {
+            #expect(grads.dsinks == nil)
+        }
     }
 }
 
@@ -212,41 +217,44 @@ func rows(_ t: AttentionTensor, _ range: Range<Int>, batch: Int = 0) throws -> A
     }
 }
 
-@Test func kvCacheAppendsThenAttends() throws {
-    var rng = SeededRandom(seed: 801)
-    let (batch, heads, dim, capacity) = (2, 2, 16, 24)
-    var kCache = randomTensor(batch, capacity, heads, dim, &rng), vCache = randomTensor(batch, capacity, heads, dim, &rng)
-    let q = randomTensor(batch, 3, 4, dim, &rng)
-    let newK = randomTensor(batch, 3, heads, dim, &rng), newV = randomTensor(batch, 3, heads, dim, &rng)
-    let cached = [10, 17]
-    let before = kCache
-    let options = AttentionOptions(causal: true)
-    let result = try Attention.forwardKVCache(
-        q: q, kCache: &kCache, vCache: &vCache, cacheSeqlens: cached, newK: newK, newV: newV, options: options)
-    for b in 0..<batch {
-        // The new rows landed at cacheSeqlens[b]...; the rows before and after are untouched.
-        #expect(try rows(kCache, cached[b]..<(cached[b] + 3), batch: b) == rows(newK, 0..<3, batch: b))
-        #expect(try rows(kCache, 0..<cached[b], batch: b) == rows(before, 0..<cached[b], batch: b))
-        let keys = cached[b] + 3
-        let reference = naiveAttention(
-            q: try rows(q, 0..<3, batch: b), k: try rows(kCache, 0..<keys, batch: b),
-            v: try rows(vCache, 0..<keys, batch: b), options: options)
-        let part = try AttentionResult(
-            out: rows(result.out, 0..<3, batch: b), lse: Array(result.lse[(b * 4 * 3)..<((b + 1) * 4 * 3)]))
-        let errors = maxErrors(part, reference)
-        #expect(errors.out <= Errors.absoluteBound && errors.lse <= Errors.lseBound, "batch \(b): \(errors)")
+@Test("kvCacheAppendsThenAttends", arguments: tiledPaths)
+func kvCacheAppendsThenAttends(_ isa: KernelISA) throws {
+    try onPath(isa) {
+        var rng = SeededRandom(seed: 801)
+        let (batch, heads, dim, capacity) = (2, 2, 16, 24)
+        var kCache = randomTensor(batch, capacity, heads, dim, &rng), vCache = randomTensor(batch, capacity, heads, dim, &rng)
+        let q = randomTensor(batch, 3, 4, dim, &rng)
+        let newK = randomTensor(batch, 3, heads, dim, &rng), newV = randomTensor(batch, 3, heads, dim, &rng)
+        let cached = [10, 17]
+        let before = kCache
+        let options = AttentionOptions(causal: true)
+        let result = try Attention.forwardKVCache(
+            q: q, kCache: &kCache, vCache: &vCache, cacheSeqlens: cached, newK: newK, newV: newV, options: options)
+        for b in 0..<batch {
+            // The new rows landed at cacheSeqlens[b]...; the rows before and after are untouched.
+            #expect(try rows(kCache, cached[b]..<(cached[b] + 3), batch: b) == rows(newK, 0..<3, batch: b))
+            #expect(try rows(kCache, 0..<cached[b], batch: b) == rows(before, 0..<cached[b], batch: b))
+            let keys = cached[b] + 3
+            let reference = naiveAttention(
+                q: try rows(q, 0..<3, batch: b), k: try rows(kCache, 0..<keys, batch: b),
+                v: try rows(vCache, 0..<keys, batch: b), options: options)
+            let part = try AttentionResult(
+                out: rows(result.out, 0..<3, batch: b), lse: Array(result.lse[(b * 4 * 3)..<((b + 1) * 4 * 3)]))
+            let errors = maxErrors(part, reference)
+            #expect(errors.out <= Errors.absoluteBound && errors.lse <= Errors.lseBound, "batch \(b): \(errors)")
+        }
+        // The same cache seen through a block table of 4-row pages, with the pages of batch 1 listed first.
+        var pagedK = AttentionTensor(batch: 12, seqlen: 4, heads: heads, headDim: dim)
+        var pagedV = pagedK
+        let table = [[6, 7, 8, 9, 10, 11], [0, 1, 2, 3, 4, 5]]
+        for b in 0..<batch { for s in 0..<capacity { for h in 0..<heads { for c in 0..<dim {
+            pagedK[table[b][s / 4], s % 4, h, c] = kCache[b, s, h, c]
+            pagedV[table[b][s / 4], s % 4, h, c] = vCache[b, s, h, c]
+        } } } }
+        let paged = try Attention.forwardKVCache(
+            q: q, kCache: &pagedK, vCache: &pagedV, cacheSeqlens: cached.map { $0 + 3 }, blockTable: table, options: options)
+        #expect(maxErrors(paged, (result.out.values.map(Double.init), result.lse.map(Double.init))).out <= 1e-6)
     }
-    // The same cache seen through a block table of 4-row pages, with the pages of batch 1 listed first.
-    var pagedK = AttentionTensor(batch: 12, seqlen: 4, heads: heads, headDim: dim)
-    var pagedV = pagedK
-    let table = [[6, 7, 8, 9, 10, 11], [0, 1, 2, 3, 4, 5]]
-    for b in 0..<batch { for s in 0..<capacity { for h in 0..<heads { for c in 0..<dim {
-        pagedK[table[b][s / 4], s % 4, h, c] = kCache[b, s, h, c]
-        pagedV[table[b][s / 4], s % 4, h, c] = vCache[b, s, h, c]
-    } } } }
-    let paged = try Attention.forwardKVCache(
-        q: q, kCache: &pagedK, vCache: &pagedV, cacheSeqlens: cached.map { $0 + 3 }, blockTable: table, options: options)
-    #expect(maxErrors(paged, (result.out.values.map(Double.init), result.lse.map(Double.init))).out <= 1e-6)
 }
 
 @Test func mergeOfTwoKeyHalvesEqualsTheWhole() throws {
@@ -388,5 +396,6 @@ func expectAttentionError(
     #expect(Attention.version == "\(FA_VERSION_MAJOR).\(FA_VERSION_MINOR).\(FA_VERSION_PATCH)")
     #expect(Attention.abiVersion == Int(FA_ABI_VERSION))
     #expect(Attention.defaultThreadCount >= 1)
-    #expect(["avx2+fma+f16c", "none"].contains(Attention.kernelISA))
+    #expect(Attention.kernelISA == String(cString: flash_attention_kernel_isa()))
+    #expect(Attention.availableKernelISAs == kernelPaths.map(\.name))
 }

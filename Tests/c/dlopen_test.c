@@ -149,7 +149,13 @@ int main(int argc, char **argv) {
     status_string_fn status_string = (status_string_fn)must_sym(lib, "flash_attention_status_string");
     int_fn abi = (int_fn)must_sym(lib, "flash_attention_abi_version");
     string_fn version = (string_fn)must_sym(lib, "flash_attention_version_string");
+    string_fn kernel_isa = (string_fn)must_sym(lib, "flash_attention_kernel_isa");
+    string_fn available_isas = (string_fn)must_sym(lib, "flash_attention_available_isas");
     CHECK(abi() == FA_ABI_VERSION, "ABI %d, header %d", abi(), FA_ABI_VERSION);
+    /* The path in use is one this CPU can run (FLASH_ATTENTION_ISA, when set, names it). */
+    const char *forced = getenv("FLASH_ATTENTION_ISA");
+    CHECK(strstr(available_isas(), kernel_isa()) != NULL, "kernel_isa %s not in %s", kernel_isa(), available_isas());
+    CHECK(!forced || !*forced || strcmp(forced, kernel_isa()) == 0, "FLASH_ATTENTION_ISA=%s but kernel_isa %s", forced, kernel_isa());
 
     enum { SQ = 37, SK = 53, HQ = 4, HK = 2, D = 24 };
     static float q[SQ * HQ * D], k[SK * HK * D], v[SK * HK * D], out[SQ * HQ * D], lse[HQ * SQ];
@@ -258,6 +264,6 @@ int main(int argc, char **argv) {
 
     CHECK(strcmp(status_string(12345), "unknown status code") == 0, "unknown status string");
     CHECK(status_string(FA_ERROR_NULL_POINTER) != NULL && *status_string(FA_ERROR_NULL_POINTER), "status string");
-    printf("%s: dlopen test of libFlashAttention %s\n", failures ? "FAILED" : "ok", version());
+    printf("%s: dlopen test of libFlashAttention %s on kernel path %s\n", failures ? "FAILED" : "ok", version(), kernel_isa());
     return failures ? 1 : 0;
 }

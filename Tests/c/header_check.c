@@ -11,6 +11,7 @@ int main(void) {
     flash_attention_status (*init)(flash_attention_params *, size_t) = flash_attention_params_init;
     flash_attention_status (*forward)(const flash_attention_params *) = flash_attention_forward;
     const char *(*isa)(void) = flash_attention_kernel_isa;
+    const char *(*isas)(void) = flash_attention_available_isas;
     int32_t (*threads)(void) = flash_attention_default_num_threads;
     flash_attention_status (*varlen)(const flash_attention_params *) = flash_attention_forward_varlen;
     flash_attention_status (*kvcache)(const flash_attention_params *) = flash_attention_forward_kvcache;
@@ -20,6 +21,6 @@ int main(void) {
     /* Appended fields keep their offsets: a caller compiled against 0.1 (264 bytes) stays compatible. */
     typedef char v1_prefix_is_stable[offsetof(flash_attention_params, window_left) == FA_PARAMS_SIZE_V1 ? 1 : -1];
     (void)sizeof(v1_prefix_is_stable);
-    return !(version && version_string && abi && status_string && last_error && init && forward && isa && threads &&
-             varlen && kvcache && merge);
+    return !(version && version_string && abi && status_string && last_error && init && forward && isa && isas &&
+             threads && varlen && kvcache && merge);
 }

@@ -3,7 +3,7 @@
 #define FA_SHIMS_H
 
 #define FA_CPU_AVX2_FMA 1u     /* AVX2, FMA and F16C instructions, with YMM state enabled by the OS */
-#define FA_CPU_AVX512F 2u      /* AVX-512 Foundation, with ZMM state enabled by the OS */
+#define FA_CPU_AVX512 2u       /* AVX-512 F, BW, DQ and VL (plus AVX2_FMA), with ZMM state enabled by the OS */
 
 /* Bit set of FA_CPU_* features this CPU and OS can run; 0 on non-x86 machines. Compiled without ISA
  * flags (cpu_features.c), so it runs on any CPU. */
@@ -18,12 +18,60 @@ void fa_set_unload_hook(void (*hook)(void));
  * Swift has no prefetch of its own, and a load whose value is unused is optimised away. */
 static inline void fa_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 
-/* bfloat16 <-> float32, eight lanes, for the AVX2 kernels (Swift's generic SIMD integer widening is an
- * out-of-line call). The vector type imports into Swift as SIMD8<Float>; the target attribute lets modules
- * compiled without AVX2 include this header (they never call these). */
+/* Vector helpers of the kernel copies, one set per vector width (Swift's generic SIMD integer widening is an
+ * out-of-line call, and Swift has no shuffles). The vector types import into Swift as SIMD4/8/16<Float>.
+ * Each x86 helper carries its instruction set as a target attribute, so that every module may include this
+ * header; only the kernel copy of that width calls it, after the library's CPU check. */
+typedef float fa_float4 __attribute__((ext_vector_type(4)));
+typedef float fa_float8 __attribute__((ext_vector_type(8)));
+typedef float fa_float16 __attribute__((ext_vector_type(16)));
+
+/* bfloat16 <-> float32 for the portable copy, in plain C (any target): widening shifts the bits up; rounding
+ * is to nearest even, and a NaN stays a quiet NaN. */
+static inline fa_float4 fa_load_bf16x4(const void *p) {
+    const unsigned short *h = (const unsigned short *)p;
+    fa_float4 x;
+    for (int i = 0; i < 4; i++) {
+        unsigned bits = (unsigned)h[i] << 16;
+        __builtin_memcpy((char *)&x + 4 * i, &bits, 4);
+    }
+    return x;
+}
+
+static inline void fa_store_bf16x4(fa_float4 x, void *p) {
+    unsigned short *h = (unsigned short *)p;
+    for (int i = 0; i < 4; i++) {
+        unsigned bits;
+        __builtin_memcpy(&bits, (const char *)&x + 4 * i, 4);
+        h[i] = (unsigned short)(x[i] != x[i] ? (bits >> 16) | 0x40 : (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+    }
+}
+
+/* Transposes the 4 × 4 floats at src (rows ld_src apart) into dst (rows ld_dst apart). */
+static inline void fa_transpose4x4(const float *src, long ld_src, float *dst, long ld_dst) {
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
 #if defined(__x86_64__)
 #include <immintrin.h>
-typedef float fa_float8 __attribute__((ext_vector_type(8)));
+
+/* Widens 16 bfloat16 values at p. */
+__attribute__((target("avx512f"))) static inline fa_float16 fa_load_bf16x16(const void *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return (fa_float16)_mm512_slli_epi32(wide, 16);
+}
+
+/* Rounds 16 floats to bfloat16 (nearest even; NaN stays a quiet NaN) and stores them at p. */
+__attribute__((target("avx512f"))) static inline void fa_store_bf16x16(fa_float16 x, void *p) {
+    __m512i bits = (__m512i)x;
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+    __mmask16 nan = _mm512_cmp_ps_mask((__m512)x, (__m512)x, _CMP_UNORD_Q);
+    __m512i quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x400000));
+    __m512i high = _mm512_srli_epi32(_mm512_mask_blend_epi32(nan, rounded, quiet), 16);
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(high));
+}
 
 /* Widens 8 bfloat16 values at p (the top halves of float32s). */
 __attribute__((target("avx2"))) static inline fa_float8 fa_load_bf16x8(const void *p) {

@@ -13,8 +13,9 @@ import platform
 import sys
 import time
 
-# The instruction-set extensions the kernels care about (the tiled kernel needs avx2, fma and f16c).
-_CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f")
+# The instruction-set extensions the kernel paths care about (avx2: avx2, fma, f16c; avx512: also avx512f,
+# avx512bw, avx512dq, avx512vl).
+_CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16")
 
 
 def _cpu():
@@ -76,7 +77,8 @@ def info_command(args):
         ("package", info["package_version"]),
         ("library", f"{info['version']}  ({info['library']})"),
         ("ABI", f"{info['abi_version']} (binding expects {info['binding_abi_version']})"),
-        ("kernel ISA", info["kernel_isa"] + ("" if info["kernel_isa"] != "none" else "  (reference path only)")),
+        ("kernel ISA", f"{info['kernel_isa']}  (available: {', '.join(info['available_isas'])};"
+                       " FLASH_ATTENTION_ISA picks one)"),
         ("threads", f"{info['default_num_threads']} by default (num_threads=0)"),
         ("CPU", info["cpu"]),
         ("CPU flags", " ".join(info["cpu_flags"]) if info["cpu_flags"] is not None else "unknown"),

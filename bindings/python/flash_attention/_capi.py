@@ -27,6 +27,12 @@ FA_PARAMS_SIZE_V2 = 488
 FA_DTYPE_FLOAT32 = 0
 FA_DTYPE_FLOAT16 = 1
 FA_DTYPE_BFLOAT16 = 2
+FA_ISA_AVX512 = "avx512"
+FA_ISA_AVX2 = "avx2"
+FA_ISA_PORTABLE = "portable"
+FA_ISA_REFERENCE = "reference"
+# Every kernel path, widest first (the header's FA_ISA_* in order).
+KERNEL_ISAS = (FA_ISA_AVX512, FA_ISA_AVX2, FA_ISA_PORTABLE, FA_ISA_REFERENCE)
 
 
 def _tensor_fields(name, strides):
@@ -120,6 +126,10 @@ def declare(lib):
     # const char *flash_attention_kernel_isa(void);
     lib.flash_attention_kernel_isa.argtypes = []
     lib.flash_attention_kernel_isa.restype = c_char_p
+
+    # const char *flash_attention_available_isas(void);
+    lib.flash_attention_available_isas.argtypes = []
+    lib.flash_attention_available_isas.restype = c_char_p
     # int32_t flash_attention_default_num_threads(void);
     lib.flash_attention_default_num_threads.argtypes = []
     lib.flash_attention_default_num_threads.restype = c_int32

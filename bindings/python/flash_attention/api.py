@@ -513,12 +513,14 @@ def flash_attn_func_with_backward(q, k, v, softmax_scale=None, causal=False, **o
 
 
 def library_info():
-    """Version, ABI number, path, kernel instruction set and default thread count of the loaded library."""
+    """Version, ABI number, path, kernel instruction set (the one calls use, and every one this CPU can run,
+    widest first; FLASH_ATTENTION_ISA picks one) and default thread count of the loaded library."""
     lib = load()
     return {
         "version": lib.flash_attention_version_string().decode(),
         "abi_version": lib.flash_attention_abi_version(),
         "library": lib.path,
         "kernel_isa": lib.flash_attention_kernel_isa().decode(),
+        "available_isas": lib.flash_attention_available_isas().decode().split(","),
         "default_num_threads": lib.flash_attention_default_num_threads(),
     }

@@ -1,3 +1,4 @@
+import os
 import pathlib
 import sys
 
@@ -6,6 +7,15 @@ import pytest
 
 # Tests run against the source tree without installing the package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+
+def pytest_report_header(config):
+    """Says which kernel path this run exercises (`make test-python` runs the suite once per path)."""
+    from flash_attention import library_info
+
+    info = library_info()
+    return (f"flash_attention kernel path: {info['kernel_isa']} (available: {', '.join(info['available_isas'])};"
+            f" FLASH_ATTENTION_ISA={os.environ.get('FLASH_ATTENTION_ISA', '')!r})")
 
 # Accuracy policy for float32 on N(0, 1) inputs, written once (same bars as the Swift tests).
 RELATIVE_BOUND = 2e-6

@@ -84,15 +84,17 @@ def test_denormal_inputs_match_the_reference():
 
 
 def test_out_of_memory_is_a_status_not_a_crash():
-    # Caps the address space just above what the process uses, then asks for a large workspace.
+    # Caps the address space just above what the process uses, then asks for a large workspace: the tiled
+    # kernels' for head_dim 1024 (megabytes), the reference loop's for 500,000 keys (4 MB of scores; the
+    # keys are one row broadcast with stride 0).
     script = textwrap.dedent(f"""
         import resource, sys
         sys.path.insert(0, {str(HERE.parent)!r})
         import numpy as np
         from flash_attention import flash_attn_func
         q = np.ones((1, 1, 1, 1024), np.float32)
-        k = np.ones((1, 3, 1, 1024), np.float32)
-        flash_attn_func(q[..., :8], k[..., :8], k[..., :8], num_threads=1)  # load everything first
+        k = np.broadcast_to(np.ones((1, 1, 1, 1024), np.float32), (1, 500_000, 1, 1024))
+        flash_attn_func(q[..., :8], k[:, :3, :, :8], k[:, :3, :, :8], num_threads=1)  # load everything first
         used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
         resource.setrlimit(resource.RLIMIT_AS, (used + (2 << 20), resource.RLIM_INFINITY))
         try:

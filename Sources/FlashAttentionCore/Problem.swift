@@ -1,6 +1,7 @@
 /// The validated problem the kernels run: tensor views, where each sequence of the batch lives, and the
 /// options. Only the `FlashAttention` module builds these (from `flash_attention_params`), after checking
-/// every size, stride and index, so the kernels trust every field.
+/// every size, stride and index, so the kernels trust every field. The accessors are `@inlinable`: every
+/// kernel copy inlines them into its own loops, compiled with its own flags.
 
 /// A tensor `[batch, seq, heads, dim]` of `element`s seen through element strides (dim stride 1).
 ///
@@ -24,13 +25,13 @@ package struct TensorView: @unchecked Sendable {
     }
 
     /// Address of element (b, row, h, 0).
-    @inline(__always)
+    @inlinable @inline(__always)
     package func row(batch b: Int, head h: Int, row: Int) -> UnsafeMutableRawPointer {
         base + (b &* batchStride &+ row &* rowStride &+ h &* headStride) &* element.size
     }
 
     /// Bytes between consecutive rows.
-    @inline(__always) package var rowBytes: Int { rowStride &* element.size }
+    @inlinable @inline(__always) package var rowBytes: Int { rowStride &* element.size }
 }
 
 /// The log-sum-exp output `[batch, heads_q, seqlen_q]` seen through element strides.
@@ -47,7 +48,7 @@ package struct LSEView: @unchecked Sendable {
         self.rowStride = rowStride
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     package func row(batch b: Int, head h: Int, row: Int) -> UnsafeMutablePointer<Float> {
         base + (b &* batchStride &+ h &* headStride &+ row &* rowStride)
     }
@@ -72,7 +73,7 @@ package enum KeyValueStorage: @unchecked Sendable {
 }
 
 /// One sequence of the batch, resolved.
-package struct Sequence {
+package struct Sequence: Sendable {
     /// Batch index (for the query/output tensors, block table, ALiBi slopes).
     package var batch: Int
     /// Batch index of q/out and lse views (0 for varlen, whose batch strides are unused).
@@ -85,6 +86,12 @@ package struct Sequence {
     /// First k/v row (cu_seqlens_k[b] for varlen, else 0).
     package var kRow: Int
     package var seqlenK: Int
+
+    @inlinable
+    package init(batch: Int, qBatch: Int, qRow: Int, seqlenQ: Int, kvBatch: Int, kRow: Int, seqlenK: Int) {
+        (self.batch, self.qBatch, self.qRow, self.seqlenQ) = (batch, qBatch, qRow, seqlenQ)
+        (self.kvBatch, self.kRow, self.seqlenK) = (kvBatch, kRow, seqlenK)
+    }
 }
 
 /// One validated forward problem.
@@ -152,10 +159,10 @@ package struct AttentionProblem: @unchecked Sendable {
     }
 
     /// Query heads per kv head (GQA group size); query head h reads kv head h / groupSize.
-    @inline(__always) package var groupSize: Int { headsQ / headsKV }
+    @inlinable @inline(__always) package var groupSize: Int { headsQ / headsKV }
 
     /// Sequence b of the batch.
-    @inline(__always) package func sequence(_ b: Int) -> Sequence {
+    @inlinable @inline(__always) package func sequence(_ b: Int) -> Sequence {
         switch layout {
         case .dense:
             return Sequence(batch: b, qBatch: b, qRow: 0, seqlenQ: seqlenQ, kvBatch: b, kRow: 0, seqlenK: seqlenK)
@@ -172,7 +179,7 @@ package struct AttentionProblem: @unchecked Sendable {
     }
 
     /// Address of key (or value, with `tensor` = v) position j of sequence `s` in kv head h.
-    @inline(__always)
+    @inlinable @inline(__always)
     package func keyRow(_ tensor: TensorView, _ s: Sequence, head h: Int, position j: Int) -> UnsafeMutableRawPointer {
         switch storage {
         case .contiguous:
@@ -185,7 +192,7 @@ package struct AttentionProblem: @unchecked Sendable {
 
     /// The keys query position i of a sequence with `seqlenK` keys and `seqlenQ` queries may see:
     /// [i + offset − left, i + offset + right] ∩ [0, seqlenK), offset = seqlenK − seqlenQ (bottom-right).
-    @inline(__always)
+    @inlinable @inline(__always)
     package func keyRange(position i: Int, seqlenQ: Int, seqlenK: Int) -> Range<Int> {
         let aligned = i + seqlenK - seqlenQ
         let lower = windowLeft.map { max(0, aligned - $0) } ?? 0

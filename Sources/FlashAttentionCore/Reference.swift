@@ -1,18 +1,19 @@
-import FlashAttentionKernels
 import Glibc
 
 /// The plain reference path: for each query row, every visible score in float64 (softcap and ALiBi
 /// applied), the full softmax with the sink in its denominator, then the weighted sum of V — no tiling, no
 /// online rescaling. It is the fallback on CPUs without the tiled kernel's instructions and the path
 /// `FA_ALGORITHM_REFERENCE` forces for testing. Its scratch is one row of scores, O(seqlen_k).
-struct ReferenceForward: WorkPlan {
+package struct ReferenceForward: WorkPlan {
     let problem: AttentionProblem
 
-    /// One item per (sequence, query head).
-    var itemCount: Int { problem.batch * problem.headsQ }
-    var scratchBytes: Int { max(1, problem.maxSeqlenK) * MemoryLayout<Double>.size }
+    package init(problem: AttentionProblem) { self.problem = problem }
 
-    func run(item: Int, scratch: UnsafeMutableRawPointer) {
+    /// One item per (sequence, query head).
+    package var itemCount: Int { problem.batch * problem.headsQ }
+    package var scratchBytes: Int { max(1, problem.maxSeqlenK) * MemoryLayout<Double>.size }
+
+    package func run(item: Int, scratch: UnsafeMutableRawPointer) {
         let p = problem
         let scores = scratch.assumingMemoryBound(to: Double.self)
         let s = p.sequence(item / p.headsQ)
@@ -23,7 +24,7 @@ struct ReferenceForward: WorkPlan {
         withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * p.headDim) { rows in
             let q = rows.baseAddress!, key = q + p.headDim, out = key + p.headDim
             func read(_ tensor: TensorView, _ row: UnsafeRawPointer, into target: UnsafeMutablePointer<Float>) {
-                withStorage(tensor.element) { loadRow($0, row, count: p.headDim, into: target) }
+                tensor.element.loadRow(row, count: p.headDim, into: target)
             }
             for i in 0..<s.seqlenQ {
                 read(p.q, p.q.row(batch: s.qBatch, head: h, row: s.qRow + i), into: q)
@@ -39,9 +40,11 @@ struct ReferenceForward: WorkPlan {
                     scores[j] = score
                     maximum = Swift.max(maximum, score)
                 }
-                var sum = maximum == -.infinity ? 0 : exp(sink - maximum)
+                // Every score −inf (and no sink): the row saw no key; exp(−inf − −inf) would make NaN.
+                let sawNoKey = maximum == -.infinity
+                var sum = sawNoKey ? 0 : exp(sink - maximum)
                 for j in keys {
-                    scores[j] = exp(scores[j] - maximum)
+                    scores[j] = sawNoKey ? 0 : exp(scores[j] - maximum)
                     sum += scores[j]
                 }
                 var accumulators = [Double](repeating: 0, count: p.headDim)
@@ -49,10 +52,8 @@ struct ReferenceForward: WorkPlan {
                     read(p.v, p.keyRow(p.v, s, head: kvHead, position: j), into: key)
                     for c in 0..<p.headDim { accumulators[c] += scores[j] * Double(key[c]) }
                 }
-                for c in 0..<p.headDim { out[c] = keys.isEmpty ? 0 : Float(accumulators[c] / sum) }
-                withStorage(p.out.element) {
-                    storeRow($0, out, count: p.headDim, scale: 1, into: p.out.row(batch: s.qBatch, head: h, row: s.qRow + i))
-                }
+                for c in 0..<p.headDim { out[c] = keys.isEmpty || sawNoKey ? 0 : Float(accumulators[c] / sum) }
+                p.out.element.storeRow(out, count: p.headDim, scale: 1, into: p.out.row(batch: s.qBatch, head: h, row: s.qRow + i))
                 p.lse?.row(batch: s.qBatch, head: h, row: s.qRow + i).pointee =
                     maximum == -.infinity ? -.infinity : Float(maximum + log(sum))
             }

@@ -1,0 +1,141 @@
+import Glibc
+
+/// Runs validated problems on the pool with one kernel copy's entry points: the forward in one phase, or,
+/// for shapes split along the keys, a phase of splits and a phase that merges them in a fixed order; the
+/// backward in its three phases. Scratch and partial-result buffers are allocated here.
+
+/// A forward problem's work items on one kernel copy.
+struct ForwardItems: WorkPlan {
+    let plan: ForwardPlan
+    let kernels: KernelTable
+    var itemCount: Int { plan.itemCount }
+    var scratchBytes: Int { kernels.forwardScratchBytes(plan.problem.headDim) }
+    func run(item: Int, scratch: UnsafeMutableRawPointer) { kernels.forward(plan, item, scratch) }
+}
+
+/// The second phase of a split problem: one item per unsplit item, merging its splits.
+struct SplitMerge: WorkPlan {
+    let plan: ForwardPlan
+    var itemCount: Int { plan.unsplitItems }
+    var scratchBytes: Int { 0 }
+    func run(item: Int, scratch: UnsafeMutableRawPointer) { plan.mergeSplits(item: item) }
+}
+
+/// One phase of a backward problem on one kernel copy.
+struct BackwardItems: WorkPlan {
+    let problem: BackwardProblem
+    let phase: BackwardPhase
+    let body: BackwardItemRunner
+    let scratchBytes: Int
+    var itemCount: Int { problem.itemCount(phase) }
+    func run(item: Int, scratch: UnsafeMutableRawPointer) { body(problem, item, scratch) }
+}
+
+/// New keys and values to write into a KV cache before attending.
+package struct CacheAppend {
+    let keys: TensorView
+    let values: TensorView
+    let count: Int
+
+    package init(keys: TensorView, values: TensorView, count: Int) {
+        self.keys = keys
+        self.values = values
+        self.count = count
+    }
+}
+
+/// Runs a validated forward problem on `threads` threads, after writing any new keys and values into the
+/// cache: with `kernels`, or with the reference loop when `reference` is set.
+package func runForward(
+    _ problem: AttentionProblem, kernels: KernelTable, reference: Bool, threads: Int, append: CacheAppend?
+) throws(FlashAttentionError) {
+    if let append { appendToCache(problem, append) }
+    // No output rows, no work. (Sizes are then unbounded by any allocation: a plan's item counts could
+    // overflow.)
+    if problem.batch == 0 || problem.seqlenQ == 0 { return }
+    if reference {
+        return try ThreadPool.shared.run(ReferenceForward(problem: problem), threads: threads)
+    }
+    var plan = ForwardPlan(problem, geometry: kernels.geometry)
+    if plan.splits == 1 {
+        return try ThreadPool.shared.run(ForwardItems(plan: plan, kernels: kernels), threads: threads)
+    }
+    let bytes = plan.partialFloats * MemoryLayout<Float>.size
+    guard let partials = malloc(bytes) else {
+        throw .outOfMemory("could not allocate \(bytes) bytes for split-KV partial results")
+    }
+    defer { free(partials) }
+    plan.partials = partials.assumingMemoryBound(to: Float.self)
+    try ThreadPool.shared.run(ForwardItems(plan: plan, kernels: kernels), threads: threads)
+    try ThreadPool.shared.run(SplitMerge(plan: plan), threads: threads)
+}
+
+/// Writes k_new/v_new into the cache at positions cache_seqlens[b] ..< + count, in batch order.
+private func appendToCache(_ p: AttentionProblem, _ append: CacheAppend) {
+    guard case .cache(let seqlens, _, _) = p.layout else { return }
+    for b in 0..<p.batch {
+        let sequence = p.sequence(b)
+        for j in 0..<append.count {
+            for h in 0..<p.headsKV {
+                let position = Int(seqlens[b]) + j
+                let bytes = p.headDim * p.k.element.size  // k_new/v_new have the cache's element type
+                p.keyRow(p.k, sequence, head: h, position: position)
+                    .copyMemory(from: append.keys.row(batch: b, head: h, row: j), byteCount: bytes)
+                p.keyRow(p.v, sequence, head: h, position: position)
+                    .copyMemory(from: append.values.row(batch: b, head: h, row: j), byteCount: bytes)
+            }
+        }
+    }
+}
+
+/// Runs a validated backward problem: row statistics, then dK/dV with per-chunk dQ partials, then dQ
+/// (each phase's items write disjoint outputs), then the sink gradient summed over the batch in a fixed
+/// order. The partials come from calloc: fresh zero pages, faulted in by the threads that first use them.
+package func runBackward(_ problem: BackwardProblem, kernels: KernelTable, threads: Int) throws(FlashAttentionError) {
+    let f = problem.forward
+    if f.batch == 0 || f.seqlenQ == 0 { return zeroGradients(problem) }
+    var problem = problem
+    let g = kernels.geometry
+    problem.cut(keyBlock: g.backwardKeyBlock, rowStride: (f.headDim + g.microCols - 1) / g.microCols * g.microCols)
+    let shares = f.batch * f.headsQ
+    let bytes = (max(1, problem.rowDotCount) + max(1, shares)) * MemoryLayout<Float>.size
+    guard let memory = malloc(bytes) else { throw .outOfMemory("could not allocate \(bytes) bytes of row statistics") }
+    defer { free(memory) }
+    problem.rowDots = memory.assumingMemoryBound(to: Float.self)
+    problem.sinkShares = problem.rowDots! + max(1, problem.rowDotCount)
+    problem.sinkShares!.update(repeating: 0, count: shares)
+    let partialBytes = problem.partialFloats * MemoryLayout<Float>.size
+    guard let partials = calloc(problem.partialFloats, MemoryLayout<Float>.size) else {
+        throw .outOfMemory("could not allocate \(partialBytes) bytes for the dQ partial sums")
+    }
+    defer { free(partials) }
+    problem.partials = partials.assumingMemoryBound(to: Float.self)
+    for phase in [BackwardPhase.rows, .keyValue, .query] {
+        let items = BackwardItems(
+            problem: problem, phase: phase, body: kernels.backward(phase),
+            scratchBytes: kernels.backwardScratchBytes(problem, phase))
+        try ThreadPool.shared.run(items, threads: threads)
+    }
+    if let dsinks = problem.dsinks {
+        for h in 0..<f.headsQ {
+            var sum: Float = 0
+            for b in 0..<f.batch { sum += problem.sinkShares![b * f.headsQ + h] }
+            dsinks[h] = sum
+        }
+    }
+}
+
+/// No query rows: dQ is empty, and dK, dV and the sinks' gradient are sums over nothing. (heads_q may then
+/// be any multiple of heads_kv, so nothing here may count per query head.) Only tensors with elements are
+/// walked: batch may be huge when seqlen_k is 0.
+private func zeroGradients(_ problem: BackwardProblem) {
+    let f = problem.forward
+    var kvBatch = f.seqlenK == 0 ? 0 : 1
+    if case .dense = f.layout, f.seqlenK > 0 { kvBatch = f.batch }
+    for t in [problem.dk, problem.dv] {
+        for b in 0..<kvBatch { for r in 0..<f.seqlenK { for h in 0..<f.headsKV {
+            t.row(batch: b, head: h, row: r).initializeMemory(as: UInt8.self, repeating: 0, count: f.headDim * t.element.size)
+        } } }
+    }
+    problem.dsinks?.update(repeating: 0, count: f.headsQ)
+}

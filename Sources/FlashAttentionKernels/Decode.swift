@@ -1,0 +1,80 @@
+import FlashAttentionCore
+import FlashAttentionShims
+
+/// The decoding path: few query rows per kv head (a GQA group's heads at one or a few positions). An item
+/// covers every kv head of a (sequence, key split) and walks its keys in short blocks; for each kv head it
+/// reads the K and V rows in place — in their storage type, converted as they are loaded — scores them by
+/// dot products, and accumulates the output without packing anything.
+
+struct DecodeKernel {
+    let plan: ForwardPlan
+
+    func run(_ item: WorkItem, _ w: Workspace) {
+        stageQueries(plan, item, transposed: false, w)
+        // Blocks read rows in place, so they stop at page boundaries (rows evenly strided).
+        forEachKeyBlock(plan, item, blockKeys: geometry.thinBlockKeys, pageAligned: true) { firstKey, adjust in
+            prefetchBlock(item, from: firstKey + adjust.mask.keyCount)
+            for slot in 0..<item.slots {
+                headBlock(item, slot: slot, firstKey: firstKey, adjust: adjust, w)
+            }
+        }
+        finishItem(plan, item, w)
+    }
+
+    /// Prefetches the rows of every kv head of the item for the block after the one in hand. A block's
+    /// rows are read head by head, and each first touch of a row, like the start of a cache page at a
+    /// random address, is a fresh DRAM miss; requesting them a block ahead keeps the memory pipeline
+    /// fuller (measured: paged-16 decoding went from 1.19-1.35× to 0.97-1.12× the contiguous time).
+    private func prefetchBlock(_ item: WorkItem, from firstKey: Int) {
+        let p = plan.problem
+        let firstKV = item.firstHead / p.groupSize
+        for key in firstKey..<min(item.keys.upperBound, firstKey + geometry.thinBlockKeys) {
+            for kvHead in firstKV..<(firstKV + item.slots) {
+                prefetchRow(p.keyRow(p.k, item.sequence, head: kvHead, position: key), bytes: p.headDim * p.k.element.size)
+                prefetchRow(p.keyRow(p.v, item.sequence, head: kvHead, position: key), bytes: p.headDim * p.v.element.size)
+            }
+        }
+    }
+
+    /// One key block of one kv head's slot: dot-product scores against K rows in place, the softmax of the
+    /// slot's one vector of rows, and output tiles that read V rows in place.
+    private func headBlock(_ item: WorkItem, slot: Int, firstKey: Int, adjust: ScoreAdjustment, _ w: Workspace) {
+        let p = plan.problem
+        let d = p.headDim
+        let kvHead = item.firstHead / p.groupSize + slot
+        let row = slot * geometry.thinSlotRows
+        let needed = adjust.mask.needed(fromRow: row, throughRow: row + geometry.thinSlotRows - 1)
+        let kRows = p.keyRow(p.k, item.sequence, head: kvHead, position: firstKey)
+        let vRows = p.keyRow(p.v, item.sequence, head: kvHead, position: firstKey)
+        let rowCount = item.headsPerSlot * item.positions
+        withTileRows(rowCount) { rows in
+            withStorage(p.k.element) { storage in
+                scoreRows(
+                    rows, storage, keys: kRows + needed.lowerBound * p.k.rowBytes, ldK: p.k.rowStride,
+                    count: needed.count, queries: w.qT + row * d, depth: d, s: w.s + needed.lowerBound * subBlockRows,
+                    ldS: subBlockRows)
+            }
+        }
+        softmaxUpdate(
+            s: w.s, ldS: subBlockRows, firstRow: row, queryVectors: geometry.thinSlotRows / lanes, adjust: adjust,
+            blockMax: nil, rowPosition: w.rowPosition, rowSlope: w.rowSlope, rowDistance: w.rowDistance,
+            rowMax: w.rowMax, rowSum: w.rowSum, alpha: w.alpha)
+        withTileRows(rowCount) { rows in
+            withStorage(p.v.element) { storage in
+                accumulateRows(
+                    rows, storage, headDim: d, mask: adjust.mask, firstRow: row, p: w.s, ldP: subBlockRows, v: vRows,
+                    ldV: p.v.rowStride, columnStride: microCols * storage.size, w)
+            }
+        }
+    }
+}
+
+/// Prefetches the cache lines of `bytes` bytes from `row`.
+@inline(__always)
+func prefetchRow(_ row: UnsafeRawPointer, bytes: Int) {
+    var offset = 0
+    while offset < bytes {
+        fa_prefetch(row + offset)
+        offset += 64
+    }
+}

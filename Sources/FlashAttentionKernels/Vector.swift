@@ -1,0 +1,142 @@
+import FlashAttentionCore
+import FlashAttentionShims
+
+/// The one ISA-specific file of the kernel source: the vector type of this compiled copy, its tile shapes and
+/// block sizes, and the few operations whose best form depends on the instruction set. Everything else in
+/// the kernels is written over `Vec` and the sizes below, never over a literal width. The package manifest
+/// compiles this source once per instruction set, each copy with its own FA_KERNEL_* define and flags.
+
+#if FA_KERNEL_AVX512
+/// 16 floats: one zmm register.
+typealias Vec = SIMD16<Float>
+typealias VecBits = SIMD16<UInt32>
+typealias HalfVec = SIMD16<Float16>
+let kernelISA = KernelISA.avx512
+/// Tile shapes and block sizes measured on Zen 5 (48 KiB L1, 1 MiB L2 per core) and Sapphire Rapids.
+let geometry = TileGeometry(
+    lanes: 16, microRows: MicroRows.count, queryBlock: 288, keyBlock: 96, thinBlockKeys: 16, backwardKeyBlock: 96)
+#elseif FA_KERNEL_AVX2
+/// 8 floats: one ymm register.
+typealias Vec = SIMD8<Float>
+typealias VecBits = SIMD8<UInt32>
+typealias HalfVec = SIMD8<Float16>
+let kernelISA = KernelISA.avx2
+/// 288 × 96 measured best on Zen 3 of Bq ∈ {96, 192, 288, 384} × Bk ∈ {48, 96, 192} at head_dim 64 and 128.
+let geometry = TileGeometry(
+    lanes: 8, microRows: MicroRows.count, queryBlock: 288, keyBlock: 96, thinBlockKeys: 16, backwardKeyBlock: 96)
+#else
+/// 4 floats: one SSE or NEON register, the width every 64-bit target has.
+typealias Vec = SIMD4<Float>
+typealias VecBits = SIMD4<UInt32>
+typealias HalfVec = SIMD4<Float16>
+let kernelISA = KernelISA.portable
+let geometry = TileGeometry(
+    lanes: 4, microRows: MicroRows.count, queryBlock: 288, keyBlock: 96, thinBlockKeys: 16, backwardKeyBlock: 96)
+#endif
+
+/// Query rows that go through score → softmax → output together: a multiple of a score panel (`microCols`)
+/// and of an output tile (`microRows`), small enough that their key block × this many scores stay in L1
+/// from the score tiles through the output tiles (48 × 96 keys: 18 KiB; 96 × 96: 36 KiB of Zen 5's 48).
+#if FA_KERNEL_AVX512
+@inline(__always) var subBlockRows: Int { 96 }
+#else
+@inline(__always) var subBlockRows: Int { 48 }
+#endif
+
+/// Rows of the micro-tiles: six rows of two vectors are twelve accumulators, which leaves room for the two
+/// loaded vectors and a broadcast in 16 registers (AVX2, SSE) and measured as fast as 12 rows with AVX-512
+/// (both ~229 GFLOP/s in L1 on Zen 5; 14 rows spill).
+typealias MicroRows = SixRows
+
+/// Floats per vector, columns of a micro-tile (two vectors) and its rows. Computed properties rather than
+/// globals, so that they are compile-time constants in every loop (a global would be read through a
+/// lazy-initialisation check).
+@inline(__always) var lanes: Int { Vec.scalarCount }
+@inline(__always) var microCols: Int { 2 * Vec.scalarCount }
+@inline(__always) var microRows: Int { MicroRows.count }
+
+/// Lane indices 0, 1, 2, … as floats (folded to a constant).
+@inline(__always) var laneIndices: Vec {
+    var x = Vec()
+    for i in 0..<Vec.scalarCount { x[i] = Float(i) }
+    return x
+}
+
+/// a · b + c: one FMA where the copy has FMA instructions. The portable copy on x86-64 (SSE2 only) would
+/// turn `addingProduct` into one `fmaf` call per lane, so it multiplies and adds instead (rounded twice).
+@inline(__always)
+func muladd(_ a: Vec, _ b: Vec, _ c: Vec) -> Vec {
+    #if FA_KERNEL_PORTABLE && arch(x86_64)
+    return a * b + c
+    #else
+    return c.addingProduct(a, b)
+    #endif
+}
+
+@inline(__always) func load(_ p: UnsafePointer<Float>) -> Vec {
+    UnsafeRawPointer(p).loadUnaligned(as: Vec.self)
+}
+
+@inline(__always) func load(_ p: UnsafeMutablePointer<Float>) -> Vec {
+    UnsafeRawPointer(p).loadUnaligned(as: Vec.self)
+}
+
+@inline(__always) func store(_ x: Vec, _ p: UnsafeMutablePointer<Float>) {
+    UnsafeMutableRawPointer(p).storeBytes(of: x, as: Vec.self)
+}
+
+/// Lane-wise max that compiles to one `vmaxps`/`maxps` (the stdlib's generic `pointwiseMax` is an
+/// out-of-line call here). If `b` is NaN the result is `a`; NaN scores still poison their row through exp2.
+@inline(__always)
+func maximum(_ a: Vec, _ b: Vec) -> Vec {
+    a.replacing(with: b, where: b .> a)
+}
+
+/// Lane-wise min (one `vminps`/`minps`).
+@inline(__always)
+func minimum(_ a: Vec, _ b: Vec) -> Vec {
+    a.replacing(with: b, where: b .< a)
+}
+
+/// One vector of bfloat16 values at `p`, widened (Swift's generic SIMD integer widening is an out-of-line
+/// call, so each width has its own C helper).
+@inline(__always)
+func loadBFloat16(_ p: UnsafeRawPointer) -> Vec {
+    #if FA_KERNEL_AVX512
+    return fa_load_bf16x16(p)
+    #elseif FA_KERNEL_AVX2
+    return fa_load_bf16x8(p)
+    #else
+    return fa_load_bf16x4(p)
+    #endif
+}
+
+/// Rounds one vector to bfloat16 (nearest even, NaN kept) and stores it at `p`.
+@inline(__always)
+func storeBFloat16(_ x: Vec, _ p: UnsafeMutableRawPointer) {
+    #if FA_KERNEL_AVX512
+    fa_store_bf16x16(x, p)
+    #elseif FA_KERNEL_AVX2
+    fa_store_bf16x8(x, p)
+    #else
+    fa_store_bf16x4(x, p)
+    #endif
+}
+
+/// Rows of a transpose block: `transposeBlock` turns `transposeSize` × `transposeSize` floats around.
+#if FA_KERNEL_PORTABLE
+@inline(__always) var transposeSize: Int { 4 }
+#else
+@inline(__always) var transposeSize: Int { 8 }
+#endif
+
+/// Transposes the square block of `transposeSize` rows at `source` (rows `sourceStride` apart) into
+/// `target` (rows `targetStride` apart). The backward pass turns dS [query][key] into [key][query] this way.
+@inline(__always)
+func transposeBlock(_ source: UnsafePointer<Float>, _ sourceStride: Int, _ target: UnsafeMutablePointer<Float>, _ targetStride: Int) {
+    #if FA_KERNEL_PORTABLE
+    fa_transpose4x4(source, sourceStride, target, targetStride)
+    #else
+    fa_transpose8x8(source, sourceStride, target, targetStride)
+    #endif
+}
