@@ -15,6 +15,7 @@ enum OneRow: TileRows { static var count: Int { 1 } }
 enum TwoRows: TileRows { static var count: Int { 2 } }
 enum FourRows: TileRows { static var count: Int { 4 } }
 enum SixRows: TileRows { static var count: Int { 6 } }
+enum EightRows: TileRows { static var count: Int { 8 } }
 
 /// Calls `body` with the smallest supported row count ≥ `rows` (at most `microRows`).
 @inline(__always)
@@ -23,12 +24,14 @@ func withTileRows<Result>(_ rows: Int, _ body: (any TileRows.Type) -> Result) ->
     case ...1: return body(OneRow.self)
     case 2: return body(TwoRows.self)
     case 3...4: return body(FourRows.self)
-    default: return body(SixRows.self)
+    case 5...6 where microRows >= 6: return body(SixRows.self)
+    default: return body(MicroRows.self)
     }
 }
 
-/// The accumulators of a micro-tile: two vectors per row, row r at 2r and 2r + 1.
-typealias TileAccumulators = InlineArray<12, Vec>
+/// The accumulators of a micro-tile: two vectors per row, row r at 2r and 2r + 1 (room for 8 rows; the
+/// entries a row count does not use are removed at compile time).
+typealias TileAccumulators = InlineArray<16, Vec>
 
 /// Scores of `microRows` keys against `microCols` queries, transposed:
 /// `s[r * ldS + i] = Σ_p keys[r * ldK + p] · queries[p * microCols + i]`.

@@ -12,9 +12,13 @@ typealias Vec = SIMD16<Float>
 typealias VecBits = SIMD16<UInt32>
 typealias HalfVec = SIMD16<Float16>
 let kernelISA = KernelISA.avx512
-/// Tile shapes and block sizes measured on Zen 5 (48 KiB L1, 1 MiB L2 per core) and Sapphire Rapids.
+/// Tile shapes and block sizes measured on Zen 5 (48 KiB L1, 1 MiB L2 per core), (1, 16, 16, 2048, 128) and
+/// (1, 8, 8, 4096, 64) at 1 thread, best of interleaved runs: every Bq ∈ {288, 384, 448, 576} × Bk ∈ {64, 96,
+/// 128} × sub-block ∈ {32, 64, 96} landed within 185–192 GFLOP/s at head_dim 128, and 576 × 128 × 64 was at or
+/// near the top on every shape (head_dim 64: 183 against 167 for 288 × 128). Its workspace at head_dim 128
+/// (~750 KiB) fits the 1 MiB L2 of Zen 4/5 and the 2 MiB of Sapphire Rapids.
 let geometry = TileGeometry(
-    lanes: 16, microRows: MicroRows.count, queryBlock: 288, keyBlock: 96, thinBlockKeys: 16, backwardKeyBlock: 96)
+    lanes: 16, microRows: MicroRows.count, queryBlock: 576, keyBlock: 128, thinBlockKeys: 16, backwardKeyBlock: 96)
 #elseif FA_KERNEL_AVX2
 /// 8 floats: one ymm register.
 typealias Vec = SIMD8<Float>
@@ -36,17 +40,22 @@ let geometry = TileGeometry(
 
 /// Query rows that go through score → softmax → output together: a multiple of a score panel (`microCols`)
 /// and of an output tile (`microRows`), small enough that their key block × this many scores stay in L1
-/// from the score tiles through the output tiles (48 × 96 keys: 18 KiB; 96 × 96: 36 KiB of Zen 5's 48).
+/// from the score tiles through the output tiles (AVX-512: 64 × 128 keys, 32 KiB; else 48 × 96, 18 KiB).
 #if FA_KERNEL_AVX512
-@inline(__always) var subBlockRows: Int { 96 }
+@inline(__always) var subBlockRows: Int { 64 }
 #else
 @inline(__always) var subBlockRows: Int { 48 }
 #endif
 
-/// Rows of the micro-tiles: six rows of two vectors are twelve accumulators, which leaves room for the two
-/// loaded vectors and a broadcast in 16 registers (AVX2, SSE) and measured as fast as 12 rows with AVX-512
-/// (both ~229 GFLOP/s in L1 on Zen 5; 14 rows spill).
+/// Rows of the micro-tiles. Six rows of two vectors are twelve accumulators, which leaves room for the two
+/// loaded vectors and a broadcast in 16 registers (AVX2, SSE). AVX-512 has 32: 6, 8 and 12 rows all ran
+/// at ~229 GFLOP/s in L1 on Zen 5 (14 spill); 8 rows make 8 × 32 tiles, whose row count divides the panel
+/// width, so that sub-blocks can be 32 or 64 rows instead of lcm(6, 32) = 96.
+#if FA_KERNEL_AVX512
+typealias MicroRows = EightRows
+#else
 typealias MicroRows = SixRows
+#endif
 
 /// Floats per vector, columns of a micro-tile (two vectors) and its rows. Computed properties rather than
 /// globals, so that they are compile-time constants in every loop (a global would be read through a
