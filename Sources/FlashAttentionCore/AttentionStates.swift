@@ -10,16 +10,17 @@ import Glibc
 /// Split-KV decoding merges its splits this way, an attention sink is a state with out = 0 and lse = the
 /// sink logit, and `flash_attention_merge` exposes the same operation.
 
-/// ln(2) and log2(e): the kernels' running max lives in log2 units, LSEs in natural-log units.
-package let ln2: Float = 0.693_147_180_559_945_3
-package let log2e: Float = 1.442_695_040_888_963_4
+/// ln(2) and log2(e): the kernels' running max lives in log2 units, LSEs in natural-log units. Inlinable
+/// computed constants, so that the kernel copies fold them (a global is read through an accessor).
+@inlinable public var ln2: Float { 0.693_147_180_559_945_3 }
+@inlinable public var log2e: Float { 1.442_695_040_888_963_4 }
 
 /// The normalisation of one finished row: the factor its accumulator is multiplied by (1 / l, or 0 for a
 /// row that saw no key) and its LSE plus `lseShift` (a constant taken out of the row's scores), with the
 /// sink (natural log, or −inf for none) merged in.
 /// - Parameters:
 ///   - rowMax: the running max in log2 units; rowSum: the running sum of 2^(s − max).
-package func finishRow(rowMax: Float, rowSum: Float, lseShift: Float, sink: Float) -> (factor: Float, lse: Float) {
+public func finishRow(rowMax: Float, rowSum: Float, lseShift: Float, sink: Float) -> (factor: Float, lse: Float) {
     // A row that saw no key has max −inf (its sum holds only exp2's ~1e-38 floor for −inf scores): its
     // output is 0 and its LSE −inf. NaN sums stay NaN.
     let sawNoKey = rowMax == -.infinity
@@ -34,7 +35,7 @@ package func finishRow(rowMax: Float, rowSum: Float, lseShift: Float, sink: Floa
 }
 
 /// Merges state (other, otherLSE) into (out, lse) in place; returns the merged LSE.
-package func mergeStates(
+public func mergeStates(
     out: UnsafeMutablePointer<Float>, lse: Float, other: UnsafePointer<Float>, otherLSE: Float, headDim: Int
 ) -> Float {
     let merged = logAddExp(lse, otherLSE)
@@ -49,7 +50,7 @@ package func mergeStates(
 }
 
 /// Merges an attention sink (a state with output 0) into (out, lse) in place; returns the merged LSE.
-package func mergeSink(out: UnsafeMutablePointer<Float>, lse: Float, sink: Float, headDim: Int) -> Float {
+public func mergeSink(out: UnsafeMutablePointer<Float>, lse: Float, sink: Float, headDim: Int) -> Float {
     let merged = logAddExp(lse, sink)
     let factor = lse == -.infinity ? 0 : exp(lse - merged)
     for c in 0..<headDim { out[c] *= factor }
@@ -57,7 +58,7 @@ package func mergeSink(out: UnsafeMutablePointer<Float>, lse: Float, sink: Float
 }
 
 /// log(e^a + e^b) without overflow; −inf when both are −inf; NaN if either is NaN.
-package func logAddExp(_ a: Float, _ b: Float) -> Float {
+public func logAddExp(_ a: Float, _ b: Float) -> Float {
     let high = max(a, b), low = min(a, b)
     if a.isNaN || b.isNaN { return .nan }
     if high == -.infinity { return -.infinity }
@@ -65,7 +66,7 @@ package func logAddExp(_ a: Float, _ b: Float) -> Float {
 }
 
 /// The public merge of two states over disjoint key sets, rows at a time (`flash_attention_merge`).
-package func mergeAttentionStates(
+public func mergeAttentionStates(
     rows: Int, headDim: Int, outA: UnsafePointer<Float>, outAStride: Int, lseA: UnsafePointer<Float>, lseAStride: Int,
     outB: UnsafePointer<Float>, outBStride: Int, lseB: UnsafePointer<Float>, lseBStride: Int,
     out: UnsafeMutablePointer<Float>, outStride: Int, lse: UnsafeMutablePointer<Float>, lseStride: Int

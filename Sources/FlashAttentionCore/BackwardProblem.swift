@@ -13,33 +13,33 @@
 /// depends on the shape and the kernel copy's key block only (never on the thread count), which is what
 /// keeps the dQ sums deterministic.
 
-package enum BackwardPhase: Sendable {
+public enum BackwardPhase: Sendable {
     case rows, keyValue, query
 }
 
 /// A validated backward problem: the forward problem (with its `out` and `lse`) and the gradients.
-package struct BackwardProblem: @unchecked Sendable {
-    package var forward: AttentionProblem
-    package var dout: TensorView
-    package var dq: TensorView
-    package var dk: TensorView
-    package var dv: TensorView
-    package var dsinks: UnsafeMutablePointer<Float>?
+public struct BackwardProblem: @unchecked Sendable {
+    public var forward: AttentionProblem
+    public var dout: TensorView
+    public var dq: TensorView
+    public var dk: TensorView
+    public var dv: TensorView
+    public var dsinks: UnsafeMutablePointer<Float>?
     /// Keys per block, blocks per key chunk, key chunks (phase 2 items per sequence and kv head), and the
     /// floats between rows of the dQ partials; set by `cut(keyBlock:rowStride:)`.
-    package private(set) var keyBlock = 1
-    package private(set) var blocksPerChunk = 1
-    package private(set) var chunks = 1
-    package private(set) var partialStride = 1
+    public private(set) var keyBlock = 1
+    public private(set) var blocksPerChunk = 1
+    public private(set) var chunks = 1
+    public private(set) var partialStride = 1
     /// D per (query batch entry, head, row), [qBatches][headsQ][seqlenQ] with seqlenQ the q tensor's rows;
     /// set by the driver.
-    package var rowDots: UnsafeMutablePointer<Float>?
+    public var rowDots: UnsafeMutablePointer<Float>?
     /// Each (sequence, head)'s share of the sink gradient, [batch][headsQ]; set by the driver.
-    package var sinkShares: UnsafeMutablePointer<Float>?
+    public var sinkShares: UnsafeMutablePointer<Float>?
     /// The chunks' dQ partials, `partialFloats` zero-filled floats; set by the driver.
-    package var partials: UnsafeMutablePointer<Float>?
+    public var partials: UnsafeMutablePointer<Float>?
 
-    package init(
+    public init(
         forward: AttentionProblem, dout: TensorView, dq: TensorView, dk: TensorView, dv: TensorView,
         dsinks: UnsafeMutablePointer<Float>?
     ) {
@@ -53,7 +53,7 @@ package struct BackwardProblem: @unchecked Sendable {
 
     /// Cuts the keys into chunks of `keyBlock`-key blocks: enough chunks for 32 items, as long as the dQ
     /// partials stay within max(64 MiB, 2 × dQ in float32). `rowStride` is the partials' row stride (floats).
-    package mutating func cut(keyBlock: Int, rowStride: Int) {
+    public mutating func cut(keyBlock: Int, rowStride: Int) {
         self.keyBlock = keyBlock
         partialStride = rowStride
         let f = forward
@@ -67,7 +67,7 @@ package struct BackwardProblem: @unchecked Sendable {
     }
 
     /// Items of each phase.
-    package func itemCount(_ phase: BackwardPhase) -> Int {
+    public func itemCount(_ phase: BackwardPhase) -> Int {
         switch phase {
         case .rows, .query: return forward.batch * forward.headsQ
         case .keyValue: return chunks * forward.batch * forward.headsKV
@@ -76,12 +76,12 @@ package struct BackwardProblem: @unchecked Sendable {
 
     /// Index of row `row` (q-tensor row) of head h in `rowDots`.
     @inlinable @inline(__always)
-    package func rowIndex(_ s: Sequence, head h: Int, row: Int) -> Int {
+    public func rowIndex(_ s: Sequence, head h: Int, row: Int) -> Int {
         (s.qBatch * forward.headsQ + h) * forward.seqlenQ + row
     }
 
     /// Floats of `rowDots`.
-    package var rowDotCount: Int { qBatches * forward.headsQ * forward.seqlenQ }
+    public var rowDotCount: Int { qBatches * forward.headsQ * forward.seqlenQ }
 
     @usableFromInline var qBatches: Int {
         if case .varlen = forward.layout { return 1 } else { return forward.batch }
@@ -90,11 +90,11 @@ package struct BackwardProblem: @unchecked Sendable {
     private var chunkFloats: Int { qBatches * forward.headsQ * forward.seqlenQ * partialStride }
 
     /// Floats of `partials`.
-    package var partialFloats: Int { chunks * chunkFloats }
+    public var partialFloats: Int { chunks * chunkFloats }
 
     /// Row `row` of sequence `s`, head h, in chunk `chunk`'s dQ partial (rows `partialStride` apart).
     @inlinable @inline(__always)
-    package func partialRow(chunk: Int, _ s: Sequence, head h: Int, row: Int) -> UnsafeMutablePointer<Float> {
+    public func partialRow(chunk: Int, _ s: Sequence, head h: Int, row: Int) -> UnsafeMutablePointer<Float> {
         let f = forward
         let region = chunk * qBatches * f.headsQ + s.qBatch * f.headsQ + h
         return partials! + (region * f.seqlenQ + s.qRow + row) * partialStride

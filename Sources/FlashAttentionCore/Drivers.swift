@@ -32,12 +32,12 @@ struct BackwardItems: WorkPlan {
 }
 
 /// New keys and values to write into a KV cache before attending.
-package struct CacheAppend {
+public struct CacheAppend {
     let keys: TensorView
     let values: TensorView
     let count: Int
 
-    package init(keys: TensorView, values: TensorView, count: Int) {
+    public init(keys: TensorView, values: TensorView, count: Int) {
         self.keys = keys
         self.values = values
         self.count = count
@@ -46,7 +46,7 @@ package struct CacheAppend {
 
 /// Runs a validated forward problem on `threads` threads, after writing any new keys and values into the
 /// cache: with `kernels`, or with the reference loop when `reference` is set.
-package func runForward(
+public func runForward(
     _ problem: AttentionProblem, kernels: KernelTable, reference: Bool, threads: Int, append: CacheAppend?
 ) throws(FlashAttentionError) {
     if let append { appendToCache(problem, append) }
@@ -91,7 +91,7 @@ private func appendToCache(_ p: AttentionProblem, _ append: CacheAppend) {
 /// Runs a validated backward problem: row statistics, then dK/dV with per-chunk dQ partials, then dQ
 /// (each phase's items write disjoint outputs), then the sink gradient summed over the batch in a fixed
 /// order. The partials come from calloc: fresh zero pages, faulted in by the threads that first use them.
-package func runBackward(_ problem: BackwardProblem, kernels: KernelTable, threads: Int) throws(FlashAttentionError) {
+public func runBackward(_ problem: BackwardProblem, kernels: KernelTable, threads: Int) throws(FlashAttentionError) {
     let f = problem.forward
     if f.batch == 0 || f.seqlenQ == 0 { return zeroGradients(problem) }
     var problem = problem

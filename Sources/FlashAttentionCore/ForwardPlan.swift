@@ -10,7 +10,7 @@ let minimumSplitKeys = 512
 let splitTargetItems = 32
 
 /// The kernel path of a problem (each has its own file in the kernel source).
-package enum ForwardPath: Sendable {
+public enum ForwardPath: Sendable {
     /// Query blocks of one head (TileLoop.swift): K and V packed once per key block for the block's queries.
     case queryBlocks
     /// Query blocks holding every query head of a GQA group (short sequences): each key and value block is
@@ -26,26 +26,26 @@ package enum ForwardPath: Sendable {
 /// r / positions at position firstPosition + r % positions, for r < headsPerSlot · positions (the rest of a
 /// slot is padding). A query block has one slot holding one head (or a GQA group's heads); a decoding
 /// item has a slot of `thinSlotRows` rows per kv head.
-package struct WorkItem {
-    package var sequence: Sequence
-    package var firstHead: Int
-    package var headsPerSlot: Int
-    package var slots: Int
-    package var slotRows: Int
-    package var firstPosition: Int
-    package var positions: Int
+public struct WorkItem {
+    public var sequence: Sequence
+    public var firstHead: Int
+    public var headsPerSlot: Int
+    public var slots: Int
+    public var slotRows: Int
+    public var firstPosition: Int
+    public var positions: Int
     /// The keys this item attends to (its split's share of the union of its rows' windows).
-    package var keys: Range<Int>
+    public var keys: Range<Int>
     /// Index of the item before splitting, and its split.
-    package var unsplit: Int
-    package var split: Int
+    public var unsplit: Int
+    public var split: Int
 
     /// Rows including slot padding.
-    @inlinable package var rows: Int { slots * slotRows }
+    @inlinable public var rows: Int { slots * slotRows }
 
     /// Whether row r stands for a query, and which (head, position within the sequence) it is.
     @inlinable @inline(__always)
-    package func query(row r: Int) -> (head: Int, position: Int)? {
+    public func query(row r: Int) -> (head: Int, position: Int)? {
         let slot = r / slotRows, j = r % slotRows
         guard slot < slots, j < headsPerSlot * positions else { return nil }
         return (firstHead + slot * headsPerSlot + j / positions, firstPosition + j % positions)
@@ -53,28 +53,28 @@ package struct WorkItem {
 }
 
 /// A problem cut into work items for one kernel copy's geometry.
-package struct ForwardPlan: @unchecked Sendable {
-    package let problem: AttentionProblem
-    package let geometry: TileGeometry
-    package let path: ForwardPath
+public struct ForwardPlan: @unchecked Sendable {
+    public let problem: AttentionProblem
+    public let geometry: TileGeometry
+    public let path: ForwardPath
     /// Query positions per item.
     let blockPositions: Int
     /// Kv heads per decoding item (its slots must fit the query-block workspace).
-    package let kvHeadsPerItem: Int
+    public let kvHeadsPerItem: Int
     /// Items per batch entry before splitting (dense and cache layouts, and decoding or group varlen).
     let itemsPerBatch: Int?
     /// Varlen query blocks: first unsplit item of each batch entry, batch + 1 entries.
     let itemStarts: [Int]
     /// Items before splitting along the keys.
-    package let unsplitItems: Int
+    public let unsplitItems: Int
     /// Key splits per item (1: each item writes its rows' final output directly).
-    package let splits: Int
+    public let splits: Int
     /// Rows of the largest item: the row count of a partial-result slot.
-    package let maxItemRows: Int
+    public let maxItemRows: Int
     /// With splits > 1: [unsplit item][split][row][head_dim + 1] partial outputs and LSEs, set by the driver.
-    package var partials: UnsafeMutablePointer<Float>?
+    public var partials: UnsafeMutablePointer<Float>?
 
-    package init(_ problem: AttentionProblem, geometry g: TileGeometry) {
+    public init(_ problem: AttentionProblem, geometry g: TileGeometry) {
         self.problem = problem
         self.geometry = g
         let group = problem.groupSize
@@ -117,16 +117,16 @@ package struct ForwardPlan: @unchecked Sendable {
         }
     }
 
-    package var itemCount: Int { unsplitItems * splits }
+    public var itemCount: Int { unsplitItems * splits }
 
     /// Floats of the partial-result buffer the driver must provide when splits > 1.
-    package var partialFloats: Int { unsplitItems * splits * maxItemRows * (problem.headDim + 1) }
+    public var partialFloats: Int { unsplitItems * splits * maxItemRows * (problem.headDim + 1) }
 
     /// The geometry of item `item`. Query-block items run sequence by sequence and head by head, so that
     /// the blocks of one head run close together in time and find its K and V still in L2/L3; within a
     /// head the most expensive (last, under causal masking) blocks come first, so a dynamic scheduler ends
     /// on small items and balances the triangle. Decoding items run split by split.
-    package func workItem(_ item: Int) -> WorkItem {
+    public func workItem(_ item: Int) -> WorkItem {
         let p = problem
         let b: Int, local: Int, split: Int
         if path == .decoding, let perBatch = itemsPerBatch {
@@ -180,13 +180,13 @@ package struct ForwardPlan: @unchecked Sendable {
 
     /// Where split `item.split` of an item keeps row r's partial state: head_dim floats, then the LSE.
     @inlinable
-    package func partialRow(_ item: WorkItem, row r: Int) -> UnsafeMutablePointer<Float> {
+    public func partialRow(_ item: WorkItem, row r: Int) -> UnsafeMutablePointer<Float> {
         partials! + ((item.unsplit * splits + item.split) * maxItemRows + r) * (problem.headDim + 1)
     }
 
     /// Combines the split partial results of unsplit item `item` in split order (and the sink), writing
     /// the final rows. The order is fixed, so the result does not depend on which thread ran which split.
-    package func mergeSplits(item: Int) {
+    public func mergeSplits(item: Int) {
         let p = problem
         let d = p.headDim
         guard partials != nil else { return }

@@ -1,12 +1,15 @@
 import CFlashAttention
 
+/// FlashAttentionCore is not API: its declarations are `public` only so that the kernel copies can inline its
+/// `@inlinable` accessors (this toolchain does not inline `package` declarations across modules).
+///
 /// What a compiled kernel copy offers the rest of the library: its instruction set, the tile shapes and block
 /// sizes the work decomposition must follow, and its entry points. Each `FlashAttentionKernels<ISA>` module
 /// exports one `KernelTable`; `FlashAttention` picks one when the library loads (Dispatch.swift).
 
 /// The kernel paths, by the names the header defines (FA_ISA_*), which `FLASH_ATTENTION_ISA` accepts and
 /// `flash_attention_kernel_isa()` reports. Widest first: the default is the first one the CPU can run.
-package enum KernelISA: CaseIterable, Sendable {
+public enum KernelISA: CaseIterable, Sendable {
     /// AVX-512 F/BW/DQ/VL with FMA and F16C: 16-lane vectors, 32 registers.
     case avx512
     /// AVX2 with FMA and F16C: 8-lane vectors, 16 registers.
@@ -18,7 +21,7 @@ package enum KernelISA: CaseIterable, Sendable {
     case reference
 
     /// The name in the header, e.g. "avx512".
-    package var name: String {
+    public var name: String {
         switch self {
         case .avx512: return FA_ISA_AVX512
         case .avx2: return FA_ISA_AVX2
@@ -27,7 +30,7 @@ package enum KernelISA: CaseIterable, Sendable {
         }
     }
 
-    package init?(name: String) {
+    public init?(name: String) {
         guard let isa = Self.allCases.first(where: { $0.name == name }) else { return nil }
         self = isa
     }
@@ -35,24 +38,24 @@ package enum KernelISA: CaseIterable, Sendable {
 
 /// Tile shapes and block sizes of one kernel copy, derived from its vector width (Vector.swift); the work
 /// decomposition (ForwardPlan, BackwardProblem) follows them.
-package struct TileGeometry: Sendable {
+public struct TileGeometry: Sendable {
     /// Floats per vector.
-    package let lanes: Int
+    public let lanes: Int
     /// Rows of a micro-tile (keys of a score tile, queries of an output tile).
-    package let microRows: Int
+    public let microRows: Int
     /// Columns of a micro-tile: two vectors.
-    package let microCols: Int
+    public let microCols: Int
     /// Queries per query block and keys per key block of the forward.
-    package let queryBlock: Int
-    package let keyBlock: Int
+    public let queryBlock: Int
+    public let keyBlock: Int
     /// Rows of one kv head's slot in a decoding item: whole vectors holding at least `microRows` rows.
-    package let thinSlotRows: Int
+    public let thinSlotRows: Int
     /// Keys per block of a decoding item.
-    package let thinBlockKeys: Int
+    public let thinBlockKeys: Int
     /// Keys per block of the backward pass.
-    package let backwardKeyBlock: Int
+    public let backwardKeyBlock: Int
 
-    package init(
+    public init(
         lanes: Int, microRows: Int, queryBlock: Int, keyBlock: Int, thinBlockKeys: Int, backwardKeyBlock: Int
     ) {
         self.lanes = lanes
@@ -67,23 +70,23 @@ package struct TileGeometry: Sendable {
 }
 
 /// Work item runners: item `item` of the plan, with the calling thread's scratch.
-package typealias ForwardItemRunner = @Sendable (ForwardPlan, Int, UnsafeMutableRawPointer) -> Void
-package typealias BackwardItemRunner = @Sendable (BackwardProblem, Int, UnsafeMutableRawPointer) -> Void
+public typealias ForwardItemRunner = @Sendable (ForwardPlan, Int, UnsafeMutableRawPointer) -> Void
+public typealias BackwardItemRunner = @Sendable (BackwardProblem, Int, UnsafeMutableRawPointer) -> Void
 
 /// One compiled kernel copy's entry points.
-package struct KernelTable: Sendable {
-    package let isa: KernelISA
-    package let geometry: TileGeometry
+public struct KernelTable: Sendable {
+    public let isa: KernelISA
+    public let geometry: TileGeometry
     /// Scratch bytes per thread of the forward (a function of head_dim).
-    package let forwardScratchBytes: @Sendable (_ headDim: Int) -> Int
-    package let forward: ForwardItemRunner
+    public let forwardScratchBytes: @Sendable (_ headDim: Int) -> Int
+    public let forward: ForwardItemRunner
     /// The backward's three phases (BackwardProblem.swift) and the scratch of each, per thread.
-    package let backwardScratchBytes: @Sendable (BackwardProblem, BackwardPhase) -> Int
-    package let backward: @Sendable (BackwardPhase) -> BackwardItemRunner
+    public let backwardScratchBytes: @Sendable (BackwardProblem, BackwardPhase) -> Int
+    public let backward: @Sendable (BackwardPhase) -> BackwardItemRunner
     /// This copy's exp2 over `count` floats in place, for the accuracy tests.
-    package let exp2: @Sendable (UnsafeMutablePointer<Float>, Int) -> Void
+    public let exp2: @Sendable (UnsafeMutablePointer<Float>, Int) -> Void
 
-    package init(
+    public init(
         isa: KernelISA, geometry: TileGeometry, forwardScratchBytes: @escaping @Sendable (Int) -> Int,
         forward: @escaping ForwardItemRunner,
         backwardScratchBytes: @escaping @Sendable (BackwardProblem, BackwardPhase) -> Int,

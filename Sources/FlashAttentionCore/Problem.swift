@@ -7,14 +7,14 @@
 ///
 /// The pointer is to element (0, 0, 0, 0); strides may be negative or zero for inputs. Validation has
 /// checked that every addressed element lies inside the caller's buffer.
-package struct TensorView: @unchecked Sendable {
-    package var base: UnsafeMutableRawPointer
-    package var element: ElementType
-    package var batchStride: Int
-    package var rowStride: Int
-    package var headStride: Int
+public struct TensorView: @unchecked Sendable {
+    public var base: UnsafeMutableRawPointer
+    public var element: ElementType
+    public var batchStride: Int
+    public var rowStride: Int
+    public var headStride: Int
 
-    package init(
+    public init(
         base: UnsafeMutableRawPointer, element: ElementType, batchStride: Int, rowStride: Int, headStride: Int
     ) {
         self.base = base
@@ -26,22 +26,22 @@ package struct TensorView: @unchecked Sendable {
 
     /// Address of element (b, row, h, 0).
     @inlinable @inline(__always)
-    package func row(batch b: Int, head h: Int, row: Int) -> UnsafeMutableRawPointer {
+    public func row(batch b: Int, head h: Int, row: Int) -> UnsafeMutableRawPointer {
         base + (b &* batchStride &+ row &* rowStride &+ h &* headStride) &* element.size
     }
 
     /// Bytes between consecutive rows.
-    @inlinable @inline(__always) package var rowBytes: Int { rowStride &* element.size }
+    @inlinable @inline(__always) public var rowBytes: Int { rowStride &* element.size }
 }
 
 /// The log-sum-exp output `[batch, heads_q, seqlen_q]` seen through element strides.
-package struct LSEView: @unchecked Sendable {
-    package var base: UnsafeMutablePointer<Float>
-    package var batchStride: Int
-    package var headStride: Int
-    package var rowStride: Int
+public struct LSEView: @unchecked Sendable {
+    public var base: UnsafeMutablePointer<Float>
+    public var batchStride: Int
+    public var headStride: Int
+    public var rowStride: Int
 
-    package init(base: UnsafeMutablePointer<Float>, batchStride: Int, headStride: Int, rowStride: Int) {
+    public init(base: UnsafeMutablePointer<Float>, batchStride: Int, headStride: Int, rowStride: Int) {
         self.base = base
         self.batchStride = batchStride
         self.headStride = headStride
@@ -49,13 +49,13 @@ package struct LSEView: @unchecked Sendable {
     }
 
     @inlinable @inline(__always)
-    package func row(batch b: Int, head h: Int, row: Int) -> UnsafeMutablePointer<Float> {
+    public func row(batch b: Int, head h: Int, row: Int) -> UnsafeMutablePointer<Float> {
         base + (b &* batchStride &+ h &* headStride &+ row &* rowStride)
     }
 }
 
 /// Where the batch's sequences live.
-package enum SequenceLayout: @unchecked Sendable {
+public enum SequenceLayout: @unchecked Sendable {
     /// Every batch entry has the problem's seqlenQ queries and seqlenK keys.
     case dense
     /// Packed sequences: batch b holds q rows cuQ[b] ..< cuQ[b+1] and k/v rows cuK[b] ..< cuK[b+1].
@@ -65,7 +65,7 @@ package enum SequenceLayout: @unchecked Sendable {
 }
 
 /// How key/value rows are found in k and v.
-package enum KeyValueStorage: @unchecked Sendable {
+public enum KeyValueStorage: @unchecked Sendable {
     /// Row j of kv batch entry e is element (e, j, head, 0).
     case contiguous
     /// Position j of batch b is row j % pageSize of block table[b * tableStride + j / pageSize].
@@ -73,61 +73,61 @@ package enum KeyValueStorage: @unchecked Sendable {
 }
 
 /// One sequence of the batch, resolved.
-package struct Sequence: Sendable {
+public struct Sequence: Sendable {
     /// Batch index (for the query/output tensors, block table, ALiBi slopes).
-    package var batch: Int
+    public var batch: Int
     /// Batch index of q/out and lse views (0 for varlen, whose batch strides are unused).
-    package var qBatch: Int
+    public var qBatch: Int
     /// First q/out row of the sequence (cu_seqlens_q[b] for varlen, else 0).
-    package var qRow: Int
-    package var seqlenQ: Int
+    public var qRow: Int
+    public var seqlenQ: Int
     /// Batch entry of k/v (cache_batch_idx[b] for a cache; 0 for varlen).
-    package var kvBatch: Int
+    public var kvBatch: Int
     /// First k/v row (cu_seqlens_k[b] for varlen, else 0).
-    package var kRow: Int
-    package var seqlenK: Int
+    public var kRow: Int
+    public var seqlenK: Int
 
     @inlinable
-    package init(batch: Int, qBatch: Int, qRow: Int, seqlenQ: Int, kvBatch: Int, kRow: Int, seqlenK: Int) {
+    public init(batch: Int, qBatch: Int, qRow: Int, seqlenQ: Int, kvBatch: Int, kRow: Int, seqlenK: Int) {
         (self.batch, self.qBatch, self.qRow, self.seqlenQ) = (batch, qBatch, qRow, seqlenQ)
         (self.kvBatch, self.kRow, self.seqlenK) = (kvBatch, kRow, seqlenK)
     }
 }
 
 /// One validated forward problem.
-package struct AttentionProblem: @unchecked Sendable {
-    package var batch: Int
+public struct AttentionProblem: @unchecked Sendable {
+    public var batch: Int
     /// seqlen_q for dense and cache problems; total rows of q for varlen.
-    package var seqlenQ: Int
+    public var seqlenQ: Int
     /// seqlen_k for dense problems; total rows of k for varlen; unused for caches.
-    package var seqlenK: Int
-    package var headsQ: Int
-    package var headsKV: Int
-    package var headDim: Int
-    package var q: TensorView
-    package var k: TensorView
-    package var v: TensorView
-    package var out: TensorView
-    package var lse: LSEView?
+    public var seqlenK: Int
+    public var headsQ: Int
+    public var headsKV: Int
+    public var headDim: Int
+    public var q: TensorView
+    public var k: TensorView
+    public var v: TensorView
+    public var out: TensorView
+    public var lse: LSEView?
     /// The softmax scale actually applied (0 in the params has been resolved to 1/sqrt(head_dim)).
-    package var scale: Float
+    public var scale: Float
     /// Keys before / after the aligned diagonal each query sees; nil = unbounded (causal is right = 0).
-    package var windowLeft: Int?
-    package var windowRight: Int?
+    public var windowLeft: Int?
+    public var windowRight: Int?
     /// ALiBi slopes [batch, heads_q] with this batch stride (0: shared), or nil.
-    package var alibiSlopes: UnsafePointer<Float>?
-    package var alibiBatchStride: Int
+    public var alibiSlopes: UnsafePointer<Float>?
+    public var alibiBatchStride: Int
     /// Softcap (> 0), or 0 for none.
-    package var softcap: Float
+    public var softcap: Float
     /// Sink logits [heads_q], or nil.
-    package var sinks: UnsafePointer<Float>?
-    package var layout: SequenceLayout
-    package var storage: KeyValueStorage
+    public var sinks: UnsafePointer<Float>?
+    public var layout: SequenceLayout
+    public var storage: KeyValueStorage
     /// The longest sequence's query and key counts (= seqlenQ / seqlenK for dense problems).
-    package var maxSeqlenQ: Int
-    package var maxSeqlenK: Int
+    public var maxSeqlenQ: Int
+    public var maxSeqlenK: Int
 
-    package init(
+    public init(
         batch: Int, seqlenQ: Int, seqlenK: Int, headsQ: Int, headsKV: Int, headDim: Int,
         q: TensorView, k: TensorView, v: TensorView, out: TensorView, lse: LSEView?, scale: Float,
         windowLeft: Int?, windowRight: Int?, alibiSlopes: UnsafePointer<Float>?, alibiBatchStride: Int,
@@ -159,10 +159,10 @@ package struct AttentionProblem: @unchecked Sendable {
     }
 
     /// Query heads per kv head (GQA group size); query head h reads kv head h / groupSize.
-    @inlinable @inline(__always) package var groupSize: Int { headsQ / headsKV }
+    @inlinable @inline(__always) public var groupSize: Int { headsQ / headsKV }
 
     /// Sequence b of the batch.
-    @inlinable @inline(__always) package func sequence(_ b: Int) -> Sequence {
+    @inlinable @inline(__always) public func sequence(_ b: Int) -> Sequence {
         switch layout {
         case .dense:
             return Sequence(batch: b, qBatch: b, qRow: 0, seqlenQ: seqlenQ, kvBatch: b, kRow: 0, seqlenK: seqlenK)
@@ -180,7 +180,7 @@ package struct AttentionProblem: @unchecked Sendable {
 
     /// Address of key (or value, with `tensor` = v) position j of sequence `s` in kv head h.
     @inlinable @inline(__always)
-    package func keyRow(_ tensor: TensorView, _ s: Sequence, head h: Int, position j: Int) -> UnsafeMutableRawPointer {
+    public func keyRow(_ tensor: TensorView, _ s: Sequence, head h: Int, position j: Int) -> UnsafeMutableRawPointer {
         switch storage {
         case .contiguous:
             return tensor.row(batch: s.kvBatch, head: h, row: s.kRow + j)
@@ -193,7 +193,7 @@ package struct AttentionProblem: @unchecked Sendable {
     /// The keys query position i of a sequence with `seqlenK` keys and `seqlenQ` queries may see:
     /// [i + offset − left, i + offset + right] ∩ [0, seqlenK), offset = seqlenK − seqlenQ (bottom-right).
     @inlinable @inline(__always)
-    package func keyRange(position i: Int, seqlenQ: Int, seqlenK: Int) -> Range<Int> {
+    public func keyRange(position i: Int, seqlenQ: Int, seqlenK: Int) -> Range<Int> {
         let aligned = i + seqlenK - seqlenQ
         let lower = windowLeft.map { max(0, aligned - $0) } ?? 0
         let upper = windowRight.map { min(seqlenK, aligned + $0 + 1) } ?? seqlenK

@@ -4,16 +4,16 @@ import Glibc
 /// applied), the full softmax with the sink in its denominator, then the weighted sum of V — no tiling, no
 /// online rescaling. It is the fallback on CPUs without the tiled kernel's instructions and the path
 /// `FA_ALGORITHM_REFERENCE` forces for testing. Its scratch is one row of scores, O(seqlen_k).
-package struct ReferenceForward: WorkPlan {
+public struct ReferenceForward: WorkPlan {
     let problem: AttentionProblem
 
-    package init(problem: AttentionProblem) { self.problem = problem }
+    public init(problem: AttentionProblem) { self.problem = problem }
 
     /// One item per (sequence, query head).
-    package var itemCount: Int { problem.batch * problem.headsQ }
-    package var scratchBytes: Int { max(1, problem.maxSeqlenK) * MemoryLayout<Double>.size }
+    public var itemCount: Int { problem.batch * problem.headsQ }
+    public var scratchBytes: Int { max(1, problem.maxSeqlenK) * MemoryLayout<Double>.size }
 
-    package func run(item: Int, scratch: UnsafeMutableRawPointer) {
+    public func run(item: Int, scratch: UnsafeMutableRawPointer) {
         let p = problem
         let scores = scratch.assumingMemoryBound(to: Double.self)
         let s = p.sequence(item / p.headsQ)

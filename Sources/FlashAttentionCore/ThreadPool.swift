@@ -13,7 +13,7 @@ import Synchronization
 /// alone on one thread.
 
 /// A work plan: `itemCount` independent items, each writing its own part of the output.
-package protocol WorkPlan: Sendable {
+public protocol WorkPlan: Sendable {
     var itemCount: Int { get }
     /// Scratch each participating thread needs for any item.
     var scratchBytes: Int { get }
@@ -87,13 +87,13 @@ private final class Job: @unchecked Sendable {
     }
 }
 
-package final class ThreadPool: @unchecked Sendable {
+public final class ThreadPool: @unchecked Sendable {
     /// The process-wide pool: one worker per online core beyond the caller's own. Created on first use;
     /// Swift initialises globals under a once-lock, so concurrent first calls are safe.
-    package static let shared = ThreadPool(workerCount: onlineCores - 1)
+    public static let shared = ThreadPool(workerCount: onlineCores - 1)
 
     /// Online cores (num_threads = 0 means this many threads).
-    package static let onlineCores: Int = max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+    public static let onlineCores: Int = max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN)))
 
     private var mutex = pthread_mutex_t()
     private var wake = pthread_cond_t()
@@ -102,7 +102,7 @@ package final class ThreadPool: @unchecked Sendable {
     /// Set once, at unload; guarded by `mutex`.
     private var stopping = false
     private var workers: [pthread_t] = []
-    package var workerCount: Int { workers.count }
+    public var workerCount: Int { workers.count }
 
     private init(workerCount: Int) {
         pthread_mutex_init(&mutex, nil)
@@ -135,7 +135,7 @@ package final class ThreadPool: @unchecked Sendable {
 
     /// Runs every item of `plan` on up to `threads` threads (the caller included) and returns when all are
     /// done. Throws only if scratch memory could not be allocated.
-    package func run<Plan: WorkPlan>(_ plan: Plan, threads: Int) throws(FlashAttentionError) {
+    public func run<Plan: WorkPlan>(_ plan: Plan, threads: Int) throws(FlashAttentionError) {
         let count = plan.itemCount
         if count == 0 { return }
         let helpers = min(threads - 1, workerCount, count - 1)

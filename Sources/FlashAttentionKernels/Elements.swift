@@ -25,13 +25,11 @@ enum Float32Storage: StorageElement {
     @inline(__always) static func storeVector(_ x: Vec, _ p: UnsafeMutableRawPointer) { p.storeBytes(of: x, as: Vec.self) }
 }
 
-/// IEEE binary16; stores round to nearest even.
+/// IEEE binary16; stores round to nearest even (Vector.swift has the conversions).
 enum Float16Storage: StorageElement {
     @inline(__always) static var element: ElementType { .float16 }
-    @inline(__always) static func loadVector(_ p: UnsafeRawPointer) -> Vec { Vec(p.loadUnaligned(as: HalfVec.self)) }
-    @inline(__always) static func storeVector(_ x: Vec, _ p: UnsafeMutableRawPointer) {
-        p.storeBytes(of: HalfVec(x), as: HalfVec.self)
-    }
+    @inline(__always) static func loadVector(_ p: UnsafeRawPointer) -> Vec { loadFloat16(p) }
+    @inline(__always) static func storeVector(_ x: Vec, _ p: UnsafeMutableRawPointer) { storeFloat16(x, p) }
 }
 
 /// bfloat16: the top half of a float32 (Vector.swift has the conversions).

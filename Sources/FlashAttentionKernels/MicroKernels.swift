@@ -33,6 +33,12 @@ func withTileRows<Result>(_ rows: Int, _ body: (any TileRows.Type) -> Result) ->
 /// entries a row count does not use are removed at compile time).
 typealias TileAccumulators = InlineArray<16, Vec>
 
+/// Zeroed accumulators. A literal, because `InlineArray(repeating:)` was compiled as a shared out-of-line
+/// call that fills the array in memory before every tile (seen in the object code).
+@inline(__always) func zeroAccumulators() -> TileAccumulators {
+    [.zero, .zero, .zero, .zero, .zero, .zero, .zero, .zero, .zero, .zero, .zero, .zero, .zero, .zero, .zero, .zero]
+}
+
 /// Scores of `microRows` keys against `microCols` queries, transposed:
 /// `s[r * ldS + i] = Σ_p keys[r * ldK + p] · queries[p * microCols + i]`.
 ///
@@ -52,7 +58,7 @@ func scoreTile(
     keys: UnsafePointer<Float>, ldK: Int, queries: UnsafePointer<Float>, depth: Int,
     s: UnsafeMutablePointer<Float>, ldS: Int, columnMax: UnsafeMutablePointer<Float>, band: UnsafePointer<TileBand>?
 ) {
-    var c = TileAccumulators(repeating: Vec())
+    var c = zeroAccumulators()
     var b = queries
     for p in 0..<depth {
         let b0 = load(b), b1 = load(b + lanes)
@@ -107,7 +113,7 @@ func outputTile<R: TileRows, S: StorageElement>(
     _ rows: R.Type, _ storage: S.Type, p: UnsafePointer<Float>, ldP: Int, v: UnsafeRawPointer, ldV: Int, count: Int,
     alpha: UnsafePointer<Float>, o: UnsafeMutablePointer<Float>, ldO: Int
 ) {
-    var c = TileAccumulators(repeating: Vec())
+    var c = zeroAccumulators()
     for r in 0..<R.count {
         let a = Vec(repeating: alpha[r])
         c[2 * r] = load(o + r * ldO) * a
@@ -152,7 +158,7 @@ func scoreRows<R: TileRows, S: StorageElement>(
     while k < count {
         let a = keys + k * ldK * S.size, b = keys + min(k + 1, count - 1) * ldK * S.size
         // Row r's sums against key k at 2r, against key k + 1 at 2r + 1.
-        var c = TileAccumulators(repeating: Vec())
+        var c = zeroAccumulators()
         var column = 0
         while column < depth {
             let x = S.loadVector(a + column * S.size), y = S.loadVector(b + column * S.size)
@@ -163,11 +169,37 @@ func scoreRows<R: TileRows, S: StorageElement>(
             }
             column += lanes
         }
+        let sums = laneSums(&c, count: 2 * R.count)
         let row = s + k * ldS
-        for r in 0..<R.count { row[r] = c[2 * r].sum() }
+        for r in 0..<R.count { row[r] = sums[2 * r] }
         if k + 1 < count {
-            for r in 0..<R.count { row[ldS + r] = c[2 * r + 1].sum() }
+            for r in 0..<R.count { row[ldS + r] = sums[2 * r + 1] }
         }
         k += 2
     }
+}
+
+/// The lane sums of accumulators 0..<n (the rest must be zero), as one vector of sums in accumulator
+/// order (n ≤ `lanes`), or, when n exceeds the width, `lanes` sums per vector in order.
+///
+/// A transpose-and-add tree: each level folds pairs of vectors (`foldPairs`), so n vectors of L lanes take
+/// about n · 3 operations in all, where reducing each alone takes 2·log2(L) with a longer dependency chain
+/// (and the stdlib's `sum()` adds lanes one at a time).
+@inline(__always)
+func laneSums(_ c: inout TileAccumulators, count n: Int) -> InlineArray<16, Float> {
+    // Loops with compile-time trip counts only (log2 of the width, at most 8 pairs), so that they unroll
+    // and the accumulators stay in registers.
+    var vectors = 1
+    while vectors < n { vectors *= 2 }  // pairs need a power of two; unused accumulators are zero
+    for _ in 0..<Vec.scalarCount.trailingZeroBitCount {
+        if vectors > 1 {
+            for i in 0..<8 where i < vectors / 2 { c[i] = foldPairs(c[2 * i], c[2 * i + 1]) }
+            vectors /= 2
+        } else {
+            c[0] = foldPairs(c[0], c[0])
+        }
+    }
+    var sums = InlineArray<16, Float>(repeating: 0)
+    for i in 0..<16 where i < n { sums[i] = c[i / lanes][i % lanes] }
+    return sums
 }

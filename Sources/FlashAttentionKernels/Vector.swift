@@ -107,6 +107,37 @@ func minimum(_ a: Vec, _ b: Vec) -> Vec {
     a.replacing(with: b, where: b .< a)
 }
 
+/// [a.even + a.odd | b.even + b.odd]: each lane the sum of two neighbouring lanes, a's in the low half and
+/// b's in the high half (two two-source shuffles and an add).
+@inline(__always)
+func foldPairs(_ a: Vec, _ b: Vec) -> Vec {
+    Vec(lowHalf: a.evenHalf, highHalf: b.evenHalf) + Vec(lowHalf: a.oddHalf, highHalf: b.oddHalf)
+}
+
+/// One vector of float16 values at `p`, widened: F16C / AVX-512 conversions where the copy has them.
+@inline(__always)
+func loadFloat16(_ p: UnsafeRawPointer) -> Vec {
+    #if FA_KERNEL_AVX512
+    return fa_load_f16x16(p)
+    #elseif FA_KERNEL_AVX2
+    return fa_load_f16x8(p)
+    #else
+    return Vec(p.loadUnaligned(as: HalfVec.self))
+    #endif
+}
+
+/// Rounds one vector to float16 (nearest even) and stores it at `p`.
+@inline(__always)
+func storeFloat16(_ x: Vec, _ p: UnsafeMutableRawPointer) {
+    #if FA_KERNEL_AVX512
+    fa_store_f16x16(x, p)
+    #elseif FA_KERNEL_AVX2
+    fa_store_f16x8(x, p)
+    #else
+    p.storeBytes(of: HalfVec(x), as: HalfVec.self)
+    #endif
+}
+
 /// One vector of bfloat16 values at `p`, widened (Swift's generic SIMD integer widening is an out-of-line
 /// call, so each width has its own C helper).
 @inline(__always)

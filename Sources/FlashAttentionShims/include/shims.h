@@ -18,6 +18,10 @@ void fa_set_unload_hook(void (*hook)(void));
  * Swift has no prefetch of its own, and a load whose value is unused is optimised away. */
 static inline void fa_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 
+/* The same into L2 only (prefetcht1): for data needed a little later, which must not evict the L1 working set
+ * on its way (the decoding kernel's next block of rows is larger than L1). */
+static inline void fa_prefetch_l2(const void *p) { __builtin_prefetch(p, 0, 2); }
+
 /* Vector helpers of the kernel copies, one set per vector width (Swift's generic SIMD integer widening is an
  * out-of-line call, and Swift has no shuffles). The vector types import into Swift as SIMD4/8/16<Float>.
  * Each x86 helper carries its instruction set as a target attribute, so that every module may include this
@@ -55,6 +59,24 @@ static inline void fa_transpose4x4(const float *src, long ld_src, float *dst, lo
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+
+/* float16 <-> float32, 16 lanes (vcvtph2ps / vcvtps2ph, rounding to nearest even), and 8 lanes with F16C:
+ * Swift's generic SIMD conversion was compiled as an out-of-line call per vector. */
+__attribute__((target("avx512f"))) static inline fa_float16 fa_load_f16x16(const void *p) {
+    return (fa_float16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
+__attribute__((target("avx512f"))) static inline void fa_store_f16x16(fa_float16 x, void *p) {
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+__attribute__((target("avx,f16c"))) static inline fa_float8 fa_load_f16x8(const void *p) {
+    return (fa_float8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+__attribute__((target("avx,f16c"))) static inline void fa_store_f16x8(fa_float8 x, void *p) {
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph((__m256)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 
 /* Widens 16 bfloat16 values at p. */
 __attribute__((target("avx512f"))) static inline fa_float16 fa_load_bf16x16(const void *p) {
