@@ -169,37 +169,34 @@ func scoreRows<R: TileRows, S: StorageElement>(
             }
             column += lanes
         }
-        let sums = laneSums(&c, count: 2 * R.count)
+        let sums = laneSums(c, count: 2 * R.count)
         let row = s + k * ldS
-        for r in 0..<R.count { row[r] = sums[2 * r] }
+        for r in 0..<R.count { row[r] = sums[2 * r / lanes][2 * r % lanes] }
         if k + 1 < count {
-            for r in 0..<R.count { row[ldS + r] = sums[2 * r + 1] }
+            for r in 0..<R.count { row[ldS + r] = sums[(2 * r + 1) / lanes][(2 * r + 1) % lanes] }
         }
         k += 2
     }
 }
 
-/// The lane sums of accumulators 0..<n (the rest must be zero), as one vector of sums in accumulator
-/// order (n ≤ `lanes`), or, when n exceeds the width, `lanes` sums per vector in order.
+/// Folds the lane sums of accumulators 0..<n (the rest must be zero) into whole vectors: sum i ends in lane
+/// i % `lanes` of vector i / `lanes`.
 ///
 /// A transpose-and-add tree: each level folds pairs of vectors (`foldPairs`), so n vectors of L lanes take
-/// about n · 3 operations in all, where reducing each alone takes 2·log2(L) with a longer dependency chain
-/// (and the stdlib's `sum()` adds lanes one at a time).
+/// about 3n operations in all, where reducing each alone takes 2·log2(L) with a longer dependency chain
+/// (and the stdlib's `sum()` adds lanes one at a time). Every count here is a compile-time constant, so the
+/// levels unroll and the vectors stay in registers.
 @inline(__always)
-func laneSums(_ c: inout TileAccumulators, count n: Int) -> InlineArray<16, Float> {
-    // Loops with compile-time trip counts only (log2 of the width, at most 8 pairs), so that they unroll
-    // and the accumulators stay in registers.
-    var vectors = 1
-    while vectors < n { vectors *= 2 }  // pairs need a power of two; unused accumulators are zero
+func laneSums(_ c: TileAccumulators, count n: Int) -> TileAccumulators {
+    var v = c
+    var vectors = n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16  // pairs need a power of two
     for _ in 0..<Vec.scalarCount.trailingZeroBitCount {
         if vectors > 1 {
-            for i in 0..<8 where i < vectors / 2 { c[i] = foldPairs(c[2 * i], c[2 * i + 1]) }
+            for i in 0..<8 where i < vectors / 2 { v[i] = foldPairs(v[2 * i], v[2 * i + 1]) }
             vectors /= 2
         } else {
-            c[0] = foldPairs(c[0], c[0])
+            v[0] = foldPairs(v[0], v[0])
         }
     }
-    var sums = InlineArray<16, Float>(repeating: 0)
-    for i in 0..<16 where i < n { sums[i] = c[i / lanes][i % lanes] }
-    return sums
+    return v
 }

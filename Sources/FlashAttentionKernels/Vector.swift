@@ -111,7 +111,13 @@ func minimum(_ a: Vec, _ b: Vec) -> Vec {
 /// b's in the high half (two two-source shuffles and an add).
 @inline(__always)
 func foldPairs(_ a: Vec, _ b: Vec) -> Vec {
-    Vec(lowHalf: a.evenHalf, highHalf: b.evenHalf) + Vec(lowHalf: a.oddHalf, highHalf: b.oddHalf)
+    #if FA_KERNEL_AVX512
+    return fa_fold_pairs_x16(a, b)
+    #elseif FA_KERNEL_AVX2
+    return fa_fold_pairs_x8(a, b)
+    #else
+    return fa_fold_pairs_x4(a, b)
+    #endif
 }
 
 /// One vector of float16 values at `p`, widened: F16C / AVX-512 conversions where the copy has them.

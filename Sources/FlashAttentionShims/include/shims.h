@@ -51,6 +51,13 @@ static inline void fa_store_bf16x4(fa_float4 x, void *p) {
     }
 }
 
+/* [a0+a1, a2+a3, ..., b0+b1, b2+b3, ...]: sums of neighbouring lanes, a's in the low half, b's in the high
+ * half; one level of the decoding kernel's transpose-and-add reduction (Swift's evenHalf/oddHalf went through
+ * memory for 8-lane vectors). */
+static inline fa_float4 fa_fold_pairs_x4(fa_float4 a, fa_float4 b) {
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6) + __builtin_shufflevector(a, b, 1, 3, 5, 7);
+}
+
 /* Transposes the 4 × 4 floats at src (rows ld_src apart) into dst (rows ld_dst apart). */
 static inline void fa_transpose4x4(const float *src, long ld_src, float *dst, long ld_dst) {
     for (int r = 0; r < 4; r++)
@@ -76,6 +83,16 @@ __attribute__((target("avx,f16c"))) static inline fa_float8 fa_load_f16x8(const 
 
 __attribute__((target("avx,f16c"))) static inline void fa_store_f16x8(fa_float8 x, void *p) {
     _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph((__m256)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+/* fa_fold_pairs_x4 for 16 and 8 lanes. */
+__attribute__((target("avx512f"))) static inline fa_float16 fa_fold_pairs_x16(fa_float16 a, fa_float16 b) {
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+__attribute__((target("avx2"))) static inline fa_float8 fa_fold_pairs_x8(fa_float8 a, fa_float8 b) {
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
 }
 
 /* Widens 16 bfloat16 values at p. */
