@@ -7,8 +7,11 @@ Usage: python3 bench/bench.py [--quick] [--threads 1,2] [--sections prefill,back
 Every measurement runs in its own subprocess with the BLAS/OpenMP thread count set in its environment:
 idle OpenBLAS threads spin and would steal a core from whatever runs next in the same process. Each cell
 is the median of several timed calls after a warm-up. FLOPs are 4·b·h·s_q·s_k·d, halved for causal when
-s_q = s_k; a backward pass counts 2.5× its forward's (five products instead of two). "% peak" is relative to a float32 sgemm (numpy/OpenBLAS, 2048³) measured in the same run at
-the same thread count. Prints a table, and writes <out>/results.json, bench/RESULTS.md (the generated
+s_q = s_k; a backward pass counts 2.5× its forward's (five products instead of two). "% FMA peak" is relative
+to the FMA peak of the widest kernel path (bench/fma_peak.c: independent vector FMA chains on every thread),
+measured in the same run at the same thread count; a numpy/OpenBLAS sgemm (2048³) is reported beside it.
+The prefill section runs every kernel path this CPU has (FLASH_ATTENTION_ISA per worker): the widest beside
+PyTorch round by round, the others (slower) on their own; the other sections run the widest path. Prints a table, and writes <out>/results.json, bench/RESULTS.md (the generated
 part) and, when matplotlib is importable, bench/results.png (--plot PATH elsewhere, --no-plot not at all). While
 it runs, a one-line `[i/n] section shape ...` progress indicator is drawn on stderr when stderr is a terminal.
 """
@@ -262,10 +265,12 @@ class Worker:
     thread count set in its environment (idle OpenBLAS threads spin and would steal a core from anything
     else run in the same process)."""
 
-    def __init__(self, impl, threads, layout="bshd"):
+    def __init__(self, impl, threads, layout="bshd", isa=None):
         env = dict(os.environ)
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(threads)
+        if isa:
+            env["FLASH_ATTENTION_ISA"] = isa
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--serve", "--impl", impl, "--threads", str(threads), "--layout", layout],
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -306,9 +311,9 @@ def measure_interleaved(workers, case, args, rounds, reps_per_round):
     return {name: summarize(r) for name, r in pooled.items()}
 
 
-def measure(impl, threads, case, args, reps=5, layout="bshd"):
+def measure(impl, threads, case, args, reps=5, layout="bshd", isa=None):
     """One implementation alone, in a fresh worker (fresh memory high-water mark)."""
-    worker = Worker(impl, threads, layout)
+    worker = Worker(impl, threads, layout, isa)
     try:
         return summarize(worker.request(case, args, reps))
     finally:
@@ -325,6 +330,25 @@ def cpu_model():
         return re.search(r"Model name:\s*(.+)", out).group(1).strip()
     except Exception:  # noqa: BLE001
         return platform.processor() or "unknown"
+
+
+def kernel_paths():
+    """The tiled kernel paths this CPU can run, widest first (the library's own list, without "reference")."""
+    sys.path.insert(0, str(ROOT / "bindings" / "python"))
+    from flash_attention import library_info
+
+    return [isa for isa in library_info()["available_isas"] if isa != "reference"]
+
+
+def fma_peak(isa, threads):
+    """GFLOP/s of bench/fma_peak.c for one kernel path and thread count (built here), or None."""
+    exe = ROOT / ".build" / "bench-fma-peak"
+    if not exe.exists():
+        build = ["cc", "-O2", str(ROOT / "bench" / "fma_peak.c"), "-lpthread", "-o", str(exe)]
+        if subprocess.run(build, capture_output=True).returncode != 0:
+            return None
+    out = subprocess.run([str(exe), isa, str(threads)], capture_output=True, text=True).stdout
+    return float(out) if out.strip() else None
 
 
 def small_call_c():
@@ -393,29 +417,37 @@ def main():
                         + len(thread_counts) * (len(DECODE) + 2) * ("inference" in sections)
                         + len(thread_counts) * 2 * ("half" in sections)
                         + len(thread_counts) * len(BACKWARD) * ("backward" in sections))
+    paths = kernel_paths()
     results = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "threads": thread_counts,
                "layout": args.layout, "torch": have_torch, "command": " ".join(["python3", "bench/bench.py"] + sys.argv[1:]),
-               "peak": {}, "prefill": [], "long": [], "sweep": [], "small_call": {}, "decode": [], "window": [],
-               "half": [], "backward": []}
+               "paths": paths, "fma_peak": {isa: {} for isa in paths}, "peak": {}, "prefill": [], "long": [],
+               "sweep": [], "small_call": {}, "decode": [], "window": [], "half": [], "backward": []}
     if have_torch:
         import importlib.metadata
 
         results["torch_version"] = importlib.metadata.version("torch")
-    print(f"CPU: {results['cpu']}; torch: {'yes ' + results.get('torch_version', '') if have_torch else 'not importable'}")
+    print(f"CPU: {results['cpu']}; torch: {'yes ' + results.get('torch_version', '') if have_torch else 'not importable'};"
+          f" kernel paths: {', '.join(paths)}")
     for t in thread_counts:
-        progress.advance("peak", f"sgemm 2048³ {t}T")
+        progress.advance("peak", f"FMA peak of {', '.join(paths)} and sgemm 2048³ {t}T")
+        for isa in paths:
+            results["fma_peak"][isa][t] = fma_peak(isa, t)
         results["peak"][t] = measure("numpy", t, "sgemm", [], reps=reps)["gflops"]
 
     for t in thread_counts:
-        # flash and torch alternate round by round; numpy (slow, and its idle BLAS threads spin) runs alone.
-        paired = {"flash": Worker("flash", t, args.layout)}
+        # The widest path and torch alternate round by round; the narrower paths and numpy (slow, and its idle
+        # BLAS threads spin) run alone, with fewer repetitions.
+        paired = {"flash": Worker("flash", t, args.layout, paths[0])}
         if have_torch:
             paired["torch"] = Worker("torch", t)
         for shape, causal, threads in [c for c in cells if c[2] == t]:
-            progress.advance("prefill", f"{shape} {'causal' if causal else 'non-causal'} {t}T: {', '.join(impls)}")
+            progress.advance("prefill", f"{shape} {'causal' if causal else 'non-causal'} {t}T: {', '.join(impls + paths[1:])}")
             row = {"shape": shape, "causal": causal, "threads": t}
             cell = [*shape, int(causal)]
             measured = measure_interleaved(paired, "prefill", cell, rounds=3, reps_per_round=max(1, reps // 3))
+            for isa in paths[1:]:
+                measured["flash_" + isa] = measure("flash", t, "prefill", cell, reps=2 if isa == "portable" else 3,
+                                                   layout=args.layout, isa=isa)
             measured["numpy"] = measure("numpy", t, "prefill", cell, reps=max(2, reps // 2))
             for impl, r in measured.items():
                 row[impl] = r["gflops"]
@@ -528,20 +560,33 @@ def fmt(x, digits=1):
 
 
 def render(results):
-    lines = [f"- Date: {results['date']}; CPU: {results['cpu']}; layout given to this library: {results['layout']}",
+    paths = results.get("paths") or ["flash"]
+    widest = paths[0]
+
+    def by_thread(table, t):
+        return table.get(t) or table.get(str(t))
+
+    lines = [f"- Date: {results['date']}; CPU: {results['cpu']}; layout given to this library: {results['layout']};"
+             f" kernel paths: {', '.join(paths)} (flash = {widest})",
              f"- Command: `{results['command']}`",
-             "- Measured float32 sgemm peak (numpy/OpenBLAS 2048³): "
+             "- Measured FMA peak (bench/fma_peak.c): "
+             + "; ".join(f"{isa} " + ", ".join(f"{t} thread(s) {fmt(p)}" for t, p in results["fma_peak"].get(isa, {}).items())
+                         for isa in paths) + " GFLOP/s",
+             "- Measured float32 sgemm (numpy/OpenBLAS 2048³): "
              + ", ".join(f"{t} thread(s) {fmt(p)} GFLOP/s" for t, p in results["peak"].items())]
     if results["prefill"]:
-        lines += ["", "| shape (b, hq, hkv, s, d) | causal | threads | flash ms | flash GFLOP/s | % peak | numpy GFLOP/s"
-                  " | torch GFLOP/s | flash / torch | flash / numpy |", "|---|---|---|---|---|---|---|---|---|---|"]
+        others = "".join(f" | {isa} GFLOP/s" for isa in paths[1:])
+        lines += ["", f"| shape (b, hq, hkv, s, d) | causal | threads | flash ms | flash GFLOP/s | % FMA peak{others}"
+                  " | numpy GFLOP/s | torch GFLOP/s | flash / torch | flash / numpy |",
+                  "|---|---|---|---|---|---" + "|---" * len(paths[1:]) + "|---|---|---|---|"]
     for row in results["prefill"]:
-        peak = results["peak"].get(row["threads"]) or results["peak"].get(str(row["threads"]))
+        peak = by_thread(results["fma_peak"].get(widest, {}), row["threads"])
         f, n, t = row.get("flash"), row.get("numpy"), row.get("torch")
         lines.append(
             f"| {tuple(row['shape'])} | {'yes' if row['causal'] else 'no'} | {row['threads']} | {fmt(row.get('flash_ms'))}"
-            f" | {fmt(f)} | {fmt(100 * f / peak if f and peak else None, 0)}% | {fmt(n)} | {fmt(t)}"
-            f" | {fmt(f / t if f and t else None, 2)} | {fmt(f / n if f and n else None, 1)} |")
+            f" | {fmt(f)} | {fmt(100 * f / peak if f and peak else None, 0)}%"
+            + "".join(f" | {fmt(row.get('flash_' + isa))}" for isa in paths[1:])
+            + f" | {fmt(n)} | {fmt(t)} | {fmt(f / t if f and t else None, 2)} | {fmt(f / n if f and n else None, 1)} |")
     if results["long"]:
         lines += ["", "| long context (flash) | causal | GFLOP/s | q+k+v+out MiB | extra peak RSS MiB |", "|---|---|---|---|---|"]
         for r in results["long"]:
@@ -621,9 +666,10 @@ def bar_panels(results):
     """The grouped-bar panels that the measured sections fill, prefill first: (title, y label, group labels,
     {series: values}), one panel per thread count. Ratios and times of unequal shapes would not share an axis,
     so every panel is a rate (higher is better)."""
+    paths = results.get("paths") or ["flash"]
+    series = [(f"this library, {paths[0]}", "flash")] + [(f"this library, {isa}", "flash_" + isa) for isa in paths[1:]]
     panels = [(f"prefill forward, {t} thread(s)", "GFLOP/s", [cell_label(r) for r in rows],
-               {name: [r.get(key) for r in rows] for name, key in (("this library", "flash"), ("torch", "torch"),
-                                                                   ("numpy", "numpy"))})
+               {name: [r.get(key) for r in rows] for name, key in series + [("torch", "torch"), ("numpy", "numpy")]})
               for t, rows in by_threads(results.get("prefill", []))]
     for t, rows in by_threads(results.get("backward", [])):
         mflop = [flops(r["shape"], r["causal"]) / 1e6 for r in rows]  # MFLOP per ms = GFLOP/s

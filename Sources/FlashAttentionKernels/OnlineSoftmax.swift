@@ -57,14 +57,15 @@ struct BlockMask {
             high0: minimum(position0 + high, end), high1: minimum(position1 + high, end))
     }
 
-    /// Keys to score and exponentiate for the tiles that hold rows `first...last`: the band `microCols` rows
-    /// wider on each side. Output tiles (`microRows` rows), softmax vectors (`lanes`) and score panels
-    /// (`microCols`) do not line up, and each must find computed every key its rows see; a score panel's
-    /// height of margin covers every overlap.
+    /// Keys to score and exponentiate for the tiles that hold rows `first...last`: the union of their bands.
+    /// Every layer reads only keys the layer before computed: a score panel's rows include each softmax
+    /// vector's, whose union of bands includes each of its rows' bands, and an output tile reads, row by row,
+    /// only the keys that row sees (`accumulateRows`). Scoring beyond the band (a margin used until 0.5) only
+    /// added work on diagonal blocks.
     @inline(__always) func needed(fromRow first: Int, throughRow last: Int) -> Range<Int> {
         guard monotonic else { return visible(fromRow: first, throughRow: last) }
-        let lower = start(position(first - microCols))
-        return lower..<max(lower, end(position(last + microCols)))
+        let lower = start(position(first))
+        return lower..<max(lower, end(position(last)))
     }
 }
 

@@ -12,13 +12,15 @@ typealias Vec = SIMD16<Float>
 typealias VecBits = SIMD16<UInt32>
 typealias HalfVec = SIMD16<Float16>
 let kernelISA = KernelISA.avx512
-/// Tile shapes and block sizes measured on Zen 5 (48 KiB L1, 1 MiB L2 per core), (1, 16, 16, 2048, 128) and
-/// (1, 8, 8, 4096, 64) at 1 thread, best of interleaved runs: every Bq ∈ {288, 384, 448, 576} × Bk ∈ {64, 96,
-/// 128} × sub-block ∈ {32, 64, 96} landed within 185–192 GFLOP/s at head_dim 128, and 576 × 128 × 64 was at or
-/// near the top on every shape (head_dim 64: 183 against 167 for 288 × 128). Its workspace at head_dim 128
-/// (~750 KiB) fits the 1 MiB L2 of Zen 4/5 and the 2 MiB of Sapphire Rapids.
+/// Tile shapes and block sizes measured on Zen 5 (48 KiB L1, 1 MiB L2 per core) at 1 thread, best of
+/// interleaved runs: at head_dim 128 non-causal every Bq ∈ {288, 384, 448, 576} × Bk ∈ {64, 96, 128} ×
+/// sub-block ∈ {32, 64, 96} landed within 185–198 GFLOP/s, and Bq 576 with 64-row sub-blocks was at or near
+/// the top on every shape (head_dim 64: 183 against 167 for Bq 288). Bk 96 rather than 128: short causal
+/// sequences spend less on the diagonal blocks ((4, 32, 32, 512, 128) causal 134 against 123 GFLOP/s) at no
+/// measurable cost elsewhere. The workspace at head_dim 128 (~700 KiB) fits the 1 MiB L2 of Zen 4/5 and the
+/// 2 MiB of Sapphire Rapids.
 let geometry = TileGeometry(
-    lanes: 16, microRows: MicroRows.count, queryBlock: 576, keyBlock: 128, thinBlockKeys: 16, backwardKeyBlock: 96)
+    lanes: 16, microRows: MicroRows.count, queryBlock: 576, keyBlock: 96, thinBlockKeys: 16, backwardKeyBlock: 96)
 #elseif FA_KERNEL_AVX2
 /// 8 floats: one ymm register.
 typealias Vec = SIMD8<Float>
