@@ -8,6 +8,10 @@ let minimumSplitKeys = 512
 /// Below this many work items, decoding-like shapes split their keys (a property of the shape, never of the
 /// thread count, so results do not depend on num_threads).
 let splitTargetItems = 32
+/// Query-block problems with fewer items than this get shorter query blocks, so that many cores have work to
+/// share and the dynamic scheduler can balance causal triangles (16 threads had 16 items of 576 rows for
+/// (1, 8, 8, 1024, 64)). Again a property of the shape only.
+let minimumQueryItems = 64
 
 /// The kernel path of a problem (each has its own file in the kernel source).
 public enum ForwardPath: Sendable {
@@ -57,8 +61,8 @@ public struct ForwardPlan: @unchecked Sendable {
     public let problem: AttentionProblem
     public let geometry: TileGeometry
     public let path: ForwardPath
-    /// Query positions per item.
-    let blockPositions: Int
+    /// Query positions per item (the query block size of query-block problems).
+    public let blockPositions: Int
     /// Kv heads per decoding item (its slots must fit the query-block workspace).
     public let kvHeadsPerItem: Int
     /// Items per batch entry before splitting (dense and cache layouts, and decoding or group varlen).
@@ -85,9 +89,10 @@ public struct ForwardPlan: @unchecked Sendable {
         } else {
             path = .queryBlocks
         }
-        blockPositions = path == .queryBlocks ? g.queryBlock : max(1, problem.maxSeqlenQ)
+        let queryBlock = Self.queryBlock(problem, g)
+        blockPositions = path == .queryBlocks ? queryBlock : max(1, problem.maxSeqlenQ)
         kvHeadsPerItem = min(problem.headsKV, g.queryBlock / g.thinSlotRows)
-        let blocks = { (seqlen: Int) in (seqlen + g.queryBlock - 1) / g.queryBlock }
+        let blocks = { (seqlen: Int) in (seqlen + queryBlock - 1) / queryBlock }
         switch (path, problem.layout) {
         case (.decoding, _), (.groupBlocks, _):
             // One item per (sequence, unit) even for varlen: an empty sequence's items are empty.
@@ -107,7 +112,7 @@ public struct ForwardPlan: @unchecked Sendable {
         switch path {
         case .decoding: maxItemRows = kvHeadsPerItem * g.thinSlotRows
         case .groupBlocks: maxItemRows = group * blockPositions
-        case .queryBlocks: maxItemRows = min(g.queryBlock, problem.maxSeqlenQ)
+        case .queryBlocks: maxItemRows = min(queryBlock, problem.maxSeqlenQ)
         }
         if unsplitItems > 0 && unsplitItems < splitTargetItems {
             let wanted = (splitTargetItems + unsplitItems - 1) / unsplitItems
@@ -118,6 +123,17 @@ public struct ForwardPlan: @unchecked Sendable {
     }
 
     public var itemCount: Int { unsplitItems * splits }
+
+    /// The copy's query block, or, where that leaves fewer than `minimumQueryItems` items, the largest
+    /// multiple of its sub-block (at least two) that reaches them: costs per item (packing K and V) then
+    /// spread over fewer rows, but the cores share the work evenly.
+    private static func queryBlock(_ p: AttentionProblem, _ g: TileGeometry) -> Int {
+        let units = max(1, p.batch * p.headsQ), longest = max(1, p.maxSeqlenQ)
+        let wanted = (minimumQueryItems + units - 1) / units  // blocks per sequence
+        let rows = (longest + wanted - 1) / wanted
+        let block = (rows + g.subBlockRows - 1) / g.subBlockRows * g.subBlockRows
+        return min(g.queryBlock, max(2 * g.subBlockRows, block))
+    }
 
     /// Floats of the partial-result buffer the driver must provide when splits > 1.
     public var partialFloats: Int { unsplitItems * splits * maxItemRows * (problem.headDim + 1) }
@@ -144,7 +160,7 @@ public struct ForwardPlan: @unchecked Sendable {
         }
         let unsplit = (itemsPerBatch.map { b * $0 } ?? itemStarts[b]) + local
         let sequence = p.sequence(b)
-        let blocks = path == .queryBlocks ? (sequence.seqlenQ + geometry.queryBlock - 1) / geometry.queryBlock : 1
+        let blocks = path == .queryBlocks ? (sequence.seqlenQ + blockPositions - 1) / blockPositions : 1
         let firstPosition = (blocks - 1 - local % blocks) * blockPositions
         let positions = min(blockPositions, sequence.seqlenQ - firstPosition)
         // Window bounds grow with the query position, so the rows' union is first row's start ..< last row's end.

@@ -45,9 +45,11 @@ public struct TileGeometry: Sendable {
     public let microRows: Int
     /// Columns of a micro-tile: two vectors.
     public let microCols: Int
-    /// Queries per query block and keys per key block of the forward.
+    /// Queries per query block and keys per key block of the forward; query blocks may be cut smaller in
+    /// steps of `subBlockRows` (the rows that go through score → softmax → output together).
     public let queryBlock: Int
     public let keyBlock: Int
+    public let subBlockRows: Int
     /// Rows of one kv head's slot in a decoding item: whole vectors holding at least `microRows` rows.
     public let thinSlotRows: Int
     /// Keys per block of a decoding item.
@@ -56,13 +58,15 @@ public struct TileGeometry: Sendable {
     public let backwardKeyBlock: Int
 
     public init(
-        lanes: Int, microRows: Int, queryBlock: Int, keyBlock: Int, thinBlockKeys: Int, backwardKeyBlock: Int
+        lanes: Int, microRows: Int, queryBlock: Int, keyBlock: Int, subBlockRows: Int, thinBlockKeys: Int,
+        backwardKeyBlock: Int
     ) {
         self.lanes = lanes
         self.microRows = microRows
         microCols = 2 * lanes
         self.queryBlock = queryBlock
         self.keyBlock = keyBlock
+        self.subBlockRows = subBlockRows
         thinSlotRows = (microRows + lanes - 1) / lanes * lanes
         self.thinBlockKeys = thinBlockKeys
         self.backwardKeyBlock = backwardKeyBlock

@@ -20,7 +20,7 @@ let kernelISA = KernelISA.avx512
 /// measurable cost elsewhere. The workspace at head_dim 128 (~700 KiB) fits the 1 MiB L2 of Zen 4/5 and the
 /// 2 MiB of Sapphire Rapids.
 let geometry = TileGeometry(
-    lanes: 16, microRows: MicroRows.count, queryBlock: 576, keyBlock: 96, thinBlockKeys: 16, backwardKeyBlock: 96)
+    lanes: 16, microRows: MicroRows.count, queryBlock: 576, keyBlock: 96, subBlockRows: subBlockRows, thinBlockKeys: 16, backwardKeyBlock: 96)
 #elseif FA_KERNEL_AVX2
 /// 8 floats: one ymm register.
 typealias Vec = SIMD8<Float>
@@ -29,7 +29,7 @@ typealias HalfVec = SIMD8<Float16>
 let kernelISA = KernelISA.avx2
 /// 288 × 96 measured best on Zen 3 of Bq ∈ {96, 192, 288, 384} × Bk ∈ {48, 96, 192} at head_dim 64 and 128.
 let geometry = TileGeometry(
-    lanes: 8, microRows: MicroRows.count, queryBlock: 288, keyBlock: 96, thinBlockKeys: 16, backwardKeyBlock: 96)
+    lanes: 8, microRows: MicroRows.count, queryBlock: 288, keyBlock: 96, subBlockRows: subBlockRows, thinBlockKeys: 16, backwardKeyBlock: 96)
 #else
 /// 4 floats: one SSE or NEON register, the width every 64-bit target has.
 typealias Vec = SIMD4<Float>
@@ -37,7 +37,7 @@ typealias VecBits = SIMD4<UInt32>
 typealias HalfVec = SIMD4<Float16>
 let kernelISA = KernelISA.portable
 let geometry = TileGeometry(
-    lanes: 4, microRows: MicroRows.count, queryBlock: 288, keyBlock: 96, thinBlockKeys: 16, backwardKeyBlock: 96)
+    lanes: 4, microRows: MicroRows.count, queryBlock: 288, keyBlock: 96, subBlockRows: subBlockRows, thinBlockKeys: 16, backwardKeyBlock: 96)
 #endif
 
 /// Query rows that go through score → softmax → output together: a multiple of a score panel (`microCols`)
