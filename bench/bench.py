@@ -341,8 +341,9 @@ def kernel_paths():
 
 
 def fma_peak(isa, threads):
-    """GFLOP/s of bench/fma_peak.c for one kernel path and thread count (built here), or None."""
-    exe = ROOT / ".build" / "bench-fma-peak"
+    """GFLOP/s of bench/fma_peak.c for one kernel path and thread count (built here, or the program named by
+    $FLASH_ATTENTION_FMA_PEAK on a machine without a C compiler), or None."""
+    exe = pathlib.Path(os.environ.get("FLASH_ATTENTION_FMA_PEAK", ROOT / ".build" / "bench-fma-peak"))
     if not exe.exists():
         build = ["cc", "-O2", str(ROOT / "bench" / "fma_peak.c"), "-lpthread", "-o", str(exe)]
         if subprocess.run(build, capture_output=True).returncode != 0:
@@ -395,6 +396,8 @@ def main():
     parser.add_argument("--layout", default="bhsd", help="memory given to this library: bhsd (the same [b, h, s, d] memory PyTorch gets, seen as [b, s, h, d]) or bshd")
     parser.add_argument("--threads", default="1,2", help="thread counts to run (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="prefill shapes only, fewer repetitions")
+    parser.add_argument("--paths", help="comma-separated kernel paths for the prefill table (default: every one this"
+                        " CPU runs, widest first)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
     parser.add_argument("--plot", default=str(ROOT / "bench" / "results.png"), metavar="PATH",
@@ -418,6 +421,11 @@ def main():
                         + len(thread_counts) * 2 * ("half" in sections)
                         + len(thread_counts) * len(BACKWARD) * ("backward" in sections))
     paths = kernel_paths()
+    if args.paths:
+        unknown = set(args.paths.split(",")) - set(paths)
+        if unknown:
+            raise SystemExit(f"--paths: {', '.join(sorted(unknown))} not available here (available: {', '.join(paths)})")
+        paths = args.paths.split(",")
     results = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "threads": thread_counts,
                "layout": args.layout, "torch": have_torch, "command": " ".join(["python3", "bench/bench.py"] + sys.argv[1:]),
                "paths": paths, "fma_peak": {isa: {} for isa in paths}, "peak": {}, "prefill": [], "long": [],
