@@ -10,7 +10,7 @@ import Glibc
 /// Split-KV decoding merges its splits this way, an attention sink is a state with out = 0 and lse = the
 /// sink logit, and `flash_attention_merge` exposes the same operation.
 
-/// ln(2) and log2(e): the kernels' running max lives in log2 units, LSEs in natural-log units. Inlinable
+/// ln(2) and log2(e), for converting to and from exp2's units. Inlinable
 /// computed constants, so that the kernel copies fold them (a global is read through an accessor).
 @inlinable public var ln2: Float { 0.693_147_180_559_945_3 }
 @inlinable public var log2e: Float { 1.442_695_040_888_963_4 }
@@ -19,12 +19,12 @@ import Glibc
 /// row that saw no key) and its LSE plus `lseShift` (a constant taken out of the row's scores), with the
 /// sink (natural log, or −inf for none) merged in.
 /// - Parameters:
-///   - rowMax: the running max in log2 units; rowSum: the running sum of 2^(s − max).
+///   - rowMax: the running max of the scores; rowSum: the running sum of e^(s − max).
 public func finishRow(rowMax: Float, rowSum: Float, lseShift: Float, sink: Float) -> (factor: Float, lse: Float) {
     // A row that saw no key has max −inf (its sum holds only exp2's ~1e-38 floor for −inf scores): its
     // output is 0 and its LSE −inf. NaN sums stay NaN.
     let sawNoKey = rowMax == -.infinity
-    var rowLSE = sawNoKey ? -Float.infinity : (rowMax + log2(rowSum)) * ln2 + lseShift
+    var rowLSE = sawNoKey ? -Float.infinity : rowMax + log(rowSum) + lseShift
     var factor: Float = sawNoKey ? 0 : 1 / rowSum
     if sink > -.infinity {
         let merged = logAddExp(rowLSE, sink)

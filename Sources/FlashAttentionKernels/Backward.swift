@@ -27,24 +27,28 @@ func backwardRowStride(_ headDim: Int) -> Int { Workspace.paddedDim(headDim) + 1
 
 /// How one recomputed score becomes a probability and a score gradient: the forward's transforms and
 /// mask for one query row (position `position` in a sequence with `offset` = seqlen_k − seqlen_q).
+///
+/// The scores arrive exactly as the forward computed them: the query rows are pre-multiplied by the scale
+/// and dotted with the keys by the same micro-kernel, so S is bitwise the forward's. The exponent is
+/// (S − LSE)·log2(e): the difference of two close numbers (exact, or nearly) converted to log2 units only
+/// then, so P keeps its few-ulp accuracy for |logits| in the hundreds, where recomputing from unscaled
+/// scores, or subtracting in log2 units, lost a few ulp of |logit|.
 struct BackwardScores {
-    let scaleLog2: Float
-    let slope: Float  // ALiBi slope · log2(e), 0 without ALiBi
-    let softcap: Float  // softcap · log2(e), 0 without softcap
+    let slope: Float  // ALiBi slope, 0 without ALiBi
+    let softcap: Float  // 0 without softcap
 
-    /// P and dS of one query row of a tile pair, in place: raw scores `s` (Q·K, unscaled) become
-    /// P = 2^(s' − lse2) and `dP` becomes dS = P ∘ (dP − D) (∘ the softcap derivative 1 − tanh²), for
+    /// P and dS of one query row of a tile pair, in place: scores `s` become P = e^(s' − lse) and `dP` becomes dS = P ∘ (dP − D) (∘ the softcap derivative 1 − tanh²), for
     /// `count` keys from `firstKey` (a whole number of vectors); keys outside `visible` get 0.
     @inline(__always)
     func gradientRow(
         s: UnsafeMutablePointer<Float>, dP: UnsafeMutablePointer<Float>, count: Int, firstKey: Int,
-        visible: Range<Int>, position: Int, lse2: Float, dot: Float
+        visible: Range<Int>, position: Int, lse: Float, dot: Float
     ) {
-        let rowLSE = Vec(repeating: -lse2), rowDot = Vec(repeating: dot), scale = Vec(repeating: scaleLog2)
+        let rowLSE = Vec(repeating: lse), rowDot = Vec(repeating: dot)
         if slope == 0 && softcap == 0 && visible == firstKey..<(firstKey + count) {
             // Every key visible and no transform (most pairs): no masks.
             for k in stride(from: 0, to: count, by: lanes) {
-                let p = exp2(muladd(load(s + k), scale, rowLSE))
+                let p = exponential(load(s + k) - rowLSE)
                 store(p, s + k)
                 store(p * (load(dP + k) - rowDot), dP + k)
             }
@@ -53,7 +57,7 @@ struct BackwardScores {
         let low = Vec(repeating: Float(visible.lowerBound)), high = Vec(repeating: Float(visible.upperBound))
         let distance = Vec(repeating: Float(position - firstKey)) - laneIndices
         for k in stride(from: 0, to: count, by: lanes) {
-            var x = load(s + k) * scale
+            var x = load(s + k)
             var derivative = Vec(repeating: 1)
             if softcap > 0 {
                 x = softcapped(x, softcap)
@@ -65,7 +69,7 @@ struct BackwardScores {
                 let d = distance - Vec(repeating: Float(k))
                 x = x - Vec(repeating: slope) * maximum(d, -d)
             }
-            let p = exp2(x + rowLSE).replacing(with: 0, where: (key .< low) .| (key .>= high))
+            let p = exponential(x - rowLSE).replacing(with: 0, where: (key .< low) .| (key .>= high))
             store(p, s + k)
             store(p * (load(dP + k) - rowDot) * derivative, dP + k)
         }
@@ -129,7 +133,7 @@ func backwardRows(_ problem: BackwardProblem, _ item: Int, _ scratch: UnsafeMuta
 ///     s, dp       Q × K each      scores then P; dP then dS; [query][key]
 ///     dST         K × Q           dS transposed, [key][query]
 ///     dQ          Q × D           the query block's dQ += dS K, added to the chunk's partial after
-///     lse2, dots  Q each; ones, columnMax `microCols` each
+///     lse, dots   Q each; ones, columnMax `microCols` each
 func backwardKeyValue(_ problem: BackwardProblem, _ item: Int, _ scratch: UnsafeMutableRawPointer) {
     let f = problem.forward
     let units = f.batch * f.headsKV
@@ -138,7 +142,7 @@ func backwardKeyValue(_ problem: BackwardProblem, _ item: Int, _ scratch: Unsafe
     let base = scratch.assumingMemoryBound(to: Float.self)
     let kT = base, vT = kT + kb * ld, kRows = vT + kb * ld, dK = kRows + kb * ld, dV = dK + kb * ld
     let q = dV + kb * ld, dO = q + qb * ld, p = dO + qb * ld, dS = p + qb * kb
-    let dST = dS + qb * kb, dQ = dST + kb * qb, lse2 = dQ + qb * ld, dots = lse2 + qb, ones = dots + qb
+    let dST = dS + qb * kb, dQ = dST + kb * qb, lse = dQ + qb * ld, dots = lse + qb, ones = dots + qb
     let columnMax = ones + microCols
     ones.update(repeating: 1, count: microCols)
     let offset = s.seqlenK - s.seqlenQ
@@ -157,9 +161,8 @@ func backwardKeyValue(_ problem: BackwardProblem, _ item: Int, _ scratch: Unsafe
         let qHigh = min(s.seqlenQ, f.windowLeft.map { lastKey - offset + $0 + 1 } ?? s.seqlenQ)
         for h in (kvHead * f.groupSize)..<((kvHead + 1) * f.groupSize) {
             let scores = BackwardScores(
-                scaleLog2: f.scale * log2e,
-                slope: f.alibiSlopes.map { $0[s.batch * f.alibiBatchStride + h] * log2e } ?? 0,
-                softcap: f.softcap * log2e)
+                slope: f.alibiSlopes.map { $0[s.batch * f.alibiBatchStride + h] } ?? 0,
+                softcap: f.softcap)
             for firstQuery in stride(from: qLow, to: qHigh, by: qb) {
                 // The next block's rows come from DRAM or L3 (each key block rereads the queries):
                 // requesting them now hides the misses behind this block's products.
@@ -171,14 +174,15 @@ func backwardKeyValue(_ problem: BackwardProblem, _ item: Int, _ scratch: Unsafe
                 let tiles = BackwardTiles(
                     problem: problem, sequence: s, head: h, chunk: chunk, firstQuery: firstQuery,
                     rows: min(qb, qHigh - firstQuery), firstKey: firstKey, keyCount: keyCount, panels: panels,
-                    scratch: (kT, vT, kRows, dK, dV, q, dO, p, dS, dST, dQ, lse2, dots, ones, columnMax))
+                    scratch: (kT, vT, kRows, dK, dV, q, dO, p, dS, dST, dQ, lse, dots, ones, columnMax))
                 tiles.run(scores, offset: offset)
             }
         }
         for key in 0..<keyCount {
             let row = s.kRow + firstKey + key
             withStorage(problem.dk.element) {
-                storeRow($0, dK + key * ld, count: d, scale: f.scale, into: problem.dk.row(batch: s.kvBatch, head: kvHead, row: row))
+                // dK = scale · dSᵀQ, accumulated against the queries × scale: the rest is 1.
+                storeRow($0, dK + key * ld, count: d, scale: 1, into: problem.dk.row(batch: s.kvBatch, head: kvHead, row: row))
             }
             withStorage(problem.dv.element) {
                 storeRow($0, dV + key * ld, count: d, scale: 1, into: problem.dv.row(batch: s.kvBatch, head: kvHead, row: row))
@@ -196,12 +200,12 @@ private struct BackwardTiles {
         kT: UnsafeMutablePointer<Float>, vT: UnsafeMutablePointer<Float>, kRows: UnsafeMutablePointer<Float>,
         dK: UnsafeMutablePointer<Float>, dV: UnsafeMutablePointer<Float>, q: UnsafeMutablePointer<Float>,
         dO: UnsafeMutablePointer<Float>, p: UnsafeMutablePointer<Float>, dS: UnsafeMutablePointer<Float>,
-        dST: UnsafeMutablePointer<Float>, dQ: UnsafeMutablePointer<Float>, lse2: UnsafeMutablePointer<Float>,
+        dST: UnsafeMutablePointer<Float>, dQ: UnsafeMutablePointer<Float>, lse: UnsafeMutablePointer<Float>,
         dots: UnsafeMutablePointer<Float>, ones: UnsafeMutablePointer<Float>, columnMax: UnsafeMutablePointer<Float>)
 
     func run(_ scores: BackwardScores, offset: Int) {
         let f = problem.forward, s = sequence, h = head
-        let (kT, vT, kRows, dK, dV, q, dO, p, dS, dST, dQ, lse2, dots, ones, columnMax) = scratch
+        let (kT, vT, kRows, dK, dV, q, dO, p, dS, dST, dQ, lse, dots, ones, columnMax) = scratch
         let kb = problem.keyBlock, qb = backwardQueryBlock, d = f.headDim, ld = backwardRowStride(d)
         let ldQ = problem.partialStride
         let keyTiles = (keyCount + microRows - 1) / microRows
@@ -209,11 +213,13 @@ private struct BackwardTiles {
         // This chunk's dQ partial rows of the block, added to last.
         let partial = problem.partialRow(chunk: chunk, s, head: h, row: firstQuery)
         prefetchRow(partial, bytes: rows * ldQ * MemoryLayout<Float>.size)
-        loadRows(f.q, s, head: h, first: firstQuery, count: rows, depth: d, into: q, stride: ld, padTo: padded)
+        // The queries × scale, rounded as the forward rounds them (see BackwardScores).
+        loadRows(f.q, s, head: h, first: firstQuery, count: rows, depth: d, into: q, stride: ld, padTo: padded,
+                 scale: f.scale)
         loadRows(problem.dout, s, head: h, first: firstQuery, count: rows, depth: d, into: dO, stride: ld, padTo: padded)
         for r in 0..<rows {
             let row = s.qRow + firstQuery + r
-            lse2[r] = f.lse!.row(batch: s.qBatch, head: h, row: row).pointee * log2e
+            lse[r] = f.lse!.row(batch: s.qBatch, head: h, row: row).pointee
             dots[r] = problem.rowDots![problem.rowIndex(s, head: h, row: row)]
         }
         // S = Q Kᵀ and dP = dO Vᵀ, [query][key]: each key panel stays in L1 across the rows.
@@ -235,7 +241,7 @@ private struct BackwardTiles {
             scores.gradientRow(
                 s: p + r * kb, dP: dS + r * kb, count: panels * microCols, firstKey: firstKey,
                 visible: visible.clamped(to: firstKey..<(firstKey + keyCount)), position: i + offset,
-                lse2: r < rows ? lse2[r] : 0, dot: r < rows ? dots[r] : 0)
+                lse: r < rows ? lse[r] : 0, dot: r < rows ? dots[r] : 0)
         }
         // dSᵀ, so that the dQ tiles' broadcasts read adjacent queries.
         for r in stride(from: 0, to: padded, by: transposeSize) {
@@ -314,15 +320,17 @@ private func rowAddress(_ tensor: TensorView, _ s: Sequence, head h: Int, row: I
     keys ? tensor.row(batch: s.kvBatch, head: h, row: s.kRow + row) : tensor.row(batch: s.qBatch, head: h, row: s.qRow + row)
 }
 
-/// Loads `count` rows from `first` as float32 rows `stride` apart, zero-filling the columns past `depth`
-/// and the rows up to `padTo`.
+/// Loads `count` rows from `first` as float32 rows `stride` apart, times `scale`, zero-filling the columns
+/// past `depth` and the rows up to `padTo`.
 private func loadRows(
     _ tensor: TensorView, _ s: Sequence, head h: Int, first: Int, count: Int, depth: Int,
-    into target: UnsafeMutablePointer<Float>, stride: Int, padTo: Int, keys: Bool = false
+    into target: UnsafeMutablePointer<Float>, stride: Int, padTo: Int, keys: Bool = false, scale: Float = 1
 ) {
     withStorage(tensor.element) { storage in
         for r in 0..<count {
-            loadRow(storage, rowAddress(tensor, s, head: h, row: first + r, keys: keys), count: depth, into: target + r * stride)
+            loadRow(
+                storage, rowAddress(tensor, s, head: h, row: first + r, keys: keys), count: depth, scale: scale,
+                into: target + r * stride)
             (target + r * stride + depth).update(repeating: 0, count: stride - depth)
         }
     }

@@ -13,7 +13,7 @@ func finishItem(_ plan: ForwardPlan, _ item: WorkItem, _ w: Workspace) {
         guard let (head, position) = item.query(row: r) else { continue }
         let row = item.sequence.qRow + position
         // ALiBi was rebased on the row's nearest visible key; its bias returns to the LSE here.
-        let bias = w.rowSlope[r] * ln2 * w.rowDistance[r]
+        let bias = w.rowSlope[r] * w.rowDistance[r]
         let o = w.o + r * ldO
         if plan.partials != nil {
             let slot = plan.partialRow(item, row: r)

@@ -1,7 +1,8 @@
 /// Online softmax: the causal and window masks of key blocks, and the running max/sum update.
 ///
-/// Scores arrive in log2 units (the queries were pre-multiplied by scale·log2(e)), so every exponential is
-/// an exp2. Scores are stored transposed (row k = key k, consecutive queries along the row), so the
+/// Scores arrive scaled (the queries were pre-multiplied by the softmax scale) and stay in natural units:
+/// each exponential is e^(score − max), converted to exp2 only after the subtraction (`exponential`).
+/// Scores are stored transposed (row k = key k, consecutive queries along the row), so the
 /// per-query max and sum over keys are vertical vector operations with no horizontal reductions.
 
 /// Which keys of a key block each row of a work item may see.
@@ -69,13 +70,12 @@ struct BlockMask {
     }
 }
 
-/// What the softmax does to raw scores before the exponential: softcap, ALiBi, then the mask. All in log2
-/// units (the scores were pre-multiplied by log2(e)).
+/// What the softmax does to raw scores before the exponential: softcap, ALiBi, then the mask.
 struct ScoreAdjustment {
     let mask: BlockMask
-    /// softcap · log2(e), or 0 for none: s ← C · tanh(s / C).
+    /// The softcap C, or 0 for none: s ← C · tanh(s / C).
     let softcap: Float
-    /// Whether each row's rowSlope (slope · log2(e)) times |i + alibiOffset − k| is subtracted.
+    /// Whether each row's rowSlope times |i + alibiOffset − k| is subtracted.
     let alibi: Bool
     /// Block-relative query position minus key index where the distance is 0.
     let alibiOffset: Float
@@ -140,7 +140,7 @@ struct AdjustedScores: ScoreReader {
 ///   - blockMax: each query's max over the block's scores, from the score tiles, or nil to compute it here
 ///     (blocks whose scores are transformed here).
 ///   - rowPosition, rowSlope, rowDistance: the item's row tables (block-relative position, ALiBi
-///     slope·log2(e), the distance the row's ALiBi bias is rebased on).
+///     slope, the distance the row's ALiBi bias is rebased on).
 ///   - rowMax, rowSum, alpha: indexed by item row.
 func softmaxUpdate(
     s: UnsafeMutablePointer<Float>, ldS: Int, firstRow: Int, queryVectors: Int, adjust: ScoreAdjustment,
@@ -194,12 +194,12 @@ func softmaxColumn<Reader: ScoreReader>(
     let oldMax = load(rowMax)
     let newMax = maximum(oldMax, columnMax)
     let base = newMax.replacing(with: 0, where: newMax .== negInf)
-    let scale = exp2(oldMax - base)
+    let scale = exponential(oldMax - base)
     var sum0 = Vec(), sum1 = Vec()
     var k = keys.lowerBound
     while k + 1 < keys.upperBound {
-        let p0 = exp2(score(k) - base)
-        let p1 = exp2(score(k + 1) - base)
+        let p0 = exponential(score(k) - base)
+        let p1 = exponential(score(k + 1) - base)
         store(p0, score.column + k * score.ldS)
         store(p1, score.column + (k + 1) * score.ldS)
         sum0 += p0
@@ -207,7 +207,7 @@ func softmaxColumn<Reader: ScoreReader>(
         k += 2
     }
     if k < keys.upperBound {
-        let p0 = exp2(score(k) - base)
+        let p0 = exponential(score(k) - base)
         store(p0, score.column + k * score.ldS)
         sum0 += p0
     }

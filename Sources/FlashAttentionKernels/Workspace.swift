@@ -5,16 +5,16 @@ import FlashAttentionCore
 /// Per-thread scratch of one work item, in floats, every part 64-byte aligned (all sizes are multiples
 /// of 16 floats). With Bq = queryBlock, Bk = keyBlock, D = head_dim rounded up to `microCols`:
 ///
-///     qT      Bq × D          queries × scale·log2(e): Bq/microCols panels of [head_dim][microCols]
+///     qT      Bq × D          queries × scale: Bq/microCols panels of [head_dim][microCols]
 ///                             (query blocks), or plain rows [row][head_dim] (decoding)
 ///     kPack   Bk × D          the key block, row-major [row][head_dim] (rows past the block's keys zero)
 ///     vPack   Bk × D          the value block as D/microCols panels of [Bk][microCols]
 ///     s       Bk × subBlockRows   scores of a sub-block's rows, transposed (row = key), overwritten by
 ///                             probabilities
 ///     o       Bq × D          unnormalised output accumulators, row-major
-///     rowMax, rowSum, alpha   Bq each: running max (log2 units), running sum, last rescale factor
+///     rowMax, rowSum, alpha   Bq each: running max, running sum, last rescale factor
 ///     rowPosition, rowSlope, rowDistance
-///                             Bq each: each row's query position in its block, its ALiBi slope·log2(e), and
+///                             Bq each: each row's query position in its block, its ALiBi slope, and
 ///                             the ALiBi distance its bias is rebased on
 ///     blockMax                subBlockRows: each query's max over the current block's scores
 ///
@@ -51,10 +51,10 @@ struct Workspace {
 /// Rows padded to whole score panels.
 @inline(__always) func paddedRows(_ item: WorkItem) -> Int { (item.rows + microCols - 1) / microCols * microCols }
 
-/// The item's prologue: packs its queries, multiplied by scale·log2(e) so the softmax can use exp2 — as
+/// The item's prologue: packs its queries, multiplied by the softmax scale — as
 /// transposed `microCols`-row panels for the block kernels, or as plain rows for the decoding kernel —
 /// with padding rows (to whole panels) zero; clears the accumulators and running statistics; fills the row
-/// tables: each row's position within the block, its ALiBi slope·log2(e), and the distance from its
+/// tables: each row's position within the block, its ALiBi slope, and the distance from its
 /// aligned key to the nearest key it attends to here. Subtracting that distance from every ALiBi distance
 /// of the row shifts its scores by a constant, which the softmax ignores and the LSE takes back; it keeps
 /// the scores that matter near 0, where float32 is precise (biases of a few hundred would otherwise cost
@@ -62,7 +62,7 @@ struct Workspace {
 func stageQueries(_ plan: ForwardPlan, _ item: WorkItem, transposed: Bool, _ w: Workspace) {
     let p = plan.problem
     let d = p.headDim
-    let factor = p.scale * log2e
+    let factor = p.scale
     let rows = paddedRows(item)
     w.o.update(repeating: 0, count: (item.rows + microRows - 1) / microRows * microRows * Workspace.paddedDim(d))
     w.rowMax.update(repeating: -.infinity, count: rows)
@@ -87,7 +87,7 @@ func stageQueries(_ plan: ForwardPlan, _ item: WorkItem, transposed: Bool, _ w: 
             withStorage(p.q.element) { loadRow($0, source, count: d, scale: factor, into: panel) }
         }
         w.rowPosition[r] = Float(position - item.firstPosition)
-        w.rowSlope[r] = p.alibiSlopes.map { $0[item.sequence.batch * p.alibiBatchStride + head] * log2e } ?? 0
+        w.rowSlope[r] = p.alibiSlopes.map { $0[item.sequence.batch * p.alibiBatchStride + head] } ?? 0
         let aligned = position + item.sequence.seqlenK - item.sequence.seqlenQ
         let keys = p.keyRange(position: position, seqlenQ: item.sequence.seqlenQ, seqlenK: item.sequence.seqlenK)
             .clamped(to: item.keys)
@@ -118,7 +118,7 @@ func forEachKeyBlock(
         body(
             firstKey,
             ScoreAdjustment(
-                mask: mask, softcap: p.softcap * log2e, alibi: p.alibiSlopes != nil, alibiOffset: Float(aligned)))
+                mask: mask, softcap: p.softcap, alibi: p.alibiSlopes != nil, alibiOffset: Float(aligned)))
         firstKey += keyCount
     }
 }
