@@ -49,14 +49,16 @@ torch_sdpa = torch._C._nn.scaled_dot_product_attention
 
 class Plan:
     """How one masked attention runs. starts/ends/lefts/rights are per batch entry (Python ints; for DENSE
-    and RANGES the band is entry 0's); cu/max_len describe PACKED runs; mask is FALLBACK's."""
+    and RANGES the band is entry 0's); rows, for PER_BATCH only, is None (every query row) or each entry's
+    (first, end) query rows, the others being zero; cu/max_len describe PACKED runs; mask is FALLBACK's."""
 
-    __slots__ = ("kind", "starts", "ends", "lefts", "rights", "cu", "max_len", "mask", "reason")
+    __slots__ = ("kind", "starts", "ends", "lefts", "rights", "rows", "cu", "max_len", "mask", "reason", "memo")
 
-    def __init__(self, kind, starts=None, ends=None, lefts=None, rights=None, cu=None, max_len=0, mask=None,
-                 reason=""):
+    def __init__(self, kind, starts=None, ends=None, lefts=None, rights=None, rows=None, cu=None, max_len=0,
+                 mask=None, reason=""):
         self.kind, self.starts, self.ends, self.lefts, self.rights = kind, starts, ends, lefts, rights
-        self.cu, self.max_len, self.mask, self.reason = cu, max_len, mask, reason
+        self.rows, self.cu, self.max_len, self.mask, self.reason = rows, cu, max_len, mask, reason
+        self.memo = {}  # RANGES: the KV-cache call's index tensors, per key layout (built once per plan)
 
 
 # ---- deriving a plan ---------------------------------------------------------------------------------------
@@ -88,9 +90,13 @@ def _band_mask(seqlen_q, seqlen_k, left, right):
     return visible
 
 
-def _ranges_plan(m):
+def _ranges_plan(m, trim_rows=False):
     """Step A: is m [entries, seqlen_q, seqlen_k] (bool) exactly a key range [start, end) per entry with a
-    band (left, right) aligned to that range's last key? Returns (starts, ends, lefts, rights) lists, or None.
+    band (left, right) aligned to that range's last key? Returns (starts, ends, lefts, rights, rows) lists, or
+    None. rows is None, or with trim_rows each entry's (first, last + 1) rows that see a key: the call then
+    covers those rows only (its last row aligned with the last key; the other rows are zero), which expresses
+    bands that a full-height call cannot (right padding longer than a sliding window leaves rows that see
+    nothing below rows that do).
 
     Candidates come from each entry's first and last visible rows (the rows a band cuts first on the right
     and on the left); the full mask rebuilt from them is then compared with m, so a wrong guess can only
@@ -106,11 +112,11 @@ def _ranges_plan(m):
     entry = torch.arange(entries)
     hi_first = _last_true(m[entry, first])
     lo_last = _first_true(m[entry, last])
-    d = end - seqlen_q                      # query i's diagonal is key i + d
+    d = end - (last + 1 if trim_rows else seqlen_q)   # query i's diagonal is key i + d
     right = hi_first - first - d
     left = last + d - lo_last
-    right = torch.where(d + right >= end - 1, -1, right)     # never cuts a row: unbounded
-    left = torch.where(seqlen_q - 1 + d - left <= start, -1, left)
+    right = torch.where(first + d + right >= end - 1, -1, right)     # never cuts a row: unbounded
+    left = torch.where(last + d - left <= start, -1, left)
     left = torch.where(has, left, -1)
     right = torch.where(has, right, -1)
     if bool((left < -1).any()) or bool((right < -1).any()):
@@ -119,9 +125,31 @@ def _ranges_plan(m):
     j = torch.arange(seqlen_k)[None, None, :]
     s, e, dd, lo, hi = (x[:, None, None] for x in (start, end, d, left, right))
     rebuilt = (j >= s) & (j < e) & ((lo < 0) | (j >= i + dd - lo)) & ((hi < 0) | (j <= i + dd + hi))
+    if trim_rows:
+        rebuilt &= (i >= first[:, None, None]) & (i <= last[:, None, None])
     if not torch.equal(rebuilt, m):
         return None
-    return start.tolist(), end.tolist(), left.tolist(), right.tolist()
+    row_ranges = None
+    if trim_rows:
+        row_ranges = [(f, g + 1) if h else (0, 0) for f, g, h in zip(first.tolist(), last.tolist(), has.tolist())]
+    return start.tolist(), end.tolist(), left.tolist(), right.tolist(), row_ranges
+
+
+def _key_runs(visible):
+    """A mask that is the same for every query row, visible [entries, seqlen_k] (bool): one contiguous run of
+    keys per entry (checked) is a key range with no band. Read with numpy: a decoding step plans once per
+    forward pass, and a handful of numpy calls cost a few microseconds where torch's cost tens."""
+    v = visible.numpy()
+    seqlen_k = v.shape[1]
+    count = v.sum(1)
+    start = v.argmax(1)
+    end = seqlen_k - v[:, ::-1].argmax(1)
+    has = count > 0
+    if not ((end - start == count) | ~has).all():
+        return None
+    starts = [int(s) if h else 0 for s, h in zip(start, has)]
+    ends = [int(e) if h else 0 for e, h in zip(end, has)]
+    return starts, ends, [-1] * len(starts), [-1] * len(starts), None
 
 
 def _runs(seq_ids):
@@ -175,11 +203,12 @@ def _packed(runs, seqlen, left, right):
 
 
 def _from_ranges(ranges, batch):
-    starts, ends, lefts, rights = ranges
+    starts, ends, lefts, rights, rows = ranges
     if len(starts) == 1 and batch > 1:
         starts, ends, lefts, rights = starts * batch, ends * batch, lefts * batch, rights * batch
-    if len(set(zip(lefts, rights))) > 1:
-        return Plan(PER_BATCH, starts, ends, lefts, rights)
+        rows = None if rows is None else rows * batch
+    if rows is not None or len(set(zip(lefts, rights))) > 1:
+        return Plan(PER_BATCH, starts, ends, lefts, rights, rows)
     kind = DENSE if len(set(zip(starts, ends))) == 1 else RANGES
     return Plan(kind, starts, ends, lefts, rights)
 
@@ -206,13 +235,20 @@ def _padding_plan(padding, seqlen_q, left, right):
             return None
         lefts.append(lo)
         rights.append(hi)
-    return _from_ranges((starts, ends, lefts, rights), batch)
+    return _from_ranges((starts, ends, lefts, rights, None), batch)
+
+
+def broadcasts_to(shape, target):
+    """Whether a tensor of `shape` broadcasts to exactly `target` (torch.broadcast_shapes costs ~20 µs)."""
+    if len(shape) > len(target):
+        return False
+    return all(n == 1 or n == t for n, t in zip(reversed(shape), reversed(target)))
 
 
 def _normalise_mask(mask, batch, heads_q, seqlen_q, seqlen_k):
     """mask as 4-D [batch or 1, heads or 1, seqlen_q, seqlen_k] (expanded views along broadcast axes)."""
     shape = (batch, heads_q, seqlen_q, seqlen_k)
-    if torch.broadcast_shapes(mask.shape, shape) != torch.Size(shape):
+    if not broadcasts_to(mask.shape, shape):
         raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to {shape} "
                          "[batch, heads, seqlen_q, seqlen_k]")
     while mask.dim() < 4:
@@ -277,7 +313,13 @@ def plan(q, k, mask=None, padding=None, seq_ids=None, causal=False, window_left=
     if mask.shape[1] > 1 and not bool((mask == mask[:, :1]).all()):
         return Plan(FALLBACK, mask=mask, reason="a mask that differs between heads")
     m = mask[:, 0]
+    if seqlen_q == 1 or m.stride(1) == 0:
+        ranges = _key_runs(m[:, 0])  # one visible set for every query row: decoding, key-padding masks
+        if ranges is not None:
+            return _from_ranges(ranges, batch)
     ranges = _ranges_plan(m)
+    if ranges is None:
+        ranges = _ranges_plan(m, trim_rows=True)
     if ranges is not None:
         return _from_ranges(ranges, batch)
     for candidate in (runs, None if hint is None else _runs(hint.expand(batch, seqlen_q))):
@@ -320,7 +362,7 @@ def _overlaps(a, b):
     return a[0] < b[1] and b[0] < a[1]
 
 
-def ranges_forward(q, k, v, out, lse, starts, ends, options, rows=None):
+def ranges_forward(q, k, v, out, lse, starts, ends, options, rows=None, memo=None):
     """RANGES through one KV-cache call: entry b's cache row begins at key row rows[b] * pitch + starts[b] of k
     and v (rows[b] = b by default), pitch = batch stride / row stride, and holds ends[b] - starts[b] keys.
     `options` are _torch_raw's keyword arguments. Returns False (having written nothing) when the strides
@@ -328,11 +370,19 @@ def ranges_forward(q, k, v, out, lse, starts, ends, options, rows=None):
     pitch_k, pitch_v = _key_rows(k), _key_rows(v)
     if pitch_k is None or pitch_k != pitch_v or not starts:
         return False
-    rows = range(len(starts)) if rows is None else rows
-    index = [r * pitch_k + s for r, s in zip(rows, starts)]
-    lengths = [e - s for s, e in zip(starts, ends)]
-    cache_batch, cache_seqlen = max(index) + 1, max(lengths)
-    geometry = (cache_batch, cache_seqlen, k.stride(1), v.stride(1))
+    key = (pitch_k, k.stride(1), v.stride(1))
+    found = None if memo is None else memo.get(key)
+    if found is None:
+        rows = range(len(starts)) if rows is None else rows
+        index = [r * pitch_k + s for r, s in zip(rows, starts)]
+        lengths = [e - s for s, e in zip(starts, ends)]
+        cache_batch, cache_seqlen = max(index) + 1, max(lengths)
+        found = ((cache_batch, cache_seqlen, k.stride(1), v.stride(1)), torch.tensor(lengths, dtype=torch.int32),
+                 torch.tensor(index, dtype=torch.int32))
+        if memo is not None:
+            memo[key] = found
+    geometry, lengths, index = found
+    cache_batch, cache_seqlen = geometry[0], geometry[1]
     # The library checks that out and lse do not overlap the cache as it is described, and this description
     # reaches up to max(lengths) rows past the last entry's keys: out must not sit right after k or v.
     extents = [_extent(x, (cache_batch, cache_seqlen, x.shape[2], x.shape[3]), (x.stride(1), x.stride(1),
@@ -340,8 +390,7 @@ def ranges_forward(q, k, v, out, lse, starts, ends, options, rows=None):
     for x in (out, lse):
         if x is not None and any(_overlaps(_extent(x, x.shape, x.stride()), e) for e in extents):
             return False
-    raw.kvcache_forward(q, k, v, out, lse, torch.tensor(lengths, dtype=torch.int32),
-                        torch.tensor(index, dtype=torch.int32), rows=geometry, **options)
+    raw.kvcache_forward(q, k, v, out, lse, lengths, index, rows=geometry, **options)
     return True
 
 
@@ -449,13 +498,20 @@ def forward(p, q, k, v, scale=None, softcap=0.0, sinks=None, num_threads=0, want
         s, e = p.starts[0], p.ends[0]
         ks, vs = (k, v) if (s, e) == (0, k.shape[1]) else (k[:, s:e], v[:, s:e])
         raw.forward(q, ks, vs, out, lse, **options(0))
-    elif p.kind == RANGES and ranges_forward(q, k, v, out, lse, p.starts, p.ends, options(0)):
+    elif p.kind == RANGES and ranges_forward(q, k, v, out, lse, p.starts, p.ends, options(0), memo=p.memo):
         pass
     elif p.kind in (RANGES, PER_BATCH):
         for b in range(batch):
             s, e = p.starts[b], p.ends[b]
-            raw.forward(q[b:b + 1], k[b:b + 1, s:e], v[b:b + 1, s:e], out[b:b + 1],
-                        None if lse is None else lse[b:b + 1], **options(b))
+            r0, r1 = (0, seqlen_q) if p.rows is None else p.rows[b]
+            if (r0, r1) != (0, seqlen_q):  # rows outside the call see no key
+                out[b, :r0] = 0
+                out[b, r1:] = 0
+                if lse is not None:
+                    lse[b, :, :r0] = -math.inf
+                    lse[b, :, r1:] = -math.inf
+            raw.forward(q[b:b + 1, r0:r1], k[b:b + 1, s:e], v[b:b + 1, s:e], out[b:b + 1, r0:r1],
+                        None if lse is None else lse[b:b + 1, :, r0:r1], **options(b))
     else:  # PACKED
         flat_lse = torch.empty(heads_q, batch * seqlen_q, dtype=torch.float32)
         raw.varlen_forward(_flat(q, seqlen_q), _flat(k, k.shape[1]), _flat(v, v.shape[1]),
@@ -498,9 +554,13 @@ def backward(p, dout, q, k, v, out, lse, scale=None, softcap=0.0, sinks=None, nu
     for b in range(batch):
         part = torch.zeros(heads_q, dtype=torch.float32) if sinks is not None else None
         s, e = p.starts[b], p.ends[b]
-        sl = slice(b, b + 1)
-        raw.backward(dout[sl], q[sl], k[sl, s:e], v[sl, s:e], out[sl], lse[sl], dq[sl], dk[sl, s:e], dv[sl, s:e],
-                     part, **options(b))
+        r0, r1 = (0, seqlen_q) if p.rows is None else p.rows[b]
+        if (r0, r1) != (0, seqlen_q):
+            dq[b, :r0] = 0
+            dq[b, r1:] = 0
+        sl, rs = slice(b, b + 1), slice(r0, r1)
+        raw.backward(dout[sl, rs], q[sl, rs], k[sl, s:e], v[sl, s:e], out[sl, rs], lse[sl, :, rs], dq[sl, rs],
+                     dk[sl, s:e], dv[sl, s:e], part, **options(b))
         if part is not None:
             dsinks += part
     return dq, dk, dv, dsinks

@@ -682,10 +682,7 @@ def _sdpa_supported(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
         if attn_mask.dtype != torch.bool and (attn_mask.dtype != dtype or attn_mask.requires_grad):
             return False
         full = (qs[0], qs[1], seqlen_q, seqlen_k) if ndim == 4 else (qs[0], seqlen_q, seqlen_k)
-        try:
-            if torch.broadcast_shapes(attn_mask.shape, full) != full:
-                return False
-        except RuntimeError:
+        if not _masked.broadcasts_to(attn_mask.shape, full):
             return False
     return True
 

@@ -133,6 +133,8 @@ def masks():
         "right-padding": (right_pad[:, None, None, :], _torch_masked.RANGES),
         "right-padding-top-left-causal": (right_pad[:, None, None, :] & torch.ones(SQ, SK, dtype=torch.bool).tril(),
                                           _torch_masked.PER_BATCH),
+        "right-padding-past-a-window": (right_pad[:, None, None, :] & (j <= i - (SK - SQ)) & (j > i - (SK - SQ) - 5),
+                                        _torch_masked.PER_BATCH),
         "per-head-identical": ((left_pad[:, None, None, :] & (j <= i)).expand(B, H, SQ, SK), _torch_masked.RANGES),
         "empty-entry": (torch.stack([torch.ones(SQ, SK, dtype=torch.bool), torch.zeros(SQ, SK, dtype=torch.bool),
                                      torch.ones(SQ, SK, dtype=torch.bool).tril()])[:, None], _torch_masked.PER_BATCH),
@@ -231,7 +233,7 @@ def test_additive_bias_and_other_unsupported_calls_are_torchs_own():
 
 
 @pytest.mark.parametrize("name", ["left-padding-causal", "right-padding-top-left-causal", "window-7",
-                                  "empty-entry"])
+                                  "empty-entry", "right-padding-past-a-window"])
 def test_masked_gradients_match_float64(name):
     mask, _ = MASKS[name]
     q, k, v = (x.requires_grad_(True) for x in qkv(11, B, H, HK, SQ, SK, D))
