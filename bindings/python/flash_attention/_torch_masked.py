@@ -572,19 +572,31 @@ _CACHE_SIZE = 16
 _cache = {}
 
 
+class _Uncacheable(Exception):
+    pass
+
+
 def _identity(x):
-    return None if x is None else (id(x), x._version, x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+    if x is None:
+        return None
+    if x.is_inference():  # no version counter: an in-place change could not be seen, so plan every call
+        raise _Uncacheable
+    return id(x), x._version, x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype
 
 
 def cached_plan(q, k, mask=None, padding=None, seq_ids=None, causal=False, window_left=-1, window_right=-1,
                 hint=None):
     """plan(...), remembered for the same mask / padding / seq_ids tensor objects (unchanged: same version
     counter, data pointer, shape and strides) and options. A model passes one mask tensor to all its layers,
-    and the backward re-plans what its forward planned; so the mask is examined once per forward pass."""
+    and the backward re-plans what its forward planned; so the mask is examined once per forward pass.
+    Tensors made under torch.inference_mode() have no version counter and are planned on every call."""
     if mask is None and padding is None and seq_ids is None:
         return plan(q, k, None, None, None, causal, window_left, window_right)
-    key = (_identity(mask), _identity(padding), _identity(seq_ids), _identity(hint), tuple(q.shape), tuple(k.shape),
-           bool(causal), window_left, window_right)
+    try:
+        key = (_identity(mask), _identity(padding), _identity(seq_ids), _identity(hint), tuple(q.shape),
+               tuple(k.shape), bool(causal), window_left, window_right)
+    except _Uncacheable:
+        return plan(q, k, mask, padding, seq_ids, causal, window_left, window_right, hint)
     entry = _cache.get(key)
     objects = (mask, padding, seq_ids, hint)
     if entry is not None and all(r is None and x is None or r is not None and r() is x

@@ -82,20 +82,16 @@ def register(name=DEFAULT_NAME, *, num_threads=0):
 
 
 def _float_mask_as_bool(mask):
-    """A 4-D float mask (0 = visible, -inf or the dtype's lowest value = hidden) as bool; a ValueError for any
-    other values, which make it an additive bias. The lowest finite value hides a key only where the row has
-    a visible key (a row of only finfo.min would average every key, unlike a hidden row)."""
-    lowest = torch.finfo(mask.dtype).min
+    """A 4-D float mask (0 = visible; -inf or the dtype's lowest value, transformers' eager convention, =
+    hidden) as bool; a ValueError for any other values, which make it an additive bias. A row hidden entirely
+    by the lowest value gives 0 here where torch would average every key: such rows are padding queries,
+    whose outputs no model reads."""
     visible = mask == 0
-    hidden = torch.isneginf(mask) | (mask == lowest)
+    hidden = torch.isneginf(mask) | (mask == torch.finfo(mask.dtype).min)
     if not bool((visible | hidden).all()):
         raise ValueError("flash_attention backend: this 4-D float attention_mask holds values other than 0 and "
                          "-inf (an additive bias), which the library cannot apply yet; use "
                          "attn_implementation='sdpa' or 'eager' for this model")
-    lowest_rows = (mask == lowest).any(-1) & ~visible.any(-1)
-    if bool(lowest_rows.any()):
-        raise ValueError("flash_attention backend: a row of this float attention_mask holds only finfo.min, "
-                         "which attends uniformly to every key rather than to none; use 'sdpa' or 'eager'")
     return visible
 
 

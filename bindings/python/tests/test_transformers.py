@@ -301,3 +301,18 @@ def test_clear_errors():
         got = built[NAME](input_ids=ids, attention_mask=float_mask).logits
         want = built[NAME](input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_eager_style_float_mask_with_padding_rows_under_inference_mode():
+    """A 4-D float mask as transformers' eager builds it (left padding: padded query rows hidden entirely by
+    the lowest value), under torch.inference_mode (tensors without version counters): the real positions
+    match the bool mask's."""
+    built = models("llama")
+    ids, mask = inputs("left")
+    visible = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
+    float_mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    with torch.inference_mode():
+        got = built[NAME](input_ids=ids, attention_mask=float_mask).logits
+        want = built[NAME](input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert torch.allclose(got[valid], want[valid], atol=1e-6)
