@@ -49,7 +49,7 @@ def qkv_bshd(seed, b, sq, sk, hq, hk, d, dtype=torch.float32, requires_grad=Fals
 
 
 def relative(a, b):
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float(torch.linalg.vector_norm(a - b) / max(float(torch.linalg.vector_norm(b)), 1e-30))
 
 

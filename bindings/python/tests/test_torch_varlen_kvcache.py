@@ -26,7 +26,7 @@ def randn(seed, *shape, dtype=torch.float32):
 
 
 def relative(a, b):
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float(torch.linalg.vector_norm(a - b) / max(float(torch.linalg.vector_norm(b)), 1e-30))
 
 
