@@ -316,3 +316,27 @@ def test_eager_style_float_mask_with_padding_rows_under_inference_mode():
         want = built[NAME](input_ids=ids, attention_mask=mask).logits
     valid = mask.bool()
     assert torch.allclose(got[valid], want[valid], atol=1e-6)
+
+
+def test_torch_compile_fullgraph_with_packed_sequences(monkeypatch):
+    """Packed sequences under torch.compile(fullgraph=True): the sequence boundaries come from position_ids
+    inside the operator, so the graph has no host sync; one varlen call per layer at run time."""
+    built = models("llama")
+    model = built[NAME]
+    lengths = [9, 21, 10]
+    ids = torch.randint(0, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(4))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    calls = []
+    real = _torch_raw.varlen_forward
+    monkeypatch.setattr(_torch_raw, "varlen_forward", lambda *a, **kw: calls.append(a[5].tolist()) or real(*a, **kw))
+    torch._dynamo.reset()
+
+    def forward(ids, position_ids):
+        return model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(ids, position_ids)
+        want = forward(ids, position_ids)
+    assert calls and all(c == [0, 9, 30, 40] for c in calls)
+    assert torch.allclose(got, want, atol=1e-5)
