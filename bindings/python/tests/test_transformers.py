@@ -340,3 +340,27 @@ def test_torch_compile_fullgraph_with_packed_sequences(monkeypatch):
         want = forward(ids, position_ids)
     assert calls and all(c == [0, 9, 30, 40] for c in calls)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_bidirectional_encoder_with_padding():
+    """A BERT encoder (bidirectional attention, right-padded batch, as sentence-embedding models run): hidden
+    states at real positions within 2x the eager-vs-sdpa difference, through one key range per entry."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, initializer_range=0.2)
+    built = {}
+    for implementation in ("eager", "sdpa", NAME):
+        torch.manual_seed(0)
+        built[implementation] = BertModel._from_config(copy.deepcopy(cfg), attn_implementation=implementation).eval()
+    for model in built.values():
+        model.load_state_dict(built["eager"].state_dict())
+    ids, mask = inputs("right")
+    with torch.no_grad():
+        out = {name: model(input_ids=ids, attention_mask=mask).last_hidden_state for name, model in built.items()}
+    valid = mask.bool()
+    bar = 2 * float((out["eager"] - out["sdpa"])[valid].abs().max())
+    assert float((out[NAME] - out["eager"])[valid].abs().max()) <= bar
+    with torch.no_grad():
+        ignored = built["eager"](input_ids=ids).last_hidden_state  # padding ignored: far outside the bar
+    assert float((ignored - out["eager"])[valid].abs().max()) > 100 * bar
