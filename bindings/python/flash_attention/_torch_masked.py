@@ -370,23 +370,25 @@ def ranges_forward(q, k, v, out, lse, starts, ends, options, rows=None, memo=Non
     pitch_k, pitch_v = _key_rows(k), _key_rows(v)
     if pitch_k is None or pitch_k != pitch_v or not starts:
         return False
-    key = (pitch_k, k.stride(1), v.stride(1))
+    key = (pitch_k, k.stride(1), v.stride(1), k.stride(2), v.stride(2), k.shape[2], k.shape[3])
     found = None if memo is None else memo.get(key)
     if found is None:
         rows = range(len(starts)) if rows is None else rows
         index = [r * pitch_k + s for r, s in zip(rows, starts)]
         lengths = [e - s for s, e in zip(starts, ends)]
         cache_batch, cache_seqlen = max(index) + 1, max(lengths)
+        # The library checks that out and lse do not overlap the cache as it is described, and this
+        # description reaches up to max(lengths) rows past the last entry's keys: out must not sit right after
+        # k or v (checked below against these byte ranges, relative to k's and v's data pointers).
+        spans = [_extent(x, (cache_batch, cache_seqlen, x.shape[2], x.shape[3]),
+                         (x.stride(1), x.stride(1), x.stride(2), 1)) for x in (k, v)]
+        spans = [(a - x.data_ptr(), b - x.data_ptr()) for (a, b), x in zip(spans, (k, v))]
         found = ((cache_batch, cache_seqlen, k.stride(1), v.stride(1)), torch.tensor(lengths, dtype=torch.int32),
-                 torch.tensor(index, dtype=torch.int32))
+                 torch.tensor(index, dtype=torch.int32), spans)
         if memo is not None:
             memo[key] = found
-    geometry, lengths, index = found
-    cache_batch, cache_seqlen = geometry[0], geometry[1]
-    # The library checks that out and lse do not overlap the cache as it is described, and this description
-    # reaches up to max(lengths) rows past the last entry's keys: out must not sit right after k or v.
-    extents = [_extent(x, (cache_batch, cache_seqlen, x.shape[2], x.shape[3]), (x.stride(1), x.stride(1),
-                                                                                 x.stride(2), 1)) for x in (k, v)]
+    geometry, lengths, index, spans = found
+    extents = [(x.data_ptr() + a, x.data_ptr() + b) for (a, b), x in zip(spans, (k, v))]
     for x in (out, lse):
         if x is not None and any(_overlaps(_extent(x, x.shape, x.stride()), e) for e in extents):
             return False

@@ -321,6 +321,28 @@ def test_ranges_plan_reads_a_transformers_cache_in_place(monkeypatch):
     assert torch.equal(out, per_entry)
 
 
+def test_ranges_call_declines_when_out_lies_in_the_described_cache():
+    """The one-call route describes each entry's keys as a cache row reaching max(lengths) keys, which can
+    extend past the last entry's real keys; when out lies there (the library would reject the overlap) the
+    route declines, writing nothing, and the per-entry calls run instead."""
+    storage = torch.zeros(2 * 2 * 40 * 16 + 2 * 40 * 16 + 4 * 16)
+    k = storage[:2 * 40 * 2 * 16].view(2, 40, 2, 16)          # entries 0 and 1, 40 keys each
+    v = torch.randn(2, 40, 2, 16)
+    k.copy_(torch.randn(2, 40, 2, 16))
+    q = torch.randn(2, 1, 4, 16)
+    out = storage[2 * 40 * 2 * 16 + 16:][:2 * 4 * 16].view(2, 1, 4, 16)   # right after k's memory
+    options = dict(scale=None, softcap=0.0, sinks=None, num_threads=0, window_left=-1, window_right=-1)
+    before = out.clone()
+    assert not _torch_masked.ranges_forward(q, k, v, out, None, [0, 30], [40, 40], options)
+    assert torch.equal(out, before)
+    fresh = torch.empty(2, 1, 4, 16)
+    assert _torch_masked.ranges_forward(q, k, v, fresh, None, [0, 30], [40, 40], options)
+    for b, start in enumerate([0, 30]):
+        ref = reference(q[b:b + 1].transpose(1, 2), k[b:b + 1, start:].transpose(1, 2),
+                        v[b:b + 1, start:].transpose(1, 2), enable_gqa=True).transpose(1, 2)
+        assert_close(fresh[b:b + 1], ref)
+
+
 # --- packed sequences ------------------------------------------------------------------------------------------
 
 
