@@ -312,12 +312,13 @@ def _kvcache_run(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cach
     """The KV-cache call, shared by both operators and the direct path; returns out (lse is filled if given)."""
     q = _dim_contiguous(q)
     out = torch.empty(q.shape, dtype=q.dtype)
-    options = dict(scale=softmax_scale, causal=causal, window_left=window_left, window_right=window_right,
-                   softcap=softcap, alibi=alibi_slopes, sinks=sinks, num_threads=num_threads)
     if cache_leftpad is None:
         _raw.kvcache_forward(q, k_cache, v_cache, out, lse, cache_seqlens, cache_batch_idx, block_table,
-                             _dim_contiguous(k), _dim_contiguous(v), **options)
+                             _dim_contiguous(k), _dim_contiguous(v), softmax_scale, causal, window_left,
+                             window_right, softcap, alibi_slopes, sinks, num_threads)
         return out
+    options = dict(scale=softmax_scale, causal=causal, window_left=window_left, window_right=window_right,
+                   softcap=softcap, alibi=alibi_slopes, sinks=sinks, num_threads=num_threads)
     # Left-padded caches: entry b's keys are cache positions cache_leftpad[b] ... cache_seqlens[b] (+ new).
     rows = cache_batch_idx.tolist() if cache_batch_idx is not None else list(range(q.shape[0]))
     ends = cache_seqlens.tolist()
@@ -575,17 +576,21 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     Returns out [batch, seqlen_q, heads_q, head_dim], or (out, lse) with lse float32 [batch, heads_q, seqlen_q].
     No backward (FlashAttention-2 has none either): a call that would need one raises.
     """
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if not (type(q) in _PLAIN and type(k_cache) in _PLAIN and type(v_cache) in _PLAIN and q.is_cpu
+            and k_cache.is_cpu and v_cache.is_cpu and q.dtype in _DTYPES and k_cache.dtype in _DTYPES
+            and v_cache.dtype is k_cache.dtype):
+        # The slow path: the precise complaint (or meta tensors and tensor subclasses).
+        if not isinstance(q, torch.Tensor):
+            raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+        for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+            _check_tensor(name, x, q.device)
+        if v_cache.dtype != k_cache.dtype:
+            raise TypeError(f"v_cache must have the dtype of k_cache ({k_cache.dtype}), got {v_cache.dtype}")
     device = q.device
-    _check_tensor("q", q, torch.device("cpu") if device.type not in ("cpu", "meta") else device)
-    _check_tensor("k_cache", k_cache, device)
-    _check_tensor("v_cache", v_cache, device)
-    if v_cache.dtype != k_cache.dtype:
-        raise TypeError(f"v_cache must have the dtype of k_cache ({k_cache.dtype}), got {v_cache.dtype}")
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if x.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(x.shape)}")
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
+        for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+            if x.dim() != 4:
+                raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(x.shape)}")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
     batch, seqlen_q, heads_q, head_dim = q.shape
@@ -604,8 +609,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
             raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be ({batch}, seqlen_new, "
                              f"{heads_kv}, {head_dim})")
         seqlen_new = k.shape[1]
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                       for x in (q, k_cache, v_cache, k, v, alibi_slopes, sinks)):
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad or any(
+            x is not None and x.requires_grad for x in (k, v, alibi_slopes, sinks))):
         raise RuntimeError("flash_attn_with_kvcache has no backward (FlashAttention-2 has none either); call it "
                            "under torch.no_grad(), or use flash_attn_func / flash_attn_varlen_func to train")
     if block_table is not None:
@@ -621,7 +626,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         cache_seqlens = capacity - seqlen_new
     if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
         cache_seqlens = torch.full((batch,), int(cache_seqlens), dtype=torch.int32)
-    cache_seqlens = _index_tensor("cache_seqlens", cache_seqlens, (batch,), device)
+    elif not (type(cache_seqlens) is torch.Tensor and cache_seqlens.dtype is torch.int32
+              and cache_seqlens.shape == (batch,) and cache_seqlens.is_contiguous() and cache_seqlens.is_cpu):
+        cache_seqlens = _index_tensor("cache_seqlens", cache_seqlens, (batch,), device)
     if cache_batch_idx is not None:
         cache_batch_idx = _index_tensor("cache_batch_idx", cache_batch_idx, (batch,), device)
     if cache_leftpad is not None:
