@@ -133,8 +133,10 @@ def overhead_section(args):
     k = torch.randn(1, 1, 8, 64)
     qt, kt = q.transpose(1, 2), k.transpose(1, 2)
     calls = 2000
+    lengths = torch.tensor([1], dtype=torch.int32)
     cases = [
         ("flash_attn_func", lambda: ft.flash_attn_func(q, k, k)),
+        ("flash_attn_with_kvcache", lambda: ft.flash_attn_with_kvcache(q, k, k, cache_seqlens=lengths)),
         ("scaled_dot_product_attention (ours)", lambda: ft.scaled_dot_product_attention(qt, kt, kt)),
         ("torch's scaled_dot_product_attention", lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, kt)),
     ]
