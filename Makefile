@@ -27,7 +27,7 @@ FA_PATCH := $(shell sed -nE 's/^\#define FA_VERSION_PATCH ([0-9]+).*/\1/p' inclu
 FA_VERSION := $(FA_MAJOR).$(FA_MINOR).$(FA_PATCH)
 SONAME := libFlashAttention.so.$(FA_MAJOR)
 
-.PHONY: build demo test deps-mpi bench-ring test-swift test-c test-install test-wheel test-python test-sanitizers deps bench clean build-install install uninstall
+.PHONY: build demo test deps-mpi deps-transformers bench-transformers bench-ring test-swift test-c test-install test-wheel test-python test-sanitizers deps bench clean build-install install uninstall
 
 build:
 	$(SWIFT) build -c release
@@ -43,6 +43,11 @@ deps:
 # it says why and succeeds, and the MPI tests skip with that reason.
 deps-mpi:
 	PYTHON=$(PYTHON) sh Tests/mpi/install_mpi.sh
+
+# PyTorch (the CPU wheel) and Hugging Face transformers, optional: flash_attention.torch and .transformers.
+# Without them their tests skip with the reason; `make test` does not install them.
+deps-transformers:
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check torch==2.13.0 transformers
 
 test: deps deps-mpi build test-c test-install test-wheel test-python test-swift test-sanitizers
 	@echo "all tests passed"
@@ -131,6 +136,10 @@ test-python: build
 bench: build
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	$(PYTHON) bench/bench.py
+
+# This library inside transformers beside transformers' "sdpa": prefill, decode, per-call overhead, threads.
+bench-transformers: build
+	$(PYTHON) bench/transformers_bench.py
 
 # Ring attention (causal 1×8×8192×64) on 1, 2 and 4 MPI ranks: time, bytes sent per rank, overlap.
 bench-ring: build deps-mpi

@@ -1,5 +1,6 @@
-/* Prints the median nanoseconds of a (batch 1, 1 head, 1 query, 1 key, head_dim 64) flash_attention_forward
- * call: the fixed cost of a call (validation, dispatch, one tiny work item). Built and run by bench.py. */
+/* Prints the median nanoseconds of a (batch 1, 1 query, H heads, 1 key, head_dim 64) flash_attention_forward
+ * call, H = argv[1] (default 1): the fixed cost of a call (validation, dispatch, tiny work items). Built and
+ * run by bench.py (H = 1) and bench/transformers_bench.py (H = 8, a one-token decode step of 8 heads). */
 #include "flash_attention.h"
 
 #include <stdio.h>
@@ -17,13 +18,21 @@ static int by_value(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-int main(void) {
-    static float q[64], k[64], v[64], out[64];
-    for (int i = 0; i < 64; i++) { q[i] = i * 0.01f; k[i] = 0.5f; v[i] = (float)i; }
+int main(int argc, char **argv) {
+    enum { MAX_HEADS = 64 };
+    static float q[64 * MAX_HEADS], k[64 * MAX_HEADS], v[64 * MAX_HEADS], out[64 * MAX_HEADS];
+    int heads = argc > 1 ? atoi(argv[1]) : 1;
+    if (heads < 1 || heads > MAX_HEADS) return 2;
+    for (int i = 0; i < 64 * heads; i++) { q[i] = (i % 64) * 0.01f; k[i] = 0.5f; v[i] = (float)(i % 64); }
     flash_attention_params p;
     flash_attention_params_init(&p, sizeof p);
-    p.batch = p.seqlen_q = p.seqlen_k = p.heads_q = p.heads_kv = 1;
+    p.batch = p.seqlen_q = p.seqlen_k = 1;
+    p.heads_q = p.heads_kv = heads;
     p.head_dim = 64;
+    /* [1, 1, heads, 64] contiguous: row stride heads * 64, head stride 64. */
+    p.q_row_stride = p.k_row_stride = p.v_row_stride = p.out_row_stride = heads * 64;
+    p.q_head_stride = p.k_head_stride = p.v_head_stride = p.out_head_stride = 64;
+    p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = p.out_batch_stride = heads * 64;
     p.q = q; p.k = k; p.v = v; p.out = out;
     enum { ROUNDS = 51, CALLS = 2000 };
     double samples[ROUNDS];

@@ -45,7 +45,13 @@ NAME = "flash-attention-cpu"
 SUMMARY = "Exact FlashAttention (forward and backward) for CPUs: a Swift C-ABI library called through ctypes and numpy"
 REQUIRES_PYTHON = ">=3.8"
 REQUIRES = ["numpy>=1.22"]
-EXTRAS = {"bfloat16": ["ml_dtypes>=0.3"]}
+# Optional extras. torch: flash_attention.torch (custom operators, torch.compile; 2.5 has every API it uses).
+# transformers: flash_attention.transformers, the attention backend (tested with transformers 5.24).
+EXTRAS = {
+    "bfloat16": ["ml_dtypes>=0.3"],
+    "torch": ["torch>=2.5"],
+    "transformers": ["torch>=2.5", "transformers>=5.0"],
+}
 CLASSIFIERS = [
     "Operating System :: POSIX :: Linux",
     "Programming Language :: Python :: 3",

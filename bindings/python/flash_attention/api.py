@@ -4,6 +4,7 @@
 import ctypes
 import math
 import numbers
+import sys
 
 import numpy as np
 
@@ -29,21 +30,20 @@ _ALGORITHMS = {
 _TENSOR_STRIDES = ("batch", "row", "head", "dim")
 
 
-def _bfloat16():
-    """ml_dtypes.bfloat16 (the package JAX uses for this dtype) if installed, else None."""
-    try:
-        import ml_dtypes
-    except ImportError:
-        return None
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-_BFLOAT16 = _bfloat16()
 _DTYPES = {np.dtype(np.float32): _capi.FA_DTYPE_FLOAT32, np.dtype(np.float16): _capi.FA_DTYPE_FLOAT16}
-if _BFLOAT16 is not None:
-    _DTYPES[_BFLOAT16] = _capi.FA_DTYPE_BFLOAT16
-_DTYPE_NAMES = "float32, float16" + (" or bfloat16 (ml_dtypes)" if _BFLOAT16 is not None else
-                                     " (bfloat16 needs the ml_dtypes package: pip install ml_dtypes)")
+_DTYPE_NAMES = "float32, float16 or bfloat16 (ml_dtypes.bfloat16)"
+
+
+def _dtype_known(dtype):
+    """Whether the library stores `dtype`. bfloat16 arrays come from the optional ml_dtypes package, which
+    only a program that has imported it can have made: so it is looked up in sys.modules, never imported
+    here (importing it costs about half a second, and torch users do not need it)."""
+    if dtype in _DTYPES:
+        return True
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    if ml_dtypes is not None:
+        _DTYPES.setdefault(np.dtype(ml_dtypes.bfloat16), _capi.FA_DTYPE_BFLOAT16)
+    return dtype in _DTYPES
 
 
 def check_status(lib, status):
@@ -60,7 +60,7 @@ def _array(name, x, ndim, dtype=np.float32):
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
     if dtype is None:
-        if x.dtype not in _DTYPES:
+        if not _dtype_known(x.dtype):
             raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}, got {x.dtype}")
     elif x.dtype is not dtype and x.dtype != dtype:
         raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {x.dtype}")
