@@ -21,8 +21,12 @@ import Glibc
 /// - Parameters:
 ///   - rowMax: the running max of the scores; rowSum: the running sum of e^(s − max).
 public func finishRow(rowMax: Float, rowSum: Float, lseShift: Float, sink: Float) -> (factor: Float, lse: Float) {
+    // A NaN score (a NaN in the query or a key it sees) never raises the running max but makes the sum NaN:
+    // the row's output and LSE are NaN, so that a merge or ring step cannot mistake it for a row that saw
+    // nothing.
+    if rowSum.isNaN { return (.nan, .nan) }
     // A row that saw no key has max −inf (its sum holds only exp2's ~1e-38 floor for −inf scores): its
-    // output is 0 and its LSE −inf. NaN sums stay NaN.
+    // output is 0 and its LSE −inf.
     let sawNoKey = rowMax == -.infinity
     var rowLSE = sawNoKey ? -Float.infinity : rowMax + log(rowSum) + lseShift
     var factor: Float = sawNoKey ? 0 : 1 / rowSum

@@ -30,6 +30,7 @@ public struct ReferenceForward: WorkPlan {
                 read(p.q, p.q.row(batch: s.qBatch, head: h, row: s.qRow + i), into: q)
                 let keys = p.keyRange(position: i, seqlenQ: s.seqlenQ, seqlenK: s.seqlenK)
                 var maximum = sink
+                var sawNaN = false  // a NaN score: the row's output and LSE are NaN (see finishRow)
                 for j in keys {
                     read(p.k, p.keyRow(p.k, s, head: kvHead, position: j), into: key)
                     var dot = 0.0
@@ -38,6 +39,7 @@ public struct ReferenceForward: WorkPlan {
                     if cap > 0 { score = cap * tanh(score / cap) }
                     score -= slope * Double(abs(i + s.seqlenK - s.seqlenQ - j))
                     scores[j] = score
+                    sawNaN = sawNaN || score.isNaN
                     maximum = Swift.max(maximum, score)
                 }
                 // Every score −inf (and no sink): the row saw no key; exp(−inf − −inf) would make NaN.
@@ -52,10 +54,12 @@ public struct ReferenceForward: WorkPlan {
                     read(p.v, p.keyRow(p.v, s, head: kvHead, position: j), into: key)
                     for c in 0..<p.headDim { accumulators[c] += scores[j] * Double(key[c]) }
                 }
-                for c in 0..<p.headDim { out[c] = keys.isEmpty || sawNoKey ? 0 : Float(accumulators[c] / sum) }
+                for c in 0..<p.headDim {
+                    out[c] = sawNaN ? .nan : keys.isEmpty || sawNoKey ? 0 : Float(accumulators[c] / sum)
+                }
                 p.out.element.storeRow(out, count: p.headDim, scale: 1, into: p.out.row(batch: s.qBatch, head: h, row: s.qRow + i))
                 p.lse?.row(batch: s.qBatch, head: h, row: s.qRow + i).pointee =
-                    maximum == -.infinity ? -.infinity : Float(maximum + log(sum))
+                    sawNaN ? .nan : maximum == -.infinity ? -.infinity : Float(maximum + log(sum))
             }
         }
     }

@@ -2,6 +2,10 @@
 
 from ._version import __version__
 from .api import (
+    FlashAttentionError,
+    FlashAttentionMemoryError,
+    FlashAttentionRuntimeError,
+    FlashAttentionValueError,
     flash_attn_backward,
     flash_attn_func,
     flash_attn_func_with_backward,
@@ -14,6 +18,10 @@ from .api import (
 from .reference import reference_attention, reference_attention_backward
 
 __all__ = [
+    "FlashAttentionError",
+    "FlashAttentionMemoryError",
+    "FlashAttentionRuntimeError",
+    "FlashAttentionValueError",
     "flash_attn_backward",
     "flash_attn_func",
     "flash_attn_func_with_backward",

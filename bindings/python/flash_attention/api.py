@@ -11,15 +11,39 @@ import numpy as np
 from . import _capi
 from ._loader import load
 
+class FlashAttentionError(Exception):
+    """A status code from the library: `.status` is the FA_ERROR_* code, `.message` the library's message
+    naming the argument and the reason. Raised as one of the subclasses below, which also derive from the
+    built-in exception an ordinary Python API would raise (ValueError, MemoryError, RuntimeError), so that
+    existing except-clauses keep working."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class FlashAttentionValueError(FlashAttentionError, ValueError):
+    """Bad input: a NULL, a size, a stride, an option, an index, or a kernel path this CPU lacks."""
+
+
+class FlashAttentionMemoryError(FlashAttentionError, MemoryError):
+    """Scratch memory could not be allocated (FA_ERROR_OUT_OF_MEMORY)."""
+
+
+class FlashAttentionRuntimeError(FlashAttentionError, RuntimeError):
+    """A bug in the library (FA_ERROR_INTERNAL) or a status this binding does not know."""
+
+
 _EXCEPTIONS = {
-    _capi.FA_ERROR_NULL_POINTER: ValueError,
-    _capi.FA_ERROR_INVALID_SHAPE: ValueError,
-    _capi.FA_ERROR_INVALID_STRIDE: ValueError,
-    _capi.FA_ERROR_INVALID_ARGUMENT: ValueError,
-    _capi.FA_ERROR_UNSUPPORTED: ValueError,
-    _capi.FA_ERROR_OUT_OF_MEMORY: MemoryError,
-    _capi.FA_ERROR_INTERNAL: RuntimeError,
-    _capi.FA_ERROR_INVALID_INDEX: ValueError,
+    _capi.FA_ERROR_NULL_POINTER: FlashAttentionValueError,
+    _capi.FA_ERROR_INVALID_SHAPE: FlashAttentionValueError,
+    _capi.FA_ERROR_INVALID_STRIDE: FlashAttentionValueError,
+    _capi.FA_ERROR_INVALID_ARGUMENT: FlashAttentionValueError,
+    _capi.FA_ERROR_UNSUPPORTED: FlashAttentionValueError,
+    _capi.FA_ERROR_OUT_OF_MEMORY: FlashAttentionMemoryError,
+    _capi.FA_ERROR_INTERNAL: FlashAttentionRuntimeError,
+    _capi.FA_ERROR_INVALID_INDEX: FlashAttentionValueError,
 }
 
 _ALGORITHMS = {
@@ -51,7 +75,7 @@ def check_status(lib, status):
     if status != _capi.FA_OK:
         message = lib.flash_attention_last_error().decode(errors="replace")
         summary = lib.flash_attention_status_string(status).decode()
-        raise _EXCEPTIONS.get(status, RuntimeError)(f"{message} ({summary})")
+        raise _EXCEPTIONS.get(status, FlashAttentionRuntimeError)(status, f"{message} ({summary})")
 
 
 def _array(name, x, ndim, dtype=np.float32):

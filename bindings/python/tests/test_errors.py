@@ -52,3 +52,19 @@ def test_bad_options(qkv):
         flash_attn_func(q, k, v, softmax_scale=0.0)
     with pytest.raises(ValueError, match="algorithm"):
         flash_attn_func(q, k, v, algorithm="fast")
+
+
+def test_library_errors_carry_their_status_code(qkv):
+    from flash_attention import FlashAttentionError, FlashAttentionValueError, _capi
+
+    q, k, v = qkv
+    k3, v3 = random_inputs(2, 1, 8, 8, 3, 3, 16)[1:]
+    with pytest.raises(FlashAttentionError) as caught:
+        flash_attn_func(q, k3, v3)
+    error = caught.value
+    assert isinstance(error, FlashAttentionValueError) and isinstance(error, ValueError)
+    assert error.status == _capi.FA_ERROR_INVALID_SHAPE
+    assert "heads_q (4) is not a multiple of heads_kv (3)" in error.message
+    with pytest.raises(FlashAttentionError) as caught:
+        flash_attn_func(q, k, v, sinks=np.array([np.inf, 0, 0, 0], np.float32))
+    assert caught.value.status == _capi.FA_ERROR_INVALID_ARGUMENT and "sinks" in caught.value.message

@@ -126,3 +126,17 @@ def test_eight_threads_two_hundred_calls_each():
     for t in threads:
         t.join()
     assert not failures, f"{len(failures)} of 1600 calls differed"
+
+
+@pytest.mark.parametrize("seqlen_q", [1, 40])
+def test_nan_in_a_query_row_gives_that_row_nan_output_and_lse(seqlen_q):
+    # A row whose scores are all NaN must not look like a row that saw no key (LSE −inf), or a merge or a
+    # ring step would silently drop it.
+    q, k, v = random_inputs(35, 2, seqlen_q, 300, 4, 2, 64)
+    q[1, seqlen_q - 1, 2, :] = np.nan
+    out, lse = flash_attn_func(q, k, v, return_lse=True)
+    assert np.isnan(out[1, seqlen_q - 1, 2]).all() and np.isnan(lse[1, 2, seqlen_q - 1])
+    bad = np.isnan(lse)
+    assert bad.sum() == 1 and np.isnan(out).sum() == 64
+    ref_out, ref_lse = reference_attention(q, k, v, return_lse=True)
+    assert np.abs(out[~np.isnan(out)] - ref_out[~np.isnan(out)]).max() <= 1e-5
