@@ -60,14 +60,12 @@ public func runForward(
     if plan.splits == 1 {
         return try ThreadPool.shared.run(ForwardItems(plan: plan, kernels: kernels), threads: threads)
     }
-    let bytes = plan.partialFloats * MemoryLayout<Float>.size
-    guard let partials = malloc(bytes) else {
-        throw .outOfMemory("could not allocate \(bytes) bytes for split-KV partial results")
+    try withCallMemory(bytes: plan.partialFloats * MemoryLayout<Float>.size, for: "split-KV partial results") {
+        (partials) throws(FlashAttentionError) in
+        plan.partials = partials.assumingMemoryBound(to: Float.self)
+        try ThreadPool.shared.run(ForwardItems(plan: plan, kernels: kernels), threads: threads)
+        try ThreadPool.shared.run(SplitMerge(plan: plan), threads: threads)
     }
-    defer { free(partials) }
-    plan.partials = partials.assumingMemoryBound(to: Float.self)
-    try ThreadPool.shared.run(ForwardItems(plan: plan, kernels: kernels), threads: threads)
-    try ThreadPool.shared.run(SplitMerge(plan: plan), threads: threads)
 }
 
 /// Writes k_new/v_new into the cache at positions cache_seqlens[b] ..< + count, in batch order.
@@ -90,37 +88,36 @@ private func appendToCache(_ p: AttentionProblem, _ append: CacheAppend) {
 
 /// Runs a validated backward problem: row statistics, then dK/dV with per-chunk dQ partials, then dQ
 /// (each phase's items write disjoint outputs), then the sink gradient summed over the batch in a fixed
-/// order. The partials come from calloc: fresh zero pages, faulted in by the threads that first use them.
+/// order.
 public func runBackward(_ problem: BackwardProblem, kernels: KernelTable, threads: Int) throws(FlashAttentionError) {
     let f = problem.forward
     if f.batch == 0 || f.seqlenQ == 0 { return zeroGradients(problem) }
     var problem = problem
     let g = kernels.geometry
     problem.cut(keyBlock: g.backwardKeyBlock, rowStride: (f.headDim + g.microCols - 1) / g.microCols * g.microCols)
+    // One block of call memory: row dots, sink shares, then (64-byte aligned) the dQ partials, which the
+    // key-value phase's items zero region by region (each item owns its chunk's rows).
     let shares = f.batch * f.headsQ
-    let bytes = (max(1, problem.rowDotCount) + max(1, shares)) * MemoryLayout<Float>.size
-    guard let memory = malloc(bytes) else { throw .outOfMemory("could not allocate \(bytes) bytes of row statistics") }
-    defer { free(memory) }
-    problem.rowDots = memory.assumingMemoryBound(to: Float.self)
-    problem.sinkShares = problem.rowDots! + max(1, problem.rowDotCount)
-    problem.sinkShares!.update(repeating: 0, count: shares)
-    let partialBytes = problem.partialFloats * MemoryLayout<Float>.size
-    guard let partials = calloc(problem.partialFloats, MemoryLayout<Float>.size) else {
-        throw .outOfMemory("could not allocate \(partialBytes) bytes for the dQ partial sums")
-    }
-    defer { free(partials) }
-    problem.partials = partials.assumingMemoryBound(to: Float.self)
-    for phase in [BackwardPhase.rows, .keyValue, .query] {
-        let items = BackwardItems(
-            problem: problem, phase: phase, body: kernels.backward(phase),
-            scratchBytes: kernels.backwardScratchBytes(problem, phase))
-        try ThreadPool.shared.run(items, threads: threads)
-    }
-    if let dsinks = problem.dsinks {
-        for h in 0..<f.headsQ {
-            var sum: Float = 0
-            for b in 0..<f.batch { sum += problem.sinkShares![b * f.headsQ + h] }
-            dsinks[h] = sum
+    let statistics = (max(1, problem.rowDotCount) + max(1, shares) + 15) / 16 * 16
+    let floats = statistics + problem.partialFloats
+    try withCallMemory(bytes: floats * MemoryLayout<Float>.size, for: "the backward's row statistics and dQ partials") {
+        (memory) throws(FlashAttentionError) in
+        problem.rowDots = memory.assumingMemoryBound(to: Float.self)
+        problem.sinkShares = problem.rowDots! + max(1, problem.rowDotCount)
+        problem.sinkShares!.update(repeating: 0, count: shares)
+        problem.partials = problem.rowDots! + statistics
+        for phase in [BackwardPhase.rows, .keyValue, .query] {
+            let items = BackwardItems(
+                problem: problem, phase: phase, body: kernels.backward(phase),
+                scratchBytes: kernels.backwardScratchBytes(problem, phase))
+            try ThreadPool.shared.run(items, threads: threads)
+        }
+        if let dsinks = problem.dsinks {
+            for h in 0..<f.headsQ {
+                var sum: Float = 0
+                for b in 0..<f.batch { sum += problem.sinkShares![b * f.headsQ + h] }
+                dsinks[h] = sum
+            }
         }
     }
 }

@@ -63,7 +63,7 @@ private final class Job: @unchecked Sendable {
             let item = next.wrappingAdd(1, ordering: .relaxed).oldValue
             if item >= count { return }
             if scratch == nil && !failed.load(ordering: .relaxed) {
-                scratch = ThreadScratch.acquire(bytes: scratchBytes)
+                scratch = ThreadScratch.items.acquire(bytes: scratchBytes)
                 if scratch == nil { failed.store(true, ordering: .relaxed) }
             }
             if let scratch, !failed.load(ordering: .relaxed) { body(item, scratch) }
@@ -140,7 +140,7 @@ public final class ThreadPool: @unchecked Sendable {
         if count == 0 { return }
         let helpers = min(threads - 1, workerCount, count - 1)
         if helpers <= 0 {
-            guard let scratch = ThreadScratch.acquire(bytes: plan.scratchBytes) else {
+            guard let scratch = ThreadScratch.items.acquire(bytes: plan.scratchBytes) else {
                 throw .outOfMemory("could not allocate \(plan.scratchBytes) bytes of scratch memory")
             }
             for item in 0..<count { plan.run(item: item, scratch: scratch) }
@@ -187,26 +187,35 @@ public final class ThreadPool: @unchecked Sendable {
     }
 }
 
-/// Per-thread scratch: one 64-byte-aligned, zero-filled block per thread, grown on demand and kept for the
-/// next call (no allocation in the steady state), freed when the thread exits.
-enum ThreadScratch {
+/// Per-thread memory: one 64-byte-aligned, zero-filled (when first allocated) block per thread and use,
+/// grown on demand and kept for the next call (no allocation in the steady state), freed when the thread
+/// exits. `items` is what a thread's work items use; `calls` is what a call's driver holds for the length of
+/// the call (split-KV partial results, the backward's statistics and dQ partials): kept, because fresh pages
+/// are faulted in on every call otherwise, which in the VMs measured here took as long as the work (a
+/// backward of (4, 32, 32, 512, 128) on 2 threads: 231 ms with a fresh 32 MB buffer per call, 124 ms reused).
+struct ThreadScratch: Sendable {
     private struct Block {
         var bytes: Int
         var memory: UnsafeMutableRawPointer
     }
 
-    private static let key: pthread_key_t? = {
+    static let items = ThreadScratch()
+    static let calls = ThreadScratch()
+
+    private let key: pthread_key_t?
+
+    private init() {
         var key = pthread_key_t()
         let created = pthread_key_create(&key) { block in
             guard let block = block?.assumingMemoryBound(to: Block.self) else { return }
             free(block.pointee.memory)
             free(block)
         }
-        return created == 0 ? key : nil
-    }()
+        self.key = created == 0 ? key : nil
+    }
 
-    /// The calling thread's scratch of at least `bytes` bytes, or nil if memory ran out.
-    static func acquire(bytes: Int) -> UnsafeMutableRawPointer? {
+    /// The calling thread's block of at least `bytes` bytes, or nil if memory ran out.
+    func acquire(bytes: Int) -> UnsafeMutableRawPointer? {
         guard let key else { return nil }
         let block = pthread_getspecific(key)?.assumingMemoryBound(to: Block.self)
         if let block, block.pointee.bytes >= bytes { return block.pointee.memory }
@@ -232,4 +241,22 @@ enum ThreadScratch {
         }
         return memory
     }
+}
+
+/// A calling thread keeps at most this much call memory between calls; larger needs are allocated and freed
+/// per call.
+let keptCallBytes = 256 << 20
+
+/// Runs `body` with `bytes` bytes of call memory (64-byte aligned, contents unspecified): the calling
+/// thread's kept block, or a temporary one above `keptCallBytes`. `what` names the memory in the error.
+func withCallMemory(
+    bytes: Int, for what: String, _ body: (UnsafeMutableRawPointer) throws(FlashAttentionError) -> Void
+) throws(FlashAttentionError) {
+    if bytes <= keptCallBytes, let memory = ThreadScratch.calls.acquire(bytes: bytes) { return try body(memory) }
+    var memory: UnsafeMutableRawPointer? = nil
+    guard posix_memalign(&memory, 64, max(bytes, 64)) == 0, let memory else {
+        throw .outOfMemory("could not allocate \(bytes) bytes for \(what)")
+    }
+    defer { free(memory) }
+    try body(memory)
 }

@@ -146,6 +146,11 @@ func backwardKeyValue(_ problem: BackwardProblem, _ item: Int, _ scratch: Unsafe
     let columnMax = ones + microCols
     ones.update(repeating: 1, count: microCols)
     let offset = s.seqlenK - s.seqlenQ
+    // This item owns its chunk's dQ partial rows of the sequence for the group's heads: it zeroes them here
+    // (the call memory is reused between calls, not fresh zero pages).
+    for h in (kvHead * f.groupSize)..<((kvHead + 1) * f.groupSize) where s.seqlenQ > 0 {
+        problem.partialRow(chunk: chunk, s, head: h, row: 0).update(repeating: 0, count: s.seqlenQ * problem.partialStride)
+    }
     let firstBlock = chunk * problem.blocksPerChunk
     for block in firstBlock..<(firstBlock + problem.blocksPerChunk) {
         let firstKey = block * kb, keyCount = min(kb, s.seqlenK - firstKey)
