@@ -86,6 +86,13 @@ typedef int32_t flash_attention_dtype;
 #define FA_DTYPE_FLOAT32 0
 #define FA_DTYPE_FLOAT16 1
 #define FA_DTYPE_BFLOAT16 2
+/* 8-bit KV-cache element types (0.5), for k and v of flash_attention_forward_kvcache only: each row of
+ * head_dim values of a (cache position, kv head) is stored with one float32 scale (k_scale, v_scale) and stands
+ * for value × scale. INT8 is symmetric (scale = max|x| / 127, values rounded to nearest even and clamped to
+ * ±127); FLOAT8_E4M3 is OCP FP8 E4M3FN (scale = max|x| / 448; 1 sign, 4 exponent (bias 7) and 3 mantissa
+ * bits, no infinities, 0x7F/0xFF NaN). The attention is exact over the dequantized cache. */
+#define FA_DTYPE_INT8 3
+#define FA_DTYPE_FLOAT8_E4M3 4
 
 /* Largest head_dim accepted. */
 #define FA_MAX_HEAD_DIM 1024
@@ -223,12 +230,28 @@ typedef struct flash_attention_params {
     flash_attention_dtype dtype;
     /* Element type of k and v, and of k_new/v_new: a KV cache may be stored in another type than q. */
     flash_attention_dtype kv_dtype;
+
+    /* ---- Quantized KV caches (appended in 0.5) ---------------------------------------------------------- */
+
+    /* Element type of k_new/v_new when it differs from the cache's (FA_DTYPE_FLOAT32/FLOAT16/BFLOAT16); -1 (the
+     * default) means kv_dtype. With an 8-bit cache the new rows are quantized as they are appended (see
+     * FA_DTYPE_INT8), and their scales written into k_scale/v_scale. */
+    flash_attention_dtype kv_new_dtype;
+    int32_t reserved1; /* must be 0 */
+    /* Required with kv_dtype FA_DTYPE_INT8 or FA_DTYPE_FLOAT8_E4M3 (NULL otherwise): float32 scales shaped like
+     * the cache without head_dim, [cache_batch, cache_seqlen, heads_kv] (contiguous) or [num_blocks, block
+     * size, heads_kv] (paged), element strides. Read for every cached row; written for appended rows. */
+    float *k_scale;
+    int64_t k_scale_batch_stride, k_scale_row_stride, k_scale_head_stride;
+    float *v_scale;
+    int64_t v_scale_batch_stride, v_scale_row_stride, v_scale_head_stride;
 } flash_attention_params;
 
-/* sizeof(flash_attention_params) in earlier versions (0.1 ended at `algorithm`, 0.2 at `seqlen_new`);
- * both are still accepted. */
+/* sizeof(flash_attention_params) in earlier versions (0.1 ended at `algorithm`, 0.2 at `seqlen_new`, 0.3 and
+ * 0.4 at `kv_dtype`); all are still accepted. */
 #define FA_PARAMS_SIZE_V1 264
 #define FA_PARAMS_SIZE_V2 488
+#define FA_PARAMS_SIZE_V3 496
 
 /*
  * Fills *params with defaults: struct_size = struct_size argument, every size 0, pointers NULL, dim strides

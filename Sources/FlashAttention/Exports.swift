@@ -33,7 +33,9 @@ public func flash_attention_last_error() -> UnsafePointer<CChar>! {
 
 /// Params struct sizes this library accepts: every size a released header has had (fields are only
 /// appended, so a smaller struct is a prefix of the current one).
-let knownParamsSizes: [Int] = [Int(FA_PARAMS_SIZE_V1), Int(FA_PARAMS_SIZE_V2), MemoryLayout<flash_attention_params>.size]
+let knownParamsSizes: [Int] = [
+    Int(FA_PARAMS_SIZE_V1), Int(FA_PARAMS_SIZE_V2), Int(FA_PARAMS_SIZE_V3), MemoryLayout<flash_attention_params>.size,
+]
 
 @c @implementation
 public func flash_attention_params_init(
@@ -182,6 +184,7 @@ func defaultParams() -> flash_attention_params {
     params.v_new_dim_stride = 1
     params.window_left = -1
     params.window_right = -1
+    params.kv_new_dtype = -1
     return params
 }
 

@@ -188,12 +188,11 @@ extension AttentionProblem {
             throw .invalidArgument("softcap (\(params.softcap)) must be finite and >= 0 (0 = off)")
         }
         if params.reserved0 != 0 { throw .invalidArgument("reserved0 (\(params.reserved0)) must be 0") }
-        guard let qType = ElementType(rawValue: params.dtype) else {
-            throw .invalidArgument("dtype (\(params.dtype)) must be FA_DTYPE_FLOAT32 (0), FA_DTYPE_FLOAT16 (1) or FA_DTYPE_BFLOAT16 (2)")
-        }
-        guard let kvType = ElementType(rawValue: params.kv_dtype) else {
-            throw .invalidArgument("kv_dtype (\(params.kv_dtype)) must be FA_DTYPE_FLOAT32 (0), FA_DTYPE_FLOAT16 (1) or FA_DTYPE_BFLOAT16 (2)")
-        }
+        let qType = try floatType(params.dtype, "dtype")
+        let kvType = entry == .kvcache ? try cacheType(params.kv_dtype) : try floatType(params.kv_dtype, "kv_dtype")
+        if params.reserved1 != 0 { throw .invalidArgument("reserved1 (\(params.reserved1)) must be 0") }
+        // k_new/v_new: the cache's type, or (kv_new_dtype) a float type converted or quantized as it is appended.
+        let newType = params.kv_new_dtype == -1 ? kvType : try floatType(params.kv_new_dtype, "kv_new_dtype")
         if params.window_left < -1 { throw .invalidArgument("window_left (\(params.window_left)) must be >= -1") }
         if params.window_right < -1 { throw .invalidArgument("window_right (\(params.window_right)) must be >= -1") }
 
@@ -255,6 +254,7 @@ extension AttentionProblem {
         var maxSeqlenQ = seqlenQ, maxSeqlenK = seqlenK
         var indexRanges: (AddressRange?, AddressRange?, AddressRange?, AddressRange?) = (nil, nil, nil, nil)
         var append: (keys: TensorArgument, values: TensorArgument, valuesRange: AddressRange?, count: Int)? = nil
+        var scales = CacheScales()
         switch entry {
         case .dense:
             break
@@ -335,11 +335,16 @@ extension AttentionProblem {
                 try checkAppendTargetsDistinct(params, batch: batch, appendCount: appendCount, pageSize: paged ? kvRows : 0)
             }
             if appendCount > 0 {
-                let keys = tensor4("k_new", params.k_new, kvType, batch, appendCount, headsKV, headDim,
+                if newType.isQuantized {
+                    throw .invalidArgument(
+                        "kv_new_dtype (-1, the cache's type) must name the float type of k_new/v_new"
+                            + " (FA_DTYPE_FLOAT32, FA_DTYPE_FLOAT16 or FA_DTYPE_BFLOAT16) to append to an 8-bit cache")
+                }
+                let keys = tensor4("k_new", params.k_new, newType, batch, appendCount, headsKV, headDim,
                                    params.k_new_batch_stride, params.k_new_row_stride, params.k_new_head_stride,
                                    params.k_new_dim_stride,
                                    ("k_new_batch_stride", "k_new_row_stride", "k_new_head_stride", "k_new_dim_stride"))
-                let values = tensor4("v_new", params.v_new, kvType, batch, appendCount, headsKV, headDim,
+                let values = tensor4("v_new", params.v_new, newType, batch, appendCount, headsKV, headDim,
                                      params.v_new_batch_stride, params.v_new_row_stride, params.v_new_head_stride,
                                      params.v_new_dim_stride,
                                      ("v_new_batch_stride", "v_new_row_stride", "v_new_head_stride", "v_new_dim_stride"))
@@ -361,6 +366,10 @@ extension AttentionProblem {
                 }
                 append = (keys, values, valuesRange, appendCount)
             }
+            scales = try validatedScales(
+                params, kvType: kvType, cacheBatch: kvBatch, cacheRows: kvRows, headsKV: headsKV,
+                written: append == nil ? [] : [(q, qRange), (k, kRange), (v, vRange), (append!.keys, indexRanges.3),
+                                               (append!.values, append!.valuesRange)])
             // With batch 0 the index arrays may be NULL; nothing will read them.
             layout = .cache(
                 seqlens: params.cache_seqlens ?? noIndices, batchIndex: params.cache_batch_idx, appended: appendCount)
@@ -383,6 +392,8 @@ extension AttentionProblem {
             try check(entry == .varlen ? "cu_seqlens_q" : "cache_seqlens", indexRanges.0)
             try check(entry == .varlen ? "cu_seqlens_k" : "cache_batch_idx", indexRanges.1)
             try check("block_table", indexRanges.2)
+            try check("k_scale", scales.kRange)
+            try check("v_scale", scales.vRange)
         }
         try checkInputs("out", outRange)
         try checkInputs("lse", lseRange)
@@ -397,7 +408,8 @@ extension AttentionProblem {
         let causal = params.causal != 0
         let problem = AttentionProblem(
             batch: batch, seqlenQ: seqlenQ, seqlenK: seqlenK, headsQ: headsQ, headsKV: headsKV, headDim: headDim,
-            q: view(q, qRange, qType), k: view(k, kRange, kvType), v: view(v, vRange, kvType),
+            q: view(q, qRange, qType), k: view(k, kRange, kvType, scale: scales.k),
+            v: view(v, vRange, kvType, scale: scales.v),
             out: view(out, outRange, qType),
             lse: lse.map { t in
                 let (base, batchStride, headStride, rowStride, _) = strided(t, lseRange)
@@ -411,7 +423,7 @@ extension AttentionProblem {
             maxSeqlenQ: maxSeqlenQ, maxSeqlenK: maxSeqlenK)
         let cacheAppend = append.map {
             CacheAppend(
-                keys: view($0.keys, indexRanges.3, kvType), values: view($0.values, $0.valuesRange, kvType), count: $0.count)
+                keys: view($0.keys, indexRanges.3, newType), values: view($0.values, $0.valuesRange, newType), count: $0.count)
         }
         let ranges = InputRanges(
             q: qRange, k: kRange, v: vRange, out: outRange, lse: lseRange, alibi: alibiRange, sinks: sinksRange,
@@ -442,9 +454,86 @@ private func strided(_ t: TensorArgument, _ range: AddressRange?) -> (UnsafeMuta
             t.axes.0.stride, t.axes.1.stride, t.axes.2.stride, t.axes.3.stride)
 }
 
-private func view(_ t: TensorArgument, _ range: AddressRange?, _ element: ElementType) -> TensorView {
+private func view(_ t: TensorArgument, _ range: AddressRange?, _ element: ElementType, scale: ScaleView? = nil) -> TensorView {
     let (base, b, r, h, _) = strided(t, range)
-    return TensorView(base: UnsafeMutableRawPointer(base), element: element, batchStride: b, rowStride: r, headStride: h)
+    return TensorView(
+        base: UnsafeMutableRawPointer(base), element: element, batchStride: b, rowStride: r, headStride: h, scale: scale)
+}
+
+/// A float element type (q, out, gradients, dense and varlen k/v, k_new/v_new).
+private func floatType(_ code: flash_attention_dtype, _ field: StaticString) throws(FlashAttentionError) -> ElementType {
+    guard let type = ElementType(rawValue: code), !type.isQuantized else {
+        throw .invalidArgument(
+            "\(field) (\(code)) must be FA_DTYPE_FLOAT32 (0), FA_DTYPE_FLOAT16 (1) or FA_DTYPE_BFLOAT16 (2)"
+                + (code == FA_DTYPE_INT8 || code == FA_DTYPE_FLOAT8_E4M3 ? "; 8-bit types are for KV caches only" : ""))
+    }
+    return type
+}
+
+/// A KV cache's element type: a float type or an 8-bit one.
+private func cacheType(_ code: flash_attention_dtype) throws(FlashAttentionError) -> ElementType {
+    guard let type = ElementType(rawValue: code) else {
+        throw .invalidArgument(
+            "kv_dtype (\(code)) must be FA_DTYPE_FLOAT32 (0), FA_DTYPE_FLOAT16 (1), FA_DTYPE_BFLOAT16 (2), FA_DTYPE_INT8 (3)"
+                + " or FA_DTYPE_FLOAT8_E4M3 (4)")
+    }
+    return type
+}
+
+/// The row scales of an 8-bit KV cache, validated, and the memory they take.
+struct CacheScales {
+    var k: ScaleView?
+    var v: ScaleView?
+    var kRange: AddressRange?
+    var vRange: AddressRange?
+}
+
+/// Checks k_scale/v_scale against the cache type: required, [cache_batch, cache_seqlen, heads_kv] with valid
+/// strides, for an 8-bit cache; absent otherwise. Appending writes them, so then they must overlap neither each
+/// other nor anything in `written` (the call's other inputs and the cache).
+private func validatedScales(
+    _ params: flash_attention_params, kvType: ElementType, cacheBatch: Int, cacheRows: Int, headsKV: Int,
+    written: [(TensorArgument, AddressRange?)]
+) throws(FlashAttentionError) -> CacheScales {
+    guard kvType.isQuantized else {
+        if params.k_scale != nil || params.v_scale != nil {
+            throw .invalidArgument("k_scale/v_scale are set, but kv_dtype (\(params.kv_dtype)) is not an 8-bit type")
+        }
+        return CacheScales()
+    }
+    func argument(_ name: StaticString, _ pointer: UnsafeMutablePointer<Float>?, _ strides: (Int64, Int64, Int64),
+                  _ fields: (StaticString, StaticString, StaticString)) throws(FlashAttentionError) -> TensorArgument {
+        guard pointer != nil || cacheBatch * cacheRows == 0 else {
+            throw .nullPointer("\(name) is NULL; an 8-bit cache (kv_dtype \(params.kv_dtype)) needs its row scales")
+        }
+        return TensorArgument(
+            name, UnsafeRawPointer(pointer), Axis(size: 1, stride: 0, field: ""),
+            Axis(size: cacheBatch, stride: Int(strides.0), field: fields.0),
+            Axis(size: cacheRows, stride: Int(strides.1), field: fields.1),
+            Axis(size: headsKV, stride: Int(strides.2), field: fields.2))
+    }
+    let k = try argument("k_scale", params.k_scale, (params.k_scale_batch_stride, params.k_scale_row_stride,
+                         params.k_scale_head_stride), ("k_scale_batch_stride", "k_scale_row_stride", "k_scale_head_stride"))
+    let v = try argument("v_scale", params.v_scale, (params.v_scale_batch_stride, params.v_scale_row_stride,
+                         params.v_scale_head_stride), ("v_scale_batch_stride", "v_scale_row_stride", "v_scale_head_stride"))
+    var scales = CacheScales(kRange: try k.validate(), vRange: try v.validate())
+    if !written.isEmpty {
+        for (scale, range) in [(k, scales.kRange), (v, scales.vRange)] where range != nil {
+            try scale.validateNoSelfOverlap()
+            for (other, otherRange) in written where range!.overlaps(otherRange) {
+                throw .invalidArgument("\(scale.name) (written by the append) overlaps \(other.name)")
+            }
+        }
+        if let kRange = scales.kRange, kRange.overlaps(scales.vRange) {
+            throw .invalidArgument("k_scale and v_scale overlap; the append would write one into the other")
+        }
+    }
+    func view(_ t: TensorArgument, _ range: AddressRange?) -> ScaleView? {
+        let (base, _, b, r, h) = strided(t, range)
+        return range == nil ? nil : ScaleView(base: base, batchStride: b, rowStride: r, headStride: h)
+    }
+    (scales.k, scales.v) = (view(k, scales.kRange), view(v, scales.vRange))
+    return scales
 }
 
 /// Checks that cu_seqlens starts at 0, never decreases and stays within `total` rows; returns the longest

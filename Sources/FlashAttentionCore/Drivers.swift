@@ -68,22 +68,45 @@ public func runForward(
     }
 }
 
-/// Writes k_new/v_new into the cache at positions cache_seqlens[b] ..< + count, in batch order.
+/// Writes k_new/v_new into the cache at positions cache_seqlens[b] ..< + count, in batch order: copied when
+/// the types agree, converted otherwise, quantized (with the row's scale written) into an 8-bit cache.
 private func appendToCache(_ p: AttentionProblem, _ append: CacheAppend) {
     guard case .cache(let seqlens, _, _) = p.layout else { return }
-    for b in 0..<p.batch {
-        let sequence = p.sequence(b)
-        for j in 0..<append.count {
-            for h in 0..<p.headsKV {
-                let position = Int(seqlens[b]) + j
-                let bytes = p.headDim * p.k.element.size  // k_new/v_new have the cache's element type
-                p.keyRow(p.k, sequence, head: h, position: position)
-                    .copyMemory(from: append.keys.row(batch: b, head: h, row: j), byteCount: bytes)
-                p.keyRow(p.v, sequence, head: h, position: position)
-                    .copyMemory(from: append.values.row(batch: b, head: h, row: j), byteCount: bytes)
+    withUnsafeTemporaryAllocation(of: Float.self, capacity: p.headDim) { buffer in
+        let row = buffer.baseAddress!
+        for b in 0..<p.batch {
+            let sequence = p.sequence(b)
+            for j in 0..<append.count {
+                for h in 0..<p.headsKV {
+                    let position = Int(seqlens[b]) + j
+                    for (cache, new) in [(p.k, append.keys), (p.v, append.values)] {
+                        let source = new.row(batch: b, head: h, row: j)
+                        let target = p.keyRow(cache, sequence, head: h, position: position)
+                        if cache.element == new.element {
+                            target.copyMemory(from: source, byteCount: p.headDim * cache.element.size)
+                            continue
+                        }
+                        new.element.loadRow(source, count: p.headDim, into: row)
+                        var scale: Float = 1
+                        if cache.element.isQuantized {
+                            scale = quantizationScale(row, count: p.headDim, element: cache.element)
+                            p.keyScale(cache, sequence, head: h, position: position).pointee = scale
+                        }
+                        cache.element.storeRow(row, count: p.headDim, scale: scale == 0 ? 0 : 1 / scale, into: target)
+                    }
+                }
             }
         }
     }
+}
+
+/// The scale of one row quantized to an 8-bit type: max|x| / 127 (int8) or / 448 (float8 E4M3), 0 for a row
+/// of zeros. Stored values are round(x · (1 / scale)), so that dequantizing gives back x within half a step.
+@inlinable
+public func quantizationScale(_ row: UnsafePointer<Float>, count: Int, element: ElementType) -> Float {
+    var largest: Float = 0
+    for c in 0..<count { largest = max(largest, abs(row[c])) }
+    return largest / (element == .int8 ? 127 : 448)
 }
 
 /// Runs a validated backward problem: row statistics, then dK/dV with per-chunk dQ partials, then dQ

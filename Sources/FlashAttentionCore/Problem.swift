@@ -13,15 +13,19 @@ public struct TensorView: @unchecked Sendable {
     public var batchStride: Int
     public var rowStride: Int
     public var headStride: Int
+    /// The row scales of an 8-bit cache (element int8 or float8e4m3), laid out like the rows; nil otherwise.
+    public var scale: ScaleView?
 
     public init(
-        base: UnsafeMutableRawPointer, element: ElementType, batchStride: Int, rowStride: Int, headStride: Int
+        base: UnsafeMutableRawPointer, element: ElementType, batchStride: Int, rowStride: Int, headStride: Int,
+        scale: ScaleView? = nil
     ) {
         self.base = base
         self.element = element
         self.batchStride = batchStride
         self.rowStride = rowStride
         self.headStride = headStride
+        self.scale = scale
     }
 
     /// Address of element (b, row, h, 0).
@@ -187,6 +191,19 @@ public struct AttentionProblem: @unchecked Sendable {
         case .paged(let table, let tableStride, let pageSize):
             let page = Int(table[s.batch * tableStride + j / pageSize])
             return tensor.row(batch: page, head: h, row: j % pageSize)
+        }
+    }
+
+    /// The scale of key (or value) position j of sequence `s` in kv head h, for a tensor with row scales.
+    @inlinable @inline(__always)
+    public func keyScale(_ tensor: TensorView, _ s: Sequence, head h: Int, position j: Int) -> UnsafeMutablePointer<Float> {
+        let scale = tensor.scale!
+        switch storage {
+        case .contiguous:
+            return scale.at(batch: s.kvBatch, head: h, row: s.kRow + j)
+        case .paged(let table, let tableStride, let pageSize):
+            let page = Int(table[s.batch * tableStride + j / pageSize])
+            return scale.at(batch: page, head: h, row: j % pageSize)
         }
     }
 

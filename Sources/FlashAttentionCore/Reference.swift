@@ -26,13 +26,18 @@ public struct ReferenceForward: WorkPlan {
             func read(_ tensor: TensorView, _ row: UnsafeRawPointer, into target: UnsafeMutablePointer<Float>) {
                 tensor.element.loadRow(row, count: p.headDim, into: target)
             }
+            /// Key or value position j, dequantized (times its row's scale) for an 8-bit cache.
+            func readKey(_ tensor: TensorView, position j: Int, into target: UnsafeMutablePointer<Float>) {
+                let scale = tensor.scale == nil ? 1 : p.keyScale(tensor, s, head: kvHead, position: j).pointee
+                tensor.element.loadRow(p.keyRow(tensor, s, head: kvHead, position: j), count: p.headDim, scale: scale, into: target)
+            }
             for i in 0..<s.seqlenQ {
                 read(p.q, p.q.row(batch: s.qBatch, head: h, row: s.qRow + i), into: q)
                 let keys = p.keyRange(position: i, seqlenQ: s.seqlenQ, seqlenK: s.seqlenK)
                 var maximum = sink
                 var sawNaN = false  // a NaN score: the row's output and LSE are NaN (see finishRow)
                 for j in keys {
-                    read(p.k, p.keyRow(p.k, s, head: kvHead, position: j), into: key)
+                    readKey(p.k, position: j, into: key)
                     var dot = 0.0
                     for c in 0..<p.headDim { dot += Double(q[c]) * Double(key[c]) }
                     var score = dot * Double(p.scale)
@@ -51,7 +56,7 @@ public struct ReferenceForward: WorkPlan {
                 }
                 var accumulators = [Double](repeating: 0, count: p.headDim)
                 for j in keys {
-                    read(p.v, p.keyRow(p.v, s, head: kvHead, position: j), into: key)
+                    readKey(p.v, position: j, into: key)
                     for c in 0..<p.headDim { accumulators[c] += scores[j] * Double(key[c]) }
                 }
                 for c in 0..<p.headDim {

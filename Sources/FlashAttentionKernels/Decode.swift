@@ -50,15 +50,31 @@ struct DecodeKernel {
                     ldS: subBlockRows)
             }
         }
+        // An 8-bit cache: each key's score and each value's probability take the row's scale (the softmax's
+        // sum is over the unscaled probabilities, which it has taken before they are scaled).
+        if p.k.scale != nil { scaleKeyRows(p.k, item, kvHead: kvHead, firstKey: firstKey, keys: needed, w) }
         softmaxUpdate(
             s: w.s, ldS: subBlockRows, firstRow: row, queryVectors: geometry.thinSlotRows / lanes, adjust: adjust,
             blockMax: nil, rowPosition: w.rowPosition, rowSlope: w.rowSlope, rowDistance: w.rowDistance,
             rowMax: w.rowMax, rowSum: w.rowSum, alpha: w.alpha)
+        if p.v.scale != nil { scaleKeyRows(p.v, item, kvHead: kvHead, firstKey: firstKey, keys: needed, w) }
         withTileRows(rowCount) { rows in
             withStorage(p.v.element) { storage in
                 accumulateRows(
                     rows, storage, headDim: d, mask: adjust.mask, firstRow: row, p: w.s, ldP: subBlockRows, v: vRows,
                     ldV: p.v.rowStride, columnStride: microCols * storage.size, w)
+            }
+        }
+    }
+
+    /// Multiplies the slot's scores (or probabilities) of keys `keys` by the row scales of `tensor` (K or V).
+    private func scaleKeyRows(_ tensor: TensorView, _ item: WorkItem, kvHead: Int, firstKey: Int, keys: Range<Int>, _ w: Workspace) {
+        let p = plan.problem
+        for k in keys {
+            let scale = Vec(repeating: p.keyScale(tensor, item.sequence, head: kvHead, position: firstKey + k).pointee)
+            for vector in 0..<(geometry.thinSlotRows / lanes) {
+                let column = w.s + k * subBlockRows + vector * lanes
+                store(load(column) * scale, column)
             }
         }
     }

@@ -1,6 +1,7 @@
 import FlashAttentionCore
 
-/// Loading and storing the storage types (float32, float16, bfloat16) as float32 vectors. Conversions happen
+/// Loading and storing the storage types (float32, float16, bfloat16; int8 and float8 cache rows are only
+/// loaded) as float32 vectors. Conversions happen
 /// where rows are packed or staged (loads) and in the epilogue (stores), a vector at a time: F16C's
 /// vcvtph2ps / vcvtps2ph for float16 where the copy has them, a 16-bit shift for bfloat16.
 
@@ -39,6 +40,20 @@ enum BFloat16Storage: StorageElement {
     @inline(__always) static func storeVector(_ x: Vec, _ p: UnsafeMutableRawPointer) { storeBFloat16(x, p) }
 }
 
+/// 8-bit cache rows: values only, to be multiplied by the row's scale (ElementType's ScaleView). The kernels
+/// only read them; appends quantize through ElementType's scalar conversions.
+enum Int8Storage: StorageElement {
+    @inline(__always) static var element: ElementType { .int8 }
+    @inline(__always) static func loadVector(_ p: UnsafeRawPointer) -> Vec { loadInt8(p) }
+    static func storeVector(_ x: Vec, _ p: UnsafeMutableRawPointer) { preconditionFailure("8-bit rows are never stored") }
+}
+
+enum Float8Storage: StorageElement {
+    @inline(__always) static var element: ElementType { .float8e4m3 }
+    @inline(__always) static func loadVector(_ p: UnsafeRawPointer) -> Vec { loadFloat8(p) }
+    static func storeVector(_ x: Vec, _ p: UnsafeMutableRawPointer) { preconditionFailure("8-bit rows are never stored") }
+}
+
 /// Calls `body` with the storage type of `element`.
 @inline(__always)
 func withStorage<Result>(_ element: ElementType, _ body: (any StorageElement.Type) -> Result) -> Result {
@@ -46,6 +61,8 @@ func withStorage<Result>(_ element: ElementType, _ body: (any StorageElement.Typ
     case .float32: return body(Float32Storage.self)
     case .float16: return body(Float16Storage.self)
     case .bfloat16: return body(BFloat16Storage.self)
+    case .int8: return body(Int8Storage.self)
+    case .float8e4m3: return body(Float8Storage.self)
     }
 }
 

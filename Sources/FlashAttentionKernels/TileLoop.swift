@@ -106,17 +106,23 @@ struct QueryBlockKernel {
         for key in 0..<count {
             let kSource = p.keyRow(p.k, sequence, head: kvHead, position: firstKey + key)
             let vSource = p.keyRow(p.v, sequence, head: kvHead, position: firstKey + key)
-            loadRow(S.self, kSource, count: depth, into: w.kPack + key * depth)
+            // An 8-bit cache is dequantized here, row by row (its rows and scales read once per block).
+            let kScale: Float = p.k.scale == nil ? 1 : p.keyScale(p.k, sequence, head: kvHead, position: firstKey + key).pointee
+            let vScale: Float = p.v.scale == nil ? 1 : p.keyScale(p.v, sequence, head: kvHead, position: firstKey + key).pointee
+            loadRow(S.self, kSource, count: depth, scale: kScale, into: w.kPack + key * depth)
+            let factor = Vec(repeating: vScale)
             var column = 0
             while column < fullColumns {
                 let vTarget = w.vPack + column * keyBlock + key * microCols
-                store(S.loadVector(vSource + column * S.size), vTarget)
-                store(S.loadVector(vSource + (column + lanes) * S.size), vTarget + lanes)
+                store(S.loadVector(vSource + column * S.size) * factor, vTarget)
+                store(S.loadVector(vSource + (column + lanes) * S.size) * factor, vTarget + lanes)
                 column += microCols
             }
             if column < depth {
                 let vTarget = w.vPack + column * keyBlock + key * microCols
-                for c in 0..<microCols { vTarget[c] = column + c < depth ? S.load(vSource + (column + c) * S.size) : 0 }
+                for c in 0..<microCols {
+                    vTarget[c] = column + c < depth ? S.load(vSource + (column + c) * S.size) * vScale : 0
+                }
             }
         }
         let paddedCount = (count + microRows - 1) / microRows * microRows

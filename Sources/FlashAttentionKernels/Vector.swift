@@ -146,6 +146,29 @@ func storeFloat16(_ x: Vec, _ p: UnsafeMutableRawPointer) {
     #endif
 }
 
+/// One vector of int8 or float8 (E4M3FN) cache values at `p`, widened (the row's scale is the caller's).
+@inline(__always)
+func loadInt8(_ p: UnsafeRawPointer) -> Vec {
+    #if FA_KERNEL_AVX512
+    return fa_load_i8x16(p)
+    #elseif FA_KERNEL_AVX2
+    return fa_load_i8x8(p)
+    #else
+    return fa_load_i8x4(p)
+    #endif
+}
+
+@inline(__always)
+func loadFloat8(_ p: UnsafeRawPointer) -> Vec {
+    #if FA_KERNEL_AVX512
+    return fa_load_e4m3x16(p)
+    #elseif FA_KERNEL_AVX2
+    return fa_load_e4m3x8(p)
+    #else
+    return fa_load_e4m3x4(p)
+    #endif
+}
+
 /// One vector of bfloat16 values at `p`, widened (Swift's generic SIMD integer widening is an out-of-line
 /// call, so each width has its own C helper).
 @inline(__always)

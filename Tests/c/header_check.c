@@ -21,6 +21,8 @@ int main(void) {
     /* Appended fields keep their offsets: a caller compiled against 0.1 (264 bytes) stays compatible. */
     typedef char v1_prefix_is_stable[offsetof(flash_attention_params, window_left) == FA_PARAMS_SIZE_V1 ? 1 : -1];
     (void)sizeof(v1_prefix_is_stable);
+    typedef char v3_prefix_is_stable[offsetof(flash_attention_params, kv_new_dtype) == FA_PARAMS_SIZE_V3 ? 1 : -1];
+    (void)sizeof(v3_prefix_is_stable);
     return !(version && version_string && abi && status_string && last_error && init && forward && isa && isas &&
              threads && varlen && kvcache && merge);
 }

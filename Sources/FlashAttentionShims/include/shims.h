@@ -58,6 +58,29 @@ static inline fa_float4 fa_fold_pairs_x4(fa_float4 a, fa_float4 b) {
     return __builtin_shufflevector(a, b, 0, 2, 4, 6) + __builtin_shufflevector(a, b, 1, 3, 5, 7);
 }
 
+/* 8-bit KV-cache rows widened to float32 (the row's scale is applied by the caller): int8, and OCP E4M3FN
+ * (1 sign, 4 exponent bits with bias 7, 3 mantissa bits; exponent 0 subnormal, m × 2^-9; 0x7F/0xFF NaN).
+ * An E4M3FN magnitude em = byte & 0x7F placed at bit 20 of a float32 has the right mantissa and an exponent
+ * 120 short: adding 120 << 23 gives normal values exactly; subnormals are m × 2^-9, converted directly. */
+static inline float fa_e4m3_to_float(unsigned byte) {
+    unsigned em = byte & 0x7F, bits = (em << 20) + (120u << 23);
+    float x;
+    __builtin_memcpy(&x, &bits, 4);
+    if (em < 8) x = (float)em * 0x1p-9f;
+    if (em == 0x7F) x = __builtin_nanf("");
+    return byte & 0x80 ? -x : x;
+}
+
+static inline fa_float4 fa_load_i8x4(const void *p) {
+    const signed char *b = (const signed char *)p;
+    return (fa_float4){(float)b[0], (float)b[1], (float)b[2], (float)b[3]};
+}
+
+static inline fa_float4 fa_load_e4m3x4(const void *p) {
+    const unsigned char *b = (const unsigned char *)p;
+    return (fa_float4){fa_e4m3_to_float(b[0]), fa_e4m3_to_float(b[1]), fa_e4m3_to_float(b[2]), fa_e4m3_to_float(b[3])};
+}
+
 /* Transposes the 4 × 4 floats at src (rows ld_src apart) into dst (rows ld_dst apart). */
 static inline void fa_transpose4x4(const float *src, long ld_src, float *dst, long ld_dst) {
     for (int r = 0; r < 4; r++)
@@ -93,6 +116,37 @@ __attribute__((target("avx512f"))) static inline fa_float16 fa_fold_pairs_x16(fa
 
 __attribute__((target("avx2"))) static inline fa_float8 fa_fold_pairs_x8(fa_float8 a, fa_float8 b) {
     return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
+__attribute__((target("avx512f"))) static inline fa_float16 fa_load_i8x16(const void *p) {
+    return (fa_float16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+__attribute__((target("avx2"))) static inline fa_float8 fa_load_i8x8(const void *p) {
+    return (fa_float8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+__attribute__((target("avx512f"))) static inline fa_float16 fa_load_e4m3x16(const void *p) {
+    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    __m512i em = _mm512_and_si512(bytes, _mm512_set1_epi32(0x7F));
+    __m512i sign = _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0x80)), 24);
+    __m512 normal = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(em, 20), _mm512_set1_epi32(120 << 23)));
+    __m512 subnormal = _mm512_mul_ps(_mm512_cvtepi32_ps(em), _mm512_set1_ps(0x1p-9f));
+    __m512 x = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(em, _mm512_set1_epi32(8)), normal, subnormal);
+    x = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(em, _mm512_set1_epi32(0x7F)), x, _mm512_set1_ps(__builtin_nanf("")));
+    return (fa_float16)_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(x), sign));
+}
+
+__attribute__((target("avx2"))) static inline fa_float8 fa_load_e4m3x8(const void *p) {
+    __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i em = _mm256_and_si256(bytes, _mm256_set1_epi32(0x7F));
+    __m256i sign = _mm256_slli_epi32(_mm256_and_si256(bytes, _mm256_set1_epi32(0x80)), 24);
+    __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(em, 20), _mm256_set1_epi32(120 << 23)));
+    __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(em), _mm256_set1_ps(0x1p-9f));
+    __m256 x = _mm256_blendv_ps(normal, subnormal, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), em)));
+    x = _mm256_blendv_ps(x, _mm256_set1_ps(__builtin_nanf("")),
+                         _mm256_castsi256_ps(_mm256_cmpeq_epi32(em, _mm256_set1_epi32(0x7F))));
+    return (fa_float8)_mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(x), sign));
 }
 
 /* Widens 16 bfloat16 values at p. */

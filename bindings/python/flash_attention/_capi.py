@@ -24,9 +24,12 @@ FA_ALGORITHM_TILED = 2
 FA_MAX_HEAD_DIM = 1024
 FA_PARAMS_SIZE_V1 = 264
 FA_PARAMS_SIZE_V2 = 488
+FA_PARAMS_SIZE_V3 = 496
 FA_DTYPE_FLOAT32 = 0
 FA_DTYPE_FLOAT16 = 1
 FA_DTYPE_BFLOAT16 = 2
+FA_DTYPE_INT8 = 3
+FA_DTYPE_FLOAT8_E4M3 = 4
 FA_ISA_AVX512 = "avx512"
 FA_ISA_AVX2 = "avx2"
 FA_ISA_PORTABLE = "portable"
@@ -65,6 +68,9 @@ class Params(ctypes.Structure):
         + [("seqlen_new", c_int64)]
         # Element types (0.3).
         + [("dtype", c_int32), ("kv_dtype", c_int32)]
+        + [("kv_new_dtype", c_int32), ("reserved1", c_int32)]
+        + _tensor_fields("k_scale", ("batch", "row", "head"))
+        + _tensor_fields("v_scale", ("batch", "row", "head"))
     )
 
 

@@ -70,6 +70,44 @@ def _dtype_known(dtype):
     return dtype in _DTYPES
 
 
+def _cache_dtype_code(dtype):
+    """FA_DTYPE_* of an 8-bit cache dtype (numpy int8, or ml_dtypes.float8_e4m3fn when the program imported
+    ml_dtypes), or None."""
+    if dtype == np.int8:
+        return _capi.FA_DTYPE_INT8
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    if ml_dtypes is not None and dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+        return _capi.FA_DTYPE_FLOAT8_E4M3
+    return None
+
+
+def quantize_kv(x, dtype):
+    """Quantizes keys or values [..., head_dim] for an 8-bit KV cache, the way the library quantizes appended
+    rows (bit for bit): per row of head_dim, scale = max|x| / 127 (int8) or / 448 (float8 E4M3FN), stored
+    values round-half-even(x · (1 / scale)) (clamped to ±127, or saturated to ±448), 0 for a row of zeros.
+
+    Args:
+        x: float array [..., head_dim] (float32, float16 or bfloat16).
+        dtype: np.int8 or ml_dtypes.float8_e4m3fn.
+    Returns (values of `dtype`, scales float32 x.shape[:-1]); values × scales[..., None] dequantizes.
+    """
+    code = _cache_dtype_code(np.dtype(dtype))
+    if code is None:
+        raise TypeError(f"dtype must be numpy.int8 or ml_dtypes.float8_e4m3fn, got {np.dtype(dtype)}")
+    x = np.asarray(x).astype(np.float32)
+    magnitude = np.abs(x)
+    largest = np.where(np.isnan(magnitude), np.float32(0), magnitude).max(axis=-1, initial=np.float32(0))
+    scales = (largest / np.float32(127 if code == _capi.FA_DTYPE_INT8 else 448)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(scales > 0, np.float32(1) / scales, np.float32(0)).astype(np.float32)
+    y = (x * inverse[..., None]).astype(np.float32)
+    if code == _capi.FA_DTYPE_INT8:
+        values = np.clip(np.rint(np.nan_to_num(y, nan=0.0)), -127, 127).astype(np.int8)
+    else:
+        values = np.clip(y, -448, 448).astype(dtype)
+    return values, scales
+
+
 def check_status(lib, status):
     """Raises the exception for a nonzero status, with the library's per-thread message."""
     if status != _capi.FA_OK:
@@ -321,7 +359,7 @@ def flash_attn_varlen_func(
 def flash_attn_with_kvcache(
     q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cache_batch_idx=None, block_table=None,
     softmax_scale=None, causal=False, *, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None,
-    return_softmax_lse=False, return_lse=False, num_threads=0, algorithm="auto"
+    return_softmax_lse=False, return_lse=False, num_threads=0, algorithm="auto", k_scale=None, v_scale=None
 ):
     """Attention of new queries against a KV cache, optionally appending new keys/values first.
 
@@ -334,14 +372,20 @@ def flash_attn_with_kvcache(
         cache_seqlens: int or int32 [batch]: keys already cached per batch entry (default: all of them).
         cache_batch_idx: optional int32 [batch]: which cache row each batch entry uses.
         block_table: optional int32 [batch, max_blocks_per_seq]: the blocks of each sequence, in order.
+        k_scale, v_scale: with an 8-bit cache (k_cache/v_cache of dtype numpy.int8 or
+            ml_dtypes.float8_e4m3fn), float32 [batch_cache (or num_blocks), seqlen_cache (or block_size),
+            heads_kv]: each cached row stands for its values × its scale (see quantize_kv). New rows k, v
+            (float32, float16 or bfloat16) are quantized as they are appended, their scales written here.
+            The result is exact attention over the dequantized cache.
         Batch b attends to cache_seqlens[b] + seqlen_new keys, which is the seqlen_k of causal/window
         alignment. Every index is checked before anything is read or written.
 
     Returns out float32 [batch, seqlen_q, heads_q, head_dim], or (out, lse) with lse [batch, heads_q, seqlen_q].
     """
     q = _array("q", q, 4, dtype=None)
-    k_cache = _array("k_cache", k_cache, 4, dtype=None)
-    v_cache = _array("v_cache", v_cache, 4, dtype=None)
+    quantized = _cache_dtype_code(getattr(k_cache, "dtype", None))
+    k_cache = _array("k_cache", k_cache, 4, dtype=k_cache.dtype if quantized else None)
+    v_cache = _array("v_cache", v_cache, 4, dtype=k_cache.dtype if quantized else None)
     batch, seqlen_q, heads_q, head_dim = q.shape
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"v_cache must have the dtype of k_cache ({k_cache.dtype}), got {v_cache.dtype}")
@@ -382,14 +426,34 @@ def flash_attn_with_kvcache(
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together")
     if k is not None:
-        k = _array("k", k, 4, dtype=k_cache.dtype)
-        v = _array("v", v, 4, dtype=k_cache.dtype)
+        k = _array("k", k, 4, dtype=None if quantized else k_cache.dtype)
+        v = _array("v", v, 4, dtype=k.dtype)
         if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != (heads_kv, head_dim):
             raise ValueError(f"k {k.shape} and v {v.shape} must both be ({batch}, seqlen_new, {heads_kv}, {head_dim})")
         _set_tensor(params, "k_new", k)
         _set_tensor(params, "v_new", v)
         params.seqlen_new = k.shape[1]
-    params.dtype, params.kv_dtype = _DTYPES[q.dtype], _DTYPES[k_cache.dtype]
+        if quantized:
+            params.kv_new_dtype = _DTYPES[k.dtype]
+    params.dtype, params.kv_dtype = _DTYPES[q.dtype], quantized or _DTYPES[k_cache.dtype]
+    if quantized:
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if scale is None:
+                raise ValueError(f"{name} is required with an 8-bit cache ({k_cache.dtype})")
+            # Any strides (the library takes element strides for every axis): never copied, so that an
+            # append's scales land in the caller's array.
+            if not isinstance(scale, np.ndarray) or scale.dtype != np.float32 or scale.ndim != 3:
+                raise TypeError(f"{name} must be a float32 numpy.ndarray of 3 dimensions")
+            if any(st % 4 for st in scale.strides):
+                raise ValueError(f"{name} has strides {scale.strides} that are not multiples of the element size")
+            if scale.shape != k_cache.shape[:3]:
+                raise ValueError(f"{name} shape {scale.shape} must be the cache's without head_dim, {k_cache.shape[:3]}")
+            if k is not None and not scale.flags.writeable:
+                raise ValueError(f"{name} must be writable to append k/v")
+            _set_tensor(params, name, scale, ("batch", "row", "head"))
+            keep.append(scale)
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError(f"k_scale/v_scale belong to 8-bit caches; this cache is {k_cache.dtype}")
     out = np.empty(q.shape, dtype=q.dtype)
     params.batch, params.seqlen_q = batch, seqlen_q
     params.heads_q, params.heads_kv, params.head_dim = heads_q, heads_kv, head_dim
