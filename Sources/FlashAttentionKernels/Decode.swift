@@ -2,10 +2,16 @@ import FlashAttentionCore
 struct DecodeKernel {
     let plan: ForwardPlan
 
+    /// Keys per block: `thinBlockKeys` float32 rows' worth of bytes, so that narrower elements (half, 8-bit)
+    /// spread the per-block costs (mask, softmax set-up, calls) over more keys for the same cache footprint.
+    var blockKeys: Int {
+        min(geometry.keyBlock, geometry.thinBlockKeys * MemoryLayout<Float>.size / plan.problem.k.element.size)
+    }
+
     func run(_ item: WorkItem, _ w: Workspace) {
         stageQueries(plan, item, transposed: false, w)
         // Blocks read rows in place, so they stop at page boundaries (rows evenly strided).
-        forEachKeyBlock(plan, item, blockKeys: geometry.thinBlockKeys, pageAligned: true) { firstKey, adjust in
+        forEachKeyBlock(plan, item, blockKeys: blockKeys, pageAligned: true) { firstKey, adjust in
             prefetchBlock(item, from: firstKey + adjust.mask.keyCount)
             for slot in 0..<item.slots {
                 headBlock(item, slot: slot, firstKey: firstKey, adjust: adjust, w)
@@ -23,7 +29,7 @@ struct DecodeKernel {
     private func prefetchBlock(_ item: WorkItem, from firstKey: Int) {
         let p = plan.problem
         let firstKV = item.firstHead / p.groupSize
-        for key in firstKey..<min(item.keys.upperBound, firstKey + geometry.thinBlockKeys) {
+        for key in firstKey..<min(item.keys.upperBound, firstKey + blockKeys) {
             for kvHead in firstKV..<(firstKV + item.slots) {
                 prefetchRowToL2(p.keyRow(p.k, item.sequence, head: kvHead, position: key), bytes: p.headDim * p.k.element.size)
                 prefetchRowToL2(p.keyRow(p.v, item.sequence, head: kvHead, position: key), bytes: p.headDim * p.v.element.size)
