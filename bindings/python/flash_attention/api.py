@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from . import _capi
+from ._fa2 import check_unsupported, packed_functions
 from ._loader import load
 
 class FlashAttentionError(Exception):
@@ -255,8 +256,8 @@ def _index_array(name, x, shape):
 
 
 def flash_attn_func(
-    q, k, v, softmax_scale=None, causal=False, *, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-    sinks=None, return_lse=False, num_threads=0, algorithm="auto"
+    q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+    deterministic=False, return_attn_probs=False, *, sinks=None, return_lse=False, num_threads=0, algorithm="auto"
 ):
     """Exact attention softmax(q kᵀ · scale) v, computed tile by tile (FlashAttention) in the C library.
 
@@ -264,11 +265,17 @@ def flash_attn_func(
         q: [batch, seqlen_q, heads_q, head_dim], float32, float16 or bfloat16 (ml_dtypes); out has its dtype.
         k, v: [batch, seqlen_k, heads_kv, head_dim], one dtype (may differ from q's); heads_q must be a multiple of heads_kv
             (grouped-query attention: query head h reads kv head h // (heads_q // heads_kv)).
+        dropout_p: FlashAttention-2's position; only 0.0 (attention dropout is not implemented: raises).
         softmax_scale: multiplies q kᵀ; None means 1/sqrt(head_dim).
         causal: bottom-right aligned causal mask: query i sees key j iff j <= i + seqlen_k - seqlen_q.
         window_size: (left, right) sliding window around the aligned diagonal, -1 = unbounded.
         softcap: if > 0, scores become softcap * tanh(score / softcap) before ALiBi and masking.
         alibi_slopes: float32 [heads_q] or [batch, heads_q]; adds -slope * |i + seqlen_k - seqlen_q - j|.
+        deterministic: accepted for FlashAttention-2 code; every call here is deterministic.
+        return_attn_probs: return (out, lse, probs) as FlashAttention-2 does, probs float32
+            [batch, heads_q, seqlen_q, seqlen_k] computed by the float64 reference (for tests: raises when
+            larger than 2**24 elements).
+        The arguments above are FlashAttention-2's, in its order; those below are keyword-only.
         sinks: float32 [heads_q] logits that join the softmax denominator and contribute no value.
         return_lse: also return the natural-log log-sum-exp, float32 [batch, heads_q, seqlen_q].
         num_threads: 0 uses every online core, 1 the calling thread only. Results are bitwise identical
@@ -280,8 +287,12 @@ def flash_attn_func(
     rounded to q's dtype (nearest even). Returns out (q's dtype and shape, contiguous), or (out, lse) with
     lse float32.
     """
+    check_unsupported(dropout_p)
     q, k, v = _qkv(q, k, v, 4)
     batch, seqlen_q, heads_q, head_dim = q.shape
+    if return_attn_probs:
+        return _with_probabilities(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
+                                   num_threads, algorithm)
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"k shape {k.shape} does not match q shape {q.shape} in batch and head_dim")
     lib = load()
@@ -305,10 +316,29 @@ def flash_attn_func(
     return (out, lse) if return_lse else out
 
 
+_MAX_PROBABILITIES = 1 << 24
+
+
+def _with_probabilities(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_threads,
+                        algorithm):
+    """(out, lse, probs) for return_attn_probs: FlashAttention-2 returns the probability matrix for tests; it
+    is the N×N matrix this library exists not to store, so it comes from the float64 reference, bounded."""
+    from .reference import _softmax
+
+    count = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]
+    if count > _MAX_PROBABILITIES:
+        raise ValueError(f"return_attn_probs would materialise {count} probabilities (limit {_MAX_PROBABILITIES}); "
+                         "it is meant for small test shapes")
+    out, lse = flash_attn_func(q, k, v, 0.0, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                               sinks=sinks, return_lse=True, num_threads=num_threads, algorithm=algorithm)
+    probs = _softmax(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks)["p"][..., :-1]
+    return out, lse, probs.astype(np.float32)
+
+
 def flash_attn_varlen_func(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, max_seqlen_k=0, softmax_scale=None, causal=False, *,
-    window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None, return_lse=False, num_threads=0,
-    algorithm="auto"
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, max_seqlen_k=0, dropout_p=0.0, softmax_scale=None,
+    causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+    return_attn_probs=False, block_table=None, *, sinks=None, return_lse=False, num_threads=0, algorithm="auto"
 ):
     """Attention over a batch of sequences of different lengths, packed along the row axis.
 
@@ -317,10 +347,15 @@ def flash_attn_varlen_func(
         cu_seqlens_q, cu_seqlens_k: int32 [batch + 1], starting at 0, non-decreasing: sequence b owns rows
             cu_seqlens[b] ... cu_seqlens[b + 1] - 1. Every option applies per sequence.
         max_seqlen_q, max_seqlen_k: 0, or upper bounds the library checks.
-        The other arguments are those of flash_attn_func (alibi_slopes may be [batch, heads_q]).
+        The other arguments are those of flash_attn_func (alibi_slopes may be [batch, heads_q]), in
+        FlashAttention-2's order; return_attn_probs and a block_table raise (not implemented for varlen).
 
     Returns out float32 [total_q, heads_q, head_dim], or (out, lse) with lse float32 [heads_q, total_q].
     """
+    check_unsupported(dropout_p, block_table=block_table)
+    if return_attn_probs:
+        raise NotImplementedError("return_attn_probs is not implemented for flash_attn_varlen_func; call "
+                                  "flash_attn_func per sequence")
     q, k, v = _qkv(q, k, v, 3)
     total_q, heads_q, head_dim = q.shape
     if k.shape[2] != head_dim:
@@ -357,9 +392,10 @@ def flash_attn_varlen_func(
 
 
 def flash_attn_with_kvcache(
-    q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cache_batch_idx=None, block_table=None,
-    softmax_scale=None, causal=False, *, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None,
-    return_softmax_lse=False, return_lse=False, num_threads=0, algorithm="auto", k_scale=None, v_scale=None
+    q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None, cache_batch_idx=None,
+    cache_leftpad=None, block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+    rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False, *, sinks=None,
+    return_lse=False, num_threads=0, algorithm="auto", k_scale=None, v_scale=None
 ):
     """Attention of new queries against a KV cache, optionally appending new keys/values first.
 
@@ -370,18 +406,33 @@ def flash_attn_with_kvcache(
         k, v: optional float32 [batch, seqlen_new, heads_kv, head_dim], written into the cache in place at
             positions cache_seqlens[b] ... before attending (advance cache_seqlens yourself afterwards).
         cache_seqlens: int or int32 [batch]: keys already cached per batch entry (default: all of them).
+        rotary_cos, rotary_sin, rotary_interleaved: FlashAttention-2's positions; rotary embedding is not
+            implemented (raises when given).
         cache_batch_idx: optional int32 [batch]: which cache row each batch entry uses.
+        cache_leftpad: optional int32 [batch]: the first cached key of each entry (left-padded batches): entry b
+            attends to cache positions cache_leftpad[b] ... cache_seqlens[b] - 1 plus the appended keys. Not with
+            block_table or an 8-bit cache.
         block_table: optional int32 [batch, max_blocks_per_seq]: the blocks of each sequence, in order.
         k_scale, v_scale: with an 8-bit cache (k_cache/v_cache of dtype numpy.int8 or
             ml_dtypes.float8_e4m3fn), float32 [batch_cache (or num_blocks), seqlen_cache (or block_size),
             heads_kv]: each cached row stands for its values × its scale (see quantize_kv). New rows k, v
             (float32, float16 or bfloat16) are quantized as they are appended, their scales written here.
             The result is exact attention over the dequantized cache.
+        num_splits: accepted for FlashAttention-2 code; the library chooses its own key splits (results do
+            not depend on them).
         Batch b attends to cache_seqlens[b] + seqlen_new keys, which is the seqlen_k of causal/window
-        alignment. Every index is checked before anything is read or written.
+        alignment. Every index is checked before anything is read or written. The arguments up to
+        return_softmax_lse are FlashAttention-2's, in its order; those after it are keyword-only.
 
     Returns out float32 [batch, seqlen_q, heads_q, head_dim], or (out, lse) with lse [batch, heads_q, seqlen_q].
     """
+    check_unsupported(rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+    if cache_leftpad is not None:
+        return _left_padded_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad,
+                                    block_table, k_scale, dict(
+                                        softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                                        softcap=softcap, sinks=sinks, num_threads=num_threads, algorithm=algorithm),
+                                    alibi_slopes, return_lse or return_softmax_lse)
     q = _array("q", q, 4, dtype=None)
     quantized = _cache_dtype_code(getattr(k_cache, "dtype", None))
     k_cache = _array("k_cache", k_cache, 4, dtype=k_cache.dtype if quantized else None)
@@ -469,6 +520,49 @@ def flash_attn_with_kvcache(
         _set_tensor(params, "lse", lse, ("batch", "head", "row"))
     check_status(lib, lib.flash_attention_forward_kvcache(ctypes.byref(params)))
     return (out, lse) if want_lse else out
+
+
+def _left_padded_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+                         k_scale, options, alibi_slopes, want_lse):
+    """cache_leftpad: every index checked first, the new rows appended, then one call per entry over the slice
+    cache_leftpad[b] ... end of its cache row (the library's cache call describes rows that start at 0)."""
+    if block_table is not None or k_scale is not None or _cache_dtype_code(getattr(k_cache, "dtype", None)):
+        raise NotImplementedError("cache_leftpad is not implemented with block_table or an 8-bit cache")
+    q = _array("q", q, 4, dtype=None)
+    k_cache = _array("k_cache", k_cache, 4, dtype=None)
+    v_cache = _array("v_cache", v_cache, 4, dtype=k_cache.dtype)
+    batch, cache_batch, cache_len = q.shape[0], k_cache.shape[0], k_cache.shape[1]
+    new = 0 if k is None else np.shape(k)[1]
+    if cache_seqlens is None:
+        cache_seqlens = cache_len - new
+    ends = np.broadcast_to(np.asarray(cache_seqlens), (batch,)).astype(np.int64)
+    starts = _index_array("cache_leftpad", cache_leftpad, (batch,)).astype(np.int64)
+    rows = (np.arange(batch) if cache_batch_idx is None
+            else _index_array("cache_batch_idx", cache_batch_idx, (batch,)).astype(np.int64))
+    for name, bad in (("cache_batch_idx", (rows < 0) | (rows >= cache_batch)),
+                      ("cache_leftpad", (starts < 0) | (starts > ends)),
+                      ("cache_seqlens", ends + new > cache_len)):
+        if bad.any():
+            b = int(np.argmax(bad))
+            raise ValueError(f"{name}[{b}] is out of range (cache_leftpad {starts[b]}, cache_seqlens {ends[b]}, "
+                             f"{new} new, cache row {rows[b]} of {cache_batch} x {cache_len})")
+    if k is not None:
+        k, v = _array("k", k, 4, dtype=k_cache.dtype), _array("v", v, 4, dtype=k_cache.dtype)
+        for b in range(batch):
+            k_cache[rows[b], ends[b]:ends[b] + new] = k[b]
+            v_cache[rows[b], ends[b]:ends[b] + new] = v[b]
+    slopes = None if alibi_slopes is None else np.broadcast_to(
+        np.asarray(alibi_slopes, np.float32), (batch, q.shape[2]))
+    results = [flash_attn_func(q[b:b + 1], k_cache[rows[b]:rows[b] + 1, starts[b]:ends[b] + new],
+                               v_cache[rows[b]:rows[b] + 1, starts[b]:ends[b] + new],
+                               alibi_slopes=None if slopes is None else slopes[b], return_lse=True, **options)
+               for b in range(batch)]
+    out = np.concatenate([r[0] for r in results])
+    return (out, np.concatenate([r[1] for r in results])) if want_lse else out
+
+
+(flash_attn_qkvpacked_func, flash_attn_kvpacked_func, flash_attn_varlen_qkvpacked_func,
+ flash_attn_varlen_kvpacked_func) = packed_functions(flash_attn_func, flash_attn_varlen_func)
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):
@@ -592,7 +686,8 @@ def flash_attn_func_with_backward(q, k, v, softmax_scale=None, causal=False, **o
     flash_attn_backward. No framework is needed.
     """
     threads = options.pop("num_threads", 0)
-    out, lse = flash_attn_func(q, k, v, softmax_scale, causal, return_lse=True, num_threads=threads, **options)
+    out, lse = flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal, return_lse=True,
+                               num_threads=threads, **options)
 
     def backward(dout):
         return flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal, num_threads=threads, **options)

@@ -197,8 +197,8 @@ def ring_attention(q, k, v, comm, softmax_scale=None, causal=False, *, window_si
         kv_chunks, _ = _chunk_indices(ring.source(step), ring.size, layout)
         block = ring.current
         for rows, cols, block_causal, window in _block_pairs(chunks, kv_chunks, length, causal, window_size):
-            part, part_lse = flash_attn_func(q[:, rows], block[0][:, cols], block[1][:, cols], softmax_scale,
-                                             block_causal, window_size=window, softcap=softcap, return_lse=True,
+            part, part_lse = flash_attn_func(q[:, rows], block[0][:, cols], block[1][:, cols],
+                                             softmax_scale=softmax_scale, causal=block_causal, window_size=window, softcap=softcap, return_lse=True,
                                              num_threads=num_threads)
             out[:, rows], lse[:, :, rows] = merge_attention_states(out[:, rows], lse[:, :, rows],
                                                                    part.astype(np.float32, copy=False), part_lse)

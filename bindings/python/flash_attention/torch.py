@@ -36,8 +36,11 @@ import torch
 
 from . import _torch_masked as _masked
 from . import _torch_raw as _raw
+from ._fa2 import check_unsupported, packed_functions
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "scaled_dot_product_attention"]
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache",
+           "scaled_dot_product_attention"]
 
 _DTYPES = _raw.DTYPE_CODES
 _DTYPE_NAMES = "torch.float32, torch.float16 or torch.bfloat16"
@@ -462,8 +465,18 @@ def _attention(q, k, v, mask=None, padding=None, seq_ids=None, hint=None, softma
 # --- user-facing functions -------------------------------------------------------------------------------------
 
 
-def flash_attn_func(q, k, v, softmax_scale=None, causal=False, *, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, sinks=None, return_lse=False, num_threads=0):
+def _fa2_arguments(dropout_p, return_attn_probs, block_table=None):
+    """FlashAttention-2's arguments this adapter does not implement raise instead of being ignored."""
+    check_unsupported(dropout_p, block_table=block_table)
+    if return_attn_probs:
+        raise NotImplementedError("return_attn_probs: the probability matrix is not materialised by the torch "
+                                  "adapter; use return_lse=True (flash_attention.flash_attn_func returns it for "
+                                  "small numpy inputs)")
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None,
+                    return_lse=False, num_threads=0):
     """Exact attention softmax(q kᵀ · scale) v on CPU tensors, differentiable, usable under torch.compile.
 
     Args:
@@ -471,6 +484,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, *, window_size=(-
         k, v: [batch, seqlen_k, heads_kv, head_dim], one dtype (may differ from q's); heads_q a multiple of
             heads_kv (grouped-query attention, no repeated heads). Any strides (e.g. ``x.transpose(1, 2)`` of a
             [b, h, s, d] tensor) are read in place.
+        dropout_p: FlashAttention-2's position; only 0.0 (attention dropout is not implemented: raises).
         softmax_scale: multiplies q kᵀ; None means 1/sqrt(head_dim).
         causal: bottom-right aligned (FlashAttention's convention): query i sees key j iff
             j <= i + seqlen_k - seqlen_q. Equals torch's ``is_causal`` (top-left) only when seqlen_q == seqlen_k;
@@ -479,6 +493,10 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, *, window_size=(-
             (the query and the W - 1 before it, as models' ``sliding_window = W`` means) is (W - 1, 0).
         softcap: if > 0, scores become softcap * tanh(score / softcap).
         alibi_slopes: [heads_q] or [batch, heads_q] (converted to float32; not differentiated).
+        deterministic: accepted for FlashAttention-2 code; every call here is deterministic.
+        return_attn_probs: FlashAttention-2's (out, lse, probs) triple; the probabilities are not materialised
+            here, so True raises unless return_lse alone is what is needed (use return_lse=True).
+        The arguments above are FlashAttention-2's, in its order; those below are keyword-only.
         sinks: [heads_q] logits that join the softmax denominator (converted to float32; differentiated).
         return_lse: also return the natural-log log-sum-exp, float32 [batch, heads_q, seqlen_q]
             (not differentiable).
@@ -487,6 +505,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, *, window_size=(-
     Returns out (q's dtype, contiguous [batch, seqlen_q, heads_q, head_dim]) or (out, lse). Gradients flow to
     q, k, v and sinks. Tensors must be on the CPU (meta tensors give outputs of the right shape and dtype).
     """
+    _fa2_arguments(dropout_p, return_attn_probs)
     _check_qkv(q, k, v, 4)
     softmax_scale = _scale(softmax_scale)
     window_left, window_right = _window(window_size)
@@ -508,8 +527,9 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, *, window_size=(-
     return (out, lse) if return_lse else out
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, max_seqlen_k=0, softmax_scale=None,
-                           causal=False, *, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None,
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, max_seqlen_k=0, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None, *, sinks=None,
                            return_lse=False, num_threads=0):
     """Attention over a batch of sequences of different lengths packed along the rows, differentiable.
 
@@ -519,10 +539,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, 
             sequence b owns rows cu_seqlens[b] ... cu_seqlens[b + 1] - 1 (checked by the library). Every
             option applies per sequence (causal and window alignment use each sequence's own lengths).
         max_seqlen_q, max_seqlen_k: 0, or upper bounds the library checks.
-        The other arguments are those of flash_attn_func (alibi_slopes may be [batch, heads_q]).
+        The other arguments are those of flash_attn_func (alibi_slopes may be [batch, heads_q]), in
+        FlashAttention-2's order; a block_table raises (not implemented for varlen).
 
     Returns out [total_q, heads_q, head_dim], or (out, lse) with lse float32 [heads_q, total_q].
     """
+    _fa2_arguments(dropout_p, return_attn_probs, block_table=block_table)
     _check_qkv(q, k, v, 3)
     if not isinstance(cu_seqlens_q, torch.Tensor):
         cu_seqlens_q = torch.tensor(cu_seqlens_q, dtype=torch.int32)
@@ -550,10 +572,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, 
     return (out, lse) if return_lse else out
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cache_batch_idx=None,
-                            cache_leftpad=None, block_table=None, softmax_scale=None, causal=False, *,
-                            window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None,
-                            return_softmax_lse=False, return_lse=False, num_threads=0):
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                            cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
+                            alibi_slopes=None, num_splits=0, return_softmax_lse=False, *, sinks=None,
+                            return_lse=False, num_threads=0):
     """Attention of new queries against a KV cache, optionally appending new keys/values first (in place).
 
     Args:
@@ -570,12 +593,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
             Not with block_table.
         block_table: optional integer tensor [batch, max_blocks_per_seq]: the blocks of each sequence.
         Causal and window alignment use each entry's own key count (bottom-right).
-        The other arguments are those of flash_attn_func; return_softmax_lse is FlashAttention's name for
-        return_lse.
+        The other arguments are those of flash_attn_func, in FlashAttention-2's order up to return_softmax_lse
+        (its name for return_lse); rotary_cos/rotary_sin raise (rotary embedding is not implemented), and
+        num_splits and rotary_interleaved are accepted and unused.
 
     Returns out [batch, seqlen_q, heads_q, head_dim], or (out, lse) with lse float32 [batch, heads_q, seqlen_q].
     No backward (FlashAttention-2 has none either): a call that would need one raises.
     """
+    check_unsupported(rotary_cos=rotary_cos, rotary_sin=rotary_sin)
     if not (type(q) in _PLAIN and type(k_cache) in _PLAIN and type(v_cache) in _PLAIN and q.is_cpu
             and k_cache.is_cpu and v_cache.is_cpu and q.dtype in _DTYPES and k_cache.dtype in _DTYPES
             and v_cache.dtype is k_cache.dtype):
@@ -692,6 +717,10 @@ def _sdpa_supported(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
         if not _masked.broadcasts_to(attn_mask.shape, full):
             return False
     return True
+
+
+(flash_attn_qkvpacked_func, flash_attn_kvpacked_func, flash_attn_varlen_qkvpacked_func,
+ flash_attn_varlen_kvpacked_func) = packed_functions(flash_attn_func, flash_attn_varlen_func)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,

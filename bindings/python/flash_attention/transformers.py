@@ -147,7 +147,7 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, slid
                 # A mask transformers skipped with more keys than queries is sdpa's top-left causal: a prefill
                 # into an empty static cache, whose keys past the queries are not written yet.
                 k, v = k[:, :seqlen_q], v[:, :seqlen_q]
-            out = _ft.flash_attn_func(q, k, v, scaling, False, window_size=(left, right), softcap=softcap,
+            out = _ft.flash_attn_func(q, k, v, softmax_scale=scaling, window_size=(left, right), softcap=softcap,
                                       sinks=sinks, num_threads=num_threads)
     else:
         mask, padding, hint = None, None, None

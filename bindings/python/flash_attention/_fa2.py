@@ -1,0 +1,70 @@
+"""FlashAttention-2's calling conventions, shared by the numpy API and the PyTorch adapter.
+
+FA2 code passes its arguments positionally in FA2's order (dropout_p fourth), so every function here takes that
+order; the arguments FA2 has and this library does not implement yet raise a clear error instead of being
+ignored, and the packed variants are slices of the packed tensor (strided views: nothing is copied).
+"""
+
+
+def check_unsupported(dropout_p=0.0, rotary_cos=None, rotary_sin=None, block_table=None):
+    """Rejects the FA2 arguments this library does not implement, naming each: a silently ignored dropout or
+    rotary embedding would give an answer that looks right and is not."""
+    if dropout_p != 0.0:
+        if not 0.0 <= float(dropout_p) < 1.0:
+            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise NotImplementedError(f"dropout_p={dropout_p}: attention dropout is not implemented; pass 0.0 "
+                                  "(FlashAttention-2 also uses 0.0 for evaluation)")
+    if rotary_cos is not None or rotary_sin is not None:
+        raise NotImplementedError("rotary_cos/rotary_sin: rotary embedding inside the KV-cache call is not "
+                                  "implemented; rotate q and k before the call")
+    if block_table is not None:
+        raise NotImplementedError("block_table in flash_attn_varlen_func is not implemented; use "
+                                  "flash_attn_with_kvcache for paged caches")
+
+
+def packed_functions(func, varlen_func):
+    """FA2's four packed variants over a module's flash_attn_func and flash_attn_varlen_func."""
+
+    def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                  softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                                  **options):
+        """qkv [batch, seqlen, 3, heads, head_dim]: flash_attn_func on its three slices (views, no copy)."""
+        _check_packed("qkv", qkv, 5, 2, 3)
+        return func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
+                    softcap, alibi_slopes, deterministic, return_attn_probs, **options)
+
+    def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                 softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                                 **options):
+        """kv [batch, seqlen_k, 2, heads_kv, head_dim]: flash_attn_func with k, v its slices (views, no copy)."""
+        _check_packed("kv", kv, 5, 2, 2)
+        return func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+                    alibi_slopes, deterministic, return_attn_probs, **options)
+
+    def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                         causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                         deterministic=False, return_attn_probs=False, **options):
+        """qkv [total, 3, heads, head_dim]: flash_attn_varlen_func on its slices, one cu_seqlens for both."""
+        _check_packed("qkv", qkv, 4, 1, 3)
+        return varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                           dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                           return_attn_probs, **options)
+
+    def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                        softcap=0.0, alibi_slopes=None, deterministic=False,
+                                        return_attn_probs=False, **options):
+        """kv [total_k, 2, heads_kv, head_dim]: flash_attn_varlen_func with k, v its slices."""
+        _check_packed("kv", kv, 4, 1, 2)
+        return varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                           return_attn_probs, **options)
+
+    return (flash_attn_qkvpacked_func, flash_attn_kvpacked_func, flash_attn_varlen_qkvpacked_func,
+            flash_attn_varlen_kvpacked_func)
+
+
+def _check_packed(name, x, ndim, axis, count):
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != ndim or shape[axis] != count:
+        raise ValueError(f"{name} must have {ndim} dimensions with {count} at axis {axis}, got shape {shape}")
