@@ -53,9 +53,11 @@ WINDOW = (1, 8, 16384, 64, 512)
 HALF_PREFILL = (1, 16, 16, 2048, 128)
 HALF_DECODE = (8, 32, 8, 4096, 128)
 DTYPE_NAMES = {0: "float32", 1: "float16", 2: "bfloat16"}
+# Quantized caches: the decode shapes with float32, float16, int8 and float8 (e4m3) caches.
+CACHE_NAMES = {0: "float32", 1: "float16", 3: "int8", 4: "float8_e4m3"}
 # Backward: the prefill shapes, causal and not.
 BACKWARD = [(shape, causal) for shape in PREFILL for causal in (False, True)]
-SECTIONS = ("prefill", "long", "sweep", "inference", "half", "backward", "small")
+SECTIONS = ("prefill", "long", "sweep", "inference", "half", "quantized", "backward", "small")
 # Bytes copied to measure the copy bandwidth beside decoding.
 COPY_BYTES = 256 << 20
 
@@ -103,14 +105,14 @@ def numpy_attention(q, k, v, causal):
 
 
 def storage_dtype(code):
-    """numpy dtype of FA_DTYPE code 0 (float32), 1 (float16) or 2 (bfloat16, from ml_dtypes)."""
+    """numpy dtype of FA_DTYPE code 0 (float32), 1 (float16), 2 (bfloat16), 3 (int8) or 4 (float8 e4m3)."""
     import numpy as np
 
-    if code == 2:
+    if code in (2, 4):
         import ml_dtypes
 
-        return ml_dtypes.bfloat16
-    return np.float16 if code == 1 else np.float32
+        return ml_dtypes.bfloat16 if code == 2 else ml_dtypes.float8_e4m3fn
+    return {0: np.float32, 1: np.float16, 3: np.int8}[code]
 
 
 def prepare(impl, case, args, threads, layout):
@@ -140,10 +142,18 @@ def prepare(impl, case, args, threads, layout):
         return copy, source.nbytes
     if case == "decode":  # one query per sequence against a full cache of seqlen_k keys (float32 queries)
         b, hq, hk, sk, d, page, *dtype = args
-        cache_dtype = storage_dtype(dtype[0] if dtype else 0)
+        code = dtype[0] if dtype else 0
+        cache_dtype = storage_dtype(code)
         q = rng.standard_normal((b, 1, hq, d), dtype=np.float32)
-        k = rng.standard_normal((b, sk, hk, d), dtype=np.float32).astype(cache_dtype)
-        v = rng.standard_normal((b, sk, hk, d), dtype=np.float32).astype(cache_dtype)
+        k = rng.standard_normal((b, sk, hk, d), dtype=np.float32)
+        v = rng.standard_normal((b, sk, hk, d), dtype=np.float32)
+        if code >= 3:  # 8-bit cache: values and per-row scales, both read every step
+            from flash_attention import flash_attn_with_kvcache, quantize_kv
+
+            (k, k_scale), (v, v_scale) = quantize_kv(k, cache_dtype), quantize_kv(v, cache_dtype)
+            return (lambda: flash_attn_with_kvcache(q, k, v, cache_seqlens=sk, k_scale=k_scale, v_scale=v_scale,
+                                                    num_threads=threads)), k.nbytes + v.nbytes + 2 * k_scale.nbytes
+        k, v = k.astype(cache_dtype), v.astype(cache_dtype)
         work = k.nbytes + v.nbytes
         if impl == "flash":
             from flash_attention import flash_attn_with_kvcache
@@ -419,6 +429,7 @@ def main():
                         + len(SWEEP) * 2 * ("sweep" in sections) + 2 * ("small" in sections)
                         + len(thread_counts) * (len(DECODE) + 2) * ("inference" in sections)
                         + len(thread_counts) * 2 * ("half" in sections)
+                        + len(thread_counts) * (len(DECODE) + 1) * ("quantized" in sections)
                         + len(thread_counts) * len(BACKWARD) * ("backward" in sections))
     paths = kernel_paths()
     if args.paths:
@@ -429,7 +440,8 @@ def main():
     results = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "threads": thread_counts,
                "layout": args.layout, "torch": have_torch, "command": " ".join(["python3", "bench/bench.py"] + sys.argv[1:]),
                "paths": paths, "fma_peak": {isa: {} for isa in paths}, "peak": {}, "prefill": [], "long": [],
-               "sweep": [], "small_call": {}, "decode": [], "window": [], "half": [], "backward": []}
+               "sweep": [], "small_call": {}, "decode": [], "window": [], "half": [], "quantized": [],
+               "backward": []}
     if have_torch:
         import importlib.metadata
 
@@ -524,6 +536,8 @@ def main():
                 for code, r in measured.items():
                     row[DTYPE_NAMES[code] + "_ms"] = r["median_s"] * 1e3
                 results["half"].append(row)
+    if "quantized" in sections:
+        quantized_decode(results, thread_counts, reps, progress)
     if "backward" in sections:
         for t in thread_counts:
             # The forward, the backward and torch's backward alternate round by round, each in its own worker.
@@ -561,6 +575,24 @@ def main():
         write_results_md(report)
     if args.plot:
         plot(results, pathlib.Path(args.plot))
+
+
+def quantized_decode(results, thread_counts, reps, progress):
+    """Decoding against float32, float16, int8 and float8 caches of the same keys, interleaved, beside the copy
+    bandwidth of the same run; GB/s counts the bytes a step reads (values, and the 8-bit caches' row scales)."""
+    for t in thread_counts:
+        progress.advance("quantized", f"copy bandwidth {t}T")
+        copy = measure("numpy", t, "copy", [COPY_BYTES], reps=reps)
+        for shape in DECODE:
+            progress.advance("quantized", f"decode {shape} {t}T: " + ", ".join(CACHE_NAMES.values()))
+            workers = {code: (Worker("flash", t), "decode", [*shape, 0, code]) for code in CACHE_NAMES}
+            measured = measure_interleaved(workers, None, None, rounds=3, reps_per_round=max(1, reps // 3))
+            for entry in workers.values():
+                entry[0].close()
+            row = {"shape": shape, "threads": t, "copy_gbps": copy["gflops"]}
+            for code, r in measured.items():
+                row[CACHE_NAMES[code] + "_ms"], row[CACHE_NAMES[code] + "_gbps"] = r["median_s"] * 1e3, r["gflops"]
+            results["quantized"].append(row)
 
 
 def fmt(x, digits=1):
@@ -629,6 +661,15 @@ def render(results):
             lines.append(f"| {r['kind']} | {r['threads']} | {fmt(r['float32_ms'], 2)} | {fmt(r['float16_ms'], 2)}"
                          f" | {fmt(r['bfloat16_ms'], 2)} | {fmt(r['float32_ms'] / r['float16_ms'], 2)}"
                          f" | {fmt(r['float32_ms'] / r['bfloat16_ms'], 2)} |")
+    if results.get("quantized"):
+        names = list(CACHE_NAMES.values())
+        lines += ["", "| decode, cache dtype (b, hq, hkv, cache, d) | threads | copy GB/s | " + " | ".join(
+                      f"{n} ms (cache GB/s)" for n in names) + " | int8 speed / float32 | int8 speed / float16 |",
+                  "|---|---|---|" + "---|" * len(names) + "---|---|"]
+        for r in results["quantized"]:
+            cells = " | ".join(f"{fmt(r[n + '_ms'], 2)} ({fmt(r[n + '_gbps'])})" for n in names)
+            lines.append(f"| {tuple(r['shape'])} | {r['threads']} | {fmt(r['copy_gbps'])} | {cells}"
+                         f" | {fmt(r['float32_ms'] / r['int8_ms'], 2)} | {fmt(r['float16_ms'] / r['int8_ms'], 2)} |")
     if results.get("backward"):
         lines += ["", "| backward (b, hq, hkv, s, d) | causal | threads | forward ms | backward ms | backward / forward"
                   " | backward GFLOP/s (2.5× forward FLOPs) | torch backward ms | flash / torch speed |",

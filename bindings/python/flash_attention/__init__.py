@@ -18,6 +18,7 @@ from .api import (
     flash_attn_with_kvcache,
     library_info,
     merge_attention_states,
+    quantize_kv,
 )
 from .reference import reference_attention, reference_attention_backward
 
@@ -38,6 +39,7 @@ __all__ = [
     "flash_attn_with_kvcache",
     "library_info",
     "merge_attention_states",
+    "quantize_kv",
     "reference_attention",
     "reference_attention_backward",
 ]
