@@ -532,7 +532,15 @@ def _left_padded_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_i
     k_cache = _array("k_cache", k_cache, 4, dtype=None)
     v_cache = _array("v_cache", v_cache, 4, dtype=k_cache.dtype)
     batch, cache_batch, cache_len = q.shape[0], k_cache.shape[0], k_cache.shape[1]
+    if v_cache.shape != k_cache.shape or k_cache.shape[3] != q.shape[3] or q.shape[2] % max(k_cache.shape[2], 1):
+        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must be equal and match q {q.shape}"
+                         " in head_dim, with heads_q a multiple of heads_kv")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together")
     new = 0 if k is None else np.shape(k)[1]
+    if k is not None and not (np.shape(k) == np.shape(v) == (batch, new, *k_cache.shape[2:])):
+        raise ValueError(f"k {np.shape(k)} and v {np.shape(v)} must both be ({batch}, seqlen_new, "
+                         f"{k_cache.shape[2]}, {k_cache.shape[3]})")
     if cache_seqlens is None:
         cache_seqlens = cache_len - new
     ends = np.broadcast_to(np.asarray(cache_seqlens), (batch,)).astype(np.int64)

@@ -110,6 +110,9 @@ def test_kvcache_positional_order_and_cache_leftpad():
     with pytest.raises(ValueError, match=r"cache_leftpad\[0\] is out of range"):
         fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens,
                                    cache_leftpad=np.array([21, 0, 0], np.int32))
+    with pytest.raises(ValueError, match="must both be"):
+        fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new[:, :3], cache_seqlens=seqlens,
+                                   cache_leftpad=leftpad)
     np.testing.assert_array_equal(k_cache, untouched)  # nothing written on error
 
 
