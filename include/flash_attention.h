@@ -31,7 +31,7 @@ extern "C" {
 /* ---- Versions ------------------------------------------------------------------------------------- */
 
 #define FA_VERSION_MAJOR 0
-#define FA_VERSION_MINOR 5
+#define FA_VERSION_MINOR 6
 #define FA_VERSION_PATCH 0
 /* MAJOR*10000 + MINOR*100 + PATCH, comparable with flash_attention_version(). */
 #define FA_VERSION_NUMBER (FA_VERSION_MAJOR * 10000 + FA_VERSION_MINOR * 100 + FA_VERSION_PATCH)
@@ -245,13 +245,28 @@ typedef struct flash_attention_params {
     int64_t k_scale_batch_stride, k_scale_row_stride, k_scale_head_stride;
     float *v_scale;
     int64_t v_scale_batch_stride, v_scale_row_stride, v_scale_head_stride;
+
+    /* ---- Attention dropout, for training (appended in 0.6) --------------------------------------------- */
+
+    /* FlashAttention-2's dropout: each probability is kept with probability 1 - dropout_p and then scaled by
+     * 1 / (1 - dropout_p) before P V; the softmax sum and the lse are those without dropout (as in FA2), and
+     * flash_attention_backward regenerates the same mask from these fields of its forward params.
+     * Element (b, h, i, j) (sequence b of the batch, query head h, query position i and key position j within
+     * the sequence) is kept iff a hash of (dropout_seed, b, h, i, j) falls below (1 - dropout_p) * 2^24
+     * (README: "Dropout" gives the hash), so the mask depends on the seed and the element only: the same for
+     * every num_threads, tiling and kernel path. In [0, 1); 0 = off. Dense and varlen calls only (a KV-cache
+     * call with dropout_p != 0 is FA_ERROR_INVALID_ARGUMENT). */
+    float dropout_p;
+    int32_t reserved2; /* must be 0 */
+    uint64_t dropout_seed;
 } flash_attention_params;
 
 /* sizeof(flash_attention_params) in earlier versions (0.1 ended at `algorithm`, 0.2 at `seqlen_new`, 0.3 and
- * 0.4 at `kv_dtype`); all are still accepted. */
+ * 0.4 at `kv_dtype`, 0.5 at `v_scale_head_stride`); all are still accepted. */
 #define FA_PARAMS_SIZE_V1 264
 #define FA_PARAMS_SIZE_V2 488
 #define FA_PARAMS_SIZE_V3 496
+#define FA_PARAMS_SIZE_V4 568
 
 /*
  * Fills *params with defaults: struct_size = struct_size argument, every size 0, pointers NULL, dim strides

@@ -13,7 +13,7 @@ public func flash_attention_version() -> Int32 {
 @c @implementation
 public func flash_attention_version_string() -> UnsafePointer<CChar>! {
     // Kept equal to FA_VERSION_MAJOR.MINOR.PATCH by a test.
-    cString("0.5.0")
+    cString("0.6.0")
 }
 
 @c @implementation
@@ -34,7 +34,8 @@ public func flash_attention_last_error() -> UnsafePointer<CChar>! {
 /// Params struct sizes this library accepts: every size a released header has had (fields are only
 /// appended, so a smaller struct is a prefix of the current one).
 let knownParamsSizes: [Int] = [
-    Int(FA_PARAMS_SIZE_V1), Int(FA_PARAMS_SIZE_V2), Int(FA_PARAMS_SIZE_V3), MemoryLayout<flash_attention_params>.size,
+    Int(FA_PARAMS_SIZE_V1), Int(FA_PARAMS_SIZE_V2), Int(FA_PARAMS_SIZE_V3), Int(FA_PARAMS_SIZE_V4),
+    MemoryLayout<flash_attention_params>.size,
 ]
 
 @c @implementation

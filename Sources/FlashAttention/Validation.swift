@@ -144,6 +144,17 @@ struct ForwardOptions {
     let algorithm: Int32
 }
 
+/// The dropout fields: probability in [0, 1), training entry points only.
+private func validatedDropout(_ params: flash_attention_params, entry: Entry) throws(FlashAttentionError) -> Dropout? {
+    if params.reserved2 != 0 { throw .invalidArgument("reserved2 (\(params.reserved2)) must be 0") }
+    let p = params.dropout_p
+    if !(p >= 0 && p < 1) { throw .invalidArgument("dropout_p (\(p)) must be in [0, 1) (0 = off)") }
+    if p > 0 && entry == .kvcache {
+        throw .invalidArgument("dropout_p (\(p)) must be 0 for a KV-cache call (dropout is a training option)")
+    }
+    return Dropout(probability: p, seed: params.dropout_seed)
+}
+
 /// A stand-in for index arrays with no elements: never read.
 nonisolated(unsafe) private let noIndices = UnsafePointer(UnsafeMutablePointer<Int32>.allocate(capacity: 1))
 
@@ -195,6 +206,7 @@ extension AttentionProblem {
         let newType = params.kv_new_dtype == -1 ? kvType : try floatType(params.kv_new_dtype, "kv_new_dtype")
         if params.window_left < -1 { throw .invalidArgument("window_left (\(params.window_left)) must be >= -1") }
         if params.window_right < -1 { throw .invalidArgument("window_right (\(params.window_right)) must be >= -1") }
+        let dropout = try validatedDropout(params, entry: entry)
 
         // Varlen: the packed tensors have one "batch" entry; the sequences come from cu_seqlens.
         let tensorBatch = entry == .varlen ? 1 : batch
@@ -420,7 +432,7 @@ extension AttentionProblem {
             alibiSlopes: alibiRange == nil ? nil : params.alibi_slopes,
             alibiBatchStride: Int(params.alibi_batch_stride), softcap: params.softcap,
             sinks: sinksRange == nil ? nil : params.sinks, layout: layout, storage: storage,
-            maxSeqlenQ: maxSeqlenQ, maxSeqlenK: maxSeqlenK)
+            maxSeqlenQ: maxSeqlenQ, maxSeqlenK: maxSeqlenK, dropout: dropout)
         let cacheAppend = append.map {
             CacheAppend(
                 keys: view($0.keys, indexRanges.3, newType), values: view($0.values, $0.valuesRange, newType), count: $0.count)

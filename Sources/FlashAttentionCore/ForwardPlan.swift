@@ -82,7 +82,8 @@ public struct ForwardPlan: @unchecked Sendable {
         self.problem = problem
         self.geometry = g
         let group = problem.groupSize
-        if group * problem.maxSeqlenQ <= g.microRows && problem.headDim % g.microCols == 0 {
+        // The decoding kernel serves KV-cache shapes, which never carry dropout.
+        if group * problem.maxSeqlenQ <= g.microRows && problem.headDim % g.microCols == 0 && problem.dropout == nil {
             path = .decoding
         } else if group > 1 && problem.maxSeqlenQ * group <= g.queryBlock {
             path = .groupBlocks

@@ -130,13 +130,15 @@ public struct AttentionProblem: @unchecked Sendable {
     /// The longest sequence's query and key counts (= seqlenQ / seqlenK for dense problems).
     public var maxSeqlenQ: Int
     public var maxSeqlenK: Int
+    /// Attention dropout (dense and varlen forward and backward), or nil.
+    public var dropout: Dropout?
 
     public init(
         batch: Int, seqlenQ: Int, seqlenK: Int, headsQ: Int, headsKV: Int, headDim: Int,
         q: TensorView, k: TensorView, v: TensorView, out: TensorView, lse: LSEView?, scale: Float,
         windowLeft: Int?, windowRight: Int?, alibiSlopes: UnsafePointer<Float>?, alibiBatchStride: Int,
         softcap: Float, sinks: UnsafePointer<Float>?, layout: SequenceLayout, storage: KeyValueStorage,
-        maxSeqlenQ: Int, maxSeqlenK: Int
+        maxSeqlenQ: Int, maxSeqlenK: Int, dropout: Dropout? = nil
     ) {
         self.batch = batch
         self.seqlenQ = seqlenQ
@@ -160,6 +162,7 @@ public struct AttentionProblem: @unchecked Sendable {
         self.storage = storage
         self.maxSeqlenQ = maxSeqlenQ
         self.maxSeqlenK = maxSeqlenK
+        self.dropout = dropout
     }
 
     /// Query heads per kv head (GQA group size); query head h reads kv head h / groupSize.

@@ -55,9 +55,12 @@ public struct ReferenceForward: WorkPlan {
                     sum += scores[j]
                 }
                 var accumulators = [Double](repeating: 0, count: p.headDim)
+                // Dropout scales each probability in P·V only: the sum (and so the LSE) is the undropped one.
+                let dropoutRow = p.dropout?.row(batch: s.batch, head: h, position: i)
                 for j in keys {
                     readKey(p.v, position: j, into: key)
-                    for c in 0..<p.headDim { accumulators[c] += scores[j] * Double(key[c]) }
+                    let weight = scores[j] * Double(dropoutRow.map { p.dropout!.factor($0, key: j) } ?? 1)
+                    for c in 0..<p.headDim { accumulators[c] += weight * Double(key[c]) }
                 }
                 for c in 0..<p.headDim {
                     out[c] = sawNaN ? .nan : keys.isEmpty || sawNoKey ? 0 : Float(accumulators[c] / sum)

@@ -36,16 +36,20 @@ func backwardRowStride(_ headDim: Int) -> Int { Workspace.paddedDim(headDim) + 1
 struct BackwardScores {
     let slope: Float  // ALiBi slope, 0 without ALiBi
     let softcap: Float  // 0 without softcap
+    /// With dropout the stored P is the dropped one (P ∘ Z, for dV) and dS = P ∘ (Z ∘ dP − D), Z being 1/(1 − p)
+    /// where kept and 0 where dropped: the forward's mask, regenerated per (query, key).
+    let dropout: Dropout?
 
-    /// P and dS of one query row of a tile pair, in place: scores `s` become P = e^(s' − lse) and `dP` becomes dS = P ∘ (dP − D) (∘ the softcap derivative 1 − tanh²), for
-    /// `count` keys from `firstKey` (a whole number of vectors); keys outside `visible` get 0.
+    /// P and dS of one query row of a tile pair, in place: scores `s` become P = e^(s' − lse) and `dP` becomes
+    /// dS = P ∘ (dP − D) (∘ the softcap derivative 1 − tanh²; with dropout as above), for `count` keys from
+    /// `firstKey` (a whole number of vectors); keys outside `visible` get 0. `row` is the row's dropout state.
     @inline(__always)
     func gradientRow(
         s: UnsafeMutablePointer<Float>, dP: UnsafeMutablePointer<Float>, count: Int, firstKey: Int,
-        visible: Range<Int>, position: Int, lse: Float, dot: Float
+        visible: Range<Int>, position: Int, lse: Float, dot: Float, row: DropoutRow?
     ) {
         let rowLSE = Vec(repeating: lse), rowDot = Vec(repeating: dot)
-        if slope == 0 && softcap == 0 && visible == firstKey..<(firstKey + count) {
+        if slope == 0 && softcap == 0 && dropout == nil && visible == firstKey..<(firstKey + count) {
             // Every key visible and no transform (most pairs): no masks.
             for k in stride(from: 0, to: count, by: lanes) {
                 let p = exponential(load(s + k) - rowLSE)
@@ -70,8 +74,14 @@ struct BackwardScores {
                 x = x - Vec(repeating: slope) * maximum(d, -d)
             }
             let p = exponential(x - rowLSE).replacing(with: 0, where: (key .< low) .| (key .>= high))
-            store(p, s + k)
-            store(p * (load(dP + k) - rowDot) * derivative, dP + k)
+            var z = Vec(repeating: 1)
+            if let dropout, let row {
+                let keys = laneBits &+ UInt32(truncatingIfNeeded: firstKey + k)
+                let keep = dropout.keeps(low: VecBits(repeating: row.low), high: VecBits(repeating: row.high), key: keys)
+                z = Vec(repeating: dropout.scale).replacing(with: 0, where: .!keep)
+            }
+            store(p * z, s + k)
+            store(p * (load(dP + k) * z - rowDot) * derivative, dP + k)
         }
     }
 }
@@ -167,7 +177,7 @@ func backwardKeyValue(_ problem: BackwardProblem, _ item: Int, _ scratch: Unsafe
         for h in (kvHead * f.groupSize)..<((kvHead + 1) * f.groupSize) {
             let scores = BackwardScores(
                 slope: f.alibiSlopes.map { $0[s.batch * f.alibiBatchStride + h] } ?? 0,
-                softcap: f.softcap)
+                softcap: f.softcap, dropout: f.dropout)
             for firstQuery in stride(from: qLow, to: qHigh, by: qb) {
                 // The next block's rows come from DRAM or L3 (each key block rereads the queries):
                 // requesting them now hides the misses behind this block's products.
@@ -246,7 +256,8 @@ private struct BackwardTiles {
             scores.gradientRow(
                 s: p + r * kb, dP: dS + r * kb, count: panels * microCols, firstKey: firstKey,
                 visible: visible.clamped(to: firstKey..<(firstKey + keyCount)), position: i + offset,
-                lse: r < rows ? lse[r] : 0, dot: r < rows ? dots[r] : 0)
+                lse: r < rows ? lse[r] : 0, dot: r < rows ? dots[r] : 0,
+                row: f.dropout?.row(batch: s.batch, head: h, position: i))
         }
         // dSᵀ, so that the dQ tiles' broadcasts read adjacent queries.
         for r in stride(from: 0, to: padded, by: transposeSize) {

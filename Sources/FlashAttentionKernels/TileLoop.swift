@@ -73,6 +73,11 @@ struct QueryBlockKernel {
                 s: w.s, ldS: subBlockRows, firstRow: first, queryVectors: subRows / lanes, adjust: adjust,
                 blockMax: tilesMaxIsExact ? w.blockMax : nil, rowPosition: w.rowPosition, rowSlope: w.rowSlope,
                 rowDistance: w.rowDistance, rowMax: w.rowMax, rowSum: w.rowSum, alpha: w.alpha)
+            if let dropout = plan.problem.dropout {
+                applyDropout(
+                    dropout, s: w.s, ldS: subBlockRows, firstRow: first, queryVectors: subRows / lanes, mask: mask,
+                    firstKey: firstKey, rowKeys: w.rowKeys)
+            }
 
             // O = α·O + P·V, one output tile at a time.
             let tiles = (min(rows - first, subRows) + microRows - 1) / microRows

@@ -73,6 +73,13 @@ typealias MicroRows = SixRows
     return x
 }
 
+/// Lane indices 0, 1, 2, … as words (dropout's key indices).
+@inline(__always) var laneBits: VecBits {
+    var x = VecBits()
+    for i in 0..<VecBits.scalarCount { x[i] = UInt32(i) }
+    return x
+}
+
 /// a · b + c: one FMA where the copy has FMA instructions. The portable copy on x86-64 (SSE2 only) would
 /// turn `addingProduct` into one `fmaf` call per lane, so it multiplies and adds instead (rounded twice).
 @inline(__always)

@@ -17,18 +17,20 @@ import FlashAttentionCore
 ///                             Bq each: each row's query position in its block, its ALiBi slope, and
 ///                             the ALiBi distance its bias is rebased on
 ///     blockMax                subBlockRows: each query's max over the current block's scores
+///     rowKeys     2 × Bq      with dropout: each row's random state (`DropoutRow`), low words then high
 ///
 /// Packing K and V makes the micro-kernels independent of the caller's strides (and of paging): a
 /// [b, s, h, d] tensor with 8 heads of 128 has a 4 KiB row stride, which maps every row of a column slice
 /// to one L1 set. For head_dim 128 the workspace is ~400 KiB, inside the L2 of the cores it targets.
 struct Workspace {
     let qT, kPack, vPack, s, o, rowMax, rowSum, alpha, rowPosition, rowSlope, rowDistance, blockMax: UnsafeMutablePointer<Float>
+    let rowKeys: UnsafeMutablePointer<UInt32>
 
     static func paddedDim(_ headDim: Int) -> Int { (headDim + microCols - 1) / microCols * microCols }
 
     static func floatCount(headDim: Int) -> Int {
         let qb = geometry.queryBlock, kb = geometry.keyBlock, d = paddedDim(headDim)
-        return qb * d + kb * d + kb * d + kb * subBlockRows + qb * d + 6 * qb + subBlockRows
+        return qb * d + kb * d + kb * d + kb * subBlockRows + qb * d + 6 * qb + subBlockRows + 2 * qb
     }
 
     init(_ base: UnsafeMutableRawPointer, headDim: Int) {
@@ -45,6 +47,7 @@ struct Workspace {
         rowSlope = rowPosition + qb
         rowDistance = rowSlope + qb
         blockMax = rowDistance + qb
+        rowKeys = UnsafeMutableRawPointer(blockMax + subBlockRows).bindMemory(to: UInt32.self, capacity: 2 * qb)
     }
 }
 
@@ -93,6 +96,10 @@ func stageQueries(_ plan: ForwardPlan, _ item: WorkItem, transposed: Bool, _ w: 
             .clamped(to: item.keys)
         let nearest = keys.isEmpty ? aligned : min(max(aligned, keys.lowerBound), keys.upperBound - 1)
         w.rowDistance[r] = Float(abs(aligned - nearest))
+        if let dropout = p.dropout {
+            let state = dropout.row(batch: item.sequence.batch, head: head, position: position)
+            (w.rowKeys[r], w.rowKeys[geometry.queryBlock + r]) = (state.low, state.high)
+        }
     }
 }
 

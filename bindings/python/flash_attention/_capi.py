@@ -25,6 +25,7 @@ FA_MAX_HEAD_DIM = 1024
 FA_PARAMS_SIZE_V1 = 264
 FA_PARAMS_SIZE_V2 = 488
 FA_PARAMS_SIZE_V3 = 496
+FA_PARAMS_SIZE_V4 = 568
 FA_DTYPE_FLOAT32 = 0
 FA_DTYPE_FLOAT16 = 1
 FA_DTYPE_BFLOAT16 = 2
@@ -71,6 +72,8 @@ class Params(ctypes.Structure):
         + [("kv_new_dtype", c_int32), ("reserved1", c_int32)]
         + _tensor_fields("k_scale", ("batch", "row", "head"))
         + _tensor_fields("v_scale", ("batch", "row", "head"))
+        # Dropout (0.6).
+        + [("dropout_p", c_float), ("reserved2", c_int32), ("dropout_seed", c_uint64)]
     )
 
 

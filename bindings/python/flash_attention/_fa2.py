@@ -5,15 +5,29 @@ order; the arguments FA2 has and this library does not implement yet raise a cle
 ignored, and the packed variants are slices of the packed tensor (strided views: nothing is copied).
 """
 
+import numbers
 
-def check_unsupported(dropout_p=0.0, rotary_cos=None, rotary_sin=None, block_table=None):
-    """Rejects the FA2 arguments this library does not implement, naming each: a silently ignored dropout or
-    rotary embedding would give an answer that looks right and is not."""
-    if dropout_p != 0.0:
-        if not 0.0 <= float(dropout_p) < 1.0:
-            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-        raise NotImplementedError(f"dropout_p={dropout_p}: attention dropout is not implemented; pass 0.0 "
-                                  "(FlashAttention-2 also uses 0.0 for evaluation)")
+
+def dropout_arguments(dropout_p, seed, draw):
+    """(dropout_p, seed) checked, the seed drawn with `draw()` (the framework's global generator, so that
+    seeding it makes runs repeatable, as FA2's torch generator does) when dropout is on and none is given.
+    The seed keys the library's mask: pass the same to the backward."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p ({dropout_p}) must be in [0, 1) (0 = off)")
+    if dropout_p == 0.0:
+        return 0.0, 0
+    if seed is None:
+        seed = draw()
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed ({seed!r}) must be an integer in [0, 2**64)")
+    return float(dropout_p), int(seed)
+
+
+def check_unsupported(rotary_cos=None, rotary_sin=None, block_table=None):
+    """Rejects the FA2 arguments this library does not implement, naming each: a silently ignored rotary
+    embedding would give an answer that looks right and is not."""
     if rotary_cos is not None or rotary_sin is not None:
         raise NotImplementedError("rotary_cos/rotary_sin: rotary embedding inside the KV-cache call is not "
                                   "implemented; rotate q and k before the call")

@@ -53,9 +53,11 @@ def _new_params():
     return _lib, _copy(_template)
 
 
-def _options(p, scale, causal, window_left, window_right, softcap, alibi, sinks, num_threads):
+def _options(p, scale, causal, window_left, window_right, softcap, alibi, sinks, num_threads, dropout_p=0.0, seed=0):
     """Every field defaults to "off" in the template; only what differs is written (most calls: nothing or
     `causal`). alibi and sinks must be contiguous float32 tensors (the callers convert)."""
+    if dropout_p:
+        p.dropout_p, p.dropout_seed = dropout_p, seed
     if scale is not None:
         p.softmax_scale = scale
     if causal:
@@ -133,22 +135,22 @@ def _varlen_tensors(p, q, k, v, out, lse, cu_q, cu_k, max_q, max_k):
 
 
 def forward(q, k, v, out, lse, scale=None, causal=False, window_left=-1, window_right=-1, softcap=0.0, alibi=None,
-            sinks=None, num_threads=0, heads_first=False):
+            sinks=None, num_threads=0, heads_first=False, dropout_p=0.0, seed=0):
     """flash_attention_forward into the given out (and lse, if not None); heads_first: see _dense_tensors."""
     lib, p = _new_params()
     _dense_tensors(p, q, k, v, out, lse, heads_first)
-    _options(p, scale, causal, window_left, window_right, softcap, alibi, sinks, num_threads)
+    _options(p, scale, causal, window_left, window_right, softcap, alibi, sinks, num_threads, dropout_p, seed)
     status = lib.flash_attention_forward(_byref(p))
     if status:
         check_status(lib, status)
 
 
 def varlen_forward(q, k, v, out, lse, cu_q, cu_k, max_q=0, max_k=0, scale=None, causal=False, window_left=-1,
-                   window_right=-1, softcap=0.0, alibi=None, sinks=None, num_threads=0):
+                   window_right=-1, softcap=0.0, alibi=None, sinks=None, num_threads=0, dropout_p=0.0, seed=0):
     """flash_attention_forward_varlen into the given out (and lse [heads_q, total_q], if not None)."""
     lib, p = _new_params()
     _varlen_tensors(p, q, k, v, out, lse, cu_q, cu_k, max_q, max_k)
-    _options(p, scale, causal, window_left, window_right, softcap, alibi, sinks, num_threads)
+    _options(p, scale, causal, window_left, window_right, softcap, alibi, sinks, num_threads, dropout_p, seed)
     status = lib.flash_attention_forward_varlen(_byref(p))
     if status:
         check_status(lib, status)
@@ -185,9 +187,10 @@ def kvcache_forward(q, k_cache, v_cache, out, lse, cache_seqlens, cache_batch_id
 
 
 def backward(dout, q, k, v, out, lse, dq, dk, dv, dsinks=None, varlen=None, scale=None, causal=False,
-             window_left=-1, window_right=-1, softcap=0.0, alibi=None, sinks=None, num_threads=0):
+             window_left=-1, window_right=-1, softcap=0.0, alibi=None, sinks=None, num_threads=0, dropout_p=0.0, seed=0):
     """flash_attention_backward into dq, dk, dv (and dsinks, float32 [heads_q], if not None). `varlen` is None
-    (4-D dense tensors) or (cu_q, cu_k, max_q, max_k) with 3-D packed tensors."""
+    (4-D dense tensors) or (cu_q, cu_k, max_q, max_k) with 3-D packed tensors. dropout_p and seed: the
+    forward's."""
     lib, p = _new_params()
     if varlen is None:
         _dense_tensors(p, q, k, v, out, lse)
@@ -196,7 +199,7 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, dsinks=None, varlen=None, scal
         _varlen_tensors(p, q, k, v, out, lse, *varlen)
         # 3-D tensors: the batch stride is ignored by the library; a zero keeps the field list uniform.
         names = (("dout", dout), ("dq", dq), ("dk", dk), ("dv", dv))
-    _options(p, scale, causal, window_left, window_right, softcap, alibi, sinks, num_threads)
+    _options(p, scale, causal, window_left, window_right, softcap, alibi, sinks, num_threads, dropout_p, seed)
     b = _capi.BackwardParams.from_buffer_copy(_backward_template)
     b.forward = ctypes.pointer(p)
     for name, x in names:

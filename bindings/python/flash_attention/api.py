@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from . import _capi
-from ._fa2 import check_unsupported, packed_functions
+from ._fa2 import check_unsupported, dropout_arguments, packed_functions
 from ._loader import load
 
 class FlashAttentionError(Exception):
@@ -187,9 +187,16 @@ def _new_params(lib):
     return _capi.Params.from_buffer_copy(template)
 
 
+def _draw_seed():
+    """A dropout seed from numpy's global generator: np.random.seed(n) makes dropout runs repeatable."""
+    return int(np.random.randint(0, np.iinfo(np.uint64).max, dtype=np.uint64))
+
+
 def _set_options(params, keep, heads_q, batch, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                 alibi_slopes=None, sinks=None, num_threads=0, algorithm="auto"):
-    """Checks and sets the options shared by every forward function; arrays to keep alive go to `keep`."""
+                 alibi_slopes=None, sinks=None, num_threads=0, algorithm="auto", dropout_p=0.0, seed=0):
+    """Checks and sets the options shared by every forward function; arrays to keep alive go to `keep`.
+    dropout_p and seed come checked from dropout_arguments."""
+    params.dropout_p, params.dropout_seed = dropout_p, seed
     if (softmax_scale is None and window_size == (-1, -1) and softcap == 0.0 and alibi_slopes is None
             and sinks is None and num_threads == 0 and algorithm == "auto" and not isinstance(causal, np.ndarray)):
         params.causal = 1 if causal else 0  # every other field keeps its default
@@ -257,7 +264,8 @@ def _index_array(name, x, shape):
 
 def flash_attn_func(
     q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-    deterministic=False, return_attn_probs=False, *, sinks=None, return_lse=False, num_threads=0, algorithm="auto"
+    deterministic=False, return_attn_probs=False, *, seed=None, sinks=None, return_lse=False, num_threads=0,
+    algorithm="auto"
 ):
     """Exact attention softmax(q kᵀ · scale) v, computed tile by tile (FlashAttention) in the C library.
 
@@ -265,7 +273,10 @@ def flash_attn_func(
         q: [batch, seqlen_q, heads_q, head_dim], float32, float16 or bfloat16 (ml_dtypes); out has its dtype.
         k, v: [batch, seqlen_k, heads_kv, head_dim], one dtype (may differ from q's); heads_q must be a multiple of heads_kv
             (grouped-query attention: query head h reads kv head h // (heads_q // heads_kv)).
-        dropout_p: FlashAttention-2's position; only 0.0 (attention dropout is not implemented: raises).
+        dropout_p: attention dropout probability in [0, 1) (training): each probability is kept with
+            probability 1 - dropout_p and scaled by 1/(1 - dropout_p) before P·V (the LSE is the undropped
+            one, as in FlashAttention-2); the mask is a function of `seed` and the element's (batch, head,
+            query, key) only, the same for any num_threads (reference.dropout_mask computes it).
         softmax_scale: multiplies q kᵀ; None means 1/sqrt(head_dim).
         causal: bottom-right aligned causal mask: query i sees key j iff j <= i + seqlen_k - seqlen_q.
         window_size: (left, right) sliding window around the aligned diagonal, -1 = unbounded.
@@ -274,8 +285,11 @@ def flash_attn_func(
         deterministic: accepted for FlashAttention-2 code; every call here is deterministic.
         return_attn_probs: return (out, lse, probs) as FlashAttention-2 does, probs float32
             [batch, heads_q, seqlen_q, seqlen_k] computed by the float64 reference (for tests: raises when
-            larger than 2**24 elements).
+            larger than 2**24 elements); with dropout, dropped entries are negated (FA2's S_dmask).
         The arguments above are FlashAttention-2's, in its order; those below are keyword-only.
+        seed: the dropout mask's key, an integer in [0, 2**64) (FA2 takes torch's generator state instead);
+            None draws one from numpy's global generator (np.random.seed makes runs repeatable). Pass the
+            same seed and dropout_p to flash_attn_backward.
         sinks: float32 [heads_q] logits that join the softmax denominator and contribute no value.
         return_lse: also return the natural-log log-sum-exp, float32 [batch, heads_q, seqlen_q].
         num_threads: 0 uses every online core, 1 the calling thread only. Results are bitwise identical
@@ -287,19 +301,19 @@ def flash_attn_func(
     rounded to q's dtype (nearest even). Returns out (q's dtype and shape, contiguous), or (out, lse) with
     lse float32.
     """
-    check_unsupported(dropout_p)
+    dropout_p, seed = dropout_arguments(dropout_p, seed, _draw_seed)
     q, k, v = _qkv(q, k, v, 4)
     batch, seqlen_q, heads_q, head_dim = q.shape
     if return_attn_probs:
         return _with_probabilities(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
-                                   num_threads, algorithm)
+                                   num_threads, algorithm, dropout_p, seed)
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"k shape {k.shape} does not match q shape {q.shape} in batch and head_dim")
     lib = load()
     params = _new_params(lib)
     keep = []
     _set_options(params, keep, heads_q, batch, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
-                 num_threads, algorithm)
+                 num_threads, algorithm, dropout_p, seed)
     params.dtype, params.kv_dtype = _DTYPES[q.dtype], _DTYPES[k.dtype]
     out = np.empty(q.shape, dtype=q.dtype)
     params.batch, params.seqlen_q, params.seqlen_k = batch, seqlen_q, k.shape[1]
@@ -320,25 +334,28 @@ _MAX_PROBABILITIES = 1 << 24
 
 
 def _with_probabilities(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_threads,
-                        algorithm):
+                        algorithm, dropout_p, seed):
     """(out, lse, probs) for return_attn_probs: FlashAttention-2 returns the probability matrix for tests; it
     is the N×N matrix this library exists not to store, so it comes from the float64 reference, bounded."""
-    from .reference import _softmax
+    from .reference import _softmax, dropout_mask
 
     count = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]
     if count > _MAX_PROBABILITIES:
         raise ValueError(f"return_attn_probs would materialise {count} probabilities (limit {_MAX_PROBABILITIES}); "
                          "it is meant for small test shapes")
-    out, lse = flash_attn_func(q, k, v, 0.0, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                               sinks=sinks, return_lse=True, num_threads=num_threads, algorithm=algorithm)
+    out, lse = flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                               seed=seed, sinks=sinks, return_lse=True, num_threads=num_threads, algorithm=algorithm)
     probs = _softmax(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks)["p"][..., :-1]
+    if dropout_p > 0:
+        probs = np.where(dropout_mask(seed, dropout_p, *probs.shape) > 0, probs, -probs)
     return out, lse, probs.astype(np.float32)
 
 
 def flash_attn_varlen_func(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, max_seqlen_k=0, dropout_p=0.0, softmax_scale=None,
     causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-    return_attn_probs=False, block_table=None, *, sinks=None, return_lse=False, num_threads=0, algorithm="auto"
+    return_attn_probs=False, block_table=None, *, seed=None, sinks=None, return_lse=False, num_threads=0,
+    algorithm="auto"
 ):
     """Attention over a batch of sequences of different lengths, packed along the row axis.
 
@@ -352,7 +369,8 @@ def flash_attn_varlen_func(
 
     Returns out float32 [total_q, heads_q, head_dim], or (out, lse) with lse float32 [heads_q, total_q].
     """
-    check_unsupported(dropout_p, block_table=block_table)
+    check_unsupported(block_table=block_table)
+    dropout_p, seed = dropout_arguments(dropout_p, seed, _draw_seed)
     if return_attn_probs:
         raise NotImplementedError("return_attn_probs is not implemented for flash_attn_varlen_func; call "
                                   "flash_attn_func per sequence")
@@ -371,7 +389,7 @@ def flash_attn_varlen_func(
     params = _new_params(lib)
     keep = [cu_q, cu_k]
     _set_options(params, keep, heads_q, batch, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
-                 num_threads, algorithm)
+                 num_threads, algorithm, dropout_p, seed)
     params.dtype, params.kv_dtype = _DTYPES[q.dtype], _DTYPES[k.dtype]
     out = np.empty(q.shape, dtype=q.dtype)
     params.batch, params.seqlen_q, params.seqlen_k = batch, total_q, k.shape[0]
@@ -657,14 +675,19 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, options):
     return (dq, dk, dv) if dsinks is None else (dq, dk, dv, dsinks)
 
 
-def _backward_options(softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_threads):
+def _backward_options(softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_threads, dropout_p, seed):
+    if dropout_p != 0.0 and seed is None:
+        raise ValueError("seed must be the forward call's seed when dropout_p is nonzero (the backward regenerates "
+                         "its dropout mask)")
+    dropout_p, seed = dropout_arguments(dropout_p, seed, None)
     return dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-                alibi_slopes=alibi_slopes, sinks=sinks, num_threads=num_threads, algorithm="auto")
+                alibi_slopes=alibi_slopes, sinks=sinks, num_threads=num_threads, algorithm="auto",
+                dropout_p=dropout_p, seed=seed)
 
 
 def flash_attn_backward(
     dout, q, k, v, out, lse, softmax_scale=None, causal=False, *, window_size=(-1, -1), softcap=0.0,
-    alibi_slopes=None, sinks=None, num_threads=0
+    alibi_slopes=None, sinks=None, num_threads=0, dropout_p=0.0, seed=None
 ):
     """Gradients of flash_attn_func: (dq, dk, dv), or (dq, dk, dv, dsinks) when `sinks` is given.
 
@@ -672,19 +695,22 @@ def flash_attn_backward(
     options (which must be passed again). dq, dk, dv have the dtypes and shapes of q, k, v; with grouped
     heads dk and dv sum over the query heads that share a kv head. Recomputes the probabilities tile by
     tile from lse (FlashAttention-2): no seqlen_q × seqlen_k buffer, and the result is bitwise identical
-    for every num_threads.
+    for every num_threads. With dropout, pass the forward's dropout_p and seed: the mask is regenerated.
     """
     return _backward(dout, q, k, v, out, lse, None,
-                     _backward_options(softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_threads))
+                     _backward_options(softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_threads,
+                                       dropout_p, seed))
 
 
 def flash_attn_varlen_backward(
     dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, max_seqlen_k=0, softmax_scale=None,
-    causal=False, *, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None, num_threads=0
+    causal=False, *, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None, num_threads=0, dropout_p=0.0,
+    seed=None
 ):
     """Gradients of flash_attn_varlen_func (packed [total, heads, head_dim] tensors, lse [heads, total_q])."""
     return _backward(dout, q, k, v, out, lse, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
-                     _backward_options(softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_threads))
+                     _backward_options(softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_threads,
+                                       dropout_p, seed))
 
 
 def flash_attn_func_with_backward(q, k, v, softmax_scale=None, causal=False, **options):
@@ -694,6 +720,9 @@ def flash_attn_func_with_backward(q, k, v, softmax_scale=None, causal=False, **o
     flash_attn_backward. No framework is needed.
     """
     threads = options.pop("num_threads", 0)
+    # The seed is drawn here, once, so that the backward regenerates the forward's mask.
+    options["dropout_p"], options["seed"] = dropout_arguments(options.get("dropout_p", 0.0), options.get("seed"),
+                                                              _draw_seed)
     out, lse = flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal, return_lse=True,
                                num_threads=threads, **options)
 

@@ -46,14 +46,52 @@ def _softmax(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, si
     return dict(raw=raw, kr=kr, visible=visible, p=p, safe_max=safe_max, total=total)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z):
+    """SplitMix64's finaliser of z + the golden-ratio increment, on uint64 arrays (wrapping)."""
+    z = (z + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(_MASK64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def dropout_mask(seed, dropout_p, batch, heads_q, seqlen_q, seqlen_k, first_batch=0):
+    """The library's dropout factors, float64 [batch, heads_q, seqlen_q, seqlen_k]: 1/(1 - p) where element
+    (b, h, i, j) is kept, 0 where dropped; batch index b counts from first_batch (a varlen sequence's index).
+
+    Written from the definition in the C header and Dropout.swift, independently of the kernels: a row state
+    r = splitmix64 chained over (seed, b, h, i); word x = lowbias32(low32(r) ^ (j * 0x9E3779B9 + high32(r)));
+    kept iff x >> 8 < round((1 - p) * 2**24)."""
+    with np.errstate(over="ignore"):
+        b = np.arange(first_batch, first_batch + batch, dtype=np.uint64)[:, None, None]
+        h = np.arange(heads_q, dtype=np.uint64)[None, :, None]
+        i = np.arange(seqlen_q, dtype=np.uint64)[None, None, :]
+        r = _mix64(np.full(1, int(seed) & _MASK64, dtype=np.uint64))
+        r = _mix64(_mix64(_mix64(r ^ b) ^ h) ^ i)[..., None]
+        low, high = r & np.uint64(0xFFFFFFFF), r >> np.uint64(32)
+        j = np.arange(seqlen_k, dtype=np.uint64)
+        x = (low ^ ((j * np.uint64(0x9E3779B9) + high) & np.uint64(0xFFFFFFFF))).astype(np.uint32)
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x7FEB352D)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(0x846CA68B)
+        x ^= x >> np.uint32(16)
+    threshold = round((1.0 - float(np.float32(dropout_p))) * (1 << 24))
+    return np.where((x >> np.uint32(8)) < threshold, 1.0 / (1.0 - float(np.float32(dropout_p))), 0.0)
+
+
 def reference_attention(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                        alibi_slopes=None, sinks=None, return_lse=False):
+                        alibi_slopes=None, sinks=None, return_lse=False, dropout=None):
     """softmax(q kᵀ · scale) v computed in float64, materialising the full score matrix.
 
     Same layouts and semantics as flash_attn_func: q [batch, seqlen_q, heads_q, head_dim], k and v
     [batch, seqlen_k, heads_kv, head_dim], grouped-query heads, bottom-right aligned causal mask and
     sliding window, softcap on the scaled score, ALiBi bias, sink logits in the denominator; rows that
-    see no key give 0 and LSE -inf (or the sink). Returns float64 out (and lse [batch, heads_q, seqlen_q]).
+    see no key give 0 and LSE -inf (or the sink). With `dropout` (factors from dropout_mask) each probability
+    is multiplied by its factor in P·V only; the LSE is the undropped one. Returns float64 out (and lse
+    [batch, heads_q, seqlen_q]).
     """
     q = np.asarray(q, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
@@ -62,7 +100,7 @@ def reference_attention(q, k, v, softmax_scale=None, causal=False, window_size=(
     s = _softmax(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks)
     visible, safe_max, total = s["visible"], s["safe_max"], s["total"]
     with np.errstate(invalid="ignore", divide="ignore"):
-        weights = s["p"][..., :seqlen_k]
+        weights = s["p"][..., :seqlen_k] * (1.0 if dropout is None else dropout)
         # Hidden keys are excluded, not weighted by 0: a NaN or inf value reaches only the rows that see
         # its key (a matrix product would spread 0 · NaN to every row).
         out = np.einsum("bhqk,bkhd->bqhd", weights, np.where(np.isfinite(v), v, 0.0))
@@ -73,16 +111,20 @@ def reference_attention(q, k, v, softmax_scale=None, causal=False, window_size=(
     return (out, lse) if return_lse else out
 
 
-def reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=None, **options):
+def reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=None, dropout_p=0.0, seed=0,
+                               **options):
     """Varlen attention as a loop of reference_attention over the packed sequences: out [total_q, heads_q,
-    head_dim] and lse [heads_q, total_q]."""
+    head_dim] and lse [heads_q, total_q]. Dropout masks are drawn with each sequence's index as its batch."""
     out = np.zeros(q.shape, np.float64)
     lse = np.full((q.shape[1], q.shape[0]), -np.inf)
     for b in range(len(cu_seqlens_q) - 1):
         qs = slice(cu_seqlens_q[b], cu_seqlens_q[b + 1])
         ks = slice(cu_seqlens_k[b], cu_seqlens_k[b + 1])
         slopes = None if alibi_slopes is None else np.asarray(alibi_slopes)[b] if np.ndim(alibi_slopes) == 2 else alibi_slopes
-        o, l = reference_attention(q[None, qs], k[None, ks], v[None, ks], alibi_slopes=slopes, return_lse=True, **options)
+        z = None if dropout_p == 0 else dropout_mask(seed, dropout_p, 1, q.shape[1], qs.stop - qs.start,
+                                                     ks.stop - ks.start, first_batch=b)
+        o, l = reference_attention(q[None, qs], k[None, ks], v[None, ks], alibi_slopes=slopes, return_lse=True,
+                                   dropout=z, **options)
         out[qs], lse[:, qs] = o[0], l[0]
     return out, lse
 
@@ -115,7 +157,7 @@ def reference_kvcache_attention(q, k_cache, v_cache, cache_seqlens, k=None, v=No
 
 
 def reference_attention_backward(dout, q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                                 alibi_slopes=None, sinks=None, out=None):
+                                 alibi_slopes=None, sinks=None, out=None, dropout=None):
     """Analytic float64 gradients of reference_attention: (dq, dk, dv), plus dsinks when sinks is given.
 
     With S = q kᵀ · scale, S' = softcap·tanh(S/softcap) − ALiBi (masked to −inf), P = softmax([S', sink])
@@ -123,6 +165,7 @@ def reference_attention_backward(dout, q, k, v, softmax_scale=None, causal=False
     dS = dS' ∘ (1 − tanh²(S/softcap));  dq = dS k · scale;  dk = dSᵀ q · scale;  dsink = −Σ p_sink · D.
     Grouped kv heads receive the sum over their query heads. `out`, when given, is the forward output as
     stored (float16 or bfloat16 storage rounds it) and D is taken from it, as the library's backward does.
+    With `dropout` factors Z: O = (P ∘ Z) v, so dv = (P ∘ Z)ᵀ dO and dP = Z ∘ (dO vᵀ); D is unchanged in form.
     """
     q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
     stored_out = out
@@ -133,10 +176,11 @@ def reference_attention_backward(dout, q, k, v, softmax_scale=None, causal=False
     s = _softmax(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks)
     raw, kr, vr = s["raw"], s["kr"], np.repeat(v, group, axis=2)
     p, p_sink = s["p"][..., :seqlen_k], s["p"][..., seqlen_k]
-    out = np.einsum("bhqk,bkhd->bqhd", p, vr)
+    z = 1.0 if dropout is None else dropout
+    out = np.einsum("bhqk,bkhd->bqhd", p * z, vr)
     dout_h = dout.transpose(0, 2, 1, 3)  # [b, h, q, d]
-    dv = np.einsum("bhqk,bhqd->bkhd", p, dout_h)
-    dp = np.einsum("bhqd,bkhd->bhqk", dout_h, vr)
+    dv = np.einsum("bhqk,bhqd->bkhd", p * z, dout_h)
+    dp = np.einsum("bhqd,bkhd->bhqk", dout_h, vr) * z
     if stored_out is not None:
         out = np.asarray(stored_out, np.float64)
     d_row = np.einsum("bqhd,bqhd->bhq", dout, out)[..., None]

@@ -36,7 +36,7 @@ import torch
 
 from . import _torch_masked as _masked
 from . import _torch_raw as _raw
-from ._fa2 import check_unsupported, packed_functions
+from ._fa2 import check_unsupported, dropout_arguments, packed_functions
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache",
@@ -177,20 +177,20 @@ def _index_tensor(name, x, shape, device):
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: Optional[float], causal: bool,
     window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
-    sinks: Optional[torch.Tensor], num_threads: int,
+    sinks: Optional[torch.Tensor], num_threads: int, dropout_p: float, seed: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _dim_contiguous(q), _dim_contiguous(k), _dim_contiguous(v)
     batch, seqlen_q, heads_q, head_dim = q.shape
     out = torch.empty(batch, seqlen_q, heads_q, head_dim, dtype=q.dtype)
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32)
     _raw.forward(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks,
-                 num_threads)
+                 num_threads, dropout_p=dropout_p, seed=seed)
     return out, lse
 
 
 @_forward.register_fake
 def _forward_fake(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks,
-                  num_threads):
+                  num_threads, dropout_p, seed):
     _check_shapes(q, k, v, 4)
     batch, seqlen_q, heads_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
@@ -200,39 +200,42 @@ def _forward_fake(q, k, v, softmax_scale, causal, window_left, window_right, sof
 def _backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     softmax_scale: Optional[float], causal: bool, window_left: int, window_right: int, softcap: float,
-    alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor], num_threads: int,
+    alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor], num_threads: int, dropout_p: float,
+    seed: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dsinks); dsinks is float32 [heads_q] with sinks, else an empty float32 tensor."""
     dout, q, k, v, out = (_dim_contiguous(x) for x in (dout, q, k, v, out))
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype) for x in (q, k, v))
     dsinks = torch.zeros(q.shape[2] if sinks is not None else 0, dtype=torch.float32)
     _raw.backward(dout, q, k, v, out, lse, dq, dk, dv, dsinks if sinks is not None else None, None, softmax_scale,
-                  causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads)
+                  causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads, dropout_p, seed)
     return dq, dk, dv, dsinks
 
 
 @_backward.register_fake
 def _backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap,
-                   alibi_slopes, sinks, num_threads):
+                   alibi_slopes, sinks, num_threads, dropout_p, seed):
     _check_shapes(q, k, v, 4)
     dsinks = q.new_empty((q.shape[2] if sinks is not None else 0,), dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads = inputs
+    (q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads, dropout_p,
+     seed) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, sinks)
     ctx.options = (softmax_scale, causal, window_left, window_right, softcap)
-    ctx.num_threads = num_threads
+    ctx.num_threads, ctx.dropout = num_threads, (dropout_p, seed)
     # The backward covers d(out) only; a gradient through lse would be silently dropped, so lse has none.
     ctx.mark_non_differentiable(lse)
 
 
 def _autograd_backward(ctx, dout, _dlse):
     q, k, v, out, lse, alibi_slopes, sinks = ctx.saved_tensors
-    dq, dk, dv, dsinks = _backward(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, sinks, ctx.num_threads)
-    return dq, dk, dv, None, None, None, None, None, None, (dsinks if sinks is not None else None), None
+    dq, dk, dv, dsinks = _backward(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, sinks, ctx.num_threads,
+                                   *ctx.dropout)
+    return (dq, dk, dv) + (None,) * 6 + ((dsinks if sinks is not None else None), None, None, None)
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -246,19 +249,19 @@ def _varlen_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: Optional[float], causal: bool, window_left: int,
     window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
-    num_threads: int,
+    num_threads: int, dropout_p: float, seed: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _dim_contiguous(q), _dim_contiguous(k), _dim_contiguous(v)
     out = torch.empty(q.shape, dtype=q.dtype)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
     _raw.varlen_forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                        causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads)
+                        causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads, dropout_p, seed)
     return out, lse
 
 
 @_varlen_forward.register_fake
 def _varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                         window_left, window_right, softcap, alibi_slopes, sinks, num_threads):
+                         window_left, window_right, softcap, alibi_slopes, sinks, num_threads, dropout_p, seed):
     _check_shapes(q, k, v, 3)
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
@@ -268,20 +271,22 @@ def _varlen_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
     softmax_scale: Optional[float], causal: bool, window_left: int, window_right: int, softcap: float,
-    alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor], num_threads: int,
+    alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor], num_threads: int, dropout_p: float,
+    seed: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dout, q, k, v, out = (_dim_contiguous(x) for x in (dout, q, k, v, out))
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype) for x in (q, k, v))
     dsinks = torch.zeros(q.shape[1] if sinks is not None else 0, dtype=torch.float32)
     _raw.backward(dout, q, k, v, out, lse, dq, dk, dv, dsinks if sinks is not None else None,
                   (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), softmax_scale, causal, window_left,
-                  window_right, softcap, alibi_slopes, sinks, num_threads)
+                  window_right, softcap, alibi_slopes, sinks, num_threads, dropout_p, seed)
     return dq, dk, dv, dsinks
 
 
 @_varlen_backward.register_fake
 def _varlen_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                          softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads):
+                          softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads,
+                          dropout_p, seed):
     _check_shapes(q, k, v, 3)
     dsinks = q.new_empty((q.shape[1] if sinks is not None else 0,), dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
@@ -289,19 +294,19 @@ def _varlen_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
 
 def _varlen_setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-     sinks, num_threads) = inputs
+     sinks, num_threads, dropout_p, seed) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes, sinks)
     ctx.options = (max_q, max_k, softmax_scale, causal, window_left, window_right, softcap)
-    ctx.num_threads = num_threads
+    ctx.num_threads, ctx.dropout = num_threads, (dropout_p, seed)
     ctx.mark_non_differentiable(lse)
 
 
 def _varlen_autograd_backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi_slopes, sinks = ctx.saved_tensors
     dq, dk, dv, dsinks = _varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.options, alibi_slopes, sinks,
-                                          ctx.num_threads)
-    return (dq, dk, dv) + (None,) * 10 + ((dsinks if sinks is not None else None), None)
+                                          ctx.num_threads, *ctx.dropout)
+    return (dq, dk, dv) + (None,) * 10 + ((dsinks if sinks is not None else None), None, None, None)
 
 
 _varlen_forward.register_autograd(_varlen_autograd_backward, setup_context=_varlen_setup_context)
@@ -465,17 +470,28 @@ def _attention(q, k, v, mask=None, padding=None, seq_ids=None, hint=None, softma
 # --- user-facing functions -------------------------------------------------------------------------------------
 
 
-def _fa2_arguments(dropout_p, return_attn_probs, block_table=None):
-    """FlashAttention-2's arguments this adapter does not implement raise instead of being ignored."""
-    check_unsupported(dropout_p, block_table=block_table)
+def _draw_seed():
+    """A dropout seed from torch's default generator: torch.manual_seed(n) makes dropout runs repeatable (FA2
+    draws its Philox seed from the same generator)."""
+    return int(torch.randint(0, (1 << 63) - 1, (), dtype=torch.int64))
+
+
+def _fa2_arguments(dropout_p, seed, return_attn_probs, block_table=None):
+    """(dropout_p, seed) checked (torch's operators take int64 seeds: [0, 2**63)); FlashAttention-2's arguments
+    this adapter does not implement raise instead of being ignored."""
+    check_unsupported(block_table=block_table)
+    dropout_p, seed = dropout_arguments(dropout_p, seed, _draw_seed)
+    if seed >= 1 << 63:
+        raise ValueError(f"seed ({seed}) must be below 2**63 in the torch adapter")
     if return_attn_probs:
         raise NotImplementedError("return_attn_probs: the probability matrix is not materialised by the torch "
                                   "adapter; use return_lse=True (flash_attention.flash_attn_func returns it for "
                                   "small numpy inputs)")
+    return dropout_p, seed
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, seed=None, sinks=None,
                     return_lse=False, num_threads=0):
     """Exact attention softmax(q kᵀ · scale) v on CPU tensors, differentiable, usable under torch.compile.
 
@@ -484,7 +500,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         k, v: [batch, seqlen_k, heads_kv, head_dim], one dtype (may differ from q's); heads_q a multiple of
             heads_kv (grouped-query attention, no repeated heads). Any strides (e.g. ``x.transpose(1, 2)`` of a
             [b, h, s, d] tensor) are read in place.
-        dropout_p: FlashAttention-2's position; only 0.0 (attention dropout is not implemented: raises).
+        dropout_p: attention dropout in [0, 1), as FlashAttention-2 applies it (probabilities kept with
+            probability 1 - dropout_p and scaled by 1/(1 - dropout_p) before P·V; lse undropped); the backward
+            regenerates the same mask.
         softmax_scale: multiplies q kᵀ; None means 1/sqrt(head_dim).
         causal: bottom-right aligned (FlashAttention's convention): query i sees key j iff
             j <= i + seqlen_k - seqlen_q. Equals torch's ``is_causal`` (top-left) only when seqlen_q == seqlen_k;
@@ -497,6 +515,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         return_attn_probs: FlashAttention-2's (out, lse, probs) triple; the probabilities are not materialised
             here, so True raises unless return_lse alone is what is needed (use return_lse=True).
         The arguments above are FlashAttention-2's, in its order; those below are keyword-only.
+        seed: the dropout mask's key, an integer in [0, 2**63); None draws one from torch's default generator
+            (torch.manual_seed makes runs repeatable). The mask is a function of the seed and each element's
+            (batch, head, query, key): identical for every num_threads (flash_attention.reference.dropout_mask).
         sinks: [heads_q] logits that join the softmax denominator (converted to float32; differentiated).
         return_lse: also return the natural-log log-sum-exp, float32 [batch, heads_q, seqlen_q]
             (not differentiable).
@@ -505,7 +526,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Returns out (q's dtype, contiguous [batch, seqlen_q, heads_q, head_dim]) or (out, lse). Gradients flow to
     q, k, v and sinks. Tensors must be on the CPU (meta tensors give outputs of the right shape and dtype).
     """
-    _fa2_arguments(dropout_p, return_attn_probs)
+    dropout_p, seed = _fa2_arguments(dropout_p, seed, return_attn_probs)
     _check_qkv(q, k, v, 4)
     softmax_scale = _scale(softmax_scale)
     window_left, window_right = _window(window_size)
@@ -520,16 +541,16 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         out = torch.empty(batch, seqlen_q, heads_q, head_dim, dtype=q.dtype)
         lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32) if return_lse else None
         _raw.forward(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                     sinks, num_threads)
+                     sinks, num_threads, dropout_p=dropout_p, seed=seed)
     else:
         out, lse = _forward(q, k, v, softmax_scale, bool(causal), window_left, window_right, softcap, alibi_slopes,
-                            sinks, num_threads)
+                            sinks, num_threads, dropout_p, seed)
     return (out, lse) if return_lse else out
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, max_seqlen_k=0, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None, *, sinks=None,
+                           deterministic=False, return_attn_probs=False, block_table=None, *, seed=None, sinks=None,
                            return_lse=False, num_threads=0):
     """Attention over a batch of sequences of different lengths packed along the rows, differentiable.
 
@@ -544,7 +565,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, 
 
     Returns out [total_q, heads_q, head_dim], or (out, lse) with lse float32 [heads_q, total_q].
     """
-    _fa2_arguments(dropout_p, return_attn_probs, block_table=block_table)
+    dropout_p, seed = _fa2_arguments(dropout_p, seed, return_attn_probs, block_table=block_table)
     _check_qkv(q, k, v, 3)
     if not isinstance(cu_seqlens_q, torch.Tensor):
         cu_seqlens_q = torch.tensor(cu_seqlens_q, dtype=torch.int32)
@@ -565,10 +586,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, 
         out = torch.empty(q.shape, dtype=q.dtype)
         lse = torch.empty(heads_q, q.shape[0], dtype=torch.float32) if return_lse else None
         _raw.varlen_forward(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_left,
-                            window_right, softcap, alibi_slopes, sinks, num_threads)
+                            window_right, softcap, alibi_slopes, sinks, num_threads, dropout_p, seed)
     else:
         out, lse = _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, bool(causal), window_left,
-                                   window_right, softcap, alibi_slopes, sinks, num_threads)
+                                   window_right, softcap, alibi_slopes, sinks, num_threads, dropout_p, seed)
     return (out, lse) if return_lse else out
 
 
@@ -771,7 +792,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             _raw.forward(query, key, value, out, None, scale, False, left, right, heads_first=True)
             return out.squeeze(1) if three_d else out
         out = _forward(q, key.transpose(1, 2), value.transpose(1, 2), scale, False, left, right, 0.0, None, None,
-                       0)[0]
+                       0, 0.0, 0)[0]
     else:
         mask = attn_mask
         if is_causal:

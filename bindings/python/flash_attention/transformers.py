@@ -19,7 +19,7 @@ against the mask, so a wrong guess costs speed, never correctness):
     torch.compile(fullgraph=True) works); FlashAttention's cu_seq_lens_q/k keyword arguments are used too;
   * sliding windows and softcap (Gemma 2) from the layer, attention sinks (s_aux), grouped-query heads
     without repeating them.
-What it cannot do raises a clear error: attention dropout in training, output_attentions, a 4-D float mask
+What it cannot do raises a clear error: attention dropout together with a mask, output_attentions, a 4-D float mask
 that is an additive bias rather than a mask. A bool mask that fits no plan (e.g. a custom overlay) runs
 through torch's scaled_dot_product_attention with a one-time warning.
 """
@@ -113,10 +113,10 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, slid
     if kwargs.get("output_attentions"):
         raise ValueError("flash_attention backend: output_attentions=True needs the attention weights, which "
                          "this library never materialises; use attn_implementation='eager' for that")
-    if dropout:
-        raise NotImplementedError(f"flash_attention backend: attention dropout ({dropout}) is not implemented; "
-                                  "call model.eval(), set the config's attention_dropout to 0, or use 'sdpa' "
-                                  "for training with dropout")
+    if dropout and attention_mask is not None:
+        raise NotImplementedError(f"flash_attention backend: attention dropout ({dropout}) with an attention mask "
+                                  "is not implemented (dropout works in unmasked and packed-sequence training); "
+                                  "call model.eval(), set the config's attention_dropout to 0, or use 'sdpa'")
     if query.device.type != "cpu":
         raise ValueError(f"flash_attention backend: tensors are on {query.device}; this library runs on the CPU")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -140,7 +140,7 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, slid
             out = _ft.flash_attn_varlen_func(
                 q.reshape(-1, q.shape[2], head_dim), k.reshape(-1, k.shape[2], head_dim),
                 v.reshape(-1, v.shape[2], head_dim), cu_q, cu_k, softmax_scale=scaling, causal=causal,
-                window_size=(left, -1), softcap=softcap, sinks=sinks, num_threads=num_threads)
+                window_size=(left, -1), softcap=softcap, sinks=sinks, num_threads=num_threads, dropout_p=dropout)
             out = out.view(batch, seqlen_q, q.shape[2], head_dim)
         else:
             if causal and 1 < seqlen_q < seqlen_k:
@@ -148,7 +148,7 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, slid
                 # into an empty static cache, whose keys past the queries are not written yet.
                 k, v = k[:, :seqlen_q], v[:, :seqlen_q]
             out = _ft.flash_attn_func(q, k, v, softmax_scale=scaling, window_size=(left, right), softcap=softcap,
-                                      sinks=sinks, num_threads=num_threads)
+                                      sinks=sinks, num_threads=num_threads, dropout_p=dropout)
     else:
         mask, padding, hint = None, None, None
         if attention_mask.dim() == 2:

@@ -447,8 +447,8 @@ def test_opcheck():
     sinks = torch.tensor([0.1, 0.2, 0.3, 0.4], requires_grad=True)
     alibi = torch.tensor([0.1, 0.2, 0.3, 0.4])
     forward_args = [
-        (q, k, v, None, False, -1, -1, 0.0, None, None, 0),
-        (q, k, v, 0.5, True, 5, 0, 2.0, alibi, sinks, 1),
+        (q, k, v, None, False, -1, -1, 0.0, None, None, 0, 0.0, 0),
+        (q, k, v, 0.5, True, 5, 0, 2.0, alibi, sinks, 1, 0.25, 12345),
     ]
     for args in forward_args:
         torch.library.opcheck(torch.ops.flash_attention.forward.default, args)

@@ -139,8 +139,9 @@ def test_varlen_errors():
 def test_varlen_opcheck_and_compile():
     (q, k, v), cu_q, cu_k = varlen_inputs(7, [5, 8], [6, 8], requires_grad=True)
     cu_q, cu_k = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
-    for args in [(q, k, v, cu_q, cu_k, 0, 0, None, False, -1, -1, 0.0, None, None, 0),
-                 (q, k, v, cu_q, cu_k, 8, 8, 0.5, True, 3, 0, 2.0, None, torch.tensor([0.1, 0.2, 0.3, 0.4]), 1)]:
+    for args in [(q, k, v, cu_q, cu_k, 0, 0, None, False, -1, -1, 0.0, None, None, 0, 0.0, 0),
+                 (q, k, v, cu_q, cu_k, 8, 8, 0.5, True, 3, 0, 2.0, None, torch.tensor([0.1, 0.2, 0.3, 0.4]), 1, 0.2,
+                  99)]:
         torch.library.opcheck(torch.ops.flash_attention.varlen_forward.default, args)
 
     def loss(q, k, v):

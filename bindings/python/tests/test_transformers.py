@@ -288,8 +288,9 @@ def test_clear_errors():
             built[NAME](input_ids=ids, output_attentions=True)
     dropout = AutoModelForCausalLM.from_config(LlamaConfig(**{**config("llama").to_dict(), "attention_dropout": 0.1}),
                                                attn_implementation=NAME).train()
+    padded_ids, padding = inputs("right")
     with pytest.raises(NotImplementedError, match="dropout"):
-        dropout(input_ids=ids)
+        dropout(input_ids=padded_ids, attention_mask=padding)
     bias = torch.randn(3, 1, SEQ, SEQ)
     with pytest.raises(ValueError, match="additive bias"):
         with torch.no_grad():
@@ -364,3 +365,17 @@ def test_bidirectional_encoder_with_padding():
     with torch.no_grad():
         ignored = built["eager"](input_ids=ids).last_hidden_state  # padding ignored: far outside the bar
     assert float((ignored - out["eager"])[valid].abs().max()) > 100 * bar
+
+
+def test_training_with_attention_dropout_runs_and_depends_on_the_seed():
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**config("llama").to_dict(), "attention_dropout": 0.3}),
+                                             attn_implementation=NAME).train()
+    ids, _ = inputs(None)
+    torch.manual_seed(0)
+    first = model(input_ids=ids).logits
+    first.square().mean().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.manual_seed(0)
+    assert torch.equal(first, model(input_ids=ids).logits)
+    torch.manual_seed(1)
+    assert not torch.equal(first, model(input_ids=ids).logits)
