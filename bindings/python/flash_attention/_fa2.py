@@ -25,12 +25,49 @@ def dropout_arguments(dropout_p, seed, draw):
     return float(dropout_p), int(seed)
 
 
-def check_unsupported(rotary_cos=None, rotary_sin=None, block_table=None):
-    """Rejects the FA2 arguments this library does not implement, naming each: a silently ignored rotary
-    embedding would give an answer that looks right and is not."""
-    if rotary_cos is not None or rotary_sin is not None:
-        raise NotImplementedError("rotary_cos/rotary_sin: rotary embedding inside the KV-cache call is not "
-                                  "implemented; rotate q and k before the call")
+def rotary_plan(q_shape, k_shape, cos, sin, cache_seqlens, aligned):
+    """Checks FA2's rotary arguments of the KV-cache call and returns the row offsets (start, step) of q's
+    positions: cache_seqlens + i when `aligned` (causal or windowed: query i is the new key i), else
+    cache_seqlens for every row. The new keys k are rotated at cache_seqlens + i. cos/sin: [seqlen_ro,
+    rotary_dim / 2], rotary_dim even and at most head_dim (FA2 also asks for a multiple of 16; any size works
+    here)."""
+    if cos is None or sin is None:
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if k_shape is None:
+        raise ValueError("rotary embedding rotates the appended keys: pass k and v with rotary_cos/rotary_sin")
+    if cache_seqlens is None:
+        raise ValueError("rotary embedding needs cache_seqlens (the position of each entry's first new key)")
+    if len(cos.shape) != 2 or tuple(sin.shape) != tuple(cos.shape):
+        raise ValueError(f"rotary_cos and rotary_sin must both be [seqlen_ro, rotary_dim / 2], got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    if not 1 <= 2 * cos.shape[1] <= q_shape[3]:
+        raise ValueError(f"rotary_dim (2 × {cos.shape[1]}) must be in 2...head_dim ({q_shape[3]})")
+    return 1 if aligned else 0
+
+
+def check_rotary_positions(last_position, seqlen_ro):
+    if last_position >= seqlen_ro:
+        raise ValueError(f"rotary_cos has {seqlen_ro} positions; position {last_position} (cache_seqlens + "
+                         "seqlen_new - 1) needs more")
+
+
+def apply_rotary(x, cos, sin, positions, interleaved, to_float32, back):
+    """x [batch, rows, heads, head_dim] (numpy or torch) with its first rotary_dim channels rotated at
+    `positions` [batch, rows]: pairs (2i, 2i + 1) when interleaved (GPT-J), (i, i + rotary_dim / 2) otherwise
+    (GPT-NeoX): (a, b) -> (a cos - b sin, a sin + b cos), in float32, then `back` to x's dtype (as FA2 does)."""
+    half = cos.shape[1]
+    c, s = to_float32(cos[positions])[:, :, None, :], to_float32(sin[positions])[:, :, None, :]
+    out = to_float32(x) * 1
+    first, second = (slice(0, 2 * half, 2), slice(1, 2 * half, 2)) if interleaved else (slice(0, half),
+                                                                                       slice(half, 2 * half))
+    a, b = out[..., first] * 1, out[..., second] * 1
+    out[..., first], out[..., second] = a * c - b * s, a * s + b * c
+    return back(out)
+
+
+def check_unsupported(block_table=None):
+    """Rejects the FA2 arguments this library does not implement, naming each: a silently ignored argument
+    would give an answer that looks right and is not."""
     if block_table is not None:
         raise NotImplementedError("block_table in flash_attn_varlen_func is not implemented; use "
                                   "flash_attn_with_kvcache for paged caches")

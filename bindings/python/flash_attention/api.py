@@ -9,7 +9,8 @@ import sys
 import numpy as np
 
 from . import _capi
-from ._fa2 import check_unsupported, dropout_arguments, packed_functions
+from ._fa2 import (apply_rotary, check_rotary_positions, check_unsupported, dropout_arguments, packed_functions,
+                   rotary_plan)
 from ._loader import load
 
 class FlashAttentionError(Exception):
@@ -424,8 +425,11 @@ def flash_attn_with_kvcache(
         k, v: optional float32 [batch, seqlen_new, heads_kv, head_dim], written into the cache in place at
             positions cache_seqlens[b] ... before attending (advance cache_seqlens yourself afterwards).
         cache_seqlens: int or int32 [batch]: keys already cached per batch entry (default: all of them).
-        rotary_cos, rotary_sin, rotary_interleaved: FlashAttention-2's positions; rotary embedding is not
-            implemented (raises when given).
+        rotary_cos, rotary_sin: optional [seqlen_ro, rotary_dim / 2] (FlashAttention-2's rotary embedding):
+            the new keys k are rotated at positions cache_seqlens[b] + i before they are written (the cache
+            holds rotated keys), and q at cache_seqlens[b] + i when causal or windowed, else at cache_seqlens[b]
+            for every row. Needs k, v and cache_seqlens. rotary_interleaved: rotate channel pairs (2i, 2i + 1)
+            (True, GPT-J style) or (i, i + rotary_dim / 2) (False, GPT-NeoX style). Computed in float32.
         cache_batch_idx: optional int32 [batch]: which cache row each batch entry uses.
         cache_leftpad: optional int32 [batch]: the first cached key of each entry (left-padded batches): entry b
             attends to cache positions cache_leftpad[b] ... cache_seqlens[b] - 1 plus the appended keys. Not with
@@ -444,7 +448,9 @@ def flash_attn_with_kvcache(
 
     Returns out float32 [batch, seqlen_q, heads_q, head_dim], or (out, lse) with lse [batch, heads_q, seqlen_q].
     """
-    check_unsupported(rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+    if rotary_cos is not None or rotary_sin is not None:
+        q, k = _rotated(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_interleaved,
+                        causal or tuple(window_size) != (-1, -1))
     if cache_leftpad is not None:
         return _left_padded_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad,
                                     block_table, k_scale, dict(
@@ -538,6 +544,27 @@ def flash_attn_with_kvcache(
         _set_tensor(params, "lse", lse, ("batch", "head", "row"))
     check_status(lib, lib.flash_attention_forward_kvcache(ctypes.byref(params)))
     return (out, lse) if want_lse else out
+
+
+def _rotated(q, k, cos, sin, cache_seqlens, interleaved, aligned):
+    """q and the new keys k rotated as flash_attn_with_kvcache documents (new arrays; the inputs are kept)."""
+    q, k = _array("q", q, 4, dtype=None), _array("k", k, 4, dtype=None) if k is not None else None
+    step = rotary_plan(q.shape, None if k is None else k.shape, None if cos is None else np.asarray(cos),
+                       None if sin is None else np.asarray(sin), cache_seqlens, aligned)
+    cos, sin = np.asarray(cos, np.float32), np.asarray(sin, np.float32)
+    starts = np.broadcast_to(_index_array("cache_seqlens", np.broadcast_to(cache_seqlens, (q.shape[0],)),
+                                          (q.shape[0],)).astype(np.int64), (q.shape[0],))[:, None]
+    k_positions = starts + np.arange(k.shape[1])
+    q_positions = starts + step * np.arange(q.shape[1])
+    check_rotary_positions(int(max(k_positions.max(initial=0), q_positions.max(initial=0))), cos.shape[0])
+    if starts.size and starts.min() < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got {starts.min()}")
+
+    def rotate(x, positions):
+        return apply_rotary(x, cos, sin, positions, interleaved, lambda y: np.asarray(y, np.float32),
+                            lambda y: y.astype(x.dtype))
+
+    return rotate(q, q_positions), rotate(k, k_positions)
 
 
 def _left_padded_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,

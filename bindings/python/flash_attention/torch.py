@@ -36,7 +36,8 @@ import torch
 
 from . import _torch_masked as _masked
 from . import _torch_raw as _raw
-from ._fa2 import check_unsupported, dropout_arguments, packed_functions
+from ._fa2 import (apply_rotary, check_rotary_positions, check_unsupported, dropout_arguments, packed_functions,
+                   rotary_plan)
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache",
@@ -593,6 +594,24 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, 
     return (out, lse) if return_lse else out
 
 
+def _rotated(q, k, cos, sin, cache_seqlens, interleaved, aligned):
+    """q and the new keys k rotated as flash_attn_with_kvcache documents (new tensors, torch ops only)."""
+    step = rotary_plan(tuple(q.shape), None if k is None else tuple(k.shape), cos, sin, cache_seqlens, aligned)
+    starts = torch.as_tensor(cache_seqlens, device=q.device).to(torch.int64).expand(q.shape[0])[:, None]
+    k_positions = starts + torch.arange(k.shape[1], device=q.device)
+    q_positions = starts + step * torch.arange(q.shape[1], device=q.device)
+    if not torch.compiler.is_compiling() and q.device.type == "cpu" and starts.numel():
+        if int(starts.min()) < 0:
+            raise ValueError(f"cache_seqlens must be >= 0, got {int(starts.min())}")
+        check_rotary_positions(max(int(k_positions.max()), int(q_positions.max())), cos.shape[0])
+
+    def rotate(x, positions):
+        return apply_rotary(x, cos, sin, positions, interleaved, lambda y: y.to(torch.float32),
+                            lambda y: y.to(x.dtype))
+
+    return rotate(q, q_positions), rotate(k, k_positions)
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
                             cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
                             causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
@@ -615,13 +634,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         block_table: optional integer tensor [batch, max_blocks_per_seq]: the blocks of each sequence.
         Causal and window alignment use each entry's own key count (bottom-right).
         The other arguments are those of flash_attn_func, in FlashAttention-2's order up to return_softmax_lse
-        (its name for return_lse); rotary_cos/rotary_sin raise (rotary embedding is not implemented), and
-        num_splits and rotary_interleaved are accepted and unused.
+        (its name for return_lse); rotary_cos, rotary_sin and rotary_interleaved as in the numpy function
+        (keys rotated before they are written, q at the positions FA2 uses); num_splits is accepted and unused.
 
     Returns out [batch, seqlen_q, heads_q, head_dim], or (out, lse) with lse float32 [batch, heads_q, seqlen_q].
     No backward (FlashAttention-2 has none either): a call that would need one raises.
     """
-    check_unsupported(rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+    if rotary_cos is not None or rotary_sin is not None:
+        q, k = _rotated(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_interleaved,
+                        causal or tuple(window_size) != (-1, -1))
     if not (type(q) in _PLAIN and type(k_cache) in _PLAIN and type(v_cache) in _PLAIN and q.is_cpu
             and k_cache.is_cpu and v_cache.is_cpu and q.dtype in _DTYPES and k_cache.dtype in _DTYPES
             and v_cache.dtype is k_cache.dtype):

@@ -1,6 +1,6 @@
 """FlashAttention-2's calling conventions: its positional order (dropout_p fourth), the packed variants,
 return_attn_probs, cache_leftpad in the numpy KV-cache call, and clear errors for what is not implemented
-(rotary embedding, a paged varlen cache); dropout has test_dropout.py. Parity against the float64 reference."""
+(a paged varlen cache); rotary embedding in the KV-cache call; dropout has test_dropout.py. Parity against the float64 reference."""
 
 import numpy as np
 import pytest
@@ -22,14 +22,11 @@ def test_positional_arguments_follow_flash_attention_2s_order():
     assert_close(out, lse, ref, ref_lse)
 
 
-def test_a_paged_varlen_call_and_rotary_raise_instead_of_being_ignored():
+def test_a_paged_varlen_call_raises_instead_of_being_ignored():
     q, k, v = random_inputs(2, 1, 5, 6, 2, 2, 8)
     cu = np.array([0, 5], np.int32)
     with pytest.raises(NotImplementedError, match="block_table"):
         fa.flash_attn_varlen_func(q[0], k[0, :5], v[0, :5], cu, cu, 5, 5, block_table=np.zeros((1, 1), np.int32))
-    with pytest.raises(NotImplementedError, match="rotary"):
-        fa.flash_attn_with_kvcache(q, k, v, rotary_cos=np.ones((6, 4), np.float32),
-                                   rotary_sin=np.zeros((6, 4), np.float32))
 
 
 def test_return_attn_probs_gives_out_lse_and_the_probabilities():
@@ -124,3 +121,84 @@ def test_torch_adapter_takes_the_same_order():
     torch.testing.assert_close(ft.flash_attn_kvpacked_func(q, kv, 0.0, 0.25, True, (5, 0)), out, rtol=0, atol=0)
     with pytest.raises(NotImplementedError, match="return_attn_probs"):
         ft.flash_attn_func(q, k, v, return_attn_probs=True)
+
+
+def rotate_reference(x, cos, sin, positions, interleaved):
+    """Rotary embedding in float64 as complex multiplication: channel pairs (2i, 2i+1) or (i, i + half) are
+    the real and imaginary parts of z, rotated to z · e^(iθ) with cos θ, sin θ at each row's position."""
+    x = np.asarray(x, np.float64).copy()
+    half = cos.shape[1]
+    pairs = (np.s_[..., 0:2 * half:2], np.s_[..., 1:2 * half:2]) if interleaved else (np.s_[..., :half],
+                                                                                     np.s_[..., half:2 * half])
+    z = x[pairs[0]] + 1j * x[pairs[1]]
+    angle = (np.asarray(cos, np.float64) + 1j * np.asarray(sin, np.float64))[positions][:, :, None, :]
+    z = z * angle
+    x[pairs[0]], x[pairs[1]] = z.real, z.imag
+    return x
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("options", [dict(causal=True), dict(window_size=(5, 2)), {}], ids=["causal", "window", "none"])
+@pytest.mark.parametrize("rotary_half", [4, 7])
+def test_rotary_embedding_in_the_kvcache_call(interleaved, options, rotary_half):
+    rng = np.random.default_rng(31)
+    batch, seqlen_new, heads_q, heads_kv, d, capacity = 3, 3, 4, 2, 24, 20
+    q = rng.standard_normal((batch, seqlen_new, heads_q, d), dtype=np.float32)
+    k_new, v_new = (rng.standard_normal((batch, seqlen_new, heads_kv, d), dtype=np.float32) for _ in range(2))
+    k_cache, v_cache = (rng.standard_normal((batch, capacity, heads_kv, d), dtype=np.float32) for _ in range(2))
+    seqlens = np.array([0, 7, 17], np.int32)
+    angle = rng.uniform(0, 2 * np.pi, (capacity, rotary_half))
+    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    before = k_cache.copy()
+    out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cos, sin, seqlens, None, None, None, None,
+                                     rotary_interleaved=interleaved, **options)
+    rows = seqlens[:, None] + np.arange(seqlen_new)
+    aligned = bool(options)
+    k_rotated = rotate_reference(k_new, cos, sin, rows, interleaved)
+    q_rotated = rotate_reference(q, cos, sin, rows if aligned else np.repeat(seqlens[:, None], seqlen_new, 1),
+                                 interleaved)
+    for b in range(batch):  # the cache holds the rotated keys; nothing else changed
+        np.testing.assert_allclose(k_cache[b, seqlens[b]:seqlens[b] + seqlen_new], k_rotated[b], atol=2e-6)
+        np.testing.assert_array_equal(k_cache[b, :seqlens[b]], before[b, :seqlens[b]])
+    ref, _ = reference_kvcache_attention(q_rotated, before, v_cache, seqlens, k=k_rotated, v=v_new, **options)
+    assert_close(out, None, ref, None)
+
+
+def test_rotary_errors_name_the_argument_and_write_nothing():
+    q, k, v = random_inputs(2, 1, 2, 6, 2, 2, 8)
+    cache = np.zeros((1, 6, 2, 8), np.float32)
+    cos = np.ones((5, 2), np.float32)
+    cases = [(dict(rotary_cos=cos), "rotary_cos and rotary_sin must be given together"),
+             (dict(rotary_cos=cos, rotary_sin=cos[:, :1]), "must both be"),
+             (dict(rotary_cos=np.ones((5, 5), np.float32), rotary_sin=np.ones((5, 5), np.float32)), "rotary_dim"),
+             (dict(rotary_cos=cos, rotary_sin=cos, k=None, v=None), "pass k and v"),
+             (dict(rotary_cos=cos, rotary_sin=cos, cache_seqlens=4), "rotary_cos has 5 positions")]
+    for extra, message in cases:
+        arguments = {**dict(k=k[:, :2], v=v[:, :2], cache_seqlens=1), **extra}
+        with pytest.raises(ValueError, match=message):
+            fa.flash_attn_with_kvcache(q, cache, cache.copy(), **arguments)
+        assert not cache.any()
+
+
+def test_torch_rotary_matches_numpy():
+    torch = pytest.importorskip("torch", reason="torch is optional; the numpy API carries the same rotation")
+    import flash_attention.torch as ft
+
+    rng = np.random.default_rng(32)
+    q = rng.standard_normal((2, 2, 4, 16), dtype=np.float32)
+    k_new, v_new = (rng.standard_normal((2, 2, 2, 16), dtype=np.float32) for _ in range(2))
+    cache = rng.standard_normal((2, 9, 2, 16), dtype=np.float32)
+    angle = rng.uniform(0, 6, (9, 5))
+    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    seqlens = np.array([3, 6], np.int32)
+    for interleaved in (True, False):
+        numpy_cache, torch_cache = cache.copy(), torch.from_numpy(cache.copy())
+        want = fa.flash_attn_with_kvcache(q, numpy_cache, numpy_cache.copy(), k_new, v_new, cos, sin, seqlens,
+                                          causal=True, rotary_interleaved=interleaved)
+        got = ft.flash_attn_with_kvcache(torch.from_numpy(q), torch_cache, torch_cache.clone(),
+                                         torch.from_numpy(k_new), torch.from_numpy(v_new), torch.from_numpy(cos),
+                                         torch.from_numpy(sin), torch.from_numpy(seqlens), causal=True,
+                                         rotary_interleaved=interleaved)
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(torch_cache.numpy(), numpy_cache, rtol=0, atol=1e-6)
+
