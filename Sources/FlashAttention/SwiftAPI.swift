@@ -90,57 +90,23 @@ public enum Attention {
         newK: AttentionTensor? = nil, newV: AttentionTensor? = nil, cacheBatchIndex: [Int]? = nil,
         blockTable: [[Int]]? = nil, options: AttentionOptions = .init()
     ) throws(AttentionError) -> AttentionResult {
-        guard kCache.shape == vCache.shape, kCache.headDim == q.headDim else {
-            throw .invalidShape("kCache \(kCache.shape) and vCache \(vCache.shape) must have one shape, with q's headDim (\(q.headDim))")
+        try runKVCache(q, &kCache, &vCache, cacheSeqlens, newK, newV, cacheBatchIndex, blockTable, options)
+    }
+
+    /// `forwardKVCache` against an 8-bit cache (int8 or float8 E4M3, one format for both), a quarter of a
+    /// float32 cache's memory: exact attention over the dequantized cache (each row's values × its scale).
+    /// `newK`/`newV` (float32) are quantized as they are appended, bit for bit as
+    /// `QuantizedTensor(quantizing:as:)` does, and their scales written into the caches' `scales`. Other
+    /// arguments and guarantees as in the float32 form.
+    public static func forwardKVCache(
+        q: AttentionTensor, kCache: inout QuantizedTensor, vCache: inout QuantizedTensor, cacheSeqlens: [Int],
+        newK: AttentionTensor? = nil, newV: AttentionTensor? = nil, cacheBatchIndex: [Int]? = nil,
+        blockTable: [[Int]]? = nil, options: AttentionOptions = .init()
+    ) throws(AttentionError) -> AttentionResult {
+        guard kCache.format == vCache.format else {
+            throw .invalidArgument("kCache (\(kCache.format)) and vCache (\(vCache.format)) must have one format")
         }
-        guard (newK == nil) == (newV == nil) else { throw .invalidArgument("newK and newV must be given together") }
-        if let newK, let newV {
-            guard newK.shape == newV.shape, newK.batch == q.batch, newK.heads == kCache.heads, newK.headDim == q.headDim else {
-                throw .invalidShape(
-                    "newK \(newK.shape) and newV \(newV.shape) must both be [\(q.batch), seqlenNew, \(kCache.heads), \(q.headDim)]")
-            }
-        }
-        let seqlens = try int32s(cacheSeqlens, "cacheSeqlens", count: q.batch)
-        let batchIndex = try cacheBatchIndex.map { (x) throws(AttentionError) in try int32s(x, "cacheBatchIndex", count: q.batch) }
-        var table: [Int32]? = nil
-        var params = try makeParams(options, batch: q.batch, headsQ: q.heads)
-        if let blockTable {
-            let width = blockTable.first?.count ?? 0
-            guard blockTable.count == q.batch, blockTable.allSatisfy({ $0.count == width }) else {
-                throw .invalidShape("blockTable must have \(q.batch) rows (q.batch) of one length")
-            }
-            table = try int32s(blockTable.flatMap { $0 }, "blockTable", count: q.batch * width)
-            (params.block_table_batch_stride, params.max_blocks_per_seq) = (Int64(width), Int64(width))
-        }
-        (params.batch, params.seqlen_q, params.heads_q) = (Int64(q.batch), Int64(q.seqlen), Int64(q.heads))
-        (params.heads_kv, params.head_dim) = (Int64(kCache.heads), Int64(q.headDim))
-        (params.cache_batch, params.cache_seqlen) = (Int64(kCache.batch), Int64(kCache.seqlen))
-        params.seqlen_new = Int64(newK?.seqlen ?? 0)
-        var out = AttentionTensor(batch: q.batch, seqlen: q.seqlen, heads: q.heads, headDim: q.headDim)
-        var lse = [Float](repeating: 0, count: q.batch * q.heads * q.seqlen)
-        let status = withAddresses([q.values, newK?.values, newV?.values, options.alibiSlopes, options.sinks]) { f in
-            withAddresses([seqlens, batchIndex, table]) { i in
-                kCache.withMutableValues { kp in
-                    vCache.withMutableValues { vp in
-                        out.withMutableValues { op in
-                            lse.withUnsafeMutableBufferPointer { lp in
-                                setPointers(&params, q: f[0], k: UnsafePointer(kp.baseAddress), v: UnsafePointer(vp.baseAddress),
-                                            out: op.baseAddress, lse: lp.baseAddress, alibi: f[3], sinks: f[4], shape: q)
-                                (params.k_new, params.v_new) = (UnsafeRawPointer(f[1]), UnsafeRawPointer(f[2]))
-                                if let newK {
-                                    (params.k_new_batch_stride, params.k_new_row_stride, params.k_new_head_stride) = strides(newK)
-                                    (params.v_new_batch_stride, params.v_new_row_stride, params.v_new_head_stride) = strides(newK)
-                                }
-                                (params.cache_seqlens, params.cache_batch_idx, params.block_table) = (i[0], i[1], i[2])
-                                return flash_attention_forward_kvcache(&params)
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        try check(status)
-        return AttentionResult(out: out, lse: lse)
+        return try runKVCache(q, &kCache, &vCache, cacheSeqlens, newK, newV, cacheBatchIndex, blockTable, options)
     }
 
     // MARK: Merging partial results
@@ -274,6 +240,50 @@ extension Attention {
         return params
     }
 
+    /// The params of a KV-cache call but its pointers: sizes, element types (new rows are float32), and the
+    /// dense strides of the new rows and of the row scales; checks the shapes the library cannot compare (it is
+    /// given one head_dim and one heads_kv).
+    private static func kvCacheParams<Cache: KVCacheStorage>(
+        _ q: AttentionTensor, _ kCache: Cache, _ vCache: Cache, _ newK: AttentionTensor?, _ newV: AttentionTensor?,
+        _ options: AttentionOptions
+    ) throws(AttentionError) -> flash_attention_params {
+        guard kCache.shape == vCache.shape, kCache.headDim == q.headDim else {
+            throw .invalidShape("kCache \(kCache.shape) and vCache \(vCache.shape) must have one shape, with q's headDim (\(q.headDim))")
+        }
+        guard (newK == nil) == (newV == nil) else { throw .invalidArgument("newK and newV must be given together") }
+        var params = try makeParams(options, batch: q.batch, headsQ: q.heads)
+        if let newK, let newV {
+            guard newK.shape == newV.shape, newK.batch == q.batch, newK.heads == kCache.heads, newK.headDim == q.headDim else {
+                throw .invalidShape(
+                    "newK \(newK.shape) and newV \(newV.shape) must both be [\(q.batch), seqlenNew, \(kCache.heads), \(q.headDim)]")
+            }
+            (params.k_new_batch_stride, params.k_new_row_stride, params.k_new_head_stride) = strides(newK)
+            (params.v_new_batch_stride, params.v_new_row_stride, params.v_new_head_stride) = strides(newK)
+            params.seqlen_new = Int64(newK.seqlen)
+        }
+        (params.batch, params.seqlen_q, params.heads_q) = (Int64(q.batch), Int64(q.seqlen), Int64(q.heads))
+        (params.heads_kv, params.head_dim) = (Int64(kCache.heads), Int64(q.headDim))
+        (params.cache_batch, params.cache_seqlen) = (Int64(kCache.batch), Int64(kCache.seqlen))
+        (params.kv_dtype, params.kv_new_dtype) = (kCache.dtype, FA_DTYPE_FLOAT32)
+        // Row scales (read only for 8-bit caches): dense [cacheBatch, cacheSeqlen, headsKV].
+        let scaleStrides = (Int64(kCache.seqlen * kCache.heads), Int64(kCache.heads), Int64(1))
+        (params.k_scale_batch_stride, params.k_scale_row_stride, params.k_scale_head_stride) = scaleStrides
+        (params.v_scale_batch_stride, params.v_scale_row_stride, params.v_scale_head_stride) = scaleStrides
+        return params
+    }
+
+    /// The block table as the int32 rows the C API reads; sets its width in the params.
+    private static func setBlockTable(
+        _ params: inout flash_attention_params, _ blockTable: [[Int]], batch: Int
+    ) throws(AttentionError) -> [Int32] {
+        let width = blockTable.first?.count ?? 0
+        guard blockTable.count == batch, blockTable.allSatisfy({ $0.count == width }) else {
+            throw .invalidShape("blockTable must have \(batch) rows (q.batch) of one length")
+        }
+        (params.block_table_batch_stride, params.max_blocks_per_seq) = (Int64(width), Int64(width))
+        return try int32s(blockTable.flatMap { $0 }, "blockTable", count: batch * width)
+    }
+
     private static func setSizes(_ params: inout flash_attention_params, q: AttentionTensor, k: AttentionTensor) {
         (params.batch, params.seqlen_q, params.seqlen_k) = (Int64(q.batch), Int64(q.seqlen), Int64(k.seqlen))
         (params.heads_q, params.heads_kv, params.head_dim) = (Int64(q.heads), Int64(k.heads), Int64(q.headDim))
@@ -287,15 +297,15 @@ extension Attention {
     /// Points the params at q, k, v, out (all dense, out shaped like q, k like v) and a dense [batch, heads,
     /// seqlen] LSE, plus the option arrays.
     private static func setPointers(
-        _ params: inout flash_attention_params, q qPointer: UnsafePointer<Float>?, k: UnsafePointer<Float>?,
-        v: UnsafePointer<Float>?, out: UnsafeMutablePointer<Float>?, lse: UnsafeMutablePointer<Float>?,
+        _ params: inout flash_attention_params, q qPointer: UnsafePointer<Float>?, k: UnsafeRawPointer?,
+        v: UnsafeRawPointer?, out: UnsafeMutablePointer<Float>?, lse: UnsafeMutablePointer<Float>?,
         alibi: UnsafePointer<Float>?, sinks: UnsafePointer<Float>?, shape q: AttentionTensor, kv: AttentionTensor? = nil
     ) {
         (params.q, params.out, params.lse) = (UnsafeRawPointer(qPointer), UnsafeMutableRawPointer(out), lse)
         (params.q_batch_stride, params.q_row_stride, params.q_head_stride) = strides(q)
         (params.out_batch_stride, params.out_row_stride, params.out_head_stride) = strides(q)
         (params.lse_batch_stride, params.lse_head_stride, params.lse_row_stride) = (Int64(q.heads * q.seqlen), Int64(q.seqlen), 1)
-        (params.k, params.v) = (UnsafeRawPointer(k), UnsafeRawPointer(v))
+        (params.k, params.v) = (k, v)
         // Without kv, k and v are a KV cache: [cacheBatch, cacheSeqlen, headsKV, headDim].
         let (cacheRows, heads, dim) = (Int64(params.cache_seqlen), params.heads_kv, params.head_dim)
         let kvStrides = kv.map(strides) ?? (cacheRows * heads * dim, heads * dim, dim)
@@ -323,6 +333,41 @@ extension Attention {
                                     alibi: f[3], sinks: f[4], shape: q, kv: k)
                         (params.cu_seqlens_q, params.cu_seqlens_k) = (i[0], i[1])
                         return entry(&params)
+                    }
+                }
+            }
+        }
+        try check(status)
+        return AttentionResult(out: out, lse: lse)
+    }
+
+    /// Both forms of `forwardKVCache`: checks what the library cannot see, fills the params, pins every array
+    /// and calls the C entry point.
+    private static func runKVCache<Cache: KVCacheStorage>(
+        _ q: AttentionTensor, _ kCache: inout Cache, _ vCache: inout Cache, _ cacheSeqlens: [Int],
+        _ newK: AttentionTensor?, _ newV: AttentionTensor?, _ cacheBatchIndex: [Int]?, _ blockTable: [[Int]]?,
+        _ options: AttentionOptions
+    ) throws(AttentionError) -> AttentionResult {
+        var params = try kvCacheParams(q, kCache, vCache, newK, newV, options)
+        let seqlens = try int32s(cacheSeqlens, "cacheSeqlens", count: q.batch)
+        let batchIndex = try cacheBatchIndex.map { (x) throws(AttentionError) in try int32s(x, "cacheBatchIndex", count: q.batch) }
+        let table = try blockTable.map { (x) throws(AttentionError) in try setBlockTable(&params, x, batch: q.batch) }
+        var out = AttentionTensor(batch: q.batch, seqlen: q.seqlen, heads: q.heads, headDim: q.headDim)
+        var lse = [Float](repeating: 0, count: q.batch * q.heads * q.seqlen)
+        let status = withAddresses([q.values, newK?.values, newV?.values, options.alibiSlopes, options.sinks]) { f in
+            withAddresses([seqlens, batchIndex, table]) { i in
+                kCache.withMutableStorage { kp, ks in
+                    vCache.withMutableStorage { vp, vs in
+                        out.withMutableValues { op in
+                            lse.withUnsafeMutableBufferPointer { lp in
+                                setPointers(&params, q: f[0], k: kp, v: vp, out: op.baseAddress, lse: lp.baseAddress,
+                                            alibi: f[3], sinks: f[4], shape: q)
+                                (params.k_new, params.v_new) = (UnsafeRawPointer(f[1]), UnsafeRawPointer(f[2]))
+                                (params.k_scale, params.v_scale) = (ks, vs)
+                                (params.cache_seqlens, params.cache_batch_idx, params.block_table) = (i[0], i[1], i[2])
+                                return flash_attention_forward_kvcache(&params)
+                            }
+                        }
                     }
                 }
             }

@@ -1,4 +1,5 @@
 import CFlashAttention
+import FlashAttentionCore
 
 /// The value types of the Swift API (SwiftAPI.swift): a dense tensor, the options, the results and the typed
 /// error. They hold Swift arrays, so the C pointers and status codes never reach the caller.
@@ -17,7 +18,7 @@ public struct AttentionTensor: Equatable, Sendable {
     /// Wraps `values` laid out as [batch, seqlen, heads, headDim]; throws `.invalidShape` if a size is negative
     /// or the count does not match.
     public init(batch: Int, seqlen: Int, heads: Int, headDim: Int, values: [Float]) throws(AttentionError) {
-        let count = try Self.elementCount(batch, seqlen, heads, headDim)
+        let count = try elementCount([batch, seqlen, heads, headDim])
         guard values.count == count else {
             throw .invalidShape(
                 "values has \(values.count) elements but the shape [\(batch), \(seqlen), \(heads), \(headDim)] needs \(count)")
@@ -28,43 +29,173 @@ public struct AttentionTensor: Equatable, Sendable {
 
     /// A tensor with every element `value`; traps on a negative size, as `Array(repeating:count:)` does.
     public init(batch: Int, seqlen: Int, heads: Int, headDim: Int, repeating value: Float = 0) {
-        let count: Int
-        do { count = try Self.elementCount(batch, seqlen, heads, headDim) } catch { preconditionFailure(error.message) }
         (self.batch, self.seqlen, self.heads, self.headDim) = (batch, seqlen, heads, headDim)
-        values = [Float](repeating: value, count: count)
+        values = [Float](repeating: value, count: checkedElementCount([batch, seqlen, heads, headDim]))
     }
 
     /// [batch, seqlen, heads, headDim].
     public var shape: [Int] { [batch, seqlen, heads, headDim] }
 
     public subscript(b: Int, s: Int, h: Int, d: Int) -> Float {
-        get { values[index(b, s, h, d)] }
-        set { values[index(b, s, h, d)] = newValue }
-    }
-
-    @inline(__always)
-    private func index(_ b: Int, _ s: Int, _ h: Int, _ d: Int) -> Int {
-        precondition(
-            0 <= b && b < batch && 0 <= s && s < seqlen && 0 <= h && h < heads && 0 <= d && d < headDim,
-            "index (\(b), \(s), \(h), \(d)) out of range for shape \(shape)")
-        return ((b * seqlen + s) * heads + h) * headDim + d
+        get { values[denseIndex((batch, seqlen, heads, headDim), b, s, h, d)] }
+        set { values[denseIndex((batch, seqlen, heads, headDim), b, s, h, d)] = newValue }
     }
 
     /// Write access for the library (outputs and an appended KV cache); the count cannot change.
     mutating func withMutableValues<R>(_ body: (UnsafeMutableBufferPointer<Float>) -> R) -> R {
         values.withUnsafeMutableBufferPointer { body($0) }
     }
+}
 
-    private static func elementCount(_ sizes: Int...) throws(AttentionError) -> Int {
-        var count = 1
-        for size in sizes {
-            guard size >= 0 else { throw .invalidShape("tensor sizes \(sizes) must be >= 0") }
-            let (product, overflow) = count.multipliedReportingOverflow(by: size)
-            guard !overflow else { throw .invalidShape("tensor sizes \(sizes) have more elements than Int can count") }
-            count = product
-        }
-        return count
+/// An 8-bit KV-cache tensor [batch, seqlen, heads, headDim] with one float32 scale per row of headDim values:
+/// element (b, s, h, d) stands for its value × scale(b, s, h). A quarter of a float32 cache's memory, read by
+/// the library as it is (dense, in that order, no copy) and dequantized in registers.
+public struct QuantizedTensor: Equatable, Sendable {
+    /// How the bytes encode values; the C header's FA_DTYPE_INT8 and FA_DTYPE_FLOAT8_E4M3.
+    public enum Format: Equatable, Sendable {
+        /// Symmetric int8: scale = max|x| / 127, values rounded to nearest even and clamped to ±127.
+        case int8
+        /// OCP FP8 E4M3FN (no infinities): scale = max|x| / 448, values rounded to nearest even.
+        case float8E4M3
     }
+
+    public let format: Format
+    public let batch: Int
+    public let seqlen: Int
+    public let heads: Int
+    public let headDim: Int
+    /// The elements' bytes, densely [batch, seqlen, heads, headDim]: two's-complement int8 or E4M3FN bit
+    /// patterns. Settable only through appends, so the count always matches the shape (the library trusts it).
+    public private(set) var values: [UInt8]
+    /// The row scales, densely [batch, seqlen, heads]; an append writes those of its rows.
+    public private(set) var scales: [Float]
+
+    /// Wraps quantized `values` and their row `scales`; throws `.invalidShape` if a size is negative or a count
+    /// does not match the shape.
+    public init(
+        format: Format, batch: Int, seqlen: Int, heads: Int, headDim: Int, values: [UInt8], scales: [Float]
+    ) throws(AttentionError) {
+        let rows = try elementCount([batch, seqlen, heads])
+        let count = try elementCount([rows, headDim])
+        guard values.count == count, scales.count == rows else {
+            throw .invalidShape(
+                "values and scales have \(values.count) and \(scales.count) elements but the shape [\(batch), \(seqlen), "
+                    + "\(heads), \(headDim)] needs \(count) and \(rows)")
+        }
+        self.init(format, [batch, seqlen, heads, headDim], values, scales)
+    }
+
+    /// An empty cache (every value and scale 0) to append to; traps on a negative size, as `Array` does.
+    public init(format: Format, batch: Int, seqlen: Int, heads: Int, headDim: Int) {
+        let rows = checkedElementCount([batch, seqlen, heads])
+        self.init(format, [batch, seqlen, heads, headDim], [UInt8](repeating: 0, count: checkedElementCount([rows, headDim])),
+                  [Float](repeating: 0, count: rows))
+    }
+
+    /// Quantizes `tensor` row by row exactly as the library quantizes the rows it appends (the same function),
+    /// so a cache filled here and one filled by appends hold the same bytes.
+    public init(quantizing tensor: AttentionTensor, as format: Format) {
+        var quantized = QuantizedTensor(
+            format: format, batch: tensor.batch, seqlen: tensor.seqlen, heads: tensor.heads, headDim: tensor.headDim)
+        let (rows, dim) = (quantized.scales.count, tensor.headDim)
+        quantized.withMutableStorage { values, scales in
+            tensor.values.withUnsafeBufferPointer { source in
+                for row in 0..<rows where dim > 0 {
+                    scales![row] = quantizeRow(source.baseAddress! + row * dim, count: dim, element: format.element,
+                                               into: values! + row * dim)
+                }
+            }
+        }
+        self = quantized
+    }
+
+    private init(_ format: Format, _ shape: [Int], _ values: [UInt8], _ scales: [Float]) {
+        (self.format, self.batch, self.seqlen, self.heads, self.headDim) = (format, shape[0], shape[1], shape[2], shape[3])
+        (self.values, self.scales) = (values, scales)
+    }
+
+    /// [batch, seqlen, heads, headDim].
+    public var shape: [Int] { [batch, seqlen, heads, headDim] }
+
+    /// Element (b, s, h, d) dequantized: its value × its row's scale.
+    public subscript(b: Int, s: Int, h: Int, d: Int) -> Float {
+        let index = denseIndex((batch, seqlen, heads, headDim), b, s, h, d)
+        return values.withUnsafeBytes { format.element.load($0.baseAddress! + index) } * scales[index / headDim]
+    }
+
+    /// The float32 tensor this one stands for (what the attention is exact over).
+    public func dequantized() -> AttentionTensor {
+        var out = AttentionTensor(batch: batch, seqlen: seqlen, heads: heads, headDim: headDim)
+        for b in 0..<batch { for s in 0..<seqlen { for h in 0..<heads { for d in 0..<headDim {
+            out[b, s, h, d] = self[b, s, h, d]
+        } } } }
+        return out
+    }
+
+    /// Write access for the library (an append): the values' and scales' base addresses.
+    mutating func withMutableStorage<R>(_ body: (UnsafeMutableRawPointer?, UnsafeMutablePointer<Float>?) -> R) -> R {
+        values.withUnsafeMutableBytes { v in scales.withUnsafeMutableBufferPointer { body(v.baseAddress, $0.baseAddress) } }
+    }
+}
+
+extension QuantizedTensor.Format {
+    /// The library's element type (its FA_DTYPE_* code is the raw value).
+    var element: ElementType {
+        switch self {
+        case .int8: .int8
+        case .float8E4M3: .float8e4m3
+        }
+    }
+}
+
+/// What `Attention.forwardKVCache` needs of a cache tensor, so that one implementation serves float32 and 8-bit
+/// caches: its shape, its FA_DTYPE_* and write access to its elements and row scales (nil for float32).
+protocol KVCacheStorage {
+    var batch: Int { get }
+    var seqlen: Int { get }
+    var heads: Int { get }
+    var headDim: Int { get }
+    var shape: [Int] { get }
+    var dtype: flash_attention_dtype { get }
+    mutating func withMutableStorage<R>(_ body: (UnsafeMutableRawPointer?, UnsafeMutablePointer<Float>?) -> R) -> R
+}
+
+extension AttentionTensor: KVCacheStorage {
+    var dtype: flash_attention_dtype { FA_DTYPE_FLOAT32 }
+
+    mutating func withMutableStorage<R>(_ body: (UnsafeMutableRawPointer?, UnsafeMutablePointer<Float>?) -> R) -> R {
+        withMutableValues { body(UnsafeMutableRawPointer($0.baseAddress), nil) }
+    }
+}
+
+extension QuantizedTensor: KVCacheStorage {
+    var dtype: flash_attention_dtype { format.element.rawValue }
+}
+
+/// The element count of a tensor of `sizes`; throws `.invalidShape` for a negative size or an overflow.
+private func elementCount(_ sizes: [Int]) throws(AttentionError) -> Int {
+    var count = 1
+    for size in sizes {
+        guard size >= 0 else { throw .invalidShape("tensor sizes \(sizes) must be >= 0") }
+        let (product, overflow) = count.multipliedReportingOverflow(by: size)
+        guard !overflow else { throw .invalidShape("tensor sizes \(sizes) have more elements than Int can count") }
+        count = product
+    }
+    return count
+}
+
+/// `elementCount` for the non-throwing initialisers, which trap as `Array(repeating:count:)` does.
+private func checkedElementCount(_ sizes: [Int]) -> Int {
+    do { return try elementCount(sizes) } catch { preconditionFailure(error.message) }
+}
+
+/// The offset of element (b, s, h, d) of a dense [batch, seqlen, heads, headDim] tensor; traps when out of range.
+@inline(__always)
+private func denseIndex(_ shape: (Int, Int, Int, Int), _ b: Int, _ s: Int, _ h: Int, _ d: Int) -> Int {
+    precondition(
+        0 <= b && b < shape.0 && 0 <= s && s < shape.1 && 0 <= h && h < shape.2 && 0 <= d && d < shape.3,
+        "index (\(b), \(s), \(h), \(d)) out of range for shape \([shape.0, shape.1, shape.2, shape.3])")
+    return ((b * shape.1 + s) * shape.2 + h) * shape.3 + d
 }
 
 /// Everything about an attention call except its tensors. The defaults are plain softmax attention over every

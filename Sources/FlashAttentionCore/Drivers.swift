@@ -87,17 +87,29 @@ private func appendToCache(_ p: AttentionProblem, _ append: CacheAppend) {
                             continue
                         }
                         new.element.loadRow(source, count: p.headDim, into: row)
-                        var scale: Float = 1
                         if cache.element.isQuantized {
-                            scale = quantizationScale(row, count: p.headDim, element: cache.element)
-                            p.keyScale(cache, sequence, head: h, position: position).pointee = scale
+                            p.keyScale(cache, sequence, head: h, position: position).pointee =
+                                quantizeRow(row, count: p.headDim, element: cache.element, into: target)
+                        } else {
+                            cache.element.storeRow(row, count: p.headDim, scale: 1, into: target)
                         }
-                        cache.element.storeRow(row, count: p.headDim, scale: scale == 0 ? 0 : 1 / scale, into: target)
                     }
                 }
             }
         }
     }
+}
+
+/// Quantizes one row of `count` floats into `element` (an 8-bit type) at `target` and returns its scale: the one
+/// definition of quantization, shared by cache appends and the Swift API's `QuantizedTensor(quantizing:)`, so
+/// that a row quantized ahead of time and one appended by the library are the same bytes.
+@inlinable
+public func quantizeRow(
+    _ row: UnsafePointer<Float>, count: Int, element: ElementType, into target: UnsafeMutableRawPointer
+) -> Float {
+    let scale = quantizationScale(row, count: count, element: element)
+    element.storeRow(row, count: count, scale: scale == 0 ? 0 : 1 / scale, into: target)
+    return scale
 }
 
 /// The scale of one row quantized to an 8-bit type: max|x| / 127 (int8) or / 448 (float8 E4M3), 0 for a row

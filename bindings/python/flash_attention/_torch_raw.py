@@ -11,7 +11,8 @@ Layouts (element strides, head_dim stride 1; a tensor strided along head_dim is 
     dense:  q, out [batch, seqlen_q, heads_q, head_dim]; k, v [batch, seqlen_k, heads_kv, head_dim];
             lse float32 [batch, heads_q, seqlen_q]
     varlen: q, out [total_q, heads_q, head_dim]; k, v [total_k, heads_kv, head_dim]; lse [heads_q, total_q]
-    cache:  k, v [cache_batch, cache_seqlen, heads_kv, head_dim] (or pages), as flash_attention.h says
+    cache:  k, v [cache_batch, cache_seqlen, heads_kv, head_dim] (or pages), as flash_attention.h says; an
+            8-bit cache (int8, float8_e4m3fn) with float32 row scales [cache_batch, cache_seqlen, heads_kv]
 """
 
 import ctypes
@@ -25,6 +26,9 @@ from .api import check_status
 
 DTYPE_CODES = {torch.float32: _capi.FA_DTYPE_FLOAT32, torch.float16: _capi.FA_DTYPE_FLOAT16,
                torch.bfloat16: _capi.FA_DTYPE_BFLOAT16}
+# KV caches may also be 8-bit, each row of head_dim values with a float32 scale (flash_attention.h, FA_DTYPE_INT8).
+QUANTIZED_CODES = {torch.int8: _capi.FA_DTYPE_INT8, torch.float8_e4m3fn: _capi.FA_DTYPE_FLOAT8_E4M3}
+CACHE_CODES = {**DTYPE_CODES, **QUANTIZED_CODES}
 
 _byref = ctypes.byref
 _lib = None                 # the loaded library, set by _library()
@@ -82,8 +86,13 @@ def _options(p, scale, causal, window_left, window_right, softcap, alibi, sinks,
 _SIZES_AND_TENSORS = struct.Struct("@6q" + "P4q" * 4)
 _LSE = struct.Struct("@P3q")
 _DTYPES = struct.Struct("@ii")
+# k_scale and v_scale, each a pointer and three strides, are adjacent too (the last fields of 0.5).
+_SCALES = struct.Struct("@P3qP3q")
 _AT_SIZES, _AT_LSE, _AT_DTYPES = _capi.Params.batch.offset, _capi.Params.lse.offset, _capi.Params.dtype.offset
-if _AT_SIZES + _SIZES_AND_TENSORS.size != _AT_LSE:  # the field order of flash_attention.h, checked once
+_AT_SCALES = _capi.Params.k_scale.offset
+# The field order of flash_attention.h, checked once.
+if (_AT_SIZES + _SIZES_AND_TENSORS.size != _AT_LSE
+        or _AT_SCALES + _SCALES.size != _capi.Params.v_scale_head_stride.offset + 8):
     raise ImportError("flash_attention._capi.Params does not have the layout _torch_raw packs")
 
 
@@ -109,7 +118,7 @@ def _dense_tensors(p, q, k, v, out, lse, heads_first=False):
     if lse is not None:
         s = lse.stride()
         _LSE.pack_into(p, _AT_LSE, lse.data_ptr(), s[0], s[1], s[2])
-    _DTYPES.pack_into(p, _AT_DTYPES, DTYPE_CODES[q.dtype], DTYPE_CODES[k.dtype])
+    _DTYPES.pack_into(p, _AT_DTYPES, DTYPE_CODES[q.dtype], CACHE_CODES[k.dtype])
 
 
 def _varlen_tensors(p, q, k, v, out, lse, cu_q, cu_k, max_q, max_k):
@@ -158,10 +167,12 @@ def varlen_forward(q, k, v, out, lse, cu_q, cu_k, max_q=0, max_k=0, scale=None, 
 
 def kvcache_forward(q, k_cache, v_cache, out, lse, cache_seqlens, cache_batch_idx=None, block_table=None,
                     k_new=None, v_new=None, scale=None, causal=False, window_left=-1, window_right=-1, softcap=0.0,
-                    alibi=None, sinks=None, num_threads=0, rows=None):
+                    alibi=None, sinks=None, num_threads=0, rows=None, k_scale=None, v_scale=None):
     """flash_attention_forward_kvcache into the given out (and lse). cache_seqlens, cache_batch_idx and
     block_table are contiguous int32 tensors. `rows`, if given, is (cache_batch, cache_seqlen, k_batch_stride,
-    v_batch_stride): a cache "row" then starts at any key row of the tensor (see _torch_masked's key ranges)."""
+    v_batch_stride): a cache "row" then starts at any key row of the tensor (see _torch_masked's key ranges).
+    k_scale, v_scale: the float32 row scales of an 8-bit cache, any strides (read in place, appends write them);
+    k_new/v_new may then be of a float type, quantized by the library as it appends them."""
     lib, p = _new_params()
     _dense_tensors(p, q, k_cache, v_cache, out, lse)
     if rows is None:
@@ -180,6 +191,10 @@ def kvcache_forward(q, k_cache, v_cache, out, lse, cache_seqlens, cache_batch_id
         s = v_new.stride()
         p.v_new, p.v_new_batch_stride, p.v_new_row_stride, p.v_new_head_stride = v_new.data_ptr(), s[0], s[1], s[2]
         p.seqlen_new = k_new.shape[1]
+        if k_new.dtype is not k_cache.dtype:
+            p.kv_new_dtype = DTYPE_CODES[k_new.dtype]
+    if k_scale is not None:
+        _SCALES.pack_into(p, _AT_SCALES, k_scale.data_ptr(), *k_scale.stride(), v_scale.data_ptr(), *v_scale.stride())
     _options(p, scale, causal, window_left, window_right, softcap, alibi, sinks, num_threads)
     status = lib.flash_attention_forward_kvcache(_byref(p))
     if status:

@@ -92,11 +92,19 @@ def quantize_kv(x, dtype):
         x: float array [..., head_dim] (float32, float16 or bfloat16).
         dtype: np.int8 or ml_dtypes.float8_e4m3fn.
     Returns (values of `dtype`, scales float32 x.shape[:-1]); values × scales[..., None] dequantizes.
+    (flash_attention.torch.quantize_kv is the same for torch tensors.)
     """
     code = _cache_dtype_code(np.dtype(dtype))
     if code is None:
         raise TypeError(f"dtype must be numpy.int8 or ml_dtypes.float8_e4m3fn, got {np.dtype(dtype)}")
-    x = np.asarray(x).astype(np.float32)
+    values, scales = quantized_rows(np.asarray(x).astype(np.float32), code)
+    return values.astype(dtype), scales
+
+
+def quantized_rows(x, code):
+    """quantize_kv's arithmetic on a float32 array, for numpy and torch alike: (float32 values ready for the cast
+    to the 8-bit type FA_DTYPE_* `code` — already rounded and clamped for int8, saturated for float8, whose cast
+    rounds to nearest even — and the float32 row scales)."""
     magnitude = np.abs(x)
     largest = np.where(np.isnan(magnitude), np.float32(0), magnitude).max(axis=-1, initial=np.float32(0))
     scales = (largest / np.float32(127 if code == _capi.FA_DTYPE_INT8 else 448)).astype(np.float32)
@@ -104,10 +112,28 @@ def quantize_kv(x, dtype):
         inverse = np.where(scales > 0, np.float32(1) / scales, np.float32(0)).astype(np.float32)
     y = (x * inverse[..., None]).astype(np.float32)
     if code == _capi.FA_DTYPE_INT8:
-        values = np.clip(np.rint(np.nan_to_num(y, nan=0.0)), -127, 127).astype(np.int8)
-    else:
-        values = np.clip(y, -448, 448).astype(dtype)
-    return values, scales
+        return np.clip(np.rint(np.nan_to_num(y, nan=0.0)), -127, 127), scales
+    return np.clip(y, -448, 448), scales
+
+
+def check_cache_scales(cache, k_scale, v_scale, quantized, kind, float32):
+    """The checks of k_scale/v_scale shared by the numpy API and the torch adapter (same messages): with an
+    8-bit cache both are required, `kind` arrays (numpy.ndarray or torch.Tensor) of dtype `float32` shaped like
+    the cache without head_dim; with a float cache both must be None. Never copied: an append writes the scales
+    of its rows into the caller's arrays. Returns the (name, scale) pairs to pass (none for a float cache)."""
+    if not quantized:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale/v_scale belong to 8-bit caches; this cache is {cache.dtype}")
+        return ()
+    expected = tuple(cache.shape[:3])
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            raise ValueError(f"{name} is required with an 8-bit cache ({cache.dtype})")
+        if not isinstance(scale, kind) or scale.dtype != float32 or scale.ndim != 3:
+            raise TypeError(f"{name} must be a float32 {kind.__module__}.{kind.__name__} of 3 dimensions")
+        if tuple(scale.shape) != expected:
+            raise ValueError(f"{name} shape {tuple(scale.shape)} must be the cache's without head_dim, {expected}")
+    return ("k_scale", k_scale), ("v_scale", v_scale)
 
 
 def check_status(lib, status):
@@ -511,24 +537,14 @@ def flash_attn_with_kvcache(
         if quantized:
             params.kv_new_dtype = _DTYPES[k.dtype]
     params.dtype, params.kv_dtype = _DTYPES[q.dtype], quantized or _DTYPES[k_cache.dtype]
-    if quantized:
-        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if scale is None:
-                raise ValueError(f"{name} is required with an 8-bit cache ({k_cache.dtype})")
-            # Any strides (the library takes element strides for every axis): never copied, so that an
-            # append's scales land in the caller's array.
-            if not isinstance(scale, np.ndarray) or scale.dtype != np.float32 or scale.ndim != 3:
-                raise TypeError(f"{name} must be a float32 numpy.ndarray of 3 dimensions")
-            if any(st % 4 for st in scale.strides):
-                raise ValueError(f"{name} has strides {scale.strides} that are not multiples of the element size")
-            if scale.shape != k_cache.shape[:3]:
-                raise ValueError(f"{name} shape {scale.shape} must be the cache's without head_dim, {k_cache.shape[:3]}")
-            if k is not None and not scale.flags.writeable:
-                raise ValueError(f"{name} must be writable to append k/v")
-            _set_tensor(params, name, scale, ("batch", "row", "head"))
-            keep.append(scale)
-    elif k_scale is not None or v_scale is not None:
-        raise ValueError(f"k_scale/v_scale belong to 8-bit caches; this cache is {k_cache.dtype}")
+    # Any strides (the library takes element strides for every axis).
+    for name, scale in check_cache_scales(k_cache, k_scale, v_scale, quantized, np.ndarray, np.float32):
+        if any(st % 4 for st in scale.strides):
+            raise ValueError(f"{name} has strides {scale.strides} that are not multiples of the element size")
+        if k is not None and not scale.flags.writeable:
+            raise ValueError(f"{name} must be writable to append k/v")
+        _set_tensor(params, name, scale, ("batch", "row", "head"))
+        keep.append(scale)
     out = np.empty(q.shape, dtype=q.dtype)
     params.batch, params.seqlen_q = batch, seqlen_q
     params.heads_q, params.heads_kv, params.head_dim = heads_q, heads_kv, head_dim

@@ -7,8 +7,9 @@ pointers, element strides and a dtype code (flash_attention._torch_raw), float16
 Public functions (FlashAttention's names and layouts, plus torch's SDPA):
     flash_attn_func          [batch, seqlen, heads, head_dim], differentiable
     flash_attn_varlen_func   packed [total, heads, head_dim] sequences delimited by cu_seqlens, differentiable
-    flash_attn_with_kvcache  decoding against a contiguous or paged KV cache, optional append (no backward,
-                             as in FlashAttention-2)
+    flash_attn_with_kvcache  decoding against a contiguous or paged KV cache (float, or int8 / float8 with
+                             row scales), optional append (no backward, as in FlashAttention-2)
+    quantize_kv              keys or values to an 8-bit cache's values and row scales
     scaled_dot_product_attention
                              torch.nn.functional.scaled_dot_product_attention's signature and semantics, so
                              ``F.scaled_dot_product_attention = scaled_dot_product_attention`` works; what the
@@ -38,13 +39,14 @@ from . import _torch_masked as _masked
 from . import _torch_raw as _raw
 from ._fa2 import (apply_rotary, check_rotary_positions, check_unsupported, dropout_arguments, packed_functions,
                    rotary_plan)
+from .api import check_cache_scales, quantized_rows
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache",
-           "scaled_dot_product_attention"]
+           "quantize_kv", "scaled_dot_product_attention"]
 
 _DTYPES = _raw.DTYPE_CODES
-_DTYPE_NAMES = "torch.float32, torch.float16 or torch.bfloat16"
+_CACHE_DTYPES = _raw.CACHE_CODES
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _is_compiling = torch.compiler.is_compiling
 
@@ -80,7 +82,7 @@ def _check_tensor(name, x, device, dtypes=_DTYPES):
     if x.device != device:
         raise ValueError(f"{name} is on device {x.device} but q is on {device}")
     if x.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}, got {x.dtype}")
+        raise TypeError(f"{name} must have dtype {', '.join(map(str, dtypes))}, got {x.dtype}")
 
 
 def _check_qkv(q, k, v, ndim):
@@ -317,14 +319,17 @@ _varlen_forward.register_autograd(_varlen_autograd_backward, setup_context=_varl
 
 
 def _kvcache_run(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
-                 softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads, lse):
-    """The KV-cache call, shared by both operators and the direct path; returns out (lse is filled if given)."""
+                 softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads, lse,
+                 k_scale=None, v_scale=None):
+    """The KV-cache call, shared by both operators and the direct path; returns out (lse is filled if given).
+    k_scale/v_scale: an 8-bit cache's row scales (never with cache_leftpad, which the caller refuses)."""
     q = _dim_contiguous(q)
     out = torch.empty(q.shape, dtype=q.dtype)
     if cache_leftpad is None:
         _raw.kvcache_forward(q, k_cache, v_cache, out, lse, cache_seqlens, cache_batch_idx, block_table,
                              _dim_contiguous(k), _dim_contiguous(v), softmax_scale, causal, window_left,
-                             window_right, softcap, alibi_slopes, sinks, num_threads)
+                             window_right, softcap, alibi_slopes, sinks, num_threads, k_scale=k_scale,
+                             v_scale=v_scale)
         return out
     options = dict(scale=softmax_scale, causal=causal, window_left=window_left, window_right=window_right,
                    softcap=softcap, alibi=alibi_slopes, sinks=sinks, num_threads=num_threads)
@@ -351,41 +356,43 @@ def _kvcache_forward(
     cache_batch_idx: Optional[torch.Tensor], cache_leftpad: Optional[torch.Tensor],
     block_table: Optional[torch.Tensor], softmax_scale: Optional[float], causal: bool, window_left: int,
     window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
-    num_threads: int,
+    num_threads: int, k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
     out = _kvcache_run(q, k_cache, v_cache, None, None, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                        softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads,
-                       lse)
+                       lse, k_scale, v_scale)
     return out, lse
 
 
 @_kvcache_forward.register_fake
 def _kvcache_forward_fake(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
-                          softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads):
+                          softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads,
+                          k_scale=None, v_scale=None):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("flash_attention::kvcache_append_forward", mutates_args=("k_cache", "v_cache"),
-                         device_types="cpu")
+# An 8-bit cache's row scales are written by the append as well.
+@torch.library.custom_op("flash_attention::kvcache_append_forward",
+                         mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"), device_types="cpu")
 def _kvcache_append_forward(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cache_seqlens: torch.Tensor, cache_batch_idx: Optional[torch.Tensor], cache_leftpad: Optional[torch.Tensor],
     block_table: Optional[torch.Tensor], softmax_scale: Optional[float], causal: bool, window_left: int,
     window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
-    num_threads: int,
+    num_threads: int, k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
     out = _kvcache_run(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                        softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads,
-                       lse)
+                       lse, k_scale, v_scale)
     return out, lse
 
 
 @_kvcache_append_forward.register_fake
 def _kvcache_append_forward_fake(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad,
                                  block_table, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                                 sinks, num_threads):
+                                 sinks, num_threads, k_scale=None, v_scale=None):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
@@ -616,7 +623,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
                             causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
                             alibi_slopes=None, num_splits=0, return_softmax_lse=False, *, sinks=None,
-                            return_lse=False, num_threads=0):
+                            return_lse=False, num_threads=0, k_scale=None, v_scale=None):
     """Attention of new queries against a KV cache, optionally appending new keys/values first (in place).
 
     Args:
@@ -626,6 +633,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             cache [num_blocks, block_size, heads_kv, head_dim].
         k, v: optional [batch, seqlen_new, heads_kv, head_dim], written into the cache at positions
             cache_seqlens[b] ... before attending (advance cache_seqlens yourself afterwards).
+        k_scale, v_scale: with an 8-bit cache (k_cache/v_cache of dtype torch.int8 or torch.float8_e4m3fn),
+            float32 [cache_batch (or num_blocks), cache_seqlen (or block_size), heads_kv], any strides, read in
+            place: each cached row stands for its values × its scale (see quantize_kv). New rows k, v (float32,
+            float16 or bfloat16) are quantized by the library as they are appended, their scales written here.
+            The result is exact attention over the dequantized cache. Not with cache_leftpad.
         cache_seqlens: int or integer tensor [batch]: the end of each entry's cached keys (default: all).
         cache_batch_idx: optional integer tensor [batch]: which cache row each entry uses.
         cache_leftpad: optional integer tensor [batch]: the first cached key of each entry (left-padded
@@ -644,13 +656,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         q, k = _rotated(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_interleaved,
                         causal or tuple(window_size) != (-1, -1))
     if not (type(q) in _PLAIN and type(k_cache) in _PLAIN and type(v_cache) in _PLAIN and q.is_cpu
-            and k_cache.is_cpu and v_cache.is_cpu and q.dtype in _DTYPES and k_cache.dtype in _DTYPES
+            and k_cache.is_cpu and v_cache.is_cpu and q.dtype in _DTYPES and k_cache.dtype in _CACHE_DTYPES
             and v_cache.dtype is k_cache.dtype):
         # The slow path: the precise complaint (or meta tensors and tensor subclasses).
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-        for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-            _check_tensor(name, x, q.device)
+        _check_tensor("q", q, q.device)
+        for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+            _check_tensor(name, x, q.device, dtypes=_CACHE_DTYPES)
         if v_cache.dtype != k_cache.dtype:
             raise TypeError(f"v_cache must have the dtype of k_cache ({k_cache.dtype}), got {v_cache.dtype}")
     device = q.device
@@ -670,8 +683,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if k is not None:
         _check_tensor("k", k, device)
         _check_tensor("v", v, device)
-        if k.dtype != k_cache.dtype or v.dtype != k_cache.dtype:
-            raise TypeError(f"k and v must have the cache's dtype ({k_cache.dtype}), got {k.dtype} and {v.dtype}")
+        if v.dtype != k.dtype or (k.dtype != k_cache.dtype and k_cache.dtype not in _raw.QUANTIZED_CODES):
+            raise TypeError(f"k and v must have the cache's dtype ({k_cache.dtype}), or one float dtype with an "
+                            f"8-bit cache; got {k.dtype} and {v.dtype}")
         if k.shape != v.shape or k.dim() != 4 or k.shape[0] != batch or tuple(k.shape[2:]) != (heads_kv, head_dim):
             raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be ({batch}, seqlen_new, "
                              f"{heads_kv}, {head_dim})")
@@ -680,6 +694,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             x is not None and x.requires_grad for x in (k, v, alibi_slopes, sinks))):
         raise RuntimeError("flash_attn_with_kvcache has no backward (FlashAttention-2 has none either); call it "
                            "under torch.no_grad(), or use flash_attn_func / flash_attn_varlen_func to train")
+    k_scale, v_scale = _cache_scales(k_cache, k_scale, v_scale, device)
+    if cache_leftpad is not None and k_scale is not None:
+        raise NotImplementedError("cache_leftpad is not implemented with an 8-bit cache")
     if block_table is not None:
         if cache_leftpad is not None:
             raise ValueError("cache_leftpad cannot be combined with block_table (a paged cache)")
@@ -717,12 +734,40 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             window_right, softcap, alibi_slopes, sinks, int(num_threads))
     if _direct(q):
         lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32) if want_lse else None
-        out = _kvcache_run(q, k_cache, v_cache, k, v, *args, lse)
+        out = _kvcache_run(q, k_cache, v_cache, k, v, *args, lse, k_scale, v_scale)
     elif k is None:
-        out, lse = _kvcache_forward(q, k_cache, v_cache, *args)
+        out, lse = _kvcache_forward(q, k_cache, v_cache, *args, k_scale, v_scale)
     else:
-        out, lse = _kvcache_append_forward(q, k_cache, v_cache, k, v, *args)
+        out, lse = _kvcache_append_forward(q, k_cache, v_cache, k, v, *args, k_scale, v_scale)
     return (out, lse) if want_lse else out
+
+
+def _cache_scales(k_cache, k_scale, v_scale, device):
+    """k_scale and v_scale checked as the numpy API checks them (required with an 8-bit cache, refused with a
+    float one, float32 of the cache's shape without head_dim), and on q's device; (None, None) for a float
+    cache. Never copied: an append writes its rows' scales into them."""
+    scales = check_cache_scales(k_cache, k_scale, v_scale, k_cache.dtype in _raw.QUANTIZED_CODES, torch.Tensor,
+                                torch.float32)
+    for name, scale in scales:
+        _check_tensor(name, scale, device, dtypes=(torch.float32,))
+    return k_scale, v_scale
+
+
+def quantize_kv(x, dtype):
+    """Keys or values [..., head_dim] quantized for an 8-bit cache: flash_attention.quantize_kv for torch tensors,
+    the same arithmetic (so bit for bit what the library writes when it appends the rows), without ml_dtypes.
+
+    Args:
+        x: floating tensor [..., head_dim] (float32, float16, bfloat16 or float64; CPU).
+        dtype: torch.int8 or torch.float8_e4m3fn.
+    Returns (values of `dtype`, scales float32 x.shape[:-1]): values.float() × scales[..., None] dequantizes.
+    """
+    if dtype not in _raw.QUANTIZED_CODES:
+        raise TypeError(f"dtype must be torch.int8 or torch.float8_e4m3fn, got {dtype}")
+    _check_tensor("x", x, torch.device("cpu"), dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    # numpy computes in float32; the final rounding of float8 is torch's cast (nearest even, as ml_dtypes').
+    values, scales = quantized_rows(x.detach().to(torch.float32).numpy(), _raw.QUANTIZED_CODES[dtype])
+    return torch.from_numpy(values).to(dtype), torch.from_numpy(scales)
 
 
 def _sdpa_supported(query, key, value, attn_mask, dropout_p, scale, enable_gqa):

@@ -7,8 +7,12 @@ Run by tests/test_reliability.py in a subprocess (a crash is then a failed test,
 
 Each case builds params for one entry point, fills every output with a sentinel, calls the library, and
 checks: the call returned (no crash), a rejected call wrote nothing, an accepted call wrote nothing outside
-the output elements its strides address, and no input changed (except a KV cache's appended rows). Prints
-one summary line of counts per entry point; exits 1 on any violation.
+the output elements its strides address, and no input changed (except a KV cache's appended rows and their
+scales). Prints one summary line of counts per entry point; exits 1 on any violation.
+
+KV-cache cases are also 8-bit caches (int8, float8 E4M3) with float32 row scales in random layouts, appending
+float rows, and may get one scale mutation (NULL, misaligned, overflowing or zero strides, k_scale aliasing
+v_scale; or scales given with a float cache): those the library must reject are checked to be rejected.
 
 Backward cases (flash_attention_backward) run a valid forward (dense or varlen) over guarded q, k, v, out
 and lse, then build dout, dq, dk, dv and dsinks, likewise guarded, and either call as is (the call must
@@ -38,6 +42,9 @@ try:
 except ImportError:  # bfloat16 cases are then skipped
     BF16 = None
 DTYPES = [(np.dtype(np.float32), 0), (np.dtype(np.float16), 1)] + ([(BF16, 2)] if BF16 is not None else [])
+# 8-bit cache types; float8 E4M3 as its bit patterns (no numpy type needed: the values are random bytes).
+QUANTIZED = [(np.dtype(np.int8), _capi.FA_DTYPE_INT8), (np.dtype(np.uint8), _capi.FA_DTYPE_FLOAT8_E4M3)]
+SCALE_FIELDS = ("batch", "row", "head")
 SENTINEL = 12288.0  # exact in float32, float16 and bfloat16
 from flash_attention._loader import load  # noqa: E402
 
@@ -128,11 +135,15 @@ class Case:
         lib.flash_attention_params_init(ctypes.byref(self.params), ctypes.sizeof(self.params))
         self.inputs, self.outputs, self.keep = [], [], []
         self.views = {}  # name -> View, for the backward checks
+        self.must_reject = False  # set by mutations the library is sure to see
+        self.quantized = False  # an 8-bit KV cache
 
-    def tensor(self, name, sizes, output, fill=None, dtype=np.float32, target=None, reversible=None):
+    def tensor(self, name, sizes, output, fill=None, dtype=np.float32, target=None, reversible=None,
+               fields=("batch", "row", "head", "dim")):
         """A guarded [b, s, h, d] tensor with a random layout: axis order, padding, and (inputs, or where
         `reversible` says so) reversed axes, whose pointer then sits at the far end so that the view stays
-        inside the buffer. Its pointer and strides are set on `target` (default: the forward params)."""
+        inside the buffer. Its pointer and the strides named by `fields` are set on `target` (default: the
+        forward params); row scales [b, s, h] are such a tensor with d = 1 and no dim stride."""
         rng = self.rng
         order = rng.sample([0, 1, 2], 3)
         strides, _ = dense_strides(sizes, order, rng.random() < 0.3, rng)
@@ -150,7 +161,7 @@ class Case:
                     strides[axis] = -strides[axis]
         p = self.params if target is None else target
         setattr(p, name, buffer.address + buffer.dtype.itemsize * start if count or rng.random() < 0.5 else None)
-        for field, stride in zip(("batch", "row", "head", "dim"), strides):
+        for field, stride in zip(fields, strides):
             setattr(p, f"{name}_{field}_stride", stride)
         record = (name, buffer, sizes, strides)
         (self.outputs if output else self.inputs).append(record)
@@ -163,6 +174,11 @@ class Case:
         setattr(self.params, name, buffer.address if len(values) else None)
         self.inputs.append((name, buffer, None, None))
         return buffer
+
+
+def random_bytes(rng, n):
+    """Any byte is an 8-bit cache value (E4M3 NaNs included)."""
+    return np.random.default_rng(rng.randrange(2**32)).integers(-128, 128, n)
 
 
 def normal(rng, n):
@@ -219,13 +235,43 @@ def invalid_mutation(rng, case):
         setattr(p, rng.choice(["dtype", "kv_dtype"]), rng.choice([-1, 3, 99]))
 
 
+def scale_mutation(rng, case):
+    """One change to an 8-bit cache's row scales: NULL, misaligned and overflowing strides must be rejected
+    when the scales have elements (or that axis two of them); a zero stride (a broadcast: honest, read within
+    the buffer) and k_scale aliasing v_scale (same view) are rejected only when an append would write them."""
+    p = case.params
+    name = rng.choice(["k_scale", "v_scale"])
+    sizes = [p.cache_batch, p.cache_seqlen, p.heads_kv]
+    kind = rng.randrange(5)
+    case.mutation = f"scale {kind}"
+    if kind == 0:
+        setattr(p, name, None)
+        case.must_reject = 0 not in sizes
+    elif kind == 1:
+        setattr(p, name, (getattr(p, name) or 4096) + rng.choice([1, 2, 3]))
+        case.must_reject = 0 not in sizes
+    elif kind in (2, 3):
+        axis = rng.randrange(3)
+        setattr(p, f"{name}_{SCALE_FIELDS[axis]}_stride", rng.choice([2**62, -(2**62), 2**63 - 1]) if kind == 2 else 0)
+        case.must_reject = kind == 2 and 0 not in sizes and sizes[axis] >= 2
+    else:
+        p.v_scale = p.k_scale
+        for field in SCALE_FIELDS:
+            setattr(p, f"v_scale_{field}_stride", getattr(p, f"k_scale_{field}_stride"))
+
+
 def build_forward(rng, entry):
     case = Case(rng, entry)
     p = case.params
     (q_dtype, p.dtype), (kv_dtype, p.kv_dtype) = rng.choice(DTYPES), rng.choice(DTYPES)
+    dtypes = {"q": q_dtype, "out": q_dtype}  # the others kv_dtype, but an 8-bit cache's k and v
     plain_tensor = case.tensor
-    case.tensor = lambda name, sizes, output, fill=None: plain_tensor(
-        name, sizes, output, fill, q_dtype if name in ("q", "out") else kv_dtype)
+
+    def tensor(name, sizes, output, fill=None):
+        dtype = dtypes.get(name, kv_dtype)
+        return plain_tensor(name, sizes, output, fill or (random_bytes if dtype.itemsize == 1 else None), dtype)
+
+    case.tensor = tensor
     batch = rng.choice([0, 1, 1, 2, 3])
     heads_kv = rng.choice([1, 1, 2, 3])
     heads_q = heads_kv * rng.choice([1, 2, 4])
@@ -250,6 +296,10 @@ def build_forward(rng, entry):
         seqlen_q, seqlen_k = total_q, total_k
         p.max_seqlen_q = rng.choice([0, 0, max(lengths_q, default=0), 1])
     elif entry == "kvcache":
+        if rng.random() < 0.35:  # an 8-bit cache; new rows of the float kv_dtype (kv_new_dtype unset: rejected)
+            p.kv_new_dtype = p.kv_dtype if rng.random() < 0.9 else -1
+            dtypes["k"], p.kv_dtype = rng.choice(QUANTIZED)
+            dtypes["v"] = dtypes["k"]
         cache_batch = max(0, batch + rng.choice([-1, 0, 1, 2]))  # below batch: valid only with an index
         paged = rng.random() < 0.5
         page = rng.choice([1, 3, 16])
@@ -286,6 +336,15 @@ def build_forward(rng, entry):
             p.seqlen_new = append
         case.tensor("q", [batch, seqlen_q, heads_q, head_dim], False)
         case.tensor("out", [batch, seqlen_q, heads_q, head_dim], True, fill=sentinel)
+        case.quantized = quantized = p.kv_dtype in (code for _, code in QUANTIZED)
+        if quantized or rng.random() < 0.05:  # scales with a float cache: rejected
+            for name in ("k_scale", "v_scale"):
+                plain_tensor(name, [p.cache_batch, p.cache_seqlen, heads_kv, 1], False, fields=SCALE_FIELDS)
+            # (An empty one may have NULL scales: then none are given.)
+            case.must_reject = not quantized and (p.k_scale is not None or p.v_scale is not None)
+            case.mutation = "scales with a float cache"
+        if quantized and rng.random() < 0.3:
+            scale_mutation(rng, case)
     else:
         case.tensor("q", [batch, seqlen_q, heads_q, head_dim], False)
         case.tensor("k", [batch, seqlen_k, heads_kv, head_dim], False)
@@ -884,7 +943,7 @@ def main():
     lib = load()
     entries = {"forward": lib.flash_attention_forward, "varlen": lib.flash_attention_forward_varlen,
                "kvcache": lib.flash_attention_forward_kvcache}
-    counts = {name: [0, 0] for name in entries}  # [tried, accepted]
+    counts = {name: [0, 0] for name in [*entries, "kvcache 8-bit"]}  # [tried, accepted]
     for _ in range(cases):
         entry = rng.choice(list(entries))
         case = build_forward(rng, entry)
@@ -894,15 +953,19 @@ def main():
             print(entry, getattr(case, "mutation", None), [(n, b.address, b.count) for n, b, _, _ in case.inputs + case.outputs],
                   {name: getattr(p, name) for name, _ in p._fields_}, flush=True)
         status = entries[entry](ctypes.byref(case.params))
-        counts[entry][0] += 1
-        counts[entry][1] += status == _capi.FA_OK
+        for counted in [entry, "kvcache 8-bit"] if case.quantized else [entry]:
+            counts[counted][0] += 1
+            counts[counted][1] += status == _capi.FA_OK
         problem = check(case, status)
+        if case.must_reject and status == _capi.FA_OK:
+            problem = f"mutation {case.mutation!r} was accepted"
         in_place = status == _capi.FA_OK and case.params.out == case.params.q
         for (name, snapshot), (_, buffer, _, _) in zip(before, case.inputs):
             unchanged = np.array_equal(snapshot, buffer.array, equal_nan=True)
-            # An accepted append writes new rows into the cache (k, v), an accepted in-place call writes
-            # q; everything else is read-only.
-            allowed = status == _capi.FA_OK and ((entry == "kvcache" and name in ("k", "v")) or (in_place and name == "q"))
+            # An accepted append writes new rows into the cache (k, v) and their scales, an accepted in-place
+            # call writes q; everything else is read-only.
+            written = ("k", "v", "k_scale", "v_scale") if entry == "kvcache" else ()
+            allowed = status == _capi.FA_OK and (name in written or (in_place and name == "q"))
             if not unchanged and not allowed:
                 problem = problem or f"input {name} changed"
         if problem:
