@@ -192,7 +192,11 @@ typedef struct flash_attention_params {
     /* int32 [batch + 1], non-decreasing, starting at 0: sequence b holds rows cu_seqlens_q[b] ..
      * cu_seqlens_q[b + 1] - 1 of the packed q [seqlen_q = total_q, heads_q, head_dim] (likewise k, v with
      * total_k = seqlen_k rows). Batch strides are ignored; lse is [heads_q, total_q] (lse_batch_stride
-     * ignored). max_seqlen_q / max_seqlen_k: 0, or an upper bound the library checks. */
+     * ignored). max_seqlen_q / max_seqlen_k: 0, or an upper bound the library checks.
+     * With block_table set (0.6), k and v are a paged cache as for flash_attention_forward_kvcache
+     * ([cache_batch = num_blocks, cache_seqlen = block size, heads_kv, head_dim], block_table [batch,
+     * max_blocks_per_seq]): sequence b's keys are positions 0 .. cu_seqlens_k[b + 1] - cu_seqlens_k[b] - 1 of
+     * its blocks (cu_seqlens_k then gives only the lengths). Forward only: the backward refuses it. */
     const int32_t *cu_seqlens_q;
     const int32_t *cu_seqlens_k;
     int64_t max_seqlen_q;

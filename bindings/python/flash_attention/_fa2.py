@@ -1,8 +1,8 @@
 """FlashAttention-2's calling conventions, shared by the numpy API and the PyTorch adapter.
 
 FA2 code passes its arguments positionally in FA2's order (dropout_p fourth), so every function here takes that
-order; the arguments FA2 has and this library does not implement yet raise a clear error instead of being
-ignored, and the packed variants are slices of the packed tensor (strided views: nothing is copied).
+order; dropout's seed, rotary embedding in the KV-cache call and the packed variants (slices of the packed
+tensor: strided views, nothing is copied) are shared by both APIs here.
 """
 
 import numbers
@@ -63,14 +63,6 @@ def apply_rotary(x, cos, sin, positions, interleaved, to_float32, back):
     a, b = out[..., first] * 1, out[..., second] * 1
     out[..., first], out[..., second] = a * c - b * s, a * s + b * c
     return back(out)
-
-
-def check_unsupported(block_table=None):
-    """Rejects the FA2 arguments this library does not implement, naming each: a silently ignored argument
-    would give an answer that looks right and is not."""
-    if block_table is not None:
-        raise NotImplementedError("block_table in flash_attn_varlen_func is not implemented; use "
-                                  "flash_attn_with_kvcache for paged caches")
 
 
 def packed_functions(func, varlen_func):

@@ -155,10 +155,23 @@ def forward(q, k, v, out, lse, scale=None, causal=False, window_left=-1, window_
 
 
 def varlen_forward(q, k, v, out, lse, cu_q, cu_k, max_q=0, max_k=0, scale=None, causal=False, window_left=-1,
-                   window_right=-1, softcap=0.0, alibi=None, sinks=None, num_threads=0, dropout_p=0.0, seed=0):
-    """flash_attention_forward_varlen into the given out (and lse [heads_q, total_q], if not None)."""
+                   window_right=-1, softcap=0.0, alibi=None, sinks=None, num_threads=0, dropout_p=0.0, seed=0,
+                   block_table=None):
+    """flash_attention_forward_varlen into the given out (and lse [heads_q, total_q], if not None). With a
+    block_table (contiguous int32 [batch, max_blocks]), k and v are a paged cache [num_blocks, block_size,
+    heads_kv, head_dim]."""
     lib, p = _new_params()
     _varlen_tensors(p, q, k, v, out, lse, cu_q, cu_k, max_q, max_k)
+    if block_table is not None:
+        p.seqlen_k, p.heads_kv = int(cu_k[-1]), k.shape[2]
+        for name, x in (("k", k), ("v", v)):
+            s = x.stride()
+            setattr(p, name, x.data_ptr())
+            setattr(p, name + "_batch_stride", s[0])
+            setattr(p, name + "_row_stride", s[1])
+            setattr(p, name + "_head_stride", s[2])
+        p.block_table, p.block_table_batch_stride = block_table.data_ptr(), block_table.stride(0)
+        p.max_blocks_per_seq, p.cache_batch, p.cache_seqlen = block_table.shape[1], k.shape[0], k.shape[1]
     _options(p, scale, causal, window_left, window_right, softcap, alibi, sinks, num_threads, dropout_p, seed)
     status = lib.flash_attention_forward_varlen(_byref(p))
     if status:

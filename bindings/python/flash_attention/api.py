@@ -9,8 +9,7 @@ import sys
 import numpy as np
 
 from . import _capi
-from ._fa2 import (apply_rotary, check_rotary_positions, check_unsupported, dropout_arguments, packed_functions,
-                   rotary_plan)
+from ._fa2 import apply_rotary, check_rotary_positions, dropout_arguments, packed_functions, rotary_plan
 from ._loader import load
 
 class FlashAttentionError(Exception):
@@ -265,11 +264,12 @@ def _set_options(params, keep, heads_q, batch, softmax_scale=None, causal=False,
     params.algorithm = _ALGORITHMS[algorithm]
 
 
-def _qkv(q, k, v, ndim):
-    """Checks q, k, v: any stored dtype, k and v of one dtype and shape (q may differ in dtype)."""
+def _qkv(q, k, v, ndim, kv_ndim=None):
+    """Checks q, k, v: any stored dtype, k and v of one dtype and shape (q may differ in dtype); k and v have
+    kv_ndim dimensions when given (a paged cache under packed queries)."""
     q = _array("q", q, ndim, dtype=None)
-    k = _array("k", k, ndim, dtype=None)
-    v = _array("v", v, ndim, dtype=None)
+    k = _array("k", k, kv_ndim or ndim, dtype=None)
+    v = _array("v", v, kv_ndim or ndim, dtype=None)
     if v.dtype != k.dtype:
         raise TypeError(f"v must have the dtype of k ({k.dtype}), got {v.dtype}")
     if v.shape != k.shape:
@@ -391,19 +391,21 @@ def flash_attn_varlen_func(
         cu_seqlens_q, cu_seqlens_k: int32 [batch + 1], starting at 0, non-decreasing: sequence b owns rows
             cu_seqlens[b] ... cu_seqlens[b + 1] - 1. Every option applies per sequence.
         max_seqlen_q, max_seqlen_k: 0, or upper bounds the library checks.
+        block_table: optional int32 [batch, max_blocks_per_seq] (FlashAttention-2's paged varlen call): k and v
+            are then a paged cache [num_blocks, block_size, heads_kv, head_dim] and sequence b's keys are
+            positions 0 ... cu_seqlens_k[b + 1] - cu_seqlens_k[b] - 1 of its blocks. Forward only.
         The other arguments are those of flash_attn_func (alibi_slopes may be [batch, heads_q]), in
-        FlashAttention-2's order; return_attn_probs and a block_table raise (not implemented for varlen).
+        FlashAttention-2's order; return_attn_probs raises (not implemented for varlen).
 
     Returns out float32 [total_q, heads_q, head_dim], or (out, lse) with lse float32 [heads_q, total_q].
     """
-    check_unsupported(block_table=block_table)
     dropout_p, seed = dropout_arguments(dropout_p, seed, _draw_seed)
     if return_attn_probs:
         raise NotImplementedError("return_attn_probs is not implemented for flash_attn_varlen_func; call "
                                   "flash_attn_func per sequence")
-    q, k, v = _qkv(q, k, v, 3)
+    q, k, v = _qkv(q, k, v, 3, None if block_table is None else 4)
     total_q, heads_q, head_dim = q.shape
-    if k.shape[2] != head_dim:
+    if k.shape[-1] != head_dim:
         raise ValueError(f"k shape {k.shape} does not match q shape {q.shape} in head_dim")
     if not isinstance(cu_seqlens_q, np.ndarray) or cu_seqlens_q.ndim != 1:
         raise TypeError("cu_seqlens_q must be a 1-D numpy integer array")
@@ -419,8 +421,14 @@ def flash_attn_varlen_func(
                  num_threads, algorithm, dropout_p, seed)
     params.dtype, params.kv_dtype = _DTYPES[q.dtype], _DTYPES[k.dtype]
     out = np.empty(q.shape, dtype=q.dtype)
-    params.batch, params.seqlen_q, params.seqlen_k = batch, total_q, k.shape[0]
-    params.heads_q, params.heads_kv, params.head_dim = heads_q, k.shape[1], head_dim
+    params.batch, params.seqlen_q, params.heads_q, params.heads_kv, params.head_dim = (batch, total_q, heads_q,
+                                                                                     k.shape[-2], head_dim)
+    params.seqlen_k = k.shape[0] if block_table is None else int(cu_k[-1])
+    if block_table is not None:
+        table = _index_array("block_table", block_table, (batch, np.shape(block_table)[-1]))
+        keep.append(table)
+        params.block_table, params.block_table_batch_stride = _address(table), table.shape[1]
+        params.max_blocks_per_seq, params.cache_batch, params.cache_seqlen = table.shape[1], k.shape[0], k.shape[1]
     params.cu_seqlens_q, params.cu_seqlens_k = _address(cu_q), _address(cu_k)
     params.max_seqlen_q = _int_option("max_seqlen_q", max_seqlen_q, 0)
     params.max_seqlen_k = _int_option("max_seqlen_k", max_seqlen_k, 0)

@@ -37,8 +37,7 @@ import torch
 
 from . import _torch_masked as _masked
 from . import _torch_raw as _raw
-from ._fa2 import (apply_rotary, check_rotary_positions, check_unsupported, dropout_arguments, packed_functions,
-                   rotary_plan)
+from ._fa2 import apply_rotary, check_rotary_positions, dropout_arguments, packed_functions, rotary_plan
 from .api import check_cache_scales, quantized_rows
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
@@ -484,10 +483,9 @@ def _draw_seed():
     return int(torch.randint(0, (1 << 63) - 1, (), dtype=torch.int64))
 
 
-def _fa2_arguments(dropout_p, seed, return_attn_probs, block_table=None):
+def _fa2_arguments(dropout_p, seed, return_attn_probs):
     """(dropout_p, seed) checked (torch's operators take int64 seeds: [0, 2**63)); FlashAttention-2's arguments
     this adapter does not implement raise instead of being ignored."""
-    check_unsupported(block_table=block_table)
     dropout_p, seed = dropout_arguments(dropout_p, seed, _draw_seed)
     if seed >= 1 << 63:
         raise ValueError(f"seed ({seed}) must be below 2**63 in the torch adapter")
@@ -569,12 +567,21 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, 
             option applies per sequence (causal and window alignment use each sequence's own lengths).
         max_seqlen_q, max_seqlen_k: 0, or upper bounds the library checks.
         The other arguments are those of flash_attn_func (alibi_slopes may be [batch, heads_q]), in
-        FlashAttention-2's order; a block_table raises (not implemented for varlen).
+        FlashAttention-2's order.
+        block_table: optional integer [batch, max_blocks_per_seq]: k and v are then a paged cache [num_blocks,
+            block_size, heads_kv, head_dim] holding sequence b's keys at positions 0 ... cu_seqlens_k[b + 1] -
+            cu_seqlens_k[b] - 1 of its blocks (FA2's paged varlen call): eager and forward only, as in FA2.
 
     Returns out [total_q, heads_q, head_dim], or (out, lse) with lse float32 [heads_q, total_q].
     """
-    dropout_p, seed = _fa2_arguments(dropout_p, seed, return_attn_probs, block_table=block_table)
-    _check_qkv(q, k, v, 3)
+    dropout_p, seed = _fa2_arguments(dropout_p, seed, return_attn_probs)
+    if block_table is None:
+        _check_qkv(q, k, v, 3)
+    else:
+        if k.dim() != 4 or tuple(v.shape) != tuple(k.shape):
+            raise ValueError(f"with block_table, k and v must be one paged cache shape [num_blocks, block_size, "
+                             f"heads_kv, head_dim], got {tuple(k.shape)} and {tuple(v.shape)}")
+        _check_qkv(q, k[:, 0], v[:, 0], 3)  # types, devices, dtypes; heads and head_dim against q
     if not isinstance(cu_seqlens_q, torch.Tensor):
         cu_seqlens_q = torch.tensor(cu_seqlens_q, dtype=torch.int32)
     if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] < 1:
@@ -589,12 +596,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, 
     alibi_slopes = _float32_vector("alibi_slopes", alibi_slopes, q.device, ((heads_q,), (batch, heads_q)))
     sinks = _float32_vector("sinks", sinks, q.device, ((heads_q,),))
     max_q, max_k, num_threads = int(max_seqlen_q), int(max_seqlen_k), int(num_threads)
+    if block_table is not None and not _direct(q, q, k, v, sinks):
+        raise NotImplementedError("block_table in flash_attn_varlen_func runs eagerly and forward only (as in "
+                                  "FlashAttention-2): no gradients, meta tensors or torch.compile")
     if _direct(q, q, k, v, sinks):
         q, k, v = _dim_contiguous(q), _dim_contiguous(k), _dim_contiguous(v)
         out = torch.empty(q.shape, dtype=q.dtype)
         lse = torch.empty(heads_q, q.shape[0], dtype=torch.float32) if return_lse else None
+        table = None if block_table is None else _index_tensor("block_table", block_table,
+                                                                (batch, block_table.shape[-1]), q.device)
         _raw.varlen_forward(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_left,
-                            window_right, softcap, alibi_slopes, sinks, num_threads, dropout_p, seed)
+                            window_right, softcap, alibi_slopes, sinks, num_threads, dropout_p, seed, table)
     else:
         out, lse = _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, bool(causal), window_left,
                                    window_right, softcap, alibi_slopes, sinks, num_threads, dropout_p, seed)

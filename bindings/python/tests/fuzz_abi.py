@@ -198,7 +198,7 @@ def invalid_mutation(rng, case):
     honestly, but in a way validation can see (negative or overflowing sizes and strides, NULLs,
     misalignment, aliasing, bad options, unknown struct sizes)."""
     p = case.params
-    kind = rng.randrange(13)
+    kind = rng.randrange(14)
     case.mutation = kind
     if kind == 0:
         setattr(p, rng.choice(["batch", "seqlen_q", "seqlen_k", "heads_q", "heads_kv", "head_dim"]),
@@ -231,8 +231,15 @@ def invalid_mutation(rng, case):
         p.softmax_scale = rng.choice([float("nan"), float("inf"), float("-inf")])
     elif kind == 11:
         p.softcap = rng.choice([-1.0, float("nan"), float("inf")])
-    else:
+    elif kind == 12:
         setattr(p, rng.choice(["dtype", "kv_dtype"]), rng.choice([-1, 3, 99]))
+    elif case.entry == "kvcache" and rng.random() < 0.5:  # dropout is refused by the KV-cache call
+        p.dropout_p, p.dropout_seed = rng.choice([0.1, 0.5, 0.999]), rng.randrange(2**64)
+    else:  # dropout_p outside [0, 1), or a nonzero reserved2 beside it
+        if rng.random() < 0.7:
+            p.dropout_p = rng.choice([-0.1, 1.0, 2.0, float("nan"), float("inf"), float("-inf")])
+        else:
+            p.reserved2 = rng.choice([1, -1, 2**31 - 1])
 
 
 def scale_mutation(rng, case):
@@ -283,8 +290,21 @@ def build_forward(rng, entry):
         lengths_k = [rng.randrange(0, 60) for _ in range(batch)]
         total_q, total_k = sum(lengths_q), sum(lengths_k)
         case.tensor("q", [1, total_q, heads_q, head_dim], False)
-        case.tensor("k", [1, total_k, heads_kv, head_dim], False)
-        case.tensor("v", [1, total_k, heads_kv, head_dim], False)
+        if rng.random() < 0.3:  # the keys in a paged cache, through a block table (sometimes too short or corrupt)
+            page = rng.choice([1, 4, 16])
+            blocks_per_seq = max(1, (max(lengths_k, default=0) + page - 1) // page + rng.choice([-1, 0, 0, 1]))
+            blocks = batch * blocks_per_seq + rng.choice([0, 2])
+            case.tensor("k", [blocks, page, heads_kv, head_dim], False)
+            case.tensor("v", [blocks, page, heads_kv, head_dim], False)
+            table = np.array([rng.randrange(0, max(1, blocks)) for _ in range(batch * blocks_per_seq)])
+            if rng.random() < 0.3 and table.size:
+                table[rng.randrange(table.size)] = rng.choice([-1, blocks, 2**31 - 1])
+            case.index_array("block_table", table)
+            p.block_table_batch_stride = p.max_blocks_per_seq = blocks_per_seq
+            p.cache_batch, p.cache_seqlen = blocks, page
+        else:
+            case.tensor("k", [1, total_k, heads_kv, head_dim], False)
+            case.tensor("v", [1, total_k, heads_kv, head_dim], False)
         case.tensor("out", [1, total_q, heads_q, head_dim], True, fill=sentinel)
         cu_q = np.concatenate([[0], np.cumsum(lengths_q)]).astype(np.int64)
         cu_k = np.concatenate([[0], np.cumsum(lengths_k)]).astype(np.int64)
@@ -664,12 +684,17 @@ def backward_mutation(rng, case):
         setattr(p, rng.choice(["dtype", "kv_dtype"]), rng.choice([-1, 3, 99, 2**31 - 1]))
         fail = case.forward_size == ctypes.sizeof(p)  # older structs have no dtype fields
     elif kind == 11:  # an option out of range
-        option = rng.choice(["softmax_scale", "softcap", "window_left", "window_right", "reserved0", "algorithm"])
+        option = rng.choice(["softmax_scale", "softcap", "window_left", "window_right", "reserved0", "algorithm",
+                             "dropout_p", "reserved2"])
         setattr(p, option, {"softmax_scale": rng.choice([float("nan"), float("inf"), float("-inf")]),
                             "softcap": rng.choice([-1.0, float("nan"), float("inf")]),
                             "window_left": rng.choice([-2, -(2**63)]), "window_right": rng.choice([-2, -(2**63)]),
-                            "reserved0": 1, "algorithm": rng.choice([-1, 3, 7])}[option])
-        fail = option in ("softmax_scale", "algorithm") or case.forward_size != _capi.FA_PARAMS_SIZE_V1
+                            "reserved0": 1, "algorithm": rng.choice([-1, 3, 7]),
+                            "dropout_p": rng.choice([-0.5, 1.0, float("nan")]), "reserved2": 1}[option])
+        if option in ("dropout_p", "reserved2"):
+            fail = case.forward_size == ctypes.sizeof(p)  # fields of the 0.6 struct only
+        else:
+            fail = option in ("softmax_scale", "algorithm") or case.forward_size != _capi.FA_PARAMS_SIZE_V1
     elif kind == 12 and case.varlen:  # a corrupt cu_seqlens entry: out of range or out of order
         name = rng.choice(["cu_seqlens_q", "cu_seqlens_k"])
         buffer = next(buf for n, buf, _, _ in case.inputs if n == name)

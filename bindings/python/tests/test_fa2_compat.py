@@ -1,11 +1,15 @@
 """FlashAttention-2's calling conventions: its positional order (dropout_p fourth), the packed variants,
-return_attn_probs, cache_leftpad in the numpy KV-cache call, and clear errors for what is not implemented
-(a paged varlen cache); rotary embedding in the KV-cache call; dropout has test_dropout.py. Parity against the float64 reference."""
+return_attn_probs, cache_leftpad in the numpy KV-cache call, a paged cache in the varlen call, rotary embedding in
+the KV-cache call; dropout has test_dropout.py. Parity against the float64 reference."""
+
+import ctypes
 
 import numpy as np
 import pytest
 
 import flash_attention as fa
+from flash_attention import _capi
+from flash_attention._loader import load
 from conftest import assert_close, random_inputs
 from flash_attention.reference import (reference_attention, reference_kvcache_attention,
                                        reference_varlen_attention)
@@ -22,11 +26,88 @@ def test_positional_arguments_follow_flash_attention_2s_order():
     assert_close(out, lse, ref, ref_lse)
 
 
-def test_a_paged_varlen_call_raises_instead_of_being_ignored():
-    q, k, v = random_inputs(2, 1, 5, 6, 2, 2, 8)
-    cu = np.array([0, 5], np.int32)
-    with pytest.raises(NotImplementedError, match="block_table"):
-        fa.flash_attn_varlen_func(q[0], k[0, :5], v[0, :5], cu, cu, 5, 5, block_table=np.zeros((1, 1), np.int32))
+def paged_varlen_inputs(seed, block_size=5):
+    """Packed queries of 4 sequences and their keys scattered over the blocks of a paged cache, plus the same
+    keys packed contiguously (the reference's input)."""
+    rng = np.random.default_rng(seed)
+    lengths_q, lengths_k = [3, 0, 17, 1], [11, 4, 23, 1]
+    cu_q, cu_k = np.cumsum([0] + lengths_q).astype(np.int32), np.cumsum([0] + lengths_k).astype(np.int32)
+    q = rng.standard_normal((cu_q[-1], 4, 24), dtype=np.float32)
+    k, v = (rng.standard_normal((cu_k[-1], 2, 24), dtype=np.float32) for _ in range(2))
+    blocks = max(-(-n // block_size) for n in lengths_k)
+    table = rng.permutation(4 * blocks).reshape(4, blocks).astype(np.int32)
+    k_cache, v_cache = (rng.standard_normal((4 * blocks, block_size, 2, 24), dtype=np.float32) for _ in range(2))
+    for b, n in enumerate(lengths_k):
+        for j in range(n):
+            k_cache[table[b, j // block_size], j % block_size] = k[cu_k[b] + j]
+            v_cache[table[b, j // block_size], j % block_size] = v[cu_k[b] + j]
+    return q, k, v, cu_q, cu_k, k_cache, v_cache, table
+
+
+@pytest.mark.parametrize("options", [dict(causal=True), dict(window_size=(6, 1), softcap=5.0), {}],
+                         ids=["causal", "window-softcap", "plain"])
+def test_varlen_reads_keys_from_a_paged_cache_through_block_table(options):
+    q, k, v, cu_q, cu_k, k_cache, v_cache, table = paged_varlen_inputs(33)
+    out, lse = fa.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 0, 0, 0.0, None, block_table=table,
+                                         return_lse=True, **options)
+    ref, ref_lse = reference_varlen_attention(q, k, v, cu_q, cu_k, **options)
+    assert_close(out, lse, ref, ref_lse)
+
+
+def test_paged_varlen_errors_and_the_backward_refuses_it():
+    q, k, v, cu_q, cu_k, k_cache, v_cache, table = paged_varlen_inputs(34)
+    bad = table.copy()
+    bad[2, 1] = k_cache.shape[0]
+    with pytest.raises(ValueError, match=r"block_table\[2\]\[1\] .* is not in 0\.\.<cache_batch"):
+        fa.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, block_table=bad)
+    with pytest.raises(ValueError, match="sequence 2 has 23 keys, more than its blocks hold"):
+        fa.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, block_table=np.ascontiguousarray(table[:, :3]))
+    out, lse = fa.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, block_table=table, return_lse=True)
+    with pytest.raises(ValueError, match="must have 3 dimensions"):  # the numpy backward takes packed keys only
+        fa.flash_attn_varlen_backward(out, q, k_cache, v_cache, out, lse, cu_q, cu_k)
+    # The C backward, given forward params with a block table, refuses them and writes nothing.
+    lib = load()
+    forward = _capi.Params()
+    assert lib.flash_attention_params_init(ctypes.byref(forward), ctypes.sizeof(forward)) == 0
+    forward.batch, forward.seqlen_q, forward.seqlen_k, forward.heads_q, forward.heads_kv, forward.head_dim = (
+        4, q.shape[0], int(cu_k[-1]), 4, 2, 24)
+    forward.q, forward.q_row_stride, forward.q_head_stride = q.ctypes.data, 96, 24
+    forward.out, forward.out_row_stride, forward.out_head_stride = out.ctypes.data, 96, 24
+    forward.lse, forward.lse_head_stride, forward.lse_row_stride = lse.ctypes.data, q.shape[0], 1
+    for name, x in (("k", k_cache), ("v", v_cache)):
+        setattr(forward, name, x.ctypes.data)
+        for axis, stride in zip(("batch", "row", "head"), x.strides[:3]):
+            setattr(forward, f"{name}_{axis}_stride", stride // 4)
+    forward.cu_seqlens_q, forward.cu_seqlens_k = cu_q.ctypes.data, cu_k.ctypes.data
+    forward.block_table, forward.block_table_batch_stride, forward.max_blocks_per_seq = table.ctypes.data, 5, 5
+    forward.cache_batch, forward.cache_seqlen = k_cache.shape[0], k_cache.shape[1]
+    assert lib.flash_attention_forward_varlen(ctypes.byref(forward)) == 0
+    backward = _capi.BackwardParams()
+    assert lib.flash_attention_backward_params_init(ctypes.byref(backward), ctypes.sizeof(backward)) == 0
+    grads = [np.full_like(x, 7.0) for x in (q, q, k, v)]
+    backward.forward = ctypes.pointer(forward)
+    for name, x in zip(("dout", "dq", "dk", "dv"), grads):
+        setattr(backward, name, x.ctypes.data)
+        setattr(backward, name + "_row_stride", x.strides[0] // 4)
+        setattr(backward, name + "_head_stride", x.strides[1] // 4)
+    assert lib.flash_attention_backward(ctypes.byref(backward)) == _capi.FA_ERROR_UNSUPPORTED
+    assert "not a paged cache" in lib.flash_attention_last_error().decode()
+    assert all((g == 7.0).all() for g in grads[1:])
+
+
+def test_torch_paged_varlen_matches_numpy():
+    torch = pytest.importorskip("torch", reason="torch is optional; the numpy API carries the same call")
+    import flash_attention.torch as ft
+
+    q, k, v, cu_q, cu_k, k_cache, v_cache, table = paged_varlen_inputs(35, block_size=3)
+    want = fa.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, causal=True, block_table=table)
+    got = ft.flash_attn_varlen_func(*(torch.from_numpy(x) for x in (q, k_cache, v_cache, cu_q, cu_k)), causal=True,
+                                    block_table=torch.from_numpy(table))
+    np.testing.assert_array_equal(got.numpy(), want)
+    with pytest.raises(NotImplementedError, match="forward only"):
+        ft.flash_attn_varlen_func(torch.from_numpy(q).requires_grad_(), torch.from_numpy(k_cache),
+                                  torch.from_numpy(v_cache), torch.from_numpy(cu_q), torch.from_numpy(cu_k),
+                                  block_table=torch.from_numpy(table))
 
 
 def test_return_attn_probs_gives_out_lse_and_the_probabilities():
