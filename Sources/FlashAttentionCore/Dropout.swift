@@ -47,26 +47,28 @@ public struct Dropout: Sendable, Equatable {
         return z ^ (z >> 31)
     }
 
-    /// Which lanes are kept: lane l is element (row state low_l/high_l, key key_l). Any vector width, so a
-    /// kernel copy vectorises over keys (one row) or over queries (one key) with the same words.
+    /// The 24 random bits of each lane's element (row state low_l/high_l, key key_l); kept iff below
+    /// `threshold`. Any vector width, so a kernel copy vectorises over keys (one row) or over queries (one key)
+    /// with the same words. Only arithmetic here: the comparison is the caller's, on its concrete vector type,
+    /// whose `.<` is one instruction (in generic code it compiles to a lane-by-lane loop).
     @inlinable @inline(__always)
-    public func keeps<V: SIMD>(low: V, high: V, key: V) -> SIMDMask<V.MaskStorage> where V.Scalar == UInt32 {
+    public func bits<V: SIMD>(low: V, high: V, key: V) -> V where V.Scalar == UInt32 {
         var x = low ^ (key &* 0x9E37_79B9 &+ high)
         x ^= x &>> 16
         x &*= 0x7FEB_352D
         x ^= x &>> 15
         x &*= 0x846C_A68B
         x ^= x &>> 16
-        return (x &>> 8) .< V(repeating: threshold)
+        return x &>> 8
     }
 
     /// The factor probability (row, key) is multiplied by: `scale` if kept, else 0 (the reference loop's
-    /// scalar form of `keeps`).
+    /// scalar form).
     @inlinable public func factor(_ row: DropoutRow, key j: Int) -> Float {
-        let kept = keeps(
+        let word = bits(
             low: SIMD2(repeating: row.low), high: SIMD2(repeating: row.high),
             key: SIMD2(repeating: UInt32(truncatingIfNeeded: j)))
-        return kept[0] ? scale : 0
+        return word[0] < threshold ? scale : 0
     }
 }
 

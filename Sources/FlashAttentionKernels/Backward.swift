@@ -77,7 +77,7 @@ struct BackwardScores {
             var z = Vec(repeating: 1)
             if let dropout, let row {
                 let keys = laneBits &+ UInt32(truncatingIfNeeded: firstKey + k)
-                let keep = dropout.keeps(low: VecBits(repeating: row.low), high: VecBits(repeating: row.high), key: keys)
+                let keep = kept(dropout, low: VecBits(repeating: row.low), high: VecBits(repeating: row.high), key: keys)
                 z = Vec(repeating: dropout.scale).replacing(with: 0, where: .!keep)
             }
             store(p * z, s + k)

@@ -17,11 +17,19 @@ func applyDropout(
         let row = firstRow + lanes * j
         let low = loadBits(rowKeys + row), high = loadBits(rowKeys + geometry.queryBlock + row)
         for k in mask.needed(fromRow: row, throughRow: row + lanes - 1) {
-            let keep = dropout.keeps(low: low, high: high, key: VecBits(repeating: UInt32(truncatingIfNeeded: firstKey + k)))
+            let keep = kept(dropout, low: low, high: high, key: VecBits(repeating: UInt32(truncatingIfNeeded: firstKey + k)))
             let p = s + k * ldS + j * lanes
             store((load(p) * scale).replacing(with: 0, where: .!keep), p)
         }
     }
+}
+
+/// The lanes `Dropout.bits` keeps, compared as signed words (24-bit values) on this copy's concrete mask
+/// type: one vector compare.
+@inline(__always)
+func kept(_ dropout: Dropout, low: VecBits, high: VecBits, key: VecBits) -> SIMDMask<Vec.MaskStorage> {
+    Vec.MaskStorage(truncatingIfNeeded: dropout.bits(low: low, high: high, key: key))
+        .< Vec.MaskStorage(repeating: Int32(dropout.threshold))
 }
 
 /// `lanes` consecutive words.
