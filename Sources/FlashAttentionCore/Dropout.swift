@@ -52,14 +52,14 @@ public struct Dropout: Sendable, Equatable {
     /// with the same words. Only arithmetic here: the comparison is the caller's, on its concrete vector type,
     /// whose `.<` is one instruction (in generic code it compiles to a lane-by-lane loop).
     @inlinable @inline(__always)
-    public func bits<V: SIMD>(low: V, high: V, key: V) -> V where V.Scalar == UInt32 {
-        var x = low ^ (key &* 0x9E37_79B9 &+ high)
-        x ^= x &>> 16
-        x &*= 0x7FEB_352D
-        x ^= x &>> 15
-        x &*= 0x846C_A68B
-        x ^= x &>> 16
-        return x &>> 8
+    public func bits<V: DropoutWords>(low: V, high: V, key: V) -> V {
+        var x = low ^ (key &* V(repeating: 0x9E37_79B9) &+ high)
+        x = x ^ (x &>> V(repeating: 16))
+        x = x &* V(repeating: 0x7FEB_352D)
+        x = x ^ (x &>> V(repeating: 15))
+        x = x &* V(repeating: 0x846C_A68B)
+        x = x ^ (x &>> V(repeating: 16))
+        return x &>> V(repeating: 8)
     }
 
     /// The factor probability (row, key) is multiplied by: `scale` if kept, else 0 (the reference loop's
@@ -82,3 +82,19 @@ public struct DropoutRow: Sendable {
         self.high = high
     }
 }
+
+/// Vectors of words whose operators the hash uses, as requirements: each concrete width's conformance binds
+/// them to the standard library's concrete (one-instruction) implementations, where a plain `SIMD`-generic
+/// body would get the lane-by-lane protocol-extension ones and full-width vectors would not survive.
+public protocol DropoutWords: SIMD where Scalar == UInt32 {
+    static func &* (a: Self, b: Self) -> Self
+    static func &+ (a: Self, b: Self) -> Self
+    static func ^ (a: Self, b: Self) -> Self
+    static func &>> (a: Self, b: Self) -> Self
+}
+
+extension SIMD2: DropoutWords where Scalar == UInt32 {}
+extension SIMD4: DropoutWords where Scalar == UInt32 {}
+extension SIMD8: DropoutWords where Scalar == UInt32 {}
+extension SIMD16: DropoutWords where Scalar == UInt32 {}
+

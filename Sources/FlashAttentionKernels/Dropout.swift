@@ -24,11 +24,11 @@ func applyDropout(
     }
 }
 
-/// The lanes `Dropout.bits` keeps, compared as signed words (24-bit values) on this copy's concrete mask
-/// type: one vector compare.
+/// The lanes `Dropout.bits` keeps, compared as signed words (24-bit values, so the bits are the same) on this
+/// copy's concrete mask type: one vector compare.
 @inline(__always)
 func kept(_ dropout: Dropout, low: VecBits, high: VecBits, key: VecBits) -> SIMDMask<Vec.MaskStorage> {
-    Vec.MaskStorage(truncatingIfNeeded: dropout.bits(low: low, high: high, key: key))
+    unsafeBitCast(dropout.bits(low: low, high: high, key: key), to: Vec.MaskStorage.self)
         .< Vec.MaskStorage(repeating: Int32(dropout.threshold))
 }
 
