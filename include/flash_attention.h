@@ -93,6 +93,8 @@ typedef int32_t flash_attention_dtype;
  * bits, no infinities, 0x7F/0xFF NaN). The attention is exact over the dequantized cache. */
 #define FA_DTYPE_INT8 3
 #define FA_DTYPE_FLOAT8_E4M3 4
+/* A boolean attention mask element (0.6), for attn_mask only: one byte, nonzero = the query attends to the key. */
+#define FA_DTYPE_BOOL 5
 
 /* Largest head_dim accepted. */
 #define FA_MAX_HEAD_DIM 1024
@@ -263,6 +265,25 @@ typedef struct flash_attention_params {
     float dropout_p;
     int32_t reserved2; /* must be 0 */
     uint64_t dropout_seed;
+
+    /* ---- Attention mask (appended in 0.6) --------------------------------------------------------------- */
+
+    /* An optional mask over every (sequence b, query head h, query position i, key position j), positions
+     * counted within the sequence (for a KV cache, j is the cache position): element
+     *     attn_mask + b*attn_mask_batch_stride + h*attn_mask_head_stride + i*attn_mask_row_stride
+     *               + j*attn_mask_col_stride
+     * (element strides, any of them 0 to broadcast: [1, 1, seqlen_q, seqlen_k] is one mask for every batch
+     * entry and head). Shape [batch, heads_q, max queries, max keys of a sequence] (dense: seqlen_q, seqlen_k;
+     * varlen: the longest sequence's; KV cache: seqlen_q and the longest cache_seqlens[b] + seqlen_new).
+     * attn_mask_dtype FA_DTYPE_BOOL: uint8, nonzero attends; FA_DTYPE_FLOAT32: added to the score after the
+     * softcap and ALiBi (-inf masks). It combines with causal, windows, ALiBi, softcap and sinks; a row that
+     * sees no key gets out 0 and lse -inf; a NaN in a float mask makes its row NaN. Key blocks whose mask is
+     * entirely masked for an item's rows are skipped, so block-sparse masks cost less. The backward reads the
+     * same mask from its forward params. NULL = off. */
+    const void *attn_mask;
+    flash_attention_dtype attn_mask_dtype;
+    int32_t reserved3; /* must be 0 */
+    int64_t attn_mask_batch_stride, attn_mask_head_stride, attn_mask_row_stride, attn_mask_col_stride;
 } flash_attention_params;
 
 /* sizeof(flash_attention_params) in earlier versions (0.1 ended at `algorithm`, 0.2 at `seqlen_new`, 0.3 and

@@ -186,6 +186,7 @@ func defaultParams() -> flash_attention_params {
     params.window_left = -1
     params.window_right = -1
     params.kv_new_dtype = -1
+    params.attn_mask_col_stride = 1
     return params
 }
 

@@ -54,7 +54,8 @@ extension AttentionProblem {
         case .varlen: sequences = try validatedVarlen(params, sizes, tensors)
         case .kvcache: sequences = try validatedCache(params, sizes, tensors, score)
         }
-        try checkOutputsAliasNothing(tensors, sequences, entry: entry)
+        let (mask, maskRange) = try validatedMask(params, sizes, sequences)
+        try checkOutputsAliasNothing(tensors, sequences, maskRange, entry: entry)
         let t = tensors
         let problem = AttentionProblem(
             batch: sizes.batch, seqlenQ: sizes.seqlenQ, seqlenK: sizes.seqlenK, headsQ: sizes.headsQ,
@@ -69,10 +70,11 @@ extension AttentionProblem {
             alibiSlopes: t.alibiRange == nil ? nil : params.alibi_slopes,
             alibiBatchStride: Int(params.alibi_batch_stride), softcap: params.softcap,
             sinks: t.sinksRange == nil ? nil : params.sinks, layout: sequences.layout, storage: sequences.storage,
-            maxSeqlenQ: sequences.maxSeqlenQ, maxSeqlenK: sequences.maxSeqlenK, dropout: score.dropout)
+            maxSeqlenQ: sequences.maxSeqlenQ, maxSeqlenK: sequences.maxSeqlenK, dropout: score.dropout,
+            attnMask: mask)
         let ranges = InputRanges(
             q: t.qRange, k: t.kRange, v: t.vRange, out: t.outRange, lse: t.lseRange, alibi: t.alibiRange,
-            sinks: t.sinksRange, indices: sequences.indexRanges, varlen: entry == .varlen)
+            sinks: t.sinksRange, mask: maskRange, indices: sequences.indexRanges, varlen: entry == .varlen)
         return (problem, options, sequences.append, ranges)
     }
 
@@ -210,10 +212,36 @@ extension AttentionProblem {
         return tensors
     }
 
+    /// attn_mask: its type, and strides addressing [batch, heads_q, longest queries, longest keys] (zero
+    /// strides broadcast); nil when NULL or empty.
+    private static func validatedMask(
+        _ params: flash_attention_params, _ sizes: ProblemSizes, _ sequences: SequenceSetup
+    ) throws(FlashAttentionError) -> (AttentionMask?, AddressRange?) {
+        if params.reserved3 != 0 { throw .invalidArgument("reserved3 (\(params.reserved3)) must be 0") }
+        guard params.attn_mask != nil else { return (nil, nil) }
+        if params.attn_mask_dtype != FA_DTYPE_BOOL && params.attn_mask_dtype != FA_DTYPE_FLOAT32 {
+            throw .invalidArgument(
+                "attn_mask_dtype (\(params.attn_mask_dtype)) must be FA_DTYPE_BOOL (5) or FA_DTYPE_FLOAT32 (0)")
+        }
+        let isBool = params.attn_mask_dtype == FA_DTYPE_BOOL
+        let mask = TensorArgument(
+            "attn_mask", params.attn_mask, elementSize: isBool ? 1 : 4,
+            Axis(size: sizes.batch, stride: Int(params.attn_mask_batch_stride), field: "attn_mask_batch_stride"),
+            Axis(size: sizes.headsQ, stride: Int(params.attn_mask_head_stride), field: "attn_mask_head_stride"),
+            Axis(size: sequences.maxSeqlenQ, stride: Int(params.attn_mask_row_stride), field: "attn_mask_row_stride"),
+            Axis(size: sequences.maxSeqlenK, stride: Int(params.attn_mask_col_stride), field: "attn_mask_col_stride"))
+        guard let range = try mask.validate() else { return (nil, nil) }
+        let view = AttentionMask(
+            base: params.attn_mask!, isBool: isBool, batchStride: Int(params.attn_mask_batch_stride),
+            headStride: Int(params.attn_mask_head_stride), rowStride: Int(params.attn_mask_row_stride),
+            colStride: Int(params.attn_mask_col_stride))
+        return (view, range)
+    }
+
     /// Outputs never overlap an input (out may be exactly q, for in-place use) or each other. (No arrays: the
     /// success path allocates nothing.)
     private static func checkOutputsAliasNothing(
-        _ t: ForwardTensors, _ sequences: SequenceSetup, entry: Entry
+        _ t: ForwardTensors, _ sequences: SequenceSetup, _ maskRange: AddressRange?, entry: Entry
     ) throws(FlashAttentionError) {
         let indices = sequences.indexRanges
         func checkInputs(_ output: StaticString, _ range: AddressRange?) throws(FlashAttentionError) {
@@ -230,6 +258,7 @@ extension AttentionProblem {
             try check("block_table", indices.2)
             try check("k_scale", sequences.scales.kRange)
             try check("v_scale", sequences.scales.vRange)
+            try check("attn_mask", maskRange)
         }
         try checkInputs("out", t.outRange)
         try checkInputs("lse", t.lseRange)

@@ -17,12 +17,13 @@ enum Entry {
 /// Where a validated forward call's tensors and arrays lie, for a caller that adds outputs of its own (the
 /// backward). Plain fields, so the forward's small calls pay nothing for it; `named` lists them on demand.
 struct InputRanges {
-    var q, k, v, out, lse, alibi, sinks: AddressRange?
+    var q, k, v, out, lse, alibi, sinks, mask: AddressRange?
     var indices: (AddressRange?, AddressRange?, AddressRange?)
     var varlen: Bool
 
     var named: [(String, AddressRange?)] {
         [("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse), ("alibi_slopes", alibi), ("sinks", sinks),
+         ("attn_mask", mask),
          (varlen ? "cu_seqlens_q" : "cache_seqlens", indices.0), (varlen ? "cu_seqlens_k" : "cache_batch_idx", indices.1),
          ("block_table", indices.2)]
     }

@@ -82,8 +82,11 @@ public struct ForwardPlan: @unchecked Sendable {
         self.problem = problem
         self.geometry = g
         let group = problem.groupSize
-        // The decoding kernel serves KV-cache shapes, which never carry dropout.
-        if group * problem.maxSeqlenQ <= g.microRows && problem.headDim % g.microCols == 0 && problem.dropout == nil {
+        // The decoding kernel serves KV-cache shapes without dropout (a training option) or a caller's mask
+        // (whose tiles the query-block kernel stages).
+        if group * problem.maxSeqlenQ <= g.microRows && problem.headDim % g.microCols == 0 && problem.dropout == nil
+            && problem.attnMask == nil
+        {
             path = .decoding
         } else if group > 1 && problem.maxSeqlenQ * group <= g.queryBlock {
             path = .groupBlocks

@@ -132,13 +132,15 @@ public struct AttentionProblem: @unchecked Sendable {
     public var maxSeqlenK: Int
     /// Attention dropout (dense and varlen forward and backward), or nil.
     public var dropout: Dropout?
+    /// A caller's mask over (sequence, query head, query, key), or nil.
+    public var attnMask: AttentionMask?
 
     public init(
         batch: Int, seqlenQ: Int, seqlenK: Int, headsQ: Int, headsKV: Int, headDim: Int,
         q: TensorView, k: TensorView, v: TensorView, out: TensorView, lse: LSEView?, scale: Float,
         windowLeft: Int?, windowRight: Int?, alibiSlopes: UnsafePointer<Float>?, alibiBatchStride: Int,
         softcap: Float, sinks: UnsafePointer<Float>?, layout: SequenceLayout, storage: KeyValueStorage,
-        maxSeqlenQ: Int, maxSeqlenK: Int, dropout: Dropout? = nil
+        maxSeqlenQ: Int, maxSeqlenK: Int, dropout: Dropout? = nil, attnMask: AttentionMask? = nil
     ) {
         self.batch = batch
         self.seqlenQ = seqlenQ
@@ -163,6 +165,7 @@ public struct AttentionProblem: @unchecked Sendable {
         self.maxSeqlenQ = maxSeqlenQ
         self.maxSeqlenK = maxSeqlenK
         self.dropout = dropout
+        self.attnMask = attnMask
     }
 
     /// Query heads per kv head (GQA group size); query head h reads kv head h / groupSize.

@@ -43,6 +43,9 @@ public struct ReferenceForward: WorkPlan {
                     var score = dot * Double(p.scale)
                     if cap > 0 { score = cap * tanh(score / cap) }
                     score -= slope * Double(abs(i + s.seqlenK - s.seqlenQ - j))
+                    if let mask = p.attnMask {
+                        score += Double(mask.bias(at: mask.rowOffset(batch: s.batch, head: h, position: i) + j * mask.colStride))
+                    }
                     scores[j] = score
                     sawNaN = sawNaN || score.isNaN
                     maximum = Swift.max(maximum, score)

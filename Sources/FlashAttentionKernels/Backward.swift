@@ -39,17 +39,20 @@ struct BackwardScores {
     /// With dropout the stored P is the dropped one (P ∘ Z, for dV) and dS = P ∘ (Z ∘ dP − D), Z being 1/(1 − p)
     /// where kept and 0 where dropped: the forward's mask, regenerated per (query, key).
     let dropout: Dropout?
+    /// A caller's mask, added after softcap and ALiBi as in the forward.
+    let attnMask: AttentionMask?
 
     /// P and dS of one query row of a tile pair, in place: scores `s` become P = e^(s' − lse) and `dP` becomes
     /// dS = P ∘ (dP − D) (∘ the softcap derivative 1 − tanh²; with dropout as above), for `count` keys from
-    /// `firstKey` (a whole number of vectors); keys outside `visible` get 0. `row` is the row's dropout state.
+    /// `firstKey` (a whole number of vectors); keys outside `visible` get 0. `row` is the row's dropout state,
+    /// `maskRow` its offset in the caller's mask.
     @inline(__always)
     func gradientRow(
         s: UnsafeMutablePointer<Float>, dP: UnsafeMutablePointer<Float>, count: Int, firstKey: Int,
-        visible: Range<Int>, position: Int, lse: Float, dot: Float, row: DropoutRow?
+        visible: Range<Int>, position: Int, lse: Float, dot: Float, row: DropoutRow?, maskRow: Int
     ) {
         let rowLSE = Vec(repeating: lse), rowDot = Vec(repeating: dot)
-        if slope == 0 && softcap == 0 && dropout == nil && visible == firstKey..<(firstKey + count) {
+        if slope == 0 && softcap == 0 && dropout == nil && attnMask == nil && visible == firstKey..<(firstKey + count) {
             // Every key visible and no transform (most pairs): no masks.
             for k in stride(from: 0, to: count, by: lanes) {
                 let p = exponential(load(s + k) - rowLSE)
@@ -72,6 +75,14 @@ struct BackwardScores {
             if slope != 0 {
                 let d = distance - Vec(repeating: Float(k))
                 x = x - Vec(repeating: slope) * maximum(d, -d)
+            }
+            if let attnMask {
+                // Lanes past the visible keys read nothing (their keys may lie beyond the mask).
+                var bias = Vec()
+                for lane in 0..<lanes where visible.contains(firstKey + k + lane) {
+                    bias[lane] = attnMask.bias(at: maskRow &+ (firstKey + k + lane) &* attnMask.colStride)
+                }
+                x = x + bias
             }
             let p = exponential(x - rowLSE).replacing(with: 0, where: (key .< low) .| (key .>= high))
             var z = Vec(repeating: 1)
@@ -177,7 +188,7 @@ func backwardKeyValue(_ problem: BackwardProblem, _ item: Int, _ scratch: Unsafe
         for h in (kvHead * f.groupSize)..<((kvHead + 1) * f.groupSize) {
             let scores = BackwardScores(
                 slope: f.alibiSlopes.map { $0[s.batch * f.alibiBatchStride + h] } ?? 0,
-                softcap: f.softcap, dropout: f.dropout)
+                softcap: f.softcap, dropout: f.dropout, attnMask: f.attnMask)
             for firstQuery in stride(from: qLow, to: qHigh, by: qb) {
                 // The next block's rows come from DRAM or L3 (each key block rereads the queries):
                 // requesting them now hides the misses behind this block's products.
@@ -252,12 +263,14 @@ private struct BackwardTiles {
         // keys get 0, so that whole tiles can be accumulated below.
         for r in 0..<padded {
             let i = firstQuery + r
-            let visible = r < rows ? f.keyRange(position: i, seqlenQ: s.seqlenQ, seqlenK: s.seqlenK) : 0..<0
+            // A row whose LSE is −inf saw no key (its mask hid them all): its P is 0, not exp(−inf + inf).
+            let visible = r < rows && lse[r] != -.infinity ? f.keyRange(position: i, seqlenQ: s.seqlenQ, seqlenK: s.seqlenK) : 0..<0
             scores.gradientRow(
                 s: p + r * kb, dP: dS + r * kb, count: panels * microCols, firstKey: firstKey,
                 visible: visible.clamped(to: firstKey..<(firstKey + keyCount)), position: i + offset,
                 lse: r < rows ? lse[r] : 0, dot: r < rows ? dots[r] : 0,
-                row: f.dropout?.row(batch: s.batch, head: h, position: i))
+                row: f.dropout?.row(batch: s.batch, head: h, position: i),
+                maskRow: f.attnMask?.rowOffset(batch: s.batch, head: h, position: i) ?? 0)
         }
         // dSᵀ, so that the dQ tiles' broadcasts read adjacent queries.
         for r in stride(from: 0, to: padded, by: transposeSize) {

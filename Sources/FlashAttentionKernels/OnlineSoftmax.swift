@@ -81,9 +81,12 @@ struct ScoreAdjustment {
     let alibiOffset: Float
     /// The score tiles already set hidden scores to −inf (plain masked blocks), so the softmax need not.
     var scoresMasked = false
+    /// A caller's attention mask staged for the sub-block, laid out like the scores (`stageMaskTile`), or nil.
+    var maskTile: UnsafeMutablePointer<Float>? = nil
 
-    /// Softcap and ALiBi transform scores, and must precede the mask: they are applied here.
-    var transformsScores: Bool { softcap > 0 || alibi }
+    /// Softcap, ALiBi and a caller's mask transform scores, and must precede the causal/window mask: they are
+    /// applied here.
+    var transformsScores: Bool { softcap > 0 || alibi || maskTile != nil }
 }
 
 /// How the softmax reads a key's scores for one column of a vector of queries: plain loads, or with softcap, ALiBi and
@@ -103,11 +106,13 @@ struct PlainScores: ScoreReader {
     @inline(__always) func callAsFunction(_ k: Int) -> Vec { load(column + k * ldS) }
 }
 
-/// Scores with softcap, ALiBi and mask applied, in that order.
+/// Scores with softcap, ALiBi, a caller's mask and the causal/window mask applied, in that order.
 struct AdjustedScores: ScoreReader {
     let column: UnsafeMutablePointer<Float>
     let ldS: Int
     let adjust: ScoreAdjustment
+    /// The caller's mask values of this column (same layout as the scores), or nil.
+    let maskColumn: UnsafeMutablePointer<Float>?
     let masked: Bool
     /// Lane i sees key k iff low_i <= k < high_i.
     let low, high: Vec
@@ -120,6 +125,7 @@ struct AdjustedScores: ScoreReader {
             let distance = distanceBase - Vec(repeating: Float(k))
             x = x - slope * (maximum(distance, -distance) - rebase)
         }
+        if let maskColumn { x = x + load(maskColumn + k * ldS) }
         if masked {
             let key = Vec(repeating: Float(k))
             x = x.replacing(with: Vec(repeating: -.infinity), where: (key .< low) .| (key .>= high))
@@ -157,7 +163,7 @@ func softmaxUpdate(
         if masked || adjust.transformsScores {
             let position = load(rowPosition + row)
             let reader = AdjustedScores(
-                column: column, ldS: ldS, adjust: adjust, masked: masked,
+                column: column, ldS: ldS, adjust: adjust, maskColumn: adjust.maskTile.map { $0 + j * lanes }, masked: masked,
                 low: position + Vec(repeating: Float(adjust.mask.lowShift)),
                 high: position + Vec(repeating: Float(adjust.mask.highShift)), slope: load(rowSlope + row),
                 distanceBase: position + Vec(repeating: adjust.alibiOffset), rebase: load(rowDistance + row))

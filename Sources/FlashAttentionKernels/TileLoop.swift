@@ -34,12 +34,17 @@ struct QueryBlockKernel {
         let padded = paddedRows(item)
         let mask = adjust.mask
         let keyCount = mask.keyCount
+        let attnMask = plan.problem.attnMask
+        if let attnMask, hidesBlock(attnMask, rowOffsets: w.rowMaskOffsets, rows: rows, firstKey: firstKey, count: keyCount) {
+            return
+        }
         packBlock(item.sequence, kvHead: item.firstHead / plan.problem.groupSize, firstKey: firstKey, count: keyCount, into: w)
 
         // Without softcap or ALiBi the score tiles mask hidden keys (and the zero rows padding a partial
         // last key tile, whose score 0 could exceed every real one by more than exp2's range) as they
         // store, so their running max is exact and the softmax has neither a max pass nor a mask to do.
         var adjust = adjust
+        if attnMask != nil { adjust.maskTile = w.maskTile }
         let tilesMask = !adjust.transformsScores && (mask.isMasked || keyCount % microRows != 0)
         adjust.scoresMasked = tilesMask
         let tilesMaxIsExact = !adjust.transformsScores
@@ -69,6 +74,12 @@ struct QueryBlockKernel {
                 }
             }
 
+            if let attnMask {
+                stageMaskTile(
+                    attnMask, rowOffsets: w.rowMaskOffsets, firstRow: first, rows: subRows,
+                    keys: mask.needed(fromRow: first, throughRow: first + subRows - 1), firstKey: firstKey,
+                    into: w.maskTile, ldS: subBlockRows)
+            }
             softmaxUpdate(
                 s: w.s, ldS: subBlockRows, firstRow: first, queryVectors: subRows / lanes, adjust: adjust,
                 blockMax: tilesMaxIsExact ? w.blockMax : nil, rowPosition: w.rowPosition, rowSlope: w.rowSlope,

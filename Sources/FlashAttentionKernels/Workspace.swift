@@ -18,6 +18,8 @@ import FlashAttentionCore
 ///                             the ALiBi distance its bias is rebased on
 ///     blockMax                subBlockRows: each query's max over the current block's scores
 ///     rowKeys     2 × Bq      with dropout: each row's random state (`DropoutRow`), low words then high
+///     rowMaskOffsets  Bq (Int)    with an attention mask: each row's mask offset (−1: a padding row)
+///     maskTile    Bk × subBlockRows   with an attention mask: a sub-block's mask values, laid out like `s`
 ///
 /// Packing K and V makes the micro-kernels independent of the caller's strides (and of paging): a
 /// [b, s, h, d] tensor with 8 heads of 128 has a 4 KiB row stride, which maps every row of a column slice
@@ -25,12 +27,15 @@ import FlashAttentionCore
 struct Workspace {
     let qT, kPack, vPack, s, o, rowMax, rowSum, alpha, rowPosition, rowSlope, rowDistance, blockMax: UnsafeMutablePointer<Float>
     let rowKeys: UnsafeMutablePointer<UInt32>
+    let rowMaskOffsets: UnsafeMutablePointer<Int>
+    let maskTile: UnsafeMutablePointer<Float>
 
     static func paddedDim(_ headDim: Int) -> Int { (headDim + microCols - 1) / microCols * microCols }
 
     static func floatCount(headDim: Int) -> Int {
         let qb = geometry.queryBlock, kb = geometry.keyBlock, d = paddedDim(headDim)
-        return qb * d + kb * d + kb * d + kb * subBlockRows + qb * d + 6 * qb + subBlockRows + 2 * qb
+        return qb * d + kb * d + kb * d + kb * subBlockRows + qb * d + 6 * qb + subBlockRows + 2 * qb + 2 * qb
+            + kb * subBlockRows
     }
 
     init(_ base: UnsafeMutableRawPointer, headDim: Int) {
@@ -48,6 +53,8 @@ struct Workspace {
         rowDistance = rowSlope + qb
         blockMax = rowDistance + qb
         rowKeys = UnsafeMutableRawPointer(blockMax + subBlockRows).bindMemory(to: UInt32.self, capacity: 2 * qb)
+        rowMaskOffsets = UnsafeMutableRawPointer(blockMax + subBlockRows + 2 * qb).bindMemory(to: Int.self, capacity: qb)
+        maskTile = blockMax + subBlockRows + 4 * qb
     }
 }
 
@@ -74,6 +81,7 @@ func stageQueries(_ plan: ForwardPlan, _ item: WorkItem, transposed: Bool, _ w: 
         let panel = transposed ? w.qT + (r / microCols) * microCols * d + r % microCols : w.qT + r * d
         let step = transposed ? microCols : 1
         guard let (head, position) = item.query(row: r) else {
+            w.rowMaskOffsets[r] = -1
             for c in 0..<d { panel[c * step] = 0 }
             w.rowPosition[r] = Float(item.positions - 1)
             w.rowSlope[r] = 0
@@ -96,6 +104,9 @@ func stageQueries(_ plan: ForwardPlan, _ item: WorkItem, transposed: Bool, _ w: 
             .clamped(to: item.keys)
         let nearest = keys.isEmpty ? aligned : min(max(aligned, keys.lowerBound), keys.upperBound - 1)
         w.rowDistance[r] = Float(abs(aligned - nearest))
+        if let mask = p.attnMask {
+            w.rowMaskOffsets[r] = mask.rowOffset(batch: item.sequence.batch, head: head, position: position)
+        }
         if let dropout = p.dropout {
             let state = dropout.row(batch: item.sequence.batch, head: head, position: position)
             (w.rowKeys[r], w.rowKeys[geometry.queryBlock + r]) = (state.low, state.high)

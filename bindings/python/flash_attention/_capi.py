@@ -31,6 +31,7 @@ FA_DTYPE_FLOAT16 = 1
 FA_DTYPE_BFLOAT16 = 2
 FA_DTYPE_INT8 = 3
 FA_DTYPE_FLOAT8_E4M3 = 4
+FA_DTYPE_BOOL = 5
 FA_ISA_AVX512 = "avx512"
 FA_ISA_AVX2 = "avx2"
 FA_ISA_PORTABLE = "portable"
@@ -74,6 +75,9 @@ class Params(ctypes.Structure):
         + _tensor_fields("v_scale", ("batch", "row", "head"))
         # Dropout (0.6).
         + [("dropout_p", c_float), ("reserved2", c_int32), ("dropout_seed", c_uint64)]
+        # Attention mask (0.6).
+        + [("attn_mask", c_void_p), ("attn_mask_dtype", c_int32), ("reserved3", c_int32)]
+        + [(f"attn_mask_{axis}_stride", c_int64) for axis in ("batch", "head", "row", "col")]
     )
 
 

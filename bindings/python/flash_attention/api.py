@@ -264,6 +264,36 @@ def _set_options(params, keep, heads_q, batch, softmax_scale=None, causal=False,
     params.algorithm = _ALGORITHMS[algorithm]
 
 
+def _set_mask(params, keep, attn_mask, batch, heads_q, rows, keys, min_keys=None):
+    """attn_mask (bool or uint8: nonzero attends; float32: added to the scores) broadcast to [batch, heads_q,
+    rows, keys] by numpy's rules (broadcast axes get stride 0: nothing is copied). With min_keys (a KV cache)
+    its last axis may be longer than the keys any entry sees, and must hold at least min_keys."""
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, np.ndarray):
+        raise TypeError(f"attn_mask must be a numpy.ndarray, got {type(attn_mask).__name__}")
+    if attn_mask.dtype in (np.bool_, np.uint8):
+        code = _capi.FA_DTYPE_BOOL
+    elif attn_mask.dtype == np.float32:
+        code = _capi.FA_DTYPE_FLOAT32
+    else:
+        raise TypeError(f"attn_mask must be bool, uint8 (nonzero attends) or float32 (added), got {attn_mask.dtype}")
+    if not 2 <= attn_mask.ndim <= 4:
+        raise ValueError(f"attn_mask must have 2 to 4 dimensions ([batch, heads, queries, keys]), got {attn_mask.shape}")
+    if min_keys is not None:
+        if attn_mask.shape[-1] < min_keys:
+            raise ValueError(f"attn_mask has {attn_mask.shape[-1]} keys; the cache call needs {min_keys}")
+        keys = attn_mask.shape[-1]
+    try:
+        mask = np.broadcast_to(attn_mask, (batch, heads_q, rows, keys))
+    except ValueError:
+        raise ValueError(f"attn_mask shape {attn_mask.shape} does not broadcast to {(batch, heads_q, rows, keys)}") from None
+    keep.append(mask)
+    params.attn_mask, params.attn_mask_dtype = _address(mask), code
+    (params.attn_mask_batch_stride, params.attn_mask_head_stride, params.attn_mask_row_stride,
+     params.attn_mask_col_stride) = (s // mask.itemsize for s in mask.strides)
+
+
 def _qkv(q, k, v, ndim, kv_ndim=None):
     """Checks q, k, v: any stored dtype, k and v of one dtype and shape (q may differ in dtype); k and v have
     kv_ndim dimensions when given (a paged cache under packed queries)."""
@@ -291,8 +321,8 @@ def _index_array(name, x, shape):
 
 def flash_attn_func(
     q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-    deterministic=False, return_attn_probs=False, *, seed=None, sinks=None, return_lse=False, num_threads=0,
-    algorithm="auto"
+    deterministic=False, return_attn_probs=False, *, seed=None, attn_mask=None, sinks=None, return_lse=False,
+    num_threads=0, algorithm="auto"
 ):
     """Exact attention softmax(q kᵀ · scale) v, computed tile by tile (FlashAttention) in the C library.
 
@@ -317,6 +347,9 @@ def flash_attn_func(
         seed: the dropout mask's key, an integer in [0, 2**64) (FA2 takes torch's generator state instead);
             None draws one from numpy's global generator (np.random.seed makes runs repeatable). Pass the
             same seed and dropout_p to flash_attn_backward.
+        attn_mask: optional mask broadcastable to [batch, heads_q, seqlen_q, seqlen_k]: bool or uint8 (nonzero
+            attends) or float32 (added to the scores after softcap and ALiBi, -inf hides). Combines with every
+            other option; a row that sees no key gives 0 and LSE -inf. Key blocks it hides entirely are skipped.
         sinks: float32 [heads_q] logits that join the softmax denominator and contribute no value.
         return_lse: also return the natural-log log-sum-exp, float32 [batch, heads_q, seqlen_q].
         num_threads: 0 uses every online core, 1 the calling thread only. Results are bitwise identical
@@ -332,6 +365,8 @@ def flash_attn_func(
     q, k, v = _qkv(q, k, v, 4)
     batch, seqlen_q, heads_q, head_dim = q.shape
     if return_attn_probs:
+        if attn_mask is not None:
+            raise NotImplementedError("return_attn_probs with attn_mask: use reference._softmax for the probabilities")
         return _with_probabilities(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
                                    num_threads, algorithm, dropout_p, seed)
     if k.shape[0] != batch or k.shape[3] != head_dim:
@@ -345,6 +380,7 @@ def flash_attn_func(
     out = np.empty(q.shape, dtype=q.dtype)
     params.batch, params.seqlen_q, params.seqlen_k = batch, seqlen_q, k.shape[1]
     params.heads_q, params.heads_kv, params.head_dim = heads_q, k.shape[2], head_dim
+    _set_mask(params, keep, attn_mask, batch, heads_q, seqlen_q, k.shape[1])
     _set_tensor(params, "q", q)
     _set_tensor(params, "k", k)
     _set_tensor(params, "v", v)
@@ -381,8 +417,8 @@ def _with_probabilities(q, k, v, softmax_scale, causal, window_size, softcap, al
 def flash_attn_varlen_func(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, max_seqlen_k=0, dropout_p=0.0, softmax_scale=None,
     causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-    return_attn_probs=False, block_table=None, *, seed=None, sinks=None, return_lse=False, num_threads=0,
-    algorithm="auto"
+    return_attn_probs=False, block_table=None, *, seed=None, attn_mask=None, sinks=None, return_lse=False,
+    num_threads=0, algorithm="auto"
 ):
     """Attention over a batch of sequences of different lengths, packed along the row axis.
 
@@ -394,6 +430,8 @@ def flash_attn_varlen_func(
         block_table: optional int32 [batch, max_blocks_per_seq] (FlashAttention-2's paged varlen call): k and v
             are then a paged cache [num_blocks, block_size, heads_kv, head_dim] and sequence b's keys are
             positions 0 ... cu_seqlens_k[b + 1] - cu_seqlens_k[b] - 1 of its blocks. Forward only.
+        attn_mask: as in flash_attn_func, broadcastable to [batch, heads_q, longest sequence's queries, its
+            keys], query and key positions counted within each sequence.
         The other arguments are those of flash_attn_func (alibi_slopes may be [batch, heads_q]), in
         FlashAttention-2's order; return_attn_probs raises (not implemented for varlen).
 
@@ -430,6 +468,8 @@ def flash_attn_varlen_func(
         params.block_table, params.block_table_batch_stride = _address(table), table.shape[1]
         params.max_blocks_per_seq, params.cache_batch, params.cache_seqlen = table.shape[1], k.shape[0], k.shape[1]
     params.cu_seqlens_q, params.cu_seqlens_k = _address(cu_q), _address(cu_k)
+    _set_mask(params, keep, attn_mask, batch, heads_q, int(np.diff(cu_q).max(initial=0)),
+              int(np.diff(cu_k).max(initial=0)))
     params.max_seqlen_q = _int_option("max_seqlen_q", max_seqlen_q, 0)
     params.max_seqlen_k = _int_option("max_seqlen_k", max_seqlen_k, 0)
     _set_tensor(params, "q", q)
@@ -448,7 +488,7 @@ def flash_attn_with_kvcache(
     q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None, cache_batch_idx=None,
     cache_leftpad=None, block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
     rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False, *, sinks=None,
-    return_lse=False, num_threads=0, algorithm="auto", k_scale=None, v_scale=None
+    return_lse=False, num_threads=0, algorithm="auto", k_scale=None, v_scale=None, attn_mask=None
 ):
     """Attention of new queries against a KV cache, optionally appending new keys/values first.
 
@@ -476,6 +516,8 @@ def flash_attn_with_kvcache(
             The result is exact attention over the dequantized cache.
         num_splits: accepted for FlashAttention-2 code; the library chooses its own key splits (results do
             not depend on them).
+        attn_mask: as in flash_attn_func over [batch, heads_q, seqlen_q, keys], key j being cache position j;
+            its last axis may be longer (e.g. the cache capacity) but must cover cache_seqlens[b] + seqlen_new.
         Batch b attends to cache_seqlens[b] + seqlen_new keys, which is the seqlen_k of causal/window
         alignment. Every index is checked before anything is read or written. The arguments up to
         return_softmax_lse are FlashAttention-2's, in its order; those after it are keyword-only.
@@ -486,6 +528,8 @@ def flash_attn_with_kvcache(
         q, k = _rotated(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_interleaved,
                         causal or tuple(window_size) != (-1, -1))
     if cache_leftpad is not None:
+        if attn_mask is not None:
+            raise NotImplementedError("attn_mask with cache_leftpad: fold the padding into the mask instead")
         return _left_padded_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad,
                                     block_table, k_scale, dict(
                                         softmax_scale=softmax_scale, causal=causal, window_size=window_size,
@@ -557,6 +601,9 @@ def flash_attn_with_kvcache(
     params.batch, params.seqlen_q = batch, seqlen_q
     params.heads_q, params.heads_kv, params.head_dim = heads_q, heads_kv, head_dim
     params.cache_batch, params.cache_seqlen = k_cache.shape[0], k_cache.shape[1]
+    if attn_mask is not None:
+        needed = int(seqlens.max(initial=0)) + (0 if k is None else k.shape[1])
+        _set_mask(params, keep, attn_mask, batch, heads_q, seqlen_q, None, min_keys=needed)
     _set_tensor(params, "q", q)
     _set_tensor(params, "k", k_cache)
     _set_tensor(params, "v", v_cache)
@@ -673,7 +720,7 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, cu_seqlens, options):
+def _backward(dout, q, k, v, out, lse, cu_seqlens, options, attn_mask=None):
     """Shared by the dense and varlen backward functions; cu_seqlens is None or (cu_q, cu_k, max_q, max_k)."""
     ndim = 3 if cu_seqlens is not None else 4
     q, k, v = _qkv(q, k, v, ndim)
@@ -696,6 +743,8 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, options):
         params.max_seqlen_q = _int_option("max_seqlen_q", max_q, 0)
         params.max_seqlen_k = _int_option("max_seqlen_k", max_k, 0)
         params.batch, params.seqlen_q, params.seqlen_k = batch, q.shape[0], k.shape[0]
+        _set_mask(params, keep, attn_mask, batch, heads_q, int(np.diff(cu_q).max(initial=0)),
+                  int(np.diff(cu_k).max(initial=0)))
         if lse.shape != (heads_q, q.shape[0]):
             raise ValueError(f"lse must have shape {(heads_q, q.shape[0])}, got {lse.shape}")
         params.lse, params.lse_head_stride, params.lse_row_stride = _address(lse), lse.strides[0] // 4, lse.strides[1] // 4
@@ -704,6 +753,7 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, options):
         if k.shape[0] != batch or k.shape[3] != head_dim:
             raise ValueError(f"k shape {k.shape} does not match q shape {q.shape} in batch and head_dim")
         params.batch, params.seqlen_q, params.seqlen_k = batch, q.shape[1], k.shape[1]
+        _set_mask(params, keep, attn_mask, batch, heads_q, q.shape[1], k.shape[1])
         if lse.shape != (batch, heads_q, q.shape[1]):
             raise ValueError(f"lse must have shape {(batch, heads_q, q.shape[1])}, got {lse.shape}")
         _set_tensor(params, "lse", lse, ("batch", "head", "row"))
@@ -738,7 +788,7 @@ def _backward_options(softmax_scale, causal, window_size, softcap, alibi_slopes,
 
 def flash_attn_backward(
     dout, q, k, v, out, lse, softmax_scale=None, causal=False, *, window_size=(-1, -1), softcap=0.0,
-    alibi_slopes=None, sinks=None, num_threads=0, dropout_p=0.0, seed=None
+    alibi_slopes=None, sinks=None, num_threads=0, dropout_p=0.0, seed=None, attn_mask=None
 ):
     """Gradients of flash_attn_func: (dq, dk, dv), or (dq, dk, dv, dsinks) when `sinks` is given.
 
@@ -750,18 +800,18 @@ def flash_attn_backward(
     """
     return _backward(dout, q, k, v, out, lse, None,
                      _backward_options(softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_threads,
-                                       dropout_p, seed))
+                                       dropout_p, seed), attn_mask)
 
 
 def flash_attn_varlen_backward(
     dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, max_seqlen_k=0, softmax_scale=None,
     causal=False, *, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None, num_threads=0, dropout_p=0.0,
-    seed=None
+    seed=None, attn_mask=None
 ):
     """Gradients of flash_attn_varlen_func (packed [total, heads, head_dim] tensors, lse [heads, total_q])."""
     return _backward(dout, q, k, v, out, lse, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
                      _backward_options(softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, num_threads,
-                                       dropout_p, seed))
+                                       dropout_p, seed), attn_mask)
 
 
 def flash_attn_func_with_backward(q, k, v, softmax_scale=None, causal=False, **options):

@@ -6,9 +6,10 @@ These functions materialise every score; they are written for clarity, not speed
 import numpy as np
 
 
-def _softmax(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks):
+def _softmax(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, attn_mask=None):
     """The library's probabilities, shared by the forward and backward references: scores scaled, softcapped,
-    ALiBi added, masked around the bottom-right diagonal, with the sink logit joining the softmax. Returns a
+    ALiBi added, the caller's attn_mask applied (boolean: False hides; float: added), masked around the
+    bottom-right diagonal, with the sink logit joining the softmax. Returns a
     dict: raw (scaled scores before softcap), k repeated per query head, visible [seqlen_q, seqlen_k], p
     [batch, heads_q, seqlen_q, seqlen_k + 1] (last column: the sink), and the row's safe_max and total."""
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
@@ -24,6 +25,11 @@ def _softmax(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, si
     if alibi_slopes is not None:
         slopes = np.broadcast_to(np.asarray(alibi_slopes, np.float64), (batch, heads_q))
         scores = scores - slopes[:, :, None, None] * np.abs(aligned - j)[None, None]
+    if attn_mask is not None:
+        m = np.asarray(attn_mask)
+        m = m.reshape((1,) * (4 - m.ndim) + m.shape)[..., :seqlen_q, :seqlen_k] if m.ndim else m
+        with np.errstate(invalid="ignore"):
+            scores = np.where(m, scores, -np.inf) if m.dtype.kind in "bu" else scores + m.astype(np.float64)
     left, right = window_size
     if causal:
         right = 0
@@ -83,7 +89,7 @@ def dropout_mask(seed, dropout_p, batch, heads_q, seqlen_q, seqlen_k, first_batc
 
 
 def reference_attention(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                        alibi_slopes=None, sinks=None, return_lse=False, dropout=None):
+                        alibi_slopes=None, sinks=None, return_lse=False, dropout=None, attn_mask=None):
     """softmax(q kᵀ · scale) v computed in float64, materialising the full score matrix.
 
     Same layouts and semantics as flash_attn_func: q [batch, seqlen_q, heads_q, head_dim], k and v
@@ -97,7 +103,7 @@ def reference_attention(q, k, v, softmax_scale=None, causal=False, window_size=(
     v = np.asarray(v, dtype=np.float64)
     seqlen_k = k.shape[1]
     v = np.repeat(v, q.shape[2] // v.shape[2], axis=2)
-    s = _softmax(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks)
+    s = _softmax(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, attn_mask)
     visible, safe_max, total = s["visible"], s["safe_max"], s["total"]
     with np.errstate(invalid="ignore", divide="ignore"):
         weights = s["p"][..., :seqlen_k] * (1.0 if dropout is None else dropout)
@@ -112,7 +118,7 @@ def reference_attention(q, k, v, softmax_scale=None, causal=False, window_size=(
 
 
 def reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=None, dropout_p=0.0, seed=0,
-                               **options):
+                               attn_mask=None, **options):
     """Varlen attention as a loop of reference_attention over the packed sequences: out [total_q, heads_q,
     head_dim] and lse [heads_q, total_q]. Dropout masks are drawn with each sequence's index as its batch."""
     out = np.zeros(q.shape, np.float64)
@@ -123,14 +129,19 @@ def reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes
         slopes = None if alibi_slopes is None else np.asarray(alibi_slopes)[b] if np.ndim(alibi_slopes) == 2 else alibi_slopes
         z = None if dropout_p == 0 else dropout_mask(seed, dropout_p, 1, q.shape[1], qs.stop - qs.start,
                                                      ks.stop - ks.start, first_batch=b)
+        mask = None
+        if attn_mask is not None:  # [batch | 1, heads | 1, max queries, max keys], positions within the sequence
+            m = np.asarray(attn_mask)
+            m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+            mask = m[min(b, m.shape[0] - 1)][None]
         o, l = reference_attention(q[None, qs], k[None, ks], v[None, ks], alibi_slopes=slopes, return_lse=True,
-                                   dropout=z, **options)
+                                   dropout=z, attn_mask=mask, **options)
         out[qs], lse[:, qs] = o[0], l[0]
     return out, lse
 
 
 def reference_kvcache_attention(q, k_cache, v_cache, cache_seqlens, k=None, v=None, cache_batch_idx=None,
-                                block_table=None, alibi_slopes=None, **options):
+                                block_table=None, alibi_slopes=None, attn_mask=None, **options):
     """KV-cache attention from first principles: gather each batch entry's cached keys (contiguous or
     through the block table), append the new ones, and call reference_attention. Does not modify the
     cache. Returns out [batch, seqlen_q, heads_q, head_dim] and lse [batch, heads_q, seqlen_q]."""
@@ -150,14 +161,20 @@ def reference_kvcache_attention(q, k_cache, v_cache, cache_seqlens, k=None, v=No
             keys = np.concatenate([keys, k[b]])
             values = np.concatenate([values, v[b]])
         slopes = None if alibi_slopes is None else np.asarray(alibi_slopes)[b] if np.ndim(alibi_slopes) == 2 else alibi_slopes
-        o, l = reference_attention(q[b:b + 1], keys[None], values[None], alibi_slopes=slopes, return_lse=True, **options)
+        mask = None
+        if attn_mask is not None:  # key j of entry b is cache position j
+            m = np.asarray(attn_mask)
+            m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+            mask = m[min(b, m.shape[0] - 1)][None]
+        o, l = reference_attention(q[b:b + 1], keys[None], values[None], alibi_slopes=slopes, return_lse=True,
+                                   attn_mask=mask, **options)
         outs.append(o[0])
         lses.append(l[0])
     return np.array(outs), np.array(lses)
 
 
 def reference_attention_backward(dout, q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                                 alibi_slopes=None, sinks=None, out=None, dropout=None):
+                                 alibi_slopes=None, sinks=None, out=None, dropout=None, attn_mask=None):
     """Analytic float64 gradients of reference_attention: (dq, dk, dv), plus dsinks when sinks is given.
 
     With S = q kᵀ · scale, S' = softcap·tanh(S/softcap) − ALiBi (masked to −inf), P = softmax([S', sink])
@@ -173,7 +190,7 @@ def reference_attention_backward(dout, q, k, v, softmax_scale=None, causal=False
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     scale = 1.0 / np.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     group = heads_q // heads_kv
-    s = _softmax(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks)
+    s = _softmax(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, attn_mask)
     raw, kr, vr = s["raw"], s["kr"], np.repeat(v, group, axis=2)
     p, p_sink = s["p"][..., :seqlen_k], s["p"][..., seqlen_k]
     z = 1.0 if dropout is None else dropout
