@@ -5,10 +5,11 @@
 /// Accuracy: at most 2.3 ulp relative error for x ≥ −126 (degree-5 polynomial for 2^f on [−0.5, 0.5],
 /// fitted by weighted least squares; measured max relative error 1.9e-7 with FMAs, and within the same
 /// bound in the portable copy, which rounds each product; `ABITests` checks every copy). Arguments below
-/// −126, −inf included, give 2^−126·p(f) ≈ 1e-38 instead of 0: negligible beside a row's maximum term
-/// (which is 1), and rows whose every key is masked are recognised by their −inf running max instead (the
-/// epilogue writes 0 for them). NaN propagates. Arguments above 0 never occur here and are not handled.
-/// Cost: 10 vector operations, of which 5 FMAs.
+/// −126, −inf included, give exactly 0: the polynomial there would give 2^−126·p(f) ≈ 1e-38, and a product
+/// of that with a value is subnormal — masked keys inside a row's band (a caller's mask, or additive masks of
+/// −1e9) then slowed P·V several-fold on x86. Rows whose every key is masked are recognised by their −inf
+/// running max (the epilogue writes 0 for them). NaN propagates. Arguments above 0 never occur here and are
+/// not handled. Cost: 12 vector operations, of which 5 FMAs.
 @inline(__always)
 func exp2(_ x: Vec) -> Vec {
     // Clamping keeps n ≥ −126, so adding n to the polynomial's exponent bits never leaves the normal range.
@@ -26,7 +27,7 @@ func exp2(_ x: Vec) -> Vec {
     // Multiply by 2^n by adding n to the exponent field: shifting t's bits left by 23 leaves exactly n << 23
     // (the bits of 1.5·2^23 above the low nine are shifted out).
     let bits = unsafeBitCast(poly, to: VecBits.self) &+ (unsafeBitCast(t, to: VecBits.self) &<< 23)
-    return unsafeBitCast(bits, to: Vec.self)
+    return unsafeBitCast(bits, to: Vec.self).replacing(with: 0, where: x .< Vec(repeating: -126))
 }
 
 /// e^x for x ≤ 0 (and NaN): exp2 of x·log2(e). The softmax and the backward form x as the difference of

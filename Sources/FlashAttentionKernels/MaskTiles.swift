@@ -1,31 +1,37 @@
 import FlashAttentionCore
 
-/// A caller's attention mask inside the query-block kernel: whole key blocks it hides are skipped, and the
-/// blocks it does not are staged sub-block by sub-block in the scores' transposed layout, so the softmax adds
-/// a vector of mask values per key like any other score adjustment (after softcap and ALiBi).
-
-/// Whether the mask hides every key of [firstKey, firstKey + count) from every row of the item. Skipping such a
-/// block is exact: its scores would all be −inf, which changes neither the running max nor the sum.
-/// `rowOffsets[r]` is row r's mask offset, −1 for padding rows. Stops at the first visible element, so a dense
-/// mask costs one read per block.
-func hidesBlock(_ mask: AttentionMask, rowOffsets: UnsafePointer<Int>, rows: Int, firstKey: Int, count: Int) -> Bool {
-    for r in 0..<rows where rowOffsets[r] >= 0 {
-        var offset = rowOffsets[r] &+ firstKey &* mask.colStride
-        for _ in 0..<count {
-            if !mask.hides(at: offset) { return false }
-            offset &+= mask.colStride
-        }
-    }
-    return true
-}
+/// A caller's attention mask inside the query-block kernel: each sub-block's mask values are staged in the
+/// scores' transposed layout before its scores are computed, so the softmax adds a vector of mask values per
+/// key like any other score adjustment (after softcap and ALiBi); a sub-block the mask hides entirely is
+/// skipped, and one it hides in part is narrowed to the keys some row sees — exactly: hidden scores would be
+/// −inf, which changes neither the running max nor the sum. So a block-sparse mask costs about what its
+/// visible blocks cost, plus one read of the mask.
 
 /// Writes the mask values of rows `firstRow ..< firstRow + rows` for block keys `keys` (block-relative, the
 /// block starting at `firstKey`) into `tile`, transposed like the scores: key k of sub-block row r at
-/// `tile + k * ldS + r`. Padding rows get 0.
+/// `tile + k * ldS + r`. `rowOffsets[r]` is row r's mask offset, −1 for padding rows (staged as 0). Returns
+/// the keys from the first to the last that some real row sees, nil if none.
 func stageMaskTile(
     _ mask: AttentionMask, rowOffsets: UnsafePointer<Int>, firstRow: Int, rows: Int, keys: Range<Int>, firstKey: Int,
     into tile: UnsafeMutablePointer<Float>, ldS: Int
-) {
+) -> Range<Int>? {
+    // One loop per element type, so the inner loop carries no type test.
+    if mask.isBool {
+        return stageRows(mask, rowOffsets, firstRow, rows, keys, firstKey, tile, ldS) { base, offset in
+            base.load(fromByteOffset: offset, as: UInt8.self) != 0 ? 0 : -.infinity
+        }
+    }
+    return stageRows(mask, rowOffsets, firstRow, rows, keys, firstKey, tile, ldS) { base, offset in
+        base.load(fromByteOffset: offset &* 4, as: Float.self)
+    }
+}
+
+@inline(__always)
+private func stageRows(
+    _ mask: AttentionMask, _ rowOffsets: UnsafePointer<Int>, _ firstRow: Int, _ rows: Int, _ keys: Range<Int>,
+    _ firstKey: Int, _ tile: UnsafeMutablePointer<Float>, _ ldS: Int, _ value: (UnsafeRawPointer, Int) -> Float
+) -> Range<Int>? {
+    var first = Int.max, last = -1
     for r in 0..<rows {
         let rowOffset = rowOffsets[firstRow + r]
         guard rowOffset >= 0 else {
@@ -34,8 +40,14 @@ func stageMaskTile(
         }
         var offset = rowOffset &+ (firstKey &+ keys.lowerBound) &* mask.colStride
         for k in keys {
-            tile[k * ldS + r] = mask.bias(at: offset)
+            let x = value(mask.base, offset)
+            tile[k * ldS + r] = x
+            if x != -.infinity {
+                first = min(first, k)
+                last = max(last, k)
+            }
             offset &+= mask.colStride
         }
     }
+    return last < 0 ? nil : first..<(last + 1)
 }

@@ -23,12 +23,15 @@ struct BlockMask {
     let positions: Int
     /// One head per item: positions grow with the row, so look-ahead/behind bounds hold.
     let monotonic: Bool
+    /// Keys outside [firstSeen, endSeen) are hidden from every row (a caller's mask says so): no row visits them.
+    var firstSeen = 0
+    var endSeen = Int.max
 
     /// The position of row r when the item holds one head (rows past the block stand for its ends).
     @inline(__always) private func position(_ r: Int) -> Int { min(max(r, 0), positions - 1) }
 
-    @inline(__always) private func start(_ i: Int) -> Int { min(keyCount, max(0, i + lowShift)) }
-    @inline(__always) private func end(_ i: Int) -> Int { min(keyCount, max(0, i + highShift)) }
+    @inline(__always) private func start(_ i: Int) -> Int { min(min(keyCount, endSeen), max(firstSeen, i + lowShift)) }
+    @inline(__always) private func end(_ i: Int) -> Int { min(min(keyCount, endSeen), max(firstSeen, i + highShift)) }
 
     /// The keys a row at block-relative position i sees.
     @inline(__always) func keys(position i: Int) -> Range<Int> {
@@ -72,7 +75,7 @@ struct BlockMask {
 
 /// What the softmax does to raw scores before the exponential: softcap, ALiBi, then the mask.
 struct ScoreAdjustment {
-    let mask: BlockMask
+    var mask: BlockMask
     /// The softcap C, or 0 for none: s ← C · tanh(s / C).
     let softcap: Float
     /// Whether each row's rowSlope times |i + alibiOffset − k| is subtracted.

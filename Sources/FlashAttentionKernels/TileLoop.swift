@@ -29,15 +29,10 @@ struct QueryBlockKernel {
 
     /// One key block: pack K and V, then score → softmax → output `subBlockRows` rows at a time.
     private func keyBlock(_ item: WorkItem, firstKey: Int, adjust: ScoreAdjustment, _ w: Workspace) {
-        let d = plan.problem.headDim
-        let rows = item.rows
         let padded = paddedRows(item)
         let mask = adjust.mask
         let keyCount = mask.keyCount
         let attnMask = plan.problem.attnMask
-        if let attnMask, hidesBlock(attnMask, rowOffsets: w.rowMaskOffsets, rows: rows, firstKey: firstKey, count: keyCount) {
-            return
-        }
         packBlock(item.sequence, kvHead: item.firstHead / plan.problem.groupSize, firstKey: firstKey, count: keyCount, into: w)
 
         // Without softcap or ALiBi the score tiles mask hidden keys (and the zero rows padding a partial
@@ -53,52 +48,66 @@ struct QueryBlockKernel {
         // rows stay in L1 from the score tiles through the softmax to the output tiles.
         for first in stride(from: 0, to: padded, by: subBlockRows) {
             let subRows = min(subBlockRows, padded - first)
-
-            // S = K·Qᵀ, one micro-tile at a time, over the keys the panel's rows need.
-            w.blockMax.update(repeating: -.infinity, count: subRows)
-            for panel in 0..<(subRows / microCols) {
-                let row = first + panel * microCols
-                let needed = mask.needed(fromRow: row, throughRow: row + microCols - 1)
-                let queries = w.qT + row * d
-                let position0 = load(w.rowPosition + row), position1 = load(w.rowPosition + row + lanes)
-                for tile in (needed.lowerBound / microRows)..<((needed.upperBound + microRows - 1) / microRows) {
-                    // Lane i sees tile keys [position_i + lowShift − key0, min(position_i + highShift, keyCount) − key0).
-                    let key0 = tile * microRows
-                    var band = mask.tileBand(position0, position1, firstKey: key0)
-                    withUnsafePointer(to: &band) { bandPointer in
-                        scoreTile(
-                            keys: w.kPack + key0 * d, ldK: d, queries: queries, depth: d,
-                            s: w.s + key0 * subBlockRows + panel * microCols, ldS: subBlockRows,
-                            columnMax: w.blockMax + panel * microCols, band: tilesMask ? bandPointer : nil)
-                    }
-                }
-            }
-
+            var subAdjust = adjust
             if let attnMask {
-                stageMaskTile(
+                // Staged first: a sub-block the mask hides is skipped, one it hides in part narrowed.
+                guard let seen = stageMaskTile(
                     attnMask, rowOffsets: w.rowMaskOffsets, firstRow: first, rows: subRows,
                     keys: mask.needed(fromRow: first, throughRow: first + subRows - 1), firstKey: firstKey,
                     into: w.maskTile, ldS: subBlockRows)
+                else { continue }
+                (subAdjust.mask.firstSeen, subAdjust.mask.endSeen) = (seen.lowerBound, seen.upperBound)
             }
-            softmaxUpdate(
-                s: w.s, ldS: subBlockRows, firstRow: first, queryVectors: subRows / lanes, adjust: adjust,
-                blockMax: tilesMaxIsExact ? w.blockMax : nil, rowPosition: w.rowPosition, rowSlope: w.rowSlope,
-                rowDistance: w.rowDistance, rowMax: w.rowMax, rowSum: w.rowSum, alpha: w.alpha)
-            if let dropout = plan.problem.dropout {
-                applyDropout(
-                    dropout, s: w.s, ldS: subBlockRows, firstRow: first, queryVectors: subRows / lanes, mask: mask,
-                    firstKey: firstKey, rowKeys: w.rowKeys)
-            }
+            subBlock(
+                item, firstKey: firstKey, first: first, subRows: subRows, adjust: subAdjust, tilesMask: tilesMask,
+                tilesMaxIsExact: tilesMaxIsExact, w)
+        }
+    }
 
-            // O = α·O + P·V, one output tile at a time.
-            let tiles = (min(rows - first, subRows) + microRows - 1) / microRows
-            for tile in 0..<tiles {
-                let q = tile * microRows
-                accumulateRows(
-                    MicroRows.self, Float32Storage.self, headDim: d, mask: mask, firstRow: first + q, p: w.s + q,
-                    ldP: subBlockRows, v: w.vPack, ldV: microCols,
-                    columnStride: geometry.keyBlock * microCols * MemoryLayout<Float>.size, w)
+    /// Score → softmax → output for item rows `first ..< first + subRows` against the packed key block.
+    private func subBlock(
+        _ item: WorkItem, firstKey: Int, first: Int, subRows: Int, adjust: ScoreAdjustment, tilesMask: Bool,
+        tilesMaxIsExact: Bool, _ w: Workspace
+    ) {
+        let d = plan.problem.headDim, mask = adjust.mask
+        // S = K·Qᵀ, one micro-tile at a time, over the keys the panel's rows need.
+        w.blockMax.update(repeating: -.infinity, count: subRows)
+        for panel in 0..<(subRows / microCols) {
+            let row = first + panel * microCols
+            let needed = mask.needed(fromRow: row, throughRow: row + microCols - 1)
+            let queries = w.qT + row * d
+            let position0 = load(w.rowPosition + row), position1 = load(w.rowPosition + row + lanes)
+            for tile in (needed.lowerBound / microRows)..<((needed.upperBound + microRows - 1) / microRows) {
+                // Lane i sees tile keys [position_i + lowShift − key0, min(position_i + highShift, keyCount) − key0).
+                let key0 = tile * microRows
+                var band = mask.tileBand(position0, position1, firstKey: key0)
+                withUnsafePointer(to: &band) { bandPointer in
+                    scoreTile(
+                        keys: w.kPack + key0 * d, ldK: d, queries: queries, depth: d,
+                        s: w.s + key0 * subBlockRows + panel * microCols, ldS: subBlockRows,
+                        columnMax: w.blockMax + panel * microCols, band: tilesMask ? bandPointer : nil)
+                }
             }
+        }
+
+        softmaxUpdate(
+            s: w.s, ldS: subBlockRows, firstRow: first, queryVectors: subRows / lanes, adjust: adjust,
+            blockMax: tilesMaxIsExact ? w.blockMax : nil, rowPosition: w.rowPosition, rowSlope: w.rowSlope,
+            rowDistance: w.rowDistance, rowMax: w.rowMax, rowSum: w.rowSum, alpha: w.alpha)
+        if let dropout = plan.problem.dropout {
+            applyDropout(
+                dropout, s: w.s, ldS: subBlockRows, firstRow: first, queryVectors: subRows / lanes, mask: mask,
+                firstKey: firstKey, rowKeys: w.rowKeys)
+        }
+
+        // O = α·O + P·V, one output tile at a time.
+        let tiles = (min(item.rows - first, subRows) + microRows - 1) / microRows
+        for tile in 0..<tiles {
+            let q = tile * microRows
+            accumulateRows(
+                MicroRows.self, Float32Storage.self, headDim: d, mask: mask, firstRow: first + q, p: w.s + q,
+                ldP: subBlockRows, v: w.vPack, ldV: microCols,
+                columnStride: geometry.keyBlock * microCols * MemoryLayout<Float>.size, w)
         }
     }
 
