@@ -1,17 +1,16 @@
-"""Attention under a mask, on torch tensors: which masks the library computes exactly, and how.
+"""Attention under a mask, on torch tensors: which form of the library's calls computes it fastest, and how.
 
-The C library has no attention-mask tensor yet (a later ABI adds one). What it has is enough for the masks
-models actually use, if each is recognised: a key range per batch entry (padding, or a KV cache's filled
-part), a band around the diagonal (causal, sliding window), and packed sequences (varlen). This module turns
-a mask description into a *plan*, checks that the plan reproduces the mask exactly, and runs the plan's
-forward and backward through flash_attention._torch_raw. A mask no plan reproduces runs through torch's own
-attention instead (FALLBACK below): correct, materialised, slower. That fallback is the path to replace once
-the library takes an attn_mask.
+The masks models use are mostly structured — a key range per batch entry (padding, or a KV cache's filled
+part), a band around the diagonal (causal, sliding window), packed sequences (varlen) — and the library runs
+those without reading a mask at all, if each is recognised. This module turns a mask description into a
+*plan*, checks that the plan reproduces the mask exactly, and runs the plan's forward and backward through
+flash_attention._torch_raw. Any other mask (tree or document masks, per-head masks, additive biases) is given
+to the library as its attn_mask tensor (MASK below).
 
 Inputs (all torch tensors on the CPU):
     q [batch, seqlen_q, heads_q, head_dim]; k, v [batch, seqlen_k, heads_kv, head_dim] (any strides).
     mask:    broadcastable to [batch, heads_q, seqlen_q, seqlen_k]; bool (True = visible) or float (added to
-             the scores; exactly-{0, -inf} float masks are read as bool, others can only fall back).
+             the scores; exactly-{0, -inf} float masks are read as bool, others are additive biases).
     padding: [batch, seqlen_k], nonzero = a real key; queries are aligned with the *last* keys (query i sits
              at key position i + seqlen_k - seqlen_q), as in transformers' caches.
     seq_ids: [batch or 1, seqlen_q] integers, seqlen_q == seqlen_k: query i sees key j only within the same
@@ -29,19 +28,18 @@ Plans:
     PER_BATCH a key range and band per entry (right padding shifts each entry's diagonal): one call per entry.
     PACKED    runs of seq_ids: one varlen call over the [batch * seqlen] rows (a view when the layout allows,
               else a copy of q, k, v).
-    FALLBACK  torch's scaled_dot_product_attention with the mask (or, with softcap or sinks, which torch's
-              function lacks, the same math written out in float32).
+    MASK      one library call with the mask as its attn_mask (broadcast axes read with stride 0; blocks the
+              mask hides are skipped), forward and backward.
 """
 
 import math
-import warnings
 import weakref
 
 import torch
 
 from . import _torch_raw as raw
 
-DENSE, RANGES, PER_BATCH, PACKED, FALLBACK = "dense", "ranges", "per_batch", "packed", "fallback"
+DENSE, RANGES, PER_BATCH, PACKED, MASK = "dense", "ranges", "per_batch", "packed", "mask"
 
 # torch's own function, looked up once: a program may replace F.scaled_dot_product_attention with ours.
 torch_sdpa = torch._C._nn.scaled_dot_product_attention
@@ -50,7 +48,8 @@ torch_sdpa = torch._C._nn.scaled_dot_product_attention
 class Plan:
     """How one masked attention runs. starts/ends/lefts/rights are per batch entry (Python ints; for DENSE
     and RANGES the band is entry 0's); rows, for PER_BATCH only, is None (every query row) or each entry's
-    (first, end) query rows, the others being zero; cu/max_len describe PACKED runs; mask is FALLBACK's."""
+    (first, end) query rows, the others being zero; cu/max_len describe PACKED runs; mask is MASK's (4-D, bool
+    or float32)."""
 
     __slots__ = ("kind", "starts", "ends", "lefts", "rights", "rows", "cu", "max_len", "mask", "reason", "memo")
 
@@ -297,21 +296,19 @@ def plan(q, k, mask=None, padding=None, seq_ids=None, causal=False, window_left=
         hint = None
     # The general case: one explicit bool mask [entries, heads, seqlen_q, seqlen_k] with every constraint.
     if mask is not None:
+        if mask.dtype not in (torch.bool, torch.float32):
+            mask = mask.float()  # the library adds float32 masks (converted before broadcasting: no copies)
         mask = _normalise_mask(mask, batch, heads_q, seqlen_q, seqlen_k)
         as_bool = _bool_mask(mask)
         if as_bool is None:
-            return Plan(FALLBACK, mask=mask, reason="an additive float mask (values other than 0 and -inf)")
+            return Plan(MASK, mask=_constrained(mask, padding, runs, left, right, seqlen_q, seqlen_k),
+                        reason="an additive float mask (values other than 0 and -inf)")
         mask = as_bool
     else:
         mask = torch.ones(1, 1, seqlen_q, seqlen_k, dtype=torch.bool)
-    if padding is not None:
-        mask = mask & (padding != 0)[:, None, None, :]
-    if runs is not None:
-        mask = mask & (runs[:, :, None] == runs[:, None, :])[:, None]
-    if left >= 0 or right >= 0:
-        mask = mask & _band_mask(seqlen_q, seqlen_k, left, right)
+    mask = _constrained(mask, padding, runs, left, right, seqlen_q, seqlen_k)
     if mask.shape[1] > 1 and not bool((mask == mask[:, :1]).all()):
-        return Plan(FALLBACK, mask=mask, reason="a mask that differs between heads")
+        return Plan(MASK, mask=mask, reason="a mask that differs between heads")
     m = mask[:, 0]
     if seqlen_q == 1 or m.stride(1) == 0:
         ranges = _key_runs(m[:, 0])  # one visible set for every query row: decoding, key-padding masks
@@ -327,21 +324,26 @@ def plan(q, k, mask=None, padding=None, seq_ids=None, causal=False, window_left=
             band = _packed_plan(m.expand(batch, seqlen_q, seqlen_k), candidate)
             if band is not None:
                 return _packed(candidate, seqlen_q, *band)
-    return Plan(FALLBACK, mask=mask, reason="a mask that is not a key range with a band, nor packed sequences")
+    return Plan(MASK, mask=mask, reason="a mask that is not a key range with a band, nor packed sequences")
+
+
+def _constrained(mask, padding, runs, left, right, seqlen_q, seqlen_k):
+    """mask (bool, or additive float32) with padding, packed runs and the band applied to it as well."""
+    hide = None
+    if padding is not None:
+        hide = (padding == 0)[:, None, None, :]
+    if runs is not None:
+        other = (runs[:, :, None] != runs[:, None, :])[:, None]
+        hide = other if hide is None else hide | other
+    if left >= 0 or right >= 0:
+        outside = ~_band_mask(seqlen_q, seqlen_k, left, right)
+        hide = outside if hide is None else hide | outside
+    if hide is None:
+        return mask
+    return mask & ~hide if mask.dtype == torch.bool else mask.masked_fill(hide, -math.inf)
 
 
 # ---- running a plan -----------------------------------------------------------------------------------------
-
-_warned = set()
-
-
-def _warn_fallback(reason):
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"flash_attention: {reason} is not expressible by the library yet; this attention runs "
-                      "through torch's scaled_dot_product_attention (correct, slower, memory O(seqlen_q × "
-                      "seqlen_k)) until the library takes an attn_mask", stacklevel=4)
-
 
 def _key_rows(x):
     """Key rows per batch entry when a [batch, seqlen, heads, dim] tensor's batch stride is a whole number of
@@ -401,94 +403,17 @@ def _flat(x, rows):
     return x.reshape(x.shape[0] * rows, x.shape[2], x.shape[3])
 
 
-def _scores(q, k, mask, scale, softcap, sinks):
-    """FALLBACK's materialised scores in float32: (raw scaled scores [batch, heads_q, seqlen_q, seqlen_k],
-    masked and softcapped scores with the sink column appended when given, k repeated per query head)."""
-    heads_q, heads_kv = q.shape[2], k.shape[2]
-    qf, kf = q.float().transpose(1, 2), k.float().transpose(1, 2)
-    if heads_q != heads_kv:
-        kf = kf.repeat_interleave(heads_q // heads_kv, dim=1)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    raw = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-    s = softcap * torch.tanh(raw / softcap) if softcap else raw
-    if mask is not None:
-        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.float()
-    if sinks is not None:
-        s = torch.cat([s, sinks.float()[None, :, None, None].expand(*s.shape[:-1], 1)], dim=-1)
-    return raw, s, qf, kf
-
-
-def _probabilities(s):
-    """softmax over the last axis; a row of only -inf gives zeros (and lse -inf), never NaN."""
-    lse = torch.logsumexp(s, dim=-1)
-    return torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse)[..., None]), lse
-
-
-def _math(q, k, v, mask, scale, softcap, sinks):
-    """Attention written out in float32 (FALLBACK with softcap or sinks, which torch's function lacks).
-    Returns out (q's dtype, [batch, seqlen_q, heads_q, head_dim]) and lse float32 [batch, heads_q, seqlen_q]."""
-    _, s, _, _ = _scores(q, k, mask, scale, softcap, sinks)
-    p, lse = _probabilities(s)
-    if sinks is not None:
-        p = p[..., :-1]
-    vf = v.float().transpose(1, 2)
-    if q.shape[2] != v.shape[2]:
-        vf = vf.repeat_interleave(q.shape[2] // v.shape[2], dim=1)
-    return torch.matmul(p, vf).transpose(1, 2).to(q.dtype), lse
-
-
-def _math_backward(dout, q, k, v, mask, scale, softcap, sinks):
-    """FALLBACK's gradients, by the formulas (the operator's backward runs where autograd records nothing):
-    with P the probabilities and D = rowsum(dO ∘ O): dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − D) (∘ (1 − tanh²) under
-    softcap), dQ = dS K · scale, dK = dSᵀ Q · scale, d(sink) = −Σ P_sink D; grouped heads summed."""
-    heads_q, heads_kv = q.shape[2], k.shape[2]
-    group = heads_q // heads_kv
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    raw, s, qf, kf = _scores(q, k, mask, scale, softcap, sinks)
-    p, _ = _probabilities(s)
-    p_sink = None
-    if sinks is not None:
-        p, p_sink = p[..., :-1], p[..., -1]
-    vf = v.float().transpose(1, 2)
-    if group > 1:
-        vf = vf.repeat_interleave(group, dim=1)
-    do = dout.float().transpose(1, 2)
-    out = torch.matmul(p, vf)
-    d = (do * out).sum(-1, keepdim=True)
-    ds = p * (torch.matmul(do, vf.transpose(-1, -2)) - d)
-    if softcap:
-        ds = ds * (1 - torch.tanh(raw / softcap) ** 2)
-    dq = torch.matmul(ds, kf) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
-    dv = torch.matmul(p.transpose(-1, -2), do)
-    if group > 1:
-        batch, _, seqlen_k, head_dim = dk.shape
-        dk = dk.view(batch, heads_kv, group, seqlen_k, head_dim).sum(2)
-        dv = dv.view(batch, heads_kv, group, seqlen_k, head_dim).sum(2)
-    dsinks = None if p_sink is None else -(p_sink * d[..., 0]).sum((0, 2))
-    return (dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype),
-            dsinks)
-
-
-def _fallback(q, k, v, mask, scale, softcap, sinks):
-    if softcap or sinks is not None:
-        return _math(q, k, v, mask, scale, softcap, sinks)
-    kv = (k.to(q.dtype), v.to(q.dtype)) if k.dtype != q.dtype else (k, v)
-    out = torch_sdpa(q.transpose(1, 2), kv[0].transpose(1, 2), kv[1].transpose(1, 2), attn_mask=mask, scale=scale,
-                     enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
-    # torch's function returns no lse; FALLBACK's backward recomputes instead of using it.
-    return out, torch.full((q.shape[0], q.shape[2], q.shape[1]), math.nan)
-
-
 def forward(p, q, k, v, scale=None, softcap=0.0, sinks=None, num_threads=0, want_lse=True):
     """Runs plan p. Returns out (contiguous [batch, seqlen_q, heads_q, head_dim], q's dtype) and lse (float32
-    contiguous [batch, heads_q, seqlen_q]; NaN after a FALLBACK through torch's function; None if not
+    contiguous [batch, heads_q, seqlen_q]; None if not
     want_lse and nothing needed it)."""
     batch, seqlen_q, heads_q, head_dim = q.shape
-    if p.kind == FALLBACK:
-        _warn_fallback(p.reason)
-        out, lse = _fallback(q, k, v, p.mask, scale, softcap, sinks)
-        return out.contiguous(), lse.contiguous()
+    if p.kind == MASK:
+        out = torch.empty(batch, seqlen_q, heads_q, head_dim, dtype=q.dtype)
+        lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32)
+        raw.forward(q, k, v, out, lse, scale=scale, softcap=softcap, sinks=sinks, num_threads=num_threads,
+                    attn_mask=p.mask)
+        return out, lse
 
     def options(b):
         return dict(scale=scale, softcap=softcap, sinks=sinks, num_threads=num_threads, window_left=p.lefts[b],
@@ -526,8 +451,12 @@ def forward(p, q, k, v, scale=None, softcap=0.0, sinks=None, num_threads=0, want
 def backward(p, dout, q, k, v, out, lse, scale=None, softcap=0.0, sinks=None, num_threads=0):
     """Gradients (dq, dk, dv, dsinks or None) of forward(p, ...) for the upstream gradient dout."""
     batch, seqlen_q, heads_q, head_dim = q.shape
-    if p.kind == FALLBACK:
-        return _math_backward(dout, q, k, v, p.mask, scale, softcap, sinks)
+    if p.kind == MASK:
+        dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype) for x in (q, k, v))
+        dsinks = torch.zeros(heads_q, dtype=torch.float32) if sinks is not None else None
+        raw.backward(dout, q, k, v, out, lse, dq, dk, dv, dsinks, scale=scale, softcap=softcap, sinks=sinks,
+                     num_threads=num_threads, attn_mask=p.mask)
+        return dq, dk, dv, dsinks
 
     def options(b):
         return dict(scale=scale, softcap=softcap, sinks=sinks, num_threads=num_threads, window_left=p.lefts[b],

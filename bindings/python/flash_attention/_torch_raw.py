@@ -57,6 +57,15 @@ def _new_params():
     return _lib, _copy(_template)
 
 
+def _attn_mask(p, mask):
+    """A 4-D [batch | 1, heads | 1, seqlen_q, seqlen_k] mask, bool or float32 (added), read in place; a size-1
+    (broadcast) axis gets stride 0."""
+    s = [0 if n == 1 else st for n, st in zip(mask.shape, mask.stride())]
+    p.attn_mask = mask.data_ptr()
+    p.attn_mask_dtype = _capi.FA_DTYPE_BOOL if mask.dtype == torch.bool else _capi.FA_DTYPE_FLOAT32
+    p.attn_mask_batch_stride, p.attn_mask_head_stride, p.attn_mask_row_stride, p.attn_mask_col_stride = s
+
+
 def _options(p, scale, causal, window_left, window_right, softcap, alibi, sinks, num_threads, dropout_p=0.0, seed=0):
     """Every field defaults to "off" in the template; only what differs is written (most calls: nothing or
     `causal`). alibi and sinks must be contiguous float32 tensors (the callers convert)."""
@@ -144,10 +153,13 @@ def _varlen_tensors(p, q, k, v, out, lse, cu_q, cu_k, max_q, max_k):
 
 
 def forward(q, k, v, out, lse, scale=None, causal=False, window_left=-1, window_right=-1, softcap=0.0, alibi=None,
-            sinks=None, num_threads=0, heads_first=False, dropout_p=0.0, seed=0):
-    """flash_attention_forward into the given out (and lse, if not None); heads_first: see _dense_tensors."""
+            sinks=None, num_threads=0, heads_first=False, dropout_p=0.0, seed=0, attn_mask=None):
+    """flash_attention_forward into the given out (and lse, if not None); heads_first: see _dense_tensors;
+    attn_mask: see _attn_mask."""
     lib, p = _new_params()
     _dense_tensors(p, q, k, v, out, lse, heads_first)
+    if attn_mask is not None:
+        _attn_mask(p, attn_mask)
     _options(p, scale, causal, window_left, window_right, softcap, alibi, sinks, num_threads, dropout_p, seed)
     status = lib.flash_attention_forward(_byref(p))
     if status:
@@ -215,7 +227,8 @@ def kvcache_forward(q, k_cache, v_cache, out, lse, cache_seqlens, cache_batch_id
 
 
 def backward(dout, q, k, v, out, lse, dq, dk, dv, dsinks=None, varlen=None, scale=None, causal=False,
-             window_left=-1, window_right=-1, softcap=0.0, alibi=None, sinks=None, num_threads=0, dropout_p=0.0, seed=0):
+             window_left=-1, window_right=-1, softcap=0.0, alibi=None, sinks=None, num_threads=0, dropout_p=0.0, seed=0,
+             attn_mask=None):
     """flash_attention_backward into dq, dk, dv (and dsinks, float32 [heads_q], if not None). `varlen` is None
     (4-D dense tensors) or (cu_q, cu_k, max_q, max_k) with 3-D packed tensors. dropout_p and seed: the
     forward's."""
@@ -227,6 +240,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, dsinks=None, varlen=None, scal
         _varlen_tensors(p, q, k, v, out, lse, *varlen)
         # 3-D tensors: the batch stride is ignored by the library; a zero keeps the field list uniform.
         names = (("dout", dout), ("dq", dq), ("dk", dk), ("dv", dv))
+    if attn_mask is not None:
+        _attn_mask(p, attn_mask)
     _options(p, scale, causal, window_left, window_right, softcap, alibi, sinks, num_threads, dropout_p, seed)
     b = _capi.BackwardParams.from_buffer_copy(_backward_template)
     b.forward = ctypes.pointer(p)

@@ -497,8 +497,8 @@ def _fa2_arguments(dropout_p, seed, return_attn_probs):
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, seed=None, sinks=None,
-                    return_lse=False, num_threads=0):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, seed=None, attn_mask=None,
+                    sinks=None, return_lse=False, num_threads=0):
     """Exact attention softmax(q kᵀ · scale) v on CPU tensors, differentiable, usable under torch.compile.
 
     Args:
@@ -524,6 +524,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         seed: the dropout mask's key, an integer in [0, 2**63); None draws one from torch's default generator
             (torch.manual_seed makes runs repeatable). The mask is a function of the seed and each element's
             (batch, head, query, key): identical for every num_threads (flash_attention.reference.dropout_mask).
+        attn_mask: a mask broadcastable to [batch, heads_q, seqlen_q, seqlen_k], bool (True attends) or float
+            (added to the scores after softcap; not differentiated), combined with causal and window_size;
+            structured masks (padding, bands) run without reading it, others as the library's attn_mask. Not
+            with alibi_slopes, dropout or return_lse.
         sinks: [heads_q] logits that join the softmax denominator (converted to float32; differentiated).
         return_lse: also return the natural-log log-sum-exp, float32 [batch, heads_q, seqlen_q]
             (not differentiable).
@@ -538,6 +542,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     window_left, window_right = _window(window_size)
     softcap = _softcap(softcap)
     heads_q = q.shape[2]
+    if attn_mask is not None:
+        if alibi_slopes is not None or dropout_p or return_lse:
+            raise NotImplementedError("attn_mask in the torch adapter goes without alibi_slopes, dropout and "
+                                      "return_lse (the numpy API has them all)")
+        return _attention(q, k, v, mask=attn_mask, softmax_scale=softmax_scale, causal=causal,
+                          window_left=window_left, window_right=window_right, softcap=softcap,
+                          sinks=_float32_vector("sinks", sinks, q.device, ((heads_q,),)), num_threads=int(num_threads))
     alibi_slopes = _float32_vector("alibi_slopes", alibi_slopes, q.device, ((heads_q,), (q.shape[0], heads_q)))
     sinks = _float32_vector("sinks", sinks, q.device, ((heads_q,),))
     num_threads = int(num_threads)
@@ -835,11 +846,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Through the library (CPU float32/float16/bfloat16, one dtype): no mask; masks that are a key range per
     batch entry with a band around the diagonal (all-true, causal of either alignment, sliding windows,
-    key padding, padding with causal); float masks holding only 0 and -inf. Anything else runs through torch's
-    own function, unchanged: dropout_p > 0 (no dropout in the library), other masks (a warning says so once:
-    this fallback is to be replaced when the library gains an attn_mask tensor), float masks with other
-    values or that require grad, float64, other devices, broadcast batch dimensions, value head_dim !=
-    query head_dim, scale 0. So replacing F.scaled_dot_product_attention by this function is safe.
+    key padding, padding with causal) without reading the mask; any other bool mask or additive float mask as
+    the library's attn_mask (blocks it hides are skipped). Torch's own function, unchanged, runs the rest:
+    dropout_p > 0 (torch's random stream), float masks that require grad, float64, other devices, value
+    head_dim != query head_dim, scale 0. So replacing F.scaled_dot_product_attention by this function is safe.
     Differentiable and usable under torch.compile (the mask is examined inside an operator, at run time).
     """
     if not _sdpa_supported(query, key, value, attn_mask, dropout_p, scale, enable_gqa):

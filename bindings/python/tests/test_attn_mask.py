@@ -197,3 +197,19 @@ def test_c_abi_rejects_bad_mask_fields_and_writes_nothing(field, value, message)
     assert lib.flash_attention_forward(ctypes.byref(params)) != 0
     assert message in lib.flash_attention_last_error().decode()
     assert (out == 7.0).all()
+
+
+def test_torch_flash_attn_func_takes_attn_mask_with_autograd():
+    torch = pytest.importorskip("torch", reason="torch is optional; the numpy API carries the same kernels")
+    import flash_attention.torch as ft
+
+    q, k, v = (torch.from_numpy(x.copy()).requires_grad_() for x in random_inputs(20, 2, 29, 41, 4, 2, 16))
+    mask = random_mask(21, (2, 4, 29, 41), "float")
+    out = ft.flash_attn_func(q, k, v, causal=True, attn_mask=torch.from_numpy(mask))
+    dout = np.random.default_rng(22).standard_normal(out.shape).astype(np.float32)
+    out.backward(torch.from_numpy(dout))
+    arrays = [x.detach().numpy() for x in (q, k, v)]
+    assert_close(out.detach().numpy(), None, reference_attention(*arrays, causal=True, attn_mask=mask), None)
+    want = reference_attention_backward(dout, *arrays, causal=True, attn_mask=mask)
+    for name, x, expected in zip(("dq", "dk", "dv"), (q, k, v), want):
+        assert_gradient(name, x.grad.numpy(), expected)

@@ -194,28 +194,30 @@ def test_fully_masked_rows_give_zero_like_torch():
 # --- what falls back to torch's own function -------------------------------------------------------------------
 
 
-def test_other_masks_fall_back_to_torch_with_one_warning(monkeypatch):
+def test_other_masks_run_in_the_library_as_its_attn_mask(monkeypatch):
     q, k, v = qkv(8, B, H, HK, SQ, SK, D)
     mask = torch.rand(B, 1, SQ, SK, generator=torch.Generator().manual_seed(1)) > 0.4
-    _torch_masked._warned.clear()
     paths = Paths(monkeypatch)
-    with pytest.warns(UserWarning, match="torch's scaled_dot_product_attention"):
-        out = ft.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    assert paths.torch == 1 and paths.library == 0
-    assert_close(out, reference(q, k, v, attn_mask=mask, enable_gqa=True))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # warned once per reason
-        ft.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        warnings.simplefilter("error")
+        out = ft.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert paths.torch == 0 and paths.library == 1
+    assert_close(out, reference(q, k, v, attn_mask=mask, enable_gqa=True))
     per_head = torch.rand(1, H, SQ, SK, generator=torch.Generator().manual_seed(2)) > 0.5
-    assert _torch_masked.plan(q.transpose(1, 2), k.transpose(1, 2), mask=per_head).kind == _torch_masked.FALLBACK
+    assert _torch_masked.plan(q.transpose(1, 2), k.transpose(1, 2), mask=per_head).kind == _torch_masked.MASK
+    out = ft.scaled_dot_product_attention(q, k, v, attn_mask=per_head, is_causal=True, enable_gqa=True)
+    assert_close(out, reference(q, k, v, attn_mask=per_head & torch.ones(SQ, SK, dtype=torch.bool).tril(),
+                                enable_gqa=True))
 
 
-def test_additive_bias_and_other_unsupported_calls_are_torchs_own():
+def test_additive_biases_run_in_the_library_and_other_unsupported_calls_are_torchs_own(monkeypatch):
     q, k, v = qkv(9, 2, 4, 4, 20, 30, 16)
     bias = randn(10, 2, 1, 20, 30)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert_close(ft.scaled_dot_product_attention(q, k, v, attn_mask=bias), reference(q, k, v, attn_mask=bias))
+    paths = Paths(monkeypatch)
+    assert_close(ft.scaled_dot_product_attention(q, k, v, attn_mask=bias), reference(q, k, v, attn_mask=bias))
+    assert_close(ft.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True),
+                 reference(q, k, v, attn_mask=bias, is_causal=True))
+    assert paths.torch == 0 and paths.library == 2
     q64, k64, v64 = q.double(), k.double(), v.double()
     assert torch.equal(ft.scaled_dot_product_attention(q64, k64, v64, is_causal=True),
                        TORCH_SDPA(q64, k64, v64, is_causal=True))
@@ -247,29 +249,28 @@ def test_masked_gradients_match_float64(name):
         assert relative(got, want) <= GRAD_RELATIVE, f"relative error {relative(got, want):.3g}"
 
 
-def test_fallback_gradients_match_float64():
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_attn_mask_gradients_match_float64(kind):
     q, k, v = (x.requires_grad_(True) for x in qkv(15, 2, 4, 2, 20, 30, 16))
     mask = torch.rand(2, 1, 20, 30, generator=torch.Generator().manual_seed(3)) > 0.4
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = ft.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    if kind == "additive":
+        mask = torch.where(mask, randn(16, 2, 1, 20, 30), -math.inf)
+    out = ft.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
-    ref = TORCH_SDPA(q64, k64, v64, attn_mask=mask, enable_gqa=True)
+    ref = TORCH_SDPA(q64, k64, v64, attn_mask=mask if kind == "bool" else mask.double(), enable_gqa=True)
     expected = torch.autograd.grad(ref.square().sum(), (q64, k64, v64))
     for got, want in zip(grads, expected):
         assert relative(got, want) <= GRAD_RELATIVE
 
 
-def test_fallback_with_softcap_and_sinks_differentiates_by_the_formulas():
-    """FALLBACK with softcap and sinks (torch's function has neither) runs the math in float32, and its backward
-    applies the gradient formulas (autograd records nothing inside an operator): both against float64 autograd."""
+def test_attn_mask_with_softcap_and_sinks_matches_float64_autograd():
+    """A general mask with softcap and sinks (torch's function has neither): the library's attn_mask, forward
+    and backward, against float64 autograd."""
     q, k, v = (x.transpose(1, 2).requires_grad_(True) for x in qkv(27, 2, 4, 2, 20, 30, 16))
     sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], requires_grad=True)
     mask = torch.rand(2, 1, 20, 30, generator=torch.Generator().manual_seed(4)) > 0.4
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = ft._attention(q, k, v, mask=mask, softcap=2.5, sinks=sinks)
+    out = ft._attention(q, k, v, mask=mask, softcap=2.5, sinks=sinks)
     dout = randn(28, *out.shape)
     grads = torch.autograd.grad(out, (q, k, v, sinks), dout)
     q64, k64, v64, s64 = (x.detach().double().requires_grad_(True) for x in (q, k, v, sinks))
@@ -368,7 +369,7 @@ def test_packed_sequences_from_a_hint_and_as_seq_ids(window):
     assert_close(ft._attention(q, k, v, seq_ids=ids[None], causal=True, window_left=left), ref)
     # A hint that does not reproduce the mask is not used.
     wrong = torch.cat([torch.zeros(20), torch.ones(30)]).long()[None]
-    assert _torch_masked.plan(q, k, mask=mask, hint=wrong).kind == _torch_masked.FALLBACK
+    assert _torch_masked.plan(q, k, mask=mask, hint=wrong).kind == _torch_masked.MASK
 
 
 def test_packed_gradients_match_float64():
