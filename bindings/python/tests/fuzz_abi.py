@@ -267,6 +267,33 @@ def scale_mutation(rng, case):
             setattr(p, f"v_scale_{field}_stride", getattr(p, f"k_scale_{field}_stride"))
 
 
+def attn_mask(rng, case, sizes):
+    """A guarded attention mask [batch, heads_q, queries, keys] (uint8 or float32, sometimes broadcast along
+    batch or heads with stride 0); sometimes a mutation the library must reject: an unknown type, a nonzero
+    reserved3, an overflowing stride, a misaligned float32 pointer."""
+    p = case.params
+    dtype, code = rng.choice([(np.uint8, _capi.FA_DTYPE_BOOL), (np.float32, _capi.FA_DTYPE_FLOAT32)])
+    fill = random_bytes if dtype == np.uint8 else None
+    Case.tensor(case, "attn_mask", sizes, False, fill=fill, dtype=dtype, fields=("batch", "head", "row", "col"))
+    p.attn_mask_dtype = code
+    if rng.random() < 0.3:
+        setattr(p, rng.choice(["attn_mask_batch_stride", "attn_mask_head_stride"]), 0)
+    if rng.random() < 0.3 and p.attn_mask is not None:
+        kind = rng.randrange(4)
+        case.mutation = f"attn_mask {kind}"
+        if kind == 0:
+            p.attn_mask_dtype = rng.choice([1, 2, 3, 4, 6, -1])
+        elif kind == 1:
+            p.reserved3 = 1
+        elif kind == 2 and sizes[3] >= 2 and 0 not in sizes:
+            p.attn_mask_col_stride = rng.choice([2**62, -(2**62)])
+        elif kind == 3 and dtype == np.float32 and 0 not in sizes:
+            p.attn_mask += 2
+        else:
+            return
+        case.must_reject = True
+
+
 def build_forward(rng, entry):
     case = Case(rng, entry)
     p = case.params
@@ -370,6 +397,14 @@ def build_forward(rng, entry):
         case.tensor("k", [batch, seqlen_k, heads_kv, head_dim], False)
         case.tensor("v", [batch, seqlen_k, heads_kv, head_dim], False)
         case.tensor("out", [batch, seqlen_q, heads_q, head_dim], True, fill=sentinel)
+    if rng.random() < 0.25:
+        if entry == "varlen":
+            rows, cols = max(lengths_q, default=0), max(lengths_k, default=0)
+        elif entry == "kvcache":
+            rows, cols = seqlen_q, max([s + append for s in seqlens if 0 <= s <= capacity], default=0)
+        else:
+            rows, cols = seqlen_q, seqlen_k
+        attn_mask(rng, case, [batch, heads_q, rows, cols])
     if rng.random() < 0.5:
         lse = GuardedBuffer(batch * heads_q * seqlen_q, np.float32, rng)
         lse.array[:] = np.float32(SENTINEL)
