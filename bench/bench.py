@@ -57,7 +57,11 @@ DTYPE_NAMES = {0: "float32", 1: "float16", 2: "bfloat16"}
 CACHE_NAMES = {0: "float32", 1: "float16", 3: "int8", 4: "float8_e4m3"}
 # Backward: the prefill shapes, causal and not.
 BACKWARD = [(shape, causal) for shape in PREFILL for causal in (False, True)]
-SECTIONS = ("prefill", "long", "sweep", "inference", "half", "quantized", "backward", "small")
+SECTIONS = ("prefill", "long", "sweep", "inference", "half", "quantized", "masks", "backward", "small")
+# Masks and dropout: (b, h, s, d) prefill shapes, and the variants timed against the unmasked call.
+MASKED = [(1, 8, 2048, 64), (1, 8, 2048, 128)]
+MASK_VARIANTS = {0: "no mask", 1: "all-attend mask", 2: "block-sparse mask", 3: "dropout 0.1"}
+MASK_BLOCK = 128  # the block-sparse mask: 128 × 128 blocks, half of them hidden (fixed seed)
 # Bytes copied to measure the copy bandwidth beside decoding.
 COPY_BYTES = 256 << 20
 
@@ -177,6 +181,24 @@ def prepare(impl, case, args, threads, layout):
             tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))) for x in (q, k, v))
             return (lambda: F.scaled_dot_product_attention(tq, tk, tv, enable_gqa=hq != hk)), work
         return (lambda: numpy_attention(q, k, v, False)), work
+    if case == "masked":  # (b, h, s, d, variant): MASK_VARIANTS; torch gets the block-sparse mask
+        b, h, s, d, variant = args
+        q, k, v = make_inputs((b, h, h, s, d), layout)
+        keep = np.random.default_rng(1).random((s // MASK_BLOCK, s // MASK_BLOCK)) < 0.5
+        sparse = np.kron(keep, np.ones((MASK_BLOCK, MASK_BLOCK), bool))
+        work = flops((b, h, h, s, d), False)
+        if impl == "torch":
+            import torch
+            import torch.nn.functional as F
+
+            torch.set_num_threads(threads)
+            tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))) for x in (q, k, v))
+            mask = torch.from_numpy(sparse)
+            return (lambda: F.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask)), work
+        from flash_attention import flash_attn_func
+
+        options = [{}, {"attn_mask": np.ones((s, s), bool)}, {"attn_mask": sparse}, {"dropout_p": 0.1, "seed": 1}]
+        return (lambda: flash_attn_func(q, k, v, num_threads=threads, **options[variant])), work
     if case == "window":  # causal sliding window of `left` keys
         b, h, s, d, left = args
         q, k, v = make_inputs((b, h, h, s, d), layout)
@@ -430,6 +452,7 @@ def main():
                         + len(thread_counts) * (len(DECODE) + 2) * ("inference" in sections)
                         + len(thread_counts) * 2 * ("half" in sections)
                         + len(thread_counts) * (len(DECODE) + 1) * ("quantized" in sections)
+                        + len(thread_counts) * len(MASKED) * ("masks" in sections)
                         + len(thread_counts) * len(BACKWARD) * ("backward" in sections))
     paths = kernel_paths()
     if args.paths:
@@ -441,7 +464,7 @@ def main():
                "layout": args.layout, "torch": have_torch, "command": " ".join(["python3", "bench/bench.py"] + sys.argv[1:]),
                "paths": paths, "fma_peak": {isa: {} for isa in paths}, "peak": {}, "prefill": [], "long": [],
                "sweep": [], "small_call": {}, "decode": [], "window": [], "half": [], "quantized": [],
-               "backward": []}
+               "masks": [], "backward": []}
     if have_torch:
         import importlib.metadata
 
@@ -538,6 +561,8 @@ def main():
                 results["half"].append(row)
     if "quantized" in sections:
         quantized_decode(results, thread_counts, reps, progress)
+    if "masks" in sections:
+        masked_prefill(results, thread_counts, reps, progress, args.layout, have_torch)
     if "backward" in sections:
         for t in thread_counts:
             # The forward, the backward and torch's backward alternate round by round, each in its own worker.
@@ -593,6 +618,25 @@ def quantized_decode(results, thread_counts, reps, progress):
             for code, r in measured.items():
                 row[CACHE_NAMES[code] + "_ms"], row[CACHE_NAMES[code] + "_gbps"] = r["median_s"] * 1e3, r["gflops"]
             results["quantized"].append(row)
+
+
+def masked_prefill(results, thread_counts, reps, progress, layout, have_torch):
+    """The same prefill without a mask, with an all-attend mask, with a block-sparse mask (half of its 128 × 128
+    blocks hidden) and with dropout, interleaved; torch's SDPA with the block-sparse mask beside them."""
+    for t in thread_counts:
+        for shape in MASKED:
+            progress.advance("masks", f"{shape} {t}T: " + ", ".join(MASK_VARIANTS.values()))
+            workers = {name: (Worker("flash", t, layout), "masked", [*shape, code])
+                       for code, name in MASK_VARIANTS.items()}
+            if have_torch:
+                workers["torch block-sparse"] = (Worker("torch", t), "masked", [*shape, 2])
+            measured = measure_interleaved(workers, None, None, rounds=3, reps_per_round=max(1, reps // 3))
+            for entry in workers.values():
+                entry[0].close()
+            row = {"shape": shape, "threads": t}
+            for name, r in measured.items():
+                row[name + "_ms"] = r["median_s"] * 1e3
+            results["masks"].append(row)
 
 
 def fmt(x, digits=1):
@@ -670,6 +714,16 @@ def render(results):
             cells = " | ".join(f"{fmt(r[n + '_ms'], 2)} ({fmt(r[n + '_gbps'])})" for n in names)
             lines.append(f"| {tuple(r['shape'])} | {r['threads']} | {fmt(r['copy_gbps'])} | {cells}"
                          f" | {fmt(r['float32_ms'] / r['int8_ms'], 2)} | {fmt(r['float16_ms'] / r['int8_ms'], 2)} |")
+    if results.get("masks"):
+        names = list(MASK_VARIANTS.values()) + ["torch block-sparse"]
+        lines += ["", "| masks and dropout, prefill (b, h, s, d) | threads | " + " | ".join(f"{n} ms" for n in names)
+                  + " | all-attend / none | block-sparse / none | dropout / none |",
+                  "|---|---|" + "---|" * len(names) + "---|---|---|"]
+        for r in results["masks"]:
+            base = r["no mask_ms"]
+            lines.append(f"| {tuple(r['shape'])} | {r['threads']} | " + " | ".join(fmt(r.get(n + "_ms")) for n in names)
+                         + f" | {fmt(r['all-attend mask_ms'] / base, 2)} | {fmt(r['block-sparse mask_ms'] / base, 2)}"
+                         f" | {fmt(r['dropout 0.1_ms'] / base, 2)} |")
     if results.get("backward"):
         lines += ["", "| backward (b, hq, hkv, s, d) | causal | threads | forward ms | backward ms | backward / forward"
                   " | backward GFLOP/s (2.5× forward FLOPs) | torch backward ms | flash / torch speed |",
