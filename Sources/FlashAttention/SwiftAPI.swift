@@ -21,6 +21,7 @@ public enum Attention {
         q: AttentionTensor, k: AttentionTensor, v: AttentionTensor, options: AttentionOptions = .init()
     ) throws(AttentionError) -> AttentionResult {
         try checkKeysValues(q: q, k: k, v: v, batch: q.batch)
+        try checkMask(options, rows: q.seqlen, cols: k.seqlen)
         var params = try makeParams(options, batch: q.batch, headsQ: q.heads)
         setSizes(&params, q: q, k: k)
         return try runForward(params, q: q, k: k, v: v, options: options, indices: []) { flash_attention_forward($0) }
@@ -34,6 +35,7 @@ public enum Attention {
         options: AttentionOptions = .init()
     ) throws(AttentionError) -> AttentionGradients {
         try checkKeysValues(q: q, k: k, v: v, batch: q.batch)
+        try checkMask(options, rows: q.seqlen, cols: k.seqlen)
         var params = try makeParams(options, batch: q.batch, headsQ: q.heads)
         setSizes(&params, q: q, k: k)
         return try runBackward(params, dout: dout, q: q, k: k, v: v, result: result, options: options, indices: [])
@@ -50,6 +52,7 @@ public enum Attention {
         options: AttentionOptions = .init()
     ) throws(AttentionError) -> AttentionResult {
         let (cuQ, cuK) = try checkPacked(q: q, k: k, v: v, cuSeqlensQ: cuSeqlensQ, cuSeqlensK: cuSeqlensK)
+        try checkMask(options, rows: longest(cuSeqlensQ), cols: longest(cuSeqlensK))
         var params = try makeParams(options, batch: cuQ.count - 1, headsQ: q.heads)
         setSizes(&params, q: q, k: k)
         params.batch = Int64(cuQ.count - 1)
@@ -64,6 +67,7 @@ public enum Attention {
         cuSeqlensQ: [Int], cuSeqlensK: [Int], options: AttentionOptions = .init()
     ) throws(AttentionError) -> AttentionGradients {
         let (cuQ, cuK) = try checkPacked(q: q, k: k, v: v, cuSeqlensQ: cuSeqlensQ, cuSeqlensK: cuSeqlensK)
+        try checkMask(options, rows: longest(cuSeqlensQ), cols: longest(cuSeqlensK))
         var params = try makeParams(options, batch: cuQ.count - 1, headsQ: q.heads)
         setSizes(&params, q: q, k: k)
         params.batch = Int64(cuQ.count - 1)
@@ -237,8 +241,32 @@ extension Attention {
         if let sinks = options.sinks, sinks.count != headsQ {
             throw .invalidShape("sinks has \(sinks.count) elements; it must be [headsQ] (\(headsQ))")
         }
+        (params.dropout_p, params.dropout_seed) = (options.dropout, options.dropoutSeed)
+        if let mask = options.mask {
+            guard mask.batch == 1 || mask.batch == batch, mask.heads == 1 || mask.heads == headsQ else {
+                throw .invalidShape("mask is [\(mask.batch), \(mask.heads), …]; it must be [1 or \(batch), 1 or \(headsQ), …]")
+            }
+            params.attn_mask_dtype = FA_DTYPE_FLOAT32
+            let (rows, cols) = (Int64(mask.rows), Int64(mask.cols))
+            params.attn_mask_batch_stride = mask.batch == 1 ? 0 : Int64(mask.heads) * rows * cols
+            params.attn_mask_head_stride = mask.heads == 1 ? 0 : rows * cols
+            (params.attn_mask_row_stride, params.attn_mask_col_stride) = (cols, 1)
+        }
         return params
     }
+
+    /// The mask must cover the queries and keys the call reads (the library trusts its extent): exactly
+    /// `rows` × `cols`, or at least that many with `atLeast` (a KV cache's mask may span the whole cache).
+    private static func checkMask(_ options: AttentionOptions, rows: Int, cols: Int, atLeast: Bool = false) throws(AttentionError) {
+        guard let mask = options.mask else { return }
+        let fits = atLeast ? mask.rows == rows && mask.cols >= cols : mask.rows == rows && mask.cols == cols
+        guard fits else {
+            throw .invalidShape("mask is [\(mask.rows), \(mask.cols)] per head; this call needs \(rows) × \(atLeast ? "at least " : "")\(cols)")
+        }
+    }
+
+    /// The longest sequence of cumulative offsets.
+    private static func longest(_ cu: [Int]) -> Int { zip(cu.dropFirst(), cu).map { $0 - $1 }.max() ?? 0 }
 
     /// The params of a KV-cache call but its pointers: sizes, element types (new rows are float32), and the
     /// dense strides of the new rows and of the row scales; checks the shapes the library cannot compare (it is
@@ -325,12 +353,13 @@ extension Attention {
         var params = params
         var out = AttentionTensor(batch: q.batch, seqlen: q.seqlen, heads: q.heads, headDim: q.headDim)
         var lse = [Float](repeating: 0, count: q.batch * q.heads * q.seqlen)
-        let status = withAddresses([q.values, k.values, v.values, options.alibiSlopes, options.sinks]) { f in
+        let status = withAddresses([q.values, k.values, v.values, options.alibiSlopes, options.sinks, options.mask?.values]) { f in
             withAddresses(indices + [nil, nil]) { i in
                 out.withMutableValues { op in
                     lse.withUnsafeMutableBufferPointer { lp in
                         setPointers(&params, q: f[0], k: f[1], v: f[2], out: op.baseAddress, lse: lp.baseAddress,
                                     alibi: f[3], sinks: f[4], shape: q, kv: k)
+                        params.attn_mask = UnsafeRawPointer(f[5])
                         (params.cu_seqlens_q, params.cu_seqlens_k) = (i[0], i[1])
                         return entry(&params)
                     }
@@ -350,11 +379,12 @@ extension Attention {
     ) throws(AttentionError) -> AttentionResult {
         var params = try kvCacheParams(q, kCache, vCache, newK, newV, options)
         let seqlens = try int32s(cacheSeqlens, "cacheSeqlens", count: q.batch)
+        try checkMask(options, rows: q.seqlen, cols: (cacheSeqlens.max() ?? 0) + (newK?.seqlen ?? 0), atLeast: true)
         let batchIndex = try cacheBatchIndex.map { (x) throws(AttentionError) in try int32s(x, "cacheBatchIndex", count: q.batch) }
         let table = try blockTable.map { (x) throws(AttentionError) in try setBlockTable(&params, x, batch: q.batch) }
         var out = AttentionTensor(batch: q.batch, seqlen: q.seqlen, heads: q.heads, headDim: q.headDim)
         var lse = [Float](repeating: 0, count: q.batch * q.heads * q.seqlen)
-        let status = withAddresses([q.values, newK?.values, newV?.values, options.alibiSlopes, options.sinks]) { f in
+        let status = withAddresses([q.values, newK?.values, newV?.values, options.alibiSlopes, options.sinks, options.mask?.values]) { f in
             withAddresses([seqlens, batchIndex, table]) { i in
                 kCache.withMutableStorage { kp, ks in
                     vCache.withMutableStorage { vp, vs in
@@ -363,6 +393,7 @@ extension Attention {
                                 setPointers(&params, q: f[0], k: kp, v: vp, out: op.baseAddress, lse: lp.baseAddress,
                                             alibi: f[3], sinks: f[4], shape: q)
                                 (params.k_new, params.v_new) = (UnsafeRawPointer(f[1]), UnsafeRawPointer(f[2]))
+                                params.attn_mask = UnsafeRawPointer(f[5])
                                 (params.k_scale, params.v_scale) = (ks, vs)
                                 (params.cache_seqlens, params.cache_batch_idx, params.block_table) = (i[0], i[1], i[2])
                                 return flash_attention_forward_kvcache(&params)
@@ -392,7 +423,10 @@ extension Attention {
         var dk = AttentionTensor(batch: k.batch, seqlen: k.seqlen, heads: k.heads, headDim: k.headDim)
         var dv = dk
         var dsinks = [Float](repeating: 0, count: options.sinks == nil ? 0 : q.heads)
-        let inputs: [[Float]?] = [q.values, k.values, v.values, options.alibiSlopes, options.sinks, result.out.values, result.lse, dout.values]
+        let inputs: [[Float]?] = [
+            q.values, k.values, v.values, options.alibiSlopes, options.sinks, result.out.values, result.lse, dout.values,
+            options.mask?.values,
+        ]
         let status = withAddresses(inputs) { f in
             withAddresses(indices + [nil, nil]) { i in
                 dq.withMutableValues { dqp in
@@ -403,6 +437,7 @@ extension Attention {
                                 setPointers(&forward, q: f[0], k: f[1], v: f[2], out: UnsafeMutablePointer(mutating: f[5]),
                                             lse: UnsafeMutablePointer(mutating: f[6]), alibi: f[3], sinks: f[4], shape: q, kv: k)
                                 (forward.cu_seqlens_q, forward.cu_seqlens_k) = (i[0], i[1])
+                                forward.attn_mask = UnsafeRawPointer(f[8])
                                 var backward = flash_attention_backward_params()
                                 let initStatus = flash_attention_backward_params_init(
                                     &backward, MemoryLayout<flash_attention_backward_params>.size)

@@ -198,6 +198,30 @@ private func denseIndex(_ shape: (Int, Int, Int, Int), _ b: Int, _ s: Int, _ h: 
     return ((b * shape.1 + s) * shape.2 + h) * shape.3 + d
 }
 
+/// A mask over the scores, added after softcap and ALiBi: values [batch or 1, heads or 1, rows, cols], row-major
+/// (an axis of 1 is shared by every batch entry or head). 0 keeps a score, −∞ hides it, other values bias it.
+/// Rows and columns are query and key positions within a sequence (for a KV cache, cache positions).
+public struct ScoreMask: Equatable, Sendable {
+    public let batch: Int
+    public let heads: Int
+    public let rows: Int
+    public let cols: Int
+    public let values: [Float]
+
+    public init(batch: Int = 1, heads: Int = 1, rows: Int, cols: Int, values: [Float]) throws(AttentionError) {
+        guard batch >= 1, heads >= 1, rows >= 0, cols >= 0, values.count == batch * heads * rows * cols else {
+            throw .invalidShape(
+                "ScoreMask [\(batch), \(heads), \(rows), \(cols)] needs \(batch * heads * rows * cols) values, got \(values.count)")
+        }
+        (self.batch, self.heads, self.rows, self.cols, self.values) = (batch, heads, rows, cols, values)
+    }
+
+    /// A boolean mask: true attends (0), false hides (−∞).
+    public init(batch: Int = 1, heads: Int = 1, rows: Int, cols: Int, attends: [Bool]) throws(AttentionError) {
+        try self.init(batch: batch, heads: heads, rows: rows, cols: cols, values: attends.map { $0 ? 0 : -.infinity })
+    }
+}
+
 /// Everything about an attention call except its tensors. The defaults are plain softmax attention over every
 /// key on every core.
 public struct AttentionOptions: Equatable, Sendable {
@@ -227,12 +251,22 @@ public struct AttentionOptions: Equatable, Sendable {
     /// 0: every online core; 1: the calling thread only. Results are bitwise identical for every value.
     public var numThreads: Int
     public var algorithm: Algorithm
+    /// A mask over the scores (see `ScoreMask`), combined with every option above; nil is none.
+    public var mask: ScoreMask?
+    /// Attention dropout in [0, 1) (forward and backward, not the KV cache): probabilities kept with probability
+    /// 1 − dropout and scaled by 1 / (1 − dropout); the mask is a function of `dropoutSeed` and each element's
+    /// (batch, head, query, key) only. Pass the forward's options to `backward`.
+    public var dropout: Float
+    public var dropoutSeed: UInt64
 
     public init(
         scale: Float? = nil, causal: Bool = false, windowLeft: Int? = nil, windowRight: Int? = nil,
         softcap: Float? = nil, alibiSlopes: [Float]? = nil, sinks: [Float]? = nil, numThreads: Int = 0,
-        algorithm: Algorithm = .auto
+        algorithm: Algorithm = .auto, mask: ScoreMask? = nil, dropout: Float = 0, dropoutSeed: UInt64 = 0
     ) {
+        self.mask = mask
+        self.dropout = dropout
+        self.dropoutSeed = dropoutSeed
         self.scale = scale
         self.causal = causal
         self.windowLeft = windowLeft

@@ -56,6 +56,10 @@ func naiveAttention(
                 let slope = Double(slopes.count == hq ? slopes[h] : slopes[bi * hq + h])
                 s -= slope * Double(abs(diagonal - j))
             }
+            if let mask = o.mask {
+                let entry = (mask.batch == 1 ? 0 : bi) * mask.heads + (mask.heads == 1 ? 0 : h)
+                s += Double(mask.values[(entry * mask.rows + i) * mask.cols + j])
+            }
             scores.append((j, s))
         }
         let sink = o.sinks.map { Double($0[h]) }
@@ -104,7 +108,21 @@ let swiftCases: [SwiftCase] = [
               options: .init(causal: true, sinks: [0.7, -1.5]), seed: 509),
     SwiftCase(name: "reference-1-thread", batch: 1, seqlenQ: 13, seqlenK: 9, headsQ: 2, headsKV: 2, headDim: 3,
               options: .init(numThreads: 1, algorithm: .reference), seed: 510),
+    SwiftCase(name: "mask-bool-shared", batch: 2, seqlenQ: 21, seqlenK: 34, headsQ: 4, headsKV: 2, headDim: 16,
+              options: .init(causal: true, mask: randomMask(batch: 1, heads: 1, rows: 21, cols: 34, seed: 511)), seed: 511),
+    SwiftCase(name: "mask-additive-per-head", batch: 2, seqlenQ: 9, seqlenK: 40, headsQ: 2, headsKV: 1, headDim: 24,
+              options: .init(softcap: 4, mask: randomMask(batch: 2, heads: 2, rows: 9, cols: 40, seed: 512, additive: true)),
+              seed: 512),
 ]
+
+/// A mask with about 30% of its entries hidden (−∞); `additive` gives the others random biases.
+func randomMask(batch: Int, heads: Int, rows: Int, cols: Int, seed: UInt64, additive: Bool = false) -> ScoreMask {
+    var rng = SeededRandom(seed: seed)
+    let values = (0..<(batch * heads * rows * cols)).map { _ in
+        rng.uniform() < 0.3 ? -Float.infinity : additive ? rng.normal() : 0
+    }
+    return try! ScoreMask(batch: batch, heads: heads, rows: rows, cols: cols, values: values)
+}
 
 @Test("Swift forward matches a naive float64 loop", arguments: tiledPaths, swiftCases)
 func swiftForward(_ isa: KernelISA, _ c: SwiftCase) throws {
@@ -398,4 +416,47 @@ func expectAttentionError(
     #expect(Attention.defaultThreadCount >= 1)
     #expect(Attention.kernelISA == String(cString: flash_attention_kernel_isa()))
     #expect(Attention.availableKernelISAs == kernelPaths.map(\.name))
+}
+
+/// A boolean mask drawing the causal band gives causal attention, forward and backward (through the mask
+/// path: staged tiles, the backward's per-key mask reads), on every kernel path.
+@Test("a causal-shaped mask equals causal, forward and backward", arguments: tiledPaths)
+func swiftCausalShapedMask(_ isa: KernelISA) throws {
+    try onPath(isa) {
+        let c = SwiftCase(name: "mask", batch: 2, seqlenQ: 37, seqlenK: 52, headsQ: 4, headsKV: 2, headDim: 24, seed: 801)
+        let (q, k, v) = c.inputs()
+        var rng = SeededRandom(seed: 802)
+        let dout = randomTensor(2, 37, 4, 24, &rng)
+        let band = (0..<37).flatMap { i in (0..<52).map { j in j <= i + 52 - 37 } }
+        let masked = AttentionOptions(mask: try ScoreMask(rows: 37, cols: 52, attends: band))
+        let causal = AttentionOptions(causal: true)
+        let a = try Attention.forward(q: q, k: k, v: v, options: masked)
+        let b = try Attention.forward(q: q, k: k, v: v, options: causal)
+        #expect(relativeError(a.out.values.map(Double.init), b.out.values.map(Double.init)) <= 1e-6)
+        let ga = try Attention.backward(dout: dout, q: q, k: k, v: v, result: a, options: masked)
+        let gb = try Attention.backward(dout: dout, q: q, k: k, v: v, result: b, options: causal)
+        for (x, y) in [(ga.dq, gb.dq), (ga.dk, gb.dk), (ga.dv, gb.dv)] {
+            #expect(relativeError(x.values.map(Double.init), y.values.map(Double.init)) <= gradientRelativeBound)
+        }
+        let wrong = AttentionOptions(mask: try ScoreMask(rows: 37, cols: 51, attends: Array(band.prefix(37 * 51))))
+        #expect(throws: AttentionError.self) { try Attention.forward(q: q, k: k, v: v, options: wrong) }
+    }
+}
+
+/// Dropout through the Swift API: 0 is no dropout (bitwise), a seed gives the same output for any thread
+/// count, another seed another output, and the backward runs with the forward's options.
+@Test func swiftDropoutIsDeterministicPerSeed() throws {
+    let c = SwiftCase(name: "dropout", batch: 1, seqlenQ: 40, seqlenK: 40, headsQ: 2, headsKV: 2, headDim: 16, seed: 803)
+    let (q, k, v) = c.inputs()
+    let plain = try Attention.forward(q: q, k: k, v: v)
+    let zero = try Attention.forward(q: q, k: k, v: v, options: .init(dropout: 0, dropoutSeed: 9))
+    #expect(zero == plain)
+    let one = try Attention.forward(q: q, k: k, v: v, options: .init(numThreads: 1, dropout: 0.3, dropoutSeed: 9))
+    let two = try Attention.forward(q: q, k: k, v: v, options: .init(numThreads: 2, dropout: 0.3, dropoutSeed: 9))
+    let other = try Attention.forward(q: q, k: k, v: v, options: .init(dropout: 0.3, dropoutSeed: 10))
+    #expect(one.out == two.out && one.out != other.out && one.out != plain.out)
+    #expect(one.lse == plain.lse)  // the LSE is the undropped one
+    let grads = try Attention.backward(dout: q, q: q, k: k, v: v, result: one, options: .init(dropout: 0.3, dropoutSeed: 9))
+    #expect(grads.dq.values.allSatisfy { $0.isFinite })
+    #expect(throws: AttentionError.self) { try Attention.forward(q: q, k: k, v: v, options: .init(dropout: 1)) }
 }
