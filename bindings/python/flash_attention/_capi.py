@@ -34,6 +34,7 @@ FA_DTYPE_FLOAT8_E4M3 = 4
 FA_ISA_AVX512 = "avx512"
 FA_ISA_AVX2 = "avx2"
 FA_ISA_PORTABLE = "portable"
+FA_ISA_NEON = "neon"
 FA_ISA_REFERENCE = "reference"
 # Every kernel path, widest first (the header's FA_ISA_* in order).
 KERNEL_ISAS = (FA_ISA_AVX512, FA_ISA_AVX2, FA_ISA_PORTABLE, FA_ISA_REFERENCE)
