@@ -27,7 +27,7 @@ FA_PATCH := $(shell sed -nE 's/^\#define FA_VERSION_PATCH ([0-9]+).*/\1/p' inclu
 FA_VERSION := $(FA_MAJOR).$(FA_MINOR).$(FA_PATCH)
 SONAME := libFlashAttention.so.$(FA_MAJOR)
 
-.PHONY: build demo test deps-mpi deps-transformers bench-transformers bench-ring test-swift test-c test-install test-wheel test-python test-sanitizers deps bench clean build-install install uninstall
+.PHONY: build demo test test-arm64 deps-mpi deps-transformers bench-transformers bench-ring test-swift test-c test-install test-wheel test-python test-sanitizers deps bench clean build-install install uninstall
 
 build:
 	$(SWIFT) build -c release
@@ -49,8 +49,15 @@ deps-mpi:
 deps-transformers:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check torch==2.13.0 transformers
 
-test: deps deps-mpi build test-c test-install test-wheel test-python test-swift test-sanitizers
+test: deps deps-mpi build test-c test-install test-wheel test-python test-swift test-sanitizers test-arm64
 	@echo "all tests passed"
+
+# The NEON kernel copy built for aarch64 with Embedded Swift and its parity tests run under qemu (Tests/arm64):
+# forward (causal, window, GQA, softcap, decode and split decode, float16/bfloat16, int8/float8 caches), backward
+# tiles, exp2. Installs qemu-user-static and gcc-aarch64-linux-gnu when missing; skips (and succeeds) with the
+# reason when it cannot. The last line says how many cases passed.
+test-arm64:
+	SWIFTC=$$(dirname $$(command -v $(SWIFT)))/swiftc sh Tests/arm64/run.sh .build/arm64
 
 # The package's tests, then examples/swift: another SwiftPM package that depends on this one by path.
 test-swift:
