@@ -15,8 +15,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 mkdir -p "$out"
 SWIFTC=${SWIFTC:-swiftc}
+# Swift 6 language mode, as the package (tools version 6.2) compiles its targets.
 flags="-target aarch64-none-none-elf -enable-experimental-feature Embedded -wmo -parse-as-library
-       -package-name FlashAttention -I $here/include -I $out"
+       -swift-version 6 -package-name FlashAttention -I $here/include -I $out"
 core="ElementType Problem ForwardPlan Dropout BackwardProblem KernelTable FlashAttentionError AttentionStates"
 core_files=$(for f in $core; do printf '%s ' "$root/Sources/FlashAttentionCore/$f.swift"; done)
 
