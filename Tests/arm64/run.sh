@@ -13,6 +13,11 @@ if [ "$(uname -s)" = Darwin ]; then
          "Silicon the package's own tests (swift test, test-python) run the NEON copy natively."
     exit 0
 fi
+if [ ! -d "$(dirname "$(command -v "$SWIFTC")")/../lib/swift/embedded/aarch64-none-none-elf" ]; then
+    echo "test-arm64: SKIPPED: this Swift toolchain has no Embedded standard library for aarch64-none-none-elf." \
+         "Nothing was tested."
+    exit 0
+fi
 case $(uname -m) in
 aarch64 | arm64)
     # An ARM Linux host runs the same test binary natively (its gcc links it).
@@ -33,11 +38,6 @@ if ! have_tools; then
              "and a Debian/Ubuntu package mirror; log: ${TMPDIR:-/tmp}/fa-arm64-apt.log). Nothing was tested."
         exit 0
     fi
-fi
-if [ ! -d "$(dirname "$(command -v "$SWIFTC")")/../lib/swift/embedded/aarch64-none-none-elf" ]; then
-    echo "test-arm64: SKIPPED: this Swift toolchain has no Embedded standard library for aarch64-none-none-elf." \
-         "Nothing was tested."
-    exit 0
 fi
 
 SWIFTC=$SWIFTC sh "$here/build.sh" "$out"
