@@ -9,8 +9,18 @@ SWIFT ?= swift
 CC ?= cc
 CXX ?= c++
 BUILD := .build/release
-LIB := $(BUILD)/libFlashAttention.so
 TMP := .build/c-tests
+# macOS (Apple Silicon): SwiftPM names the library .dylib, Apple's nm has no -D, and the Linux-only checks
+# (SONAME/ldd install test, manylinux-style wheel test, the sanitizer suppressions) say they are skipped.
+UNAME_S := $(shell uname -s)
+ifeq ($(UNAME_S),Darwin)
+DARWIN := 1
+LIB := $(BUILD)/libFlashAttention.dylib
+EXPORTED = nm -gU $(LIB) | awk '{print $$3}' | sed 's/^_//'
+else
+LIB := $(BUILD)/libFlashAttention.so
+EXPORTED = nm -D --defined-only --extern-only $(LIB) | awk '{print $$3}'
+endif
 
 # `make install` (GNU conventions: PREFIX, DESTDIR, LIBDIR, INCLUDEDIR). The installed library links the Swift
 # runtime statically, so it runs without the toolchain; it is built in a scratch folder of its own so the
@@ -27,7 +37,7 @@ FA_PATCH := $(shell sed -nE 's/^\#define FA_VERSION_PATCH ([0-9]+).*/\1/p' inclu
 FA_VERSION := $(FA_MAJOR).$(FA_MINOR).$(FA_PATCH)
 SONAME := libFlashAttention.so.$(FA_MAJOR)
 
-.PHONY: build demo test deps-mpi deps-transformers bench-transformers bench-ring test-swift test-c test-install test-wheel test-python test-sanitizers deps bench clean build-install install uninstall
+.PHONY: build demo test test-arm64 mca-arm64 deps-mpi deps-transformers bench-transformers bench-ring test-swift test-c test-install test-wheel test-python test-sanitizers deps bench clean build-install install uninstall
 
 build:
 	$(SWIFT) build -c release
@@ -49,8 +59,19 @@ deps-mpi:
 deps-transformers:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check torch==2.13.0 transformers
 
-test: deps deps-mpi build test-c test-install test-wheel test-python test-swift test-sanitizers
+test: deps deps-mpi build test-c test-install test-wheel test-python test-swift test-sanitizers test-arm64
 	@echo "all tests passed"
+
+# The NEON kernel copy built for aarch64 with Embedded Swift and its parity tests run under qemu (Tests/arm64):
+# forward (causal, window, GQA, softcap, decode and split decode, float16/bfloat16, int8/float8 caches), backward
+# tiles, exp2. Installs qemu-user-static and gcc-aarch64-linux-gnu when missing; skips (and succeeds) with the
+# reason when it cannot. The last line says how many cases passed.
+test-arm64:
+	SWIFTC=$$(dirname $$(command -v $(SWIFT)))/swiftc sh Tests/arm64/run.sh .build/arm64
+
+# llvm-mca's predicted FMA utilisation of the NEON inner loops (a model, not a measurement; bench/RESULTS.md).
+mca-arm64: test-arm64
+	sh bench/arm64/mca.sh .build/arm64
 
 # The package's tests, then examples/swift: another SwiftPM package that depends on this one by path.
 test-swift:
@@ -70,15 +91,24 @@ test-c: build
 		echo "kernel path $$isa:"; \
 		FLASH_ATTENTION_ISA=$$isa $(TMP)/dlopen_test $(LIB) && FLASH_ATTENTION_ISA=$$isa $(TMP)/concurrency_test $(LIB) || exit 1; \
 	done
-	@exports=$$(nm -D --defined-only --extern-only $(LIB) | awk '{print $$3}' | grep -v '^flash_attention_'); \
+	@exports=$$($(EXPORTED) | grep -v '^flash_attention_'); \
 	if [ -n "$$exports" ]; then echo "unexpected exported symbols:"; echo "$$exports"; exit 1; fi; \
-	echo "ok: $(LIB) exports only flash_attention_* ($$(nm -D --defined-only --extern-only $(LIB) | wc -l) symbols)"
+	echo "ok: $(LIB) exports only flash_attention_* ($$($(EXPORTED) | wc -l) symbols)"
 
 # The static-stdlib library for `make install`. SwiftPM cannot set a SONAME, so the linker gets one here: programs
 # then record libFlashAttention.so.MAJOR and keep working across MINOR/PATCH upgrades.
+ifdef DARWIN
+# macOS: no -static-stdlib (Apple's platforms do not support it; the Swift runtime is part of macOS 15, the
+# package's minimum); the install name plays the SONAME's part.
+build-install:
+	$(SWIFT) build -c release -Xlinker -install_name -Xlinker $(LIBDIR)/libFlashAttention.$(FA_MAJOR).dylib \
+		-Xlinker -current_version -Xlinker $(FA_VERSION) -Xlinker -compatibility_version -Xlinker $(FA_MAJOR).0.0 \
+		--scratch-path .build-install --product FlashAttention
+else
 build-install:
 	$(SWIFT) build -c release -Xswiftc -static-stdlib -Xlinker -soname -Xlinker $(SONAME) \
 		--scratch-path .build-install --product FlashAttention
+endif
 
 # The header, libFlashAttention.so.MAJOR.MINOR.PATCH with its .so.MAJOR (runtime) and .so (link time) links,
 # and a pkg-config file. The .pc holds PREFIX without DESTDIR (DESTDIR is only a staging root for packagers).
@@ -86,9 +116,15 @@ install: build-install
 	@test -n "$(FA_MAJOR)" -a -n "$(FA_MINOR)" -a -n "$(FA_PATCH)" || { echo "cannot read FA_VERSION_* from include/flash_attention.h"; exit 1; }
 	install -d "$(DESTDIR)$(INCLUDEDIR)" "$(DESTDIR)$(LIBDIR)/pkgconfig"
 	install -m 644 include/flash_attention.h "$(DESTDIR)$(INCLUDEDIR)/flash_attention.h"
+ifdef DARWIN
+	install -m 755 $(INSTALL_BUILD)/libFlashAttention.dylib "$(DESTDIR)$(LIBDIR)/libFlashAttention.$(FA_VERSION).dylib"
+	ln -sf libFlashAttention.$(FA_VERSION).dylib "$(DESTDIR)$(LIBDIR)/libFlashAttention.$(FA_MAJOR).dylib"
+	ln -sf libFlashAttention.$(FA_MAJOR).dylib "$(DESTDIR)$(LIBDIR)/libFlashAttention.dylib"
+else
 	install -m 755 $(INSTALL_BUILD)/libFlashAttention.so "$(DESTDIR)$(LIBDIR)/libFlashAttention.so.$(FA_VERSION)"
 	ln -sf libFlashAttention.so.$(FA_VERSION) "$(DESTDIR)$(LIBDIR)/$(SONAME)"
 	ln -sf $(SONAME) "$(DESTDIR)$(LIBDIR)/libFlashAttention.so"
+endif
 	printf '%s\n' 'prefix=$(PREFIX)' 'libdir=$(patsubst $(PREFIX)/%,$${prefix}/%,$(LIBDIR))' \
 		'includedir=$(patsubst $(PREFIX)/%,$${prefix}/%,$(INCLUDEDIR))' '' \
 		'Name: flash-attention' 'Description: Exact FlashAttention-style attention on the CPU (C ABI)' \
@@ -100,26 +136,39 @@ install: build-install
 uninstall:
 	rm -f "$(DESTDIR)$(INCLUDEDIR)/flash_attention.h" "$(DESTDIR)$(LIBDIR)/libFlashAttention.so.$(FA_VERSION)" \
 		"$(DESTDIR)$(LIBDIR)/$(SONAME)" "$(DESTDIR)$(LIBDIR)/libFlashAttention.so" \
-		"$(DESTDIR)$(LIBDIR)/pkgconfig/flash-attention.pc"
+		"$(DESTDIR)$(LIBDIR)/libFlashAttention.$(FA_VERSION).dylib" "$(DESTDIR)$(LIBDIR)/libFlashAttention.$(FA_MAJOR).dylib" \
+		"$(DESTDIR)$(LIBDIR)/libFlashAttention.dylib" "$(DESTDIR)$(LIBDIR)/pkgconfig/flash-attention.pc"
 
 # Installs into .build/install-test, builds examples/c/attention.c with nothing but pkg-config's flags, runs it
 # with the toolchain out of reach, checks SONAME/NEEDED/ldd, then uninstalls (see the script).
 test-install:
+ifdef DARWIN
+	@echo "test-install: skipped on macOS (the script checks SONAME, NEEDED and ldd, which are ELF's)"
+else
 	bash Tests/install/test_install.sh
+endif
 
 # pip builds the wheel (static Swift stdlib, in .build-install like `make install`, so CI compiles it once),
 # installs it into a fresh venv and runs it without the toolchain (see the script).
 test-wheel:
+ifdef DARWIN
+	@echo "test-wheel: skipped on macOS (the script inspects the wheel's ELF library with readelf and ldd)"
+else
 	FLASH_ATTENTION_SCRATCH_PATH=$(CURDIR)/.build-install bash Tests/packaging/test_wheel.sh
+endif
 
 # The Swift tests under AddressSanitizer (with LeakSanitizer) and ThreadSanitizer, each in its own build
 # folder. The suppressions cover the XCTest runner's own leaks and TSan's blindness to swift_once (see the
 # files). UndefinedBehaviorSanitizer is not supported for Swift targets on Linux by this toolchain.
 test-sanitizers:
+ifdef DARWIN
+	@echo "test-sanitizers: skipped on macOS (LeakSanitizer and the suppression files are Linux's)"
+else
 	LSAN_OPTIONS=suppressions=$(CURDIR)/Tests/sanitizers/lsan.supp \
 		$(SWIFT) test -c release --sanitize=address --scratch-path .build-asan
 	TSAN_OPTIONS=suppressions=$(CURDIR)/Tests/sanitizers/tsan.supp \
 		$(SWIFT) test -c release --sanitize=thread --scratch-path .build-tsan 2>&1 | grep -v "Cannot export local symbol"
+endif
 
 # The whole suite on the default (widest) kernel path, then the kernel tests again on every other path this
 # CPU can run, forced with FLASH_ATTENTION_ISA (each run's header names its path).

@@ -28,6 +28,14 @@ let kernelCopies: [(String, String, [String])] = [
     // No ISA flags: SSE2 on x86-64, whatever the target's baseline is elsewhere.
     ("Portable", "FA_KERNEL_PORTABLE", []),
 ]
+#elseif arch(arm64)
+let kernelCopies: [(String, String, [String])] = [
+    // ARMv8.0 Advanced SIMD is the baseline of every aarch64 target (Apple Silicon, Linux/ARM servers): no
+    // flags, no CPU check. Tests/arm64 compiles this copy for aarch64 with Embedded Swift and runs it under
+    // qemu (`make test-arm64`), since the machines this package is tested on are x86-64.
+    ("NEON", "FA_KERNEL_NEON", []),
+    ("Portable", "FA_KERNEL_PORTABLE", []),
+]
 #else
 let kernelCopies: [(String, String, [String])] = [("Portable", "FA_KERNEL_PORTABLE", [])]
 #endif
@@ -41,11 +49,16 @@ let kernelTargets: [Target] = kernelCopies.map { suffix, define, flags in
 }
 let kernelModules: [Target.Dependency] = kernelCopies.map { .target(name: "FlashAttentionKernels\($0.0)") }
 
-/// Keeps `nm -D libFlashAttention.so` down to the `flash_attention_*` functions of the header.
+/// Keeps `nm -D libFlashAttention.so` down to the `flash_attention_*` functions of the header: a GNU ld version
+/// script on Linux, an exported-symbols list for Apple's linker.
 let exportsMap = Context.packageDirectory + "/Sources/FlashAttention/exports.map"
+let exportsList = Context.packageDirectory + "/Sources/FlashAttention/exports.darwin.txt"
 
 let package = Package(
     name: "FlashAttention",
+    // Synchronization's Atomic (the thread pool) needs macOS 15; Float16 needs Apple Silicon on macOS (the
+    // x86-64 slice of a macOS build has no Float16, so macOS builds are arm64 only).
+    platforms: [.macOS(.v15)],
     products: [
         .library(name: "FlashAttention", type: .dynamic, targets: ["FlashAttention"]),
         // The same module for Swift packages (`import FlashAttention`, SwiftAPI.swift), linked into the client:
@@ -67,9 +80,15 @@ let package = Package(
         .target(
             name: "FlashAttention",
             dependencies: ["CFlashAttention", "FlashAttentionShims", "FlashAttentionCore"] + kernelModules,
-            exclude: ["exports.map"],
-            // nodelete: dlclose never unmaps the code the pool's workers sleep in (they stop at exit).
-            linkerSettings: [.unsafeFlags(["-Xlinker", "--version-script=\(exportsMap)", "-Xlinker", "-z", "-Xlinker", "nodelete"])]
+            exclude: ["exports.map", "exports.darwin.txt"],
+            linkerSettings: [
+                // nodelete: dlclose never unmaps the code the pool's workers sleep in (they stop at exit).
+                .unsafeFlags(
+                    ["-Xlinker", "--version-script=\(exportsMap)", "-Xlinker", "-z", "-Xlinker", "nodelete"],
+                    .when(platforms: [.linux])),
+                // Darwin never unloads an image that contains Swift code, so it needs no nodelete.
+                .unsafeFlags(["-Xlinker", "-exported_symbols_list", "-Xlinker", exportsList], .when(platforms: [.macOS])),
+            ]
         ),
         .executableTarget(name: "flash-attention", dependencies: ["FlashAttention", "CFlashAttention"]),
         .testTarget(

@@ -388,6 +388,8 @@ flash_attention_status flash_attention_backward(const flash_attention_backward_p
  *   "avx512"    AVX-512 F/BW/DQ/VL + FMA + F16C, 16-float vectors (x86-64)
  *   "avx2"      AVX2 + FMA + F16C, 8-float vectors (x86-64)
  *   "portable"  no ISA extensions (SSE2 on x86-64), 4-float vectors; any CPU
+ *   "neon"      ARMv8.0 Advanced SIMD, 8-float vectors as pairs of q registers (aarch64 builds only; appended
+ *               last, so the constants above keep their place)
  *   "reference" the plain float64-accumulating forward loop (the backward runs the portable kernels)
  * The environment variable FLASH_ATTENTION_ISA, read once at that moment, forces one of these names (for
  * tests and benchmarks). A name the CPU cannot run, or an unknown name, makes every attention call fail with
@@ -397,6 +399,7 @@ flash_attention_status flash_attention_backward(const flash_attention_backward_p
 #define FA_ISA_AVX2 "avx2"
 #define FA_ISA_PORTABLE "portable"
 #define FA_ISA_REFERENCE "reference"
+#define FA_ISA_NEON "neon"
 
 /* The instruction set attention calls use (one of the FA_ISA_* names), or "invalid" when FLASH_ATTENTION_ISA
  * names one this CPU cannot run or none at all; static storage, never NULL. */

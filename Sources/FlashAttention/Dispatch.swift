@@ -1,13 +1,22 @@
 import CFlashAttention
 import FlashAttentionCore
 import FlashAttentionShims
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#elseif canImport(Musl)
+import Musl
+#endif
 
 #if canImport(FlashAttentionKernelsAVX512)
 import FlashAttentionKernelsAVX512
 #endif
 #if canImport(FlashAttentionKernelsAVX2)
 import FlashAttentionKernelsAVX2
+#endif
+#if canImport(FlashAttentionKernelsNEON)
+import FlashAttentionKernelsNEON
 #endif
 import FlashAttentionKernelsPortable
 
@@ -19,11 +28,19 @@ import FlashAttentionKernelsPortable
 enum CPU {
     static let features = fa_cpu_features()
 
+    #if arch(arm64)
+    static let arch64 = true
+    #else
+    static let arch64 = false
+    #endif
+
     /// Whether the CPU and the OS can run `isa`.
     static func supports(_ isa: KernelISA) -> Bool {
         switch isa {
         case .avx512: return features & FA_CPU_AVX512 != 0
         case .avx2: return features & FA_CPU_AVX2_FMA != 0
+        // Advanced SIMD is in every aarch64 CPU; the NEON copy is only compiled there.
+        case .neon: return arch64
         case .portable, .reference: return true
         }
     }
@@ -37,6 +54,9 @@ private let compiledTables: [KernelTable] = {
     #endif
     #if canImport(FlashAttentionKernelsAVX2)
     tables.append(FlashAttentionKernelsAVX2.kernelTable)
+    #endif
+    #if canImport(FlashAttentionKernelsNEON)
+    tables.append(FlashAttentionKernelsNEON.kernelTable)
     #endif
     tables.append(FlashAttentionKernelsPortable.kernelTable)
     return tables
@@ -85,6 +105,7 @@ package enum KernelSelection {
             switch kernels.isa {
             case .avx512: return "avx512"
             case .avx2: return "avx2"
+            case .neon: return "neon"
             case .portable: return "portable"
             case .reference: return "reference"
             }

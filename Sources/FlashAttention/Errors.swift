@@ -1,6 +1,12 @@
 import CFlashAttention
 import FlashAttentionCore
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// The fixed description of each status code. String literals are NUL-terminated static storage, so the
 /// pointers stay valid for the life of the process.

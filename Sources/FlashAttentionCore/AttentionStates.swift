@@ -1,4 +1,10 @@
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// Attention states and how they merge: the arithmetic shared by the kernels' epilogues, the merge of
 /// split-KV partial results and `flash_attention_merge`. Scalar code: it runs once per output row, and the

@@ -1,4 +1,10 @@
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// Runs validated problems on the pool with one kernel copy's entry points: the forward in one phase, or,
 /// for shapes split along the keys, a phase of splits and a phase that merges them in a fixed order; the

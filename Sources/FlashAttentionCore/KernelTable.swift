@@ -14,6 +14,8 @@ public enum KernelISA: CaseIterable, Sendable {
     case avx512
     /// AVX2 with FMA and F16C: 8-lane vectors, 16 registers.
     case avx2
+    /// ARMv8.0 Advanced SIMD (aarch64 only): 8-lane vectors in pairs of q registers, 32 registers.
+    case neon
     /// No ISA flags (SSE2 on x86-64): 4-lane vectors, multiplies and adds instead of FMAs.
     case portable
     /// The plain float64-accumulating loop for the forward pass (the backward, which has no such loop,
@@ -25,6 +27,7 @@ public enum KernelISA: CaseIterable, Sendable {
         switch self {
         case .avx512: return FA_ISA_AVX512
         case .avx2: return FA_ISA_AVX2
+        case .neon: return FA_ISA_NEON
         case .portable: return FA_ISA_PORTABLE
         case .reference: return FA_ISA_REFERENCE
         }

@@ -1,4 +1,10 @@
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// The plain reference path: for each query row, every visible score in float64 (softcap and ALiBi
 /// applied), the full softmax with the sink in its denominator, then the weighted sum of V — no tiling, no

@@ -1,5 +1,11 @@
 import FlashAttentionShims
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#elseif canImport(Musl)
+import Musl
+#endif
 import Synchronization
 
 /// Threading: a persistent pool of worker threads that help callers run the work items of a call, and the
@@ -108,18 +114,25 @@ public final class ThreadPool: @unchecked Sendable {
         pthread_mutex_init(&mutex, nil)
         pthread_cond_init(&wake, nil)
         for _ in 0..<max(0, workerCount) {
+            // Darwin's pthread_t is a non-optional pointer (created through a `pthread_t?`), and its start
+            // routine takes a non-optional argument: `startWorker` takes either.
+            #if canImport(Darwin)
+            var thread: pthread_t? = nil
+            #else
             var thread = pthread_t()
+            #endif
             let context = Unmanaged.passRetained(self).toOpaque()
-            let started = pthread_create(&thread, nil, { context in
-                Unmanaged<ThreadPool>.fromOpaque(context!).takeRetainedValue().workerLoop()
-                return nil
-            }, context)
+            let started = pthread_create(&thread, nil, { startWorker($0) }, context)
             // A pool with fewer workers than asked is still correct, only slower.
             if started != 0 {
                 Unmanaged<ThreadPool>.fromOpaque(context).release()
                 break
             }
+            #if canImport(Darwin)
+            workers.append(thread!)
+            #else
             workers.append(thread)
+            #endif
         }
         fa_set_unload_hook { ThreadPool.shared.stop() }
     }
@@ -165,7 +178,7 @@ public final class ThreadPool: @unchecked Sendable {
         }
     }
 
-    private func workerLoop() {
+    fileprivate func workerLoop() {
         while true {
             pthread_mutex_lock(&mutex)
             var job = nextJob()
@@ -194,7 +207,7 @@ public final class ThreadPool: @unchecked Sendable {
 /// are faulted in on every call otherwise, which in the VMs measured here took as long as the work (a
 /// backward of (4, 32, 32, 512, 128) on 2 threads: 231 ms with a fresh 32 MB buffer per call, 124 ms reused).
 struct ThreadScratch: Sendable {
-    private struct Block {
+    fileprivate struct Block {
         var bytes: Int
         var memory: UnsafeMutableRawPointer
     }
@@ -206,11 +219,8 @@ struct ThreadScratch: Sendable {
 
     private init() {
         var key = pthread_key_t()
-        let created = pthread_key_create(&key) { block in
-            guard let block = block?.assumingMemoryBound(to: Block.self) else { return }
-            free(block.pointee.memory)
-            free(block)
-        }
+        // The destructor's argument is optional on Glibc and not on Darwin: `releaseBlock` takes either.
+        let created = pthread_key_create(&key) { releaseBlock($0) }
         self.key = created == 0 ? key : nil
     }
 
@@ -259,4 +269,17 @@ func withCallMemory(
     }
     defer { free(memory) }
     try body(memory)
+}
+
+/// A pool worker's thread body: `context` is the retained pool.
+private func startWorker(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
+    Unmanaged<ThreadPool>.fromOpaque(context!).takeRetainedValue().workerLoop()
+    return nil
+}
+
+/// Frees a thread's scratch block when the thread exits.
+private func releaseBlock(_ block: UnsafeMutableRawPointer?) {
+    guard let block = block?.assumingMemoryBound(to: ThreadScratch.Block.self) else { return }
+    free(block.pointee.memory)
+    free(block)
 }

@@ -1,5 +1,11 @@
 import FlashAttentionCore
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// The backward pass's kernels (FlashAttention-2, recomputing the probabilities from the forward LSE), one
 /// function per phase of `BackwardProblem`:

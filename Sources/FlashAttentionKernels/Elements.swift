@@ -54,6 +54,7 @@ enum Float8Storage: StorageElement {
     static func storeVector(_ x: Vec, _ p: UnsafeMutableRawPointer) { preconditionFailure("8-bit rows are never stored") }
 }
 
+#if !FA_EMBEDDED  // Embedded Swift has no existential metatypes: Tests/arm64/EmbeddedDispatch.swift
 /// Calls `body` with the storage type of `element`.
 @inline(__always)
 func withStorage<Result>(_ element: ElementType, _ body: (any StorageElement.Type) -> Result) -> Result {
@@ -65,6 +66,7 @@ func withStorage<Result>(_ element: ElementType, _ body: (any StorageElement.Typ
     case .float8e4m3: return body(Float8Storage.self)
     }
 }
+#endif
 
 /// Converts `count` elements at `source` to float32 at `target`, times `scale`.
 @inline(__always)

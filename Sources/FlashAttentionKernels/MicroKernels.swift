@@ -17,6 +17,7 @@ enum FourRows: TileRows { static var count: Int { 4 } }
 enum SixRows: TileRows { static var count: Int { 6 } }
 enum EightRows: TileRows { static var count: Int { 8 } }
 
+#if !FA_EMBEDDED  // Embedded Swift has no existential metatypes: Tests/arm64/EmbeddedDispatch.swift
 /// Calls `body` with the smallest supported row count ≥ `rows` (at most `microRows`).
 @inline(__always)
 func withTileRows<Result>(_ rows: Int, _ body: (any TileRows.Type) -> Result) -> Result {
@@ -28,6 +29,7 @@ func withTileRows<Result>(_ rows: Int, _ body: (any TileRows.Type) -> Result) ->
     default: return body(MicroRows.self)
     }
 }
+#endif
 
 /// The accumulators of a micro-tile: two vectors per row, row r at 2r and 2r + 1 (room for 8 rows; the
 /// entries a row count does not use are removed at compile time).

@@ -30,6 +30,17 @@ let kernelISA = KernelISA.avx2
 /// 288 × 96 measured best on Zen 3 of Bq ∈ {96, 192, 288, 384} × Bk ∈ {48, 96, 192} at head_dim 64 and 128.
 let geometry = TileGeometry(
     lanes: 8, microRows: MicroRows.count, queryBlock: 288, keyBlock: 96, subBlockRows: subBlockRows, thinBlockKeys: 16, backwardKeyBlock: 96)
+#elseif FA_KERNEL_NEON
+/// 8 floats: two q registers (ARMv8.0 Advanced SIMD; 32 of them). The micro-tile keeps AVX2's 6 × 16 shape:
+/// 24 accumulator registers, 4 for the two loaded vectors, and the broadcasts folded into `fmla` by element.
+typealias Vec = SIMD8<Float>
+typealias VecBits = SIMD8<UInt32>
+typealias HalfVec = SIMD8<Float16>
+let kernelISA = KernelISA.neon
+/// AVX2's shapes (same vector width), not measured on ARM: the 128 KiB L1 of Apple's performance cores and the
+/// 64 KiB of Neoverse V1/N2 hold the 48 × 96 score block and the packed key panel with room to spare.
+let geometry = TileGeometry(
+    lanes: 8, microRows: MicroRows.count, queryBlock: 288, keyBlock: 96, subBlockRows: subBlockRows, thinBlockKeys: 16, backwardKeyBlock: 96)
 #else
 /// 4 floats: one SSE or NEON register, the width every 64-bit target has.
 typealias Vec = SIMD4<Float>
@@ -122,7 +133,7 @@ func minimum(_ a: Vec, _ b: Vec) -> Vec {
 func foldPairs(_ a: Vec, _ b: Vec) -> Vec {
     #if FA_KERNEL_AVX512
     return fa_fold_pairs_x16(a, b)
-    #elseif FA_KERNEL_AVX2
+    #elseif FA_KERNEL_AVX2 || FA_KERNEL_NEON
     return fa_fold_pairs_x8(a, b)
     #else
     return fa_fold_pairs_x4(a, b)
@@ -134,7 +145,7 @@ func foldPairs(_ a: Vec, _ b: Vec) -> Vec {
 func loadFloat16(_ p: UnsafeRawPointer) -> Vec {
     #if FA_KERNEL_AVX512
     return fa_load_f16x16(p)
-    #elseif FA_KERNEL_AVX2
+    #elseif FA_KERNEL_AVX2 || FA_KERNEL_NEON
     return fa_load_f16x8(p)
     #else
     return Vec(p.loadUnaligned(as: HalfVec.self))
@@ -146,7 +157,7 @@ func loadFloat16(_ p: UnsafeRawPointer) -> Vec {
 func storeFloat16(_ x: Vec, _ p: UnsafeMutableRawPointer) {
     #if FA_KERNEL_AVX512
     fa_store_f16x16(x, p)
-    #elseif FA_KERNEL_AVX2
+    #elseif FA_KERNEL_AVX2 || FA_KERNEL_NEON
     fa_store_f16x8(x, p)
     #else
     p.storeBytes(of: HalfVec(x), as: HalfVec.self)
@@ -158,7 +169,7 @@ func storeFloat16(_ x: Vec, _ p: UnsafeMutableRawPointer) {
 func loadInt8(_ p: UnsafeRawPointer) -> Vec {
     #if FA_KERNEL_AVX512
     return fa_load_i8x16(p)
-    #elseif FA_KERNEL_AVX2
+    #elseif FA_KERNEL_AVX2 || FA_KERNEL_NEON
     return fa_load_i8x8(p)
     #else
     return fa_load_i8x4(p)
@@ -169,7 +180,7 @@ func loadInt8(_ p: UnsafeRawPointer) -> Vec {
 func loadFloat8(_ p: UnsafeRawPointer) -> Vec {
     #if FA_KERNEL_AVX512
     return fa_load_e4m3x16(p)
-    #elseif FA_KERNEL_AVX2
+    #elseif FA_KERNEL_AVX2 || FA_KERNEL_NEON
     return fa_load_e4m3x8(p)
     #else
     return fa_load_e4m3x4(p)
@@ -182,7 +193,7 @@ func loadFloat8(_ p: UnsafeRawPointer) -> Vec {
 func loadBFloat16(_ p: UnsafeRawPointer) -> Vec {
     #if FA_KERNEL_AVX512
     return fa_load_bf16x16(p)
-    #elseif FA_KERNEL_AVX2
+    #elseif FA_KERNEL_AVX2 || FA_KERNEL_NEON
     return fa_load_bf16x8(p)
     #else
     return fa_load_bf16x4(p)
@@ -194,7 +205,7 @@ func loadBFloat16(_ p: UnsafeRawPointer) -> Vec {
 func storeBFloat16(_ x: Vec, _ p: UnsafeMutableRawPointer) {
     #if FA_KERNEL_AVX512
     fa_store_bf16x16(x, p)
-    #elseif FA_KERNEL_AVX2
+    #elseif FA_KERNEL_AVX2 || FA_KERNEL_NEON
     fa_store_bf16x8(x, p)
     #else
     fa_store_bf16x4(x, p)

@@ -1,6 +1,12 @@
 import CFlashAttention
 import FlashAttention
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// `flash-attention bench`: this library's float32 forward timed natively on the project's prefill shapes.
 ///

@@ -1,6 +1,12 @@
 import CFlashAttention
 import FlashAttention
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// The FlashAttention algorithm on eight tokens, step by step, small enough to follow by hand.
 ///

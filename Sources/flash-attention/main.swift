@@ -1,6 +1,12 @@
 import CFlashAttention
 import FlashAttention
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// `flash-attention demo | bench | info | isas`: the walkthrough plus one realistic-size run, native timings of
 /// the prefill shapes (Bench.swift), what the library is, or the kernel paths this CPU can run (one line,

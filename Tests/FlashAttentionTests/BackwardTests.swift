@@ -1,7 +1,13 @@
 import CFlashAttention
 import FlashAttention
 import FlashAttentionCore
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#elseif canImport(Musl)
+import Musl
+#endif
 import Testing
 
 /// The backward pass through the C ABI: flash_attention_forward (with lse), then flash_attention_backward,

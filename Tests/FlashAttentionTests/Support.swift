@@ -1,7 +1,13 @@
 import CFlashAttention
 import FlashAttention
 import FlashAttentionCore
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#elseif canImport(Musl)
+import Musl
+#endif
 import Testing
 
 /// Test support: the kernel paths under test, a seeded RNG, strided float tensors, a naive float64
@@ -238,4 +244,21 @@ struct Errors {
             }
         }
     }
+}
+
+/// libm's double-precision functions by a name nothing in the tests shadows (Glibc's or Darwin's).
+enum LibM {
+    #if canImport(Glibc)
+    static func exp2(_ x: Double) -> Double { Glibc.exp2(x) }
+    static func exp(_ x: Double) -> Double { Glibc.exp(x) }
+    static func log(_ x: Double) -> Double { Glibc.log(x) }
+    #elseif canImport(Darwin)
+    static func exp2(_ x: Double) -> Double { Darwin.exp2(x) }
+    static func exp(_ x: Double) -> Double { Darwin.exp(x) }
+    static func log(_ x: Double) -> Double { Darwin.log(x) }
+    #elseif canImport(Musl)
+    static func exp2(_ x: Double) -> Double { Musl.exp2(x) }
+    static func exp(_ x: Double) -> Double { Musl.exp(x) }
+    static func log(_ x: Double) -> Double { Musl.log(x) }
+    #endif
 }

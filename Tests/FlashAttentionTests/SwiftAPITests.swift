@@ -1,7 +1,13 @@
 import CFlashAttention
 import FlashAttention
 import FlashAttentionCore
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#elseif canImport(Musl)
+import Musl
+#endif
 import Testing
 
 /// The Swift API (SwiftAPI.swift) against a naive float64 loop written here with every option, and its

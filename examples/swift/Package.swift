@@ -3,6 +3,7 @@ import PackageDescription
 
 let package = Package(
     name: "attention-example",
+    platforms: [.macOS(.v15)],  // the library's minimum (its Package.swift)
     dependencies: [.package(name: "FlashAttention", path: "../..")],
     targets: [
         .executableTarget(

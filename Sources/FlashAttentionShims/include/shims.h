@@ -5,7 +5,8 @@
 #define FA_CPU_AVX2_FMA 1u     /* AVX2, FMA and F16C instructions, with YMM state enabled by the OS */
 #define FA_CPU_AVX512 2u       /* AVX-512 F, BW, DQ and VL (plus AVX2_FMA), with ZMM state enabled by the OS */
 
-/* Bit set of FA_CPU_* features this CPU and OS can run; 0 on non-x86 machines. Compiled without ISA
+/* Bit set of FA_CPU_* features this CPU and OS can run; 0 on non-x86 machines (aarch64 needs no probe: Advanced
+ * SIMD is part of the ARMv8.0 baseline the NEON copy targets). Compiled without ISA
  * flags (cpu_features.c), so it runs on any CPU. */
 unsigned fa_cpu_features(void);
 
@@ -207,6 +208,77 @@ __attribute__((target("avx2"))) static inline void fa_transpose8x8(const float *
     _mm256_storeu_ps(dst + 5 * ld_dst, _mm256_permute2f128_ps(u1, u5, 0x31));
     _mm256_storeu_ps(dst + 6 * ld_dst, _mm256_permute2f128_ps(u2, u6, 0x31));
     _mm256_storeu_ps(dst + 7 * ld_dst, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#elif defined(__aarch64__)
+/* The 8-lane helpers for the NEON copy (ARMv8.0 baseline: every aarch64 CPU has Advanced SIMD and the
+ * half-precision conversions fcvtl/fcvtn). Plain clang vector C, no <arm_neon.h>, so that the same header also
+ * compiles for the bare-metal target of the emulated tests (Tests/arm64); an 8-float vector is two q
+ * registers, and each operation below lowers to one NEON instruction per half. */
+typedef _Float16 fa_half8 __attribute__((ext_vector_type(8)));
+typedef unsigned short fa_ushort8 __attribute__((ext_vector_type(8)));
+typedef unsigned fa_uint8 __attribute__((ext_vector_type(8)));
+typedef int fa_int8 __attribute__((ext_vector_type(8)));
+typedef signed char fa_schar8 __attribute__((ext_vector_type(8)));
+typedef unsigned char fa_uchar8 __attribute__((ext_vector_type(8)));
+
+/* float16 <-> float32, 8 lanes (fcvtl/fcvtl2; fcvtn/fcvtn2 rounding to nearest even, the FPCR default). */
+static inline fa_float8 fa_load_f16x8(const void *p) {
+    fa_half8 h;
+    __builtin_memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, fa_float8);
+}
+
+static inline void fa_store_f16x8(fa_float8 x, void *p) {
+    fa_half8 h = __builtin_convertvector(x, fa_half8);
+    __builtin_memcpy(p, &h, sizeof h);
+}
+
+static inline fa_float8 fa_fold_pairs_x8(fa_float8 a, fa_float8 b) {
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
+static inline fa_float8 fa_load_i8x8(const void *p) {
+    fa_schar8 b;
+    __builtin_memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, fa_float8);
+}
+
+/* E4M3FN as in fa_e4m3_to_float, a vector at a time (shifts, an add and selects). */
+static inline fa_float8 fa_load_e4m3x8(const void *p) {
+    fa_uchar8 b;
+    __builtin_memcpy(&b, p, sizeof b);
+    fa_uint8 bytes = __builtin_convertvector(b, fa_uint8);
+    fa_uint8 em = bytes & 0x7Fu;
+    fa_uint8 normalBits = (em << 20) + (120u << 23);
+    fa_float8 normal = (fa_float8)normalBits;
+    fa_float8 subnormal = __builtin_convertvector(em, fa_float8) * 0x1p-9f;
+    fa_int8 small = em < 8u, nan = em == 0x7Fu;
+    fa_uint8 bits = (fa_uint8)((fa_int8)normal & ~small) | (fa_uint8)((fa_int8)subnormal & small);
+    bits = (bits & (fa_uint8)~nan) | ((fa_uint8)nan & 0x7FC00000u);
+    return (fa_float8)(bits | ((bytes & 0x80u) << 24));
+}
+
+/* bfloat16 <-> float32 by shifts: widening is the bits shifted up (ushll); rounding to nearest even, a NaN
+ * kept quiet. */
+static inline fa_float8 fa_load_bf16x8(const void *p) {
+    fa_ushort8 h;
+    __builtin_memcpy(&h, p, sizeof h);
+    return (fa_float8)(__builtin_convertvector(h, fa_uint8) << 16);
+}
+
+static inline void fa_store_bf16x8(fa_float8 x, void *p) {
+    fa_uint8 bits = (fa_uint8)x;
+    fa_uint8 rounded = bits + 0x7FFFu + ((bits >> 16) & 1u);
+    fa_uint8 nan = (fa_uint8)(x != x);
+    fa_uint8 chosen = (rounded & ~nan) | ((bits | 0x400000u) & nan);
+    fa_ushort8 h = __builtin_convertvector(chosen >> 16, fa_ushort8);
+    __builtin_memcpy(p, &h, sizeof h);
+}
+
+/* Transposes the 8 × 8 floats at src (rows ld_src apart) into dst (rows ld_dst apart), as the x86 version. */
+static inline void fa_transpose8x8(const float *src, long ld_src, float *dst, long ld_dst) {
+    for (int r = 0; r < 8; r++)
+        for (int c = 0; c < 8; c++) dst[c * ld_dst + r] = src[r * ld_src + c];
 }
 #endif
 

@@ -23,6 +23,11 @@ The wheel is tagged py3-none-linux_<arch>, <arch> read from the library's ELF he
 extension module, only a shared library for that architecture. It is not audited for manylinux; the glibc it
 needs is printed during the build.
 
+On macOS (Apple Silicon) the library is ``libFlashAttention.dylib``, built without -static-stdlib (Apple's
+platforms do not support it; the Swift runtime is part of macOS 15, the package's minimum), and the wheel is
+tagged py3-none-macosx_15_0_arm64 from its Mach-O header; a dylib that needs a Swift runtime from outside
+/usr/lib/swift (a toolchain's) is refused. Not tested here: no macOS machine was available.
+
 An editable install (pip install -e) puts bindings/python on sys.path and builds nothing; the library then comes
 from $FLASH_ATTENTION_LIBRARY or the checkout's .build/release (`make build`), as for the tests.
 """
@@ -54,13 +59,17 @@ EXTRAS = {
 }
 CLASSIFIERS = [
     "Operating System :: POSIX :: Linux",
+    "Operating System :: MacOS",
     "Programming Language :: Python :: 3",
     "Programming Language :: Swift",
     "Topic :: Scientific/Engineering :: Artificial Intelligence",
 ]
 
 PACKAGE = "flash_attention"
-LIBRARY_NAME = "libFlashAttention.so"
+DARWIN = sys.platform == "darwin"
+LIBRARY_NAME = "libFlashAttention.dylib" if DARWIN else "libFlashAttention.so"
+# The package's `platforms:` minimum (Package.swift), which the wheel tag states.
+MACOS_MINIMUM = "15_0"
 HEADER = pathlib.Path("include") / "flash_attention.h"
 SWIFT_PRODUCT = "FlashAttention"
 # What an sdist carries of the Swift package (under swift/), relative to the package root.
@@ -102,15 +111,20 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
     package_root = _swift_package_root()
     version = _header_version(package_root)
     library = _library(settings, package_root)
-    machine, needed, glibc = _inspect_elf(library)
-    swift_runtime = [name for name in needed if name.startswith("libswift")]
+    if DARWIN:
+        machine, needed, glibc = _inspect_macho(library)
+        # The OS's own Swift runtime (/usr/lib/swift) is fine; a toolchain's is not there at run time.
+        swift_runtime = [name for name in needed if "libswift" in name and not name.startswith("/usr/lib/swift/")]
+    else:
+        machine, needed, glibc = _inspect_elf(library)
+        swift_runtime = [name for name in needed if name.startswith("libswift")]
     if swift_runtime:
         raise BuildError(
             f"{library} links the Swift runtime dynamically ({', '.join(swift_runtime)}), so the wheel would need a"
             " Swift toolchain at run time. Build it with `swift build -c release -Xswiftc -static-stdlib`."
         )
     _check_loads(library, machine, version)
-    tag = f"py3-none-linux_{machine}"
+    tag = f"py3-none-macosx_{MACOS_MINIMUM}_{machine}" if DARWIN else f"py3-none-linux_{machine}"
     _log(f"{library.name} needs {', '.join(needed)}" + (f"; glibc >= {glibc}" if glibc else ""))
 
     files = []
@@ -220,8 +234,8 @@ def _library(settings, package_root):
         path = path.resolve()
         _log(f"packaging the prebuilt {path}")
         return path
-    if not sys.platform.startswith("linux"):
-        raise BuildError(f"the wheel packages {LIBRARY_NAME} and supports Linux only (this is {sys.platform})")
+    if not (sys.platform.startswith("linux") or DARWIN):
+        raise BuildError(f"the wheel packages {LIBRARY_NAME} and supports Linux and macOS only (this is {sys.platform})")
     swift = settings.get("swift", "FLASH_ATTENTION_SWIFT") or shutil.which("swift")
     if not swift or not shutil.which(swift):
         raise BuildError(
@@ -232,7 +246,7 @@ def _library(settings, package_root):
         )
     scratch = settings.get("scratch-path", "FLASH_ATTENTION_SCRATCH_PATH") or str(package_root / ".build-wheel")
     command = [
-        swift, "build", "-c", "release", "-Xswiftc", "-static-stdlib",
+        swift, "build", "-c", "release", *([] if DARWIN else ["-Xswiftc", "-static-stdlib"]),
         "--scratch-path", scratch, "--product", SWIFT_PRODUCT,
     ]
     _log("building the library: " + " ".join(command) + f"  (in {package_root})")
@@ -340,6 +354,25 @@ def _inspect_elf(path):
     return machine, needed, ("%d.%d" % max(glibc)) if glibc else None
 
 
+def _inspect_macho(path):
+    """(architecture, LC_LOAD_DYLIB paths, None) of a 64-bit little-endian Mach-O dylib."""
+    data = path.read_bytes()
+    magic, cputype, _, _, ncmds, _ = struct.unpack_from("<IiiIII", data, 0)
+    if magic != 0xFEEDFACF:
+        raise BuildError(f"{path} is not a 64-bit Mach-O library (a universal binary? build for arm64 only)")
+    machine = {0x0100000C: "arm64", 0x01000007: "x86_64"}.get(cputype)
+    if machine is None:
+        raise BuildError(f"{path}: unsupported Mach-O CPU type {cputype:#x}")
+    needed, position = [], 32
+    for _ in range(ncmds):
+        command, size = struct.unpack_from("<II", data, position)
+        if command in (0xC, 0x80000018, 0x8000001F):  # LC_LOAD_DYLIB, LC_LOAD_WEAK_DYLIB, LC_REEXPORT_DYLIB
+            name, = struct.unpack_from("<I", data, position + 8)
+            needed.append(data[position + name: data.index(b"\0", position + name)].decode())
+        position += size
+    return machine, needed, None
+
+
 # ---- Metadata and archives -----------------------------------------------------------------------------------
 
 
@@ -413,6 +446,7 @@ def _skip(relative):
         ".pyc",
         ".pyo",
         ".so",
+        ".dylib",
     )
 
 

@@ -1,4 +1,4 @@
-"""Finds and loads libFlashAttention.so, then checks that it speaks the ABI this binding was written for.
+"""Finds and loads libFlashAttention (.so on Linux, .dylib on macOS), then checks that it speaks the ABI this binding was written for.
 
 Search order: $FLASH_ATTENTION_LIBRARY, the package's own lib/ folder (wheels), the repository's release
 build (.build/release). The error lists every path tried and how to build the library.
@@ -7,12 +7,14 @@ build (.build/release). The error lists every path tried and how to build the li
 import ctypes
 import os
 import pathlib
+import sys
 import threading
 
 from . import _capi
 
 ENV_VAR = "FLASH_ATTENTION_LIBRARY"
-LIBRARY_NAME = "libFlashAttention.so"
+# SwiftPM names a dynamic library product libX.dylib on macOS and libX.so elsewhere.
+LIBRARY_NAME = "libFlashAttention.dylib" if sys.platform == "darwin" else "libFlashAttention.so"
 
 _lock = threading.Lock()
 _library = None
@@ -56,7 +58,7 @@ def _load():
         lib.path = str(path)
         return lib
     raise OSError(
-        "libFlashAttention.so was not found. Tried:\n  "
+        f"{LIBRARY_NAME} was not found. Tried:\n  "
         + "\n  ".join(tried)
         + f"\nBuild it with `swift build -c release` (or `make build`) in the repository, or point {ENV_VAR}"
         " at the library."

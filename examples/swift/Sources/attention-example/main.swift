@@ -3,7 +3,13 @@
 //
 //     cd examples/swift && swift build -c release && .build/release/attention-example
 import FlashAttention
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// Deterministic inputs in [-1, 1) (a 64-bit LCG), so the example prints the same numbers on every run.
 func tensor(_ batch: Int, _ seqlen: Int, _ heads: Int, _ headDim: Int, seed: UInt64) -> AttentionTensor {
