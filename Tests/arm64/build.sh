@@ -18,7 +18,7 @@ SWIFTC=${SWIFTC:-swiftc}
 # Swift 6 language mode, as the package (tools version 6.2) compiles its targets.
 flags="-target aarch64-none-none-elf -enable-experimental-feature Embedded -wmo -parse-as-library
        -swift-version 6 -package-name FlashAttention -I $here/include -I $out"
-core="ElementType Problem ForwardPlan Dropout BackwardProblem KernelTable FlashAttentionError AttentionStates"
+core="ElementType Problem ForwardPlan Dropout AttentionMask BackwardProblem KernelTable FlashAttentionError AttentionStates"
 core_files=$(for f in $core; do printf '%s ' "$root/Sources/FlashAttentionCore/$f.swift"; done)
 
 $SWIFTC $flags -O -module-name FlashAttentionCore $core_files "$here/EmbeddedMath.swift" \
