@@ -99,8 +99,11 @@ struct TileBand {
 ///
 /// `p` is the transposed probability block (row k holds the probabilities of key k for consecutive
 /// queries), so the broadcasts of a step read adjacent floats; `v` is a packed `microCols`-column panel of
-/// the key block's values, or V itself. Folding the online-softmax rescale α into the tile's load costs one
-/// multiply per row and vector instead of a separate pass over O.
+/// the key block's values, or V itself. The block's products are summed from zero and α·O is added once, at
+/// the store (one FMA per row and vector, no separate pass over O): blocked summation, whose rounding error
+/// grows with the square root of the block's keys rather than of every key the row has seen. Summing onto
+/// α·O from the start made P·V the forward's largest float32 error, growing with seqlen_k: 1.6–1.8× PyTorch
+/// SDPA's relative error at 1024–2048 keys, 0.85–0.95× this way (bench/accuracy.py, bench/RESULTS.md).
 /// - Parameters:
 ///   - p: probabilities of the tile's first query for key 0; key k at `p + k * ldP`.
 ///   - v: `microCols` columns of V row 0 stored as S; row k `ldV` elements further (a packed float32
@@ -114,11 +117,6 @@ func outputTile<R: TileRows, S: StorageElement>(
     alpha: UnsafePointer<Float>, o: UnsafeMutablePointer<Float>, ldO: Int
 ) {
     var c = zeroAccumulators()
-    for r in 0..<R.count {
-        let a = Vec(repeating: alpha[r])
-        c[2 * r] = load(o + r * ldO) * a
-        c[2 * r + 1] = load(o + r * ldO + lanes) * a
-    }
     var pk = p
     var vk = v
     let rowBytes = ldV * S.size, half = lanes * S.size
@@ -133,8 +131,9 @@ func outputTile<R: TileRows, S: StorageElement>(
         vk += rowBytes
     }
     for r in 0..<R.count {
-        store(c[2 * r], o + r * ldO)
-        store(c[2 * r + 1], o + r * ldO + lanes)
+        let a = Vec(repeating: alpha[r])
+        store(muladd(load(o + r * ldO), a, c[2 * r]), o + r * ldO)
+        store(muladd(load(o + r * ldO + lanes), a, c[2 * r + 1]), o + r * ldO + lanes)
     }
 }
 
