@@ -95,28 +95,43 @@ struct TileBand {
     }
 }
 
-/// Rescales and accumulates an R-query × `microCols`-column output tile: `o_r = alpha[r] · o_r + Σ_k p[k][r] · v_k`.
+/// How an output tile meets the rows it writes.
+enum TileUpdate {
+    /// o = α·o + Σ: the products are summed from zero and folded in once, at the store (one FMA per row and
+    /// vector, no separate pass over O). This is blocked summation: its rounding error grows with the
+    /// square root of the block's keys rather than of every key the row has seen. Summing onto α·o from the
+    /// start made P·V the forward's largest float32 error, growing with seqlen_k: 1.6–1.8× PyTorch SDPA's
+    /// relative error at 1024–2048 keys, 0.85–0.95× this way (bench/accuracy.py, bench/RESULTS.md).
+    case rescale(alpha: UnsafePointer<Float>)
+    /// o += Σ, key after key onto o: for a block sum built in pieces (`accumulateRows` on masked blocks).
+    case accumulate
+}
+
+/// Accumulates an R-query × `microCols`-column output tile: `o_r = Σ_k p[k][r] · v_k` folded in as
+/// `update` says.
 ///
 /// `p` is the transposed probability block (row k holds the probabilities of key k for consecutive
 /// queries), so the broadcasts of a step read adjacent floats; `v` is a packed `microCols`-column panel of
-/// the key block's values, or V itself. The block's products are summed from zero and α·O is added once, at
-/// the store (one FMA per row and vector, no separate pass over O): blocked summation, whose rounding error
-/// grows with the square root of the block's keys rather than of every key the row has seen. Summing onto
-/// α·O from the start made P·V the forward's largest float32 error, growing with seqlen_k: 1.6–1.8× PyTorch
-/// SDPA's relative error at 1024–2048 keys, 0.85–0.95× this way (bench/accuracy.py, bench/RESULTS.md).
+/// the key block's values, or V itself.
 /// - Parameters:
 ///   - p: probabilities of the tile's first query for key 0; key k at `p + k * ldP`.
 ///   - v: `microCols` columns of V row 0 stored as S; row k `ldV` elements further (a packed float32
 ///     panel, or V itself in any storage type, converted as it is loaded).
 ///   - count: keys to accumulate.
-///   - alpha: R per-query rescale factors.
-///   - o: the tile's top-left accumulator; query r at `o + r * ldO`.
+///   - update: rescale by R per-query factors (and sum from zero), or accumulate onto o.
+///   - o: the tile's top-left element; query r at `o + r * ldO`.
 @inline(never)
 func outputTile<R: TileRows, S: StorageElement>(
     _ rows: R.Type, _ storage: S.Type, p: UnsafePointer<Float>, ldP: Int, v: UnsafeRawPointer, ldV: Int, count: Int,
-    alpha: UnsafePointer<Float>, o: UnsafeMutablePointer<Float>, ldO: Int
+    _ update: TileUpdate, o: UnsafeMutablePointer<Float>, ldO: Int
 ) {
     var c = zeroAccumulators()
+    if case .accumulate = update {
+        for r in 0..<R.count {
+            c[2 * r] = load(o + r * ldO)
+            c[2 * r + 1] = load(o + r * ldO + lanes)
+        }
+    }
     var pk = p
     var vk = v
     let rowBytes = ldV * S.size, half = lanes * S.size
@@ -131,9 +146,13 @@ func outputTile<R: TileRows, S: StorageElement>(
         vk += rowBytes
     }
     for r in 0..<R.count {
-        let a = Vec(repeating: alpha[r])
-        store(muladd(load(o + r * ldO), a, c[2 * r]), o + r * ldO)
-        store(muladd(load(o + r * ldO + lanes), a, c[2 * r + 1]), o + r * ldO + lanes)
+        if case .rescale(let alpha) = update {
+            let a = Vec(repeating: alpha[r])
+            c[2 * r] = muladd(load(o + r * ldO), a, c[2 * r])
+            c[2 * r + 1] = muladd(load(o + r * ldO + lanes), a, c[2 * r + 1])
+        }
+        store(c[2 * r], o + r * ldO)
+        store(c[2 * r + 1], o + r * ldO + lanes)
     }
 }
 
