@@ -2,11 +2,13 @@
 
 /// 2^x for x ≤ 0 (and NaN), a vector at a time.
 ///
-/// Accuracy: at most 2.3 ulp relative error for x ≥ −126 (degree-5 polynomial for 2^f on [−0.5, 0.5],
-/// fitted by weighted least squares; measured max relative error 1.9e-7 with FMAs, and within the same
-/// bound in the portable copy, which rounds each product; `ABITests` checks every copy). Arguments below
-/// −126, −inf included, give exactly 0: the polynomial there would give 2^−126·p(f) ≈ 1e-38, and a product
-/// of that with a value is subnormal — masked keys inside a row's band (a caller's mask, or additive masks of
+/// Accuracy for x ≥ −126 (degree-5 polynomial for 2^f on [−0.5, 0.5], fitted by weighted least squares):
+/// at most 2.02 ulp (relative error 1.67e-7) where `muladd` is fused, 2.23 ulp (1.89e-7) in the portable
+/// copy on x86-64, which rounds each product; `ABITests` checks ≤ 2.05 and ≤ 2.25 ulp. A degree-6 fit
+/// (0.93 ulp, one more FMA) changed the forward's relative error by under 1%: the float32 roundings of the
+/// scores and of P·V dominate it, so the cheaper polynomial stays (bench/RESULTS.md). Arguments below −126,
+/// −inf included, give exactly 0: the polynomial there would give 2^−126·p(f) ≈ 1e-38, and a product of
+/// that with a value is subnormal — masked keys inside a row's band (a caller's mask, or additive masks of
 /// −1e9) then slowed P·V several-fold on x86. Rows whose every key is masked are recognised by their −inf
 /// running max (the epilogue writes 0 for them). NaN propagates. Arguments above 0 never occur here and are
 /// not handled. Cost: 12 vector operations, of which 5 FMAs.

@@ -37,11 +37,17 @@ import Testing
           + " not available on this CPU (skipped): \(skippedPaths.isEmpty ? "none" : skippedPaths.map(\.name).joined(separator: ", "))")
 }
 
-/// Each kernel copy's exp2 (the online softmax's): ≤ 2.5 ulp relative error on [−126, 0], at most ~1.5e-38
-/// below (−inf included), NaN for NaN. Checked on 4 million evenly spread arguments plus the edges, against
-/// the float64 exp2.
+/// Each kernel copy's exp2 (the online softmax's): on [−126, 0], ≤ 2.05 ulp relative error where its
+/// multiply-adds are fused (measured 2.02) and ≤ 2.25 ulp in the portable copy on x86-64, which rounds each
+/// product (measured 2.23); at most ~1.5e-38 below (−inf included), NaN for NaN. Checked on 4 million
+/// evenly spread arguments plus the edges, against the float64 exp2.
 @Test("exp2 accuracy", arguments: tiledPaths)
 func softmaxExp2Accuracy(_ isa: KernelISA) {
+    #if arch(x86_64)
+    let bound = isa == .portable ? 2.25 : 2.05
+    #else
+    let bound = 2.05
+    #endif
     let exp2 = KernelSelection.kernels(for: isa).table.exp2
     let count = 4_000_000
     var values = (0..<count).map { -126 * Float($0) / Float(count - 1) }
@@ -52,7 +58,7 @@ func softmaxExp2Accuracy(_ isa: KernelISA) {
         let exact = LibM.exp2(Double(x))
         worst = max(worst, abs(Double(y) - exact) / Double(Float(exact).ulp))
     }
-    #expect(worst <= 2.5, "\(isa.name): max error \(worst) ulp")
+    #expect(worst <= bound, "\(isa.name): max error \(worst) ulp")
     var edges: [Float] = [-.infinity, -127, -126.6, -200, 0, -0.0, .nan, -1]
     edges.withUnsafeMutableBufferPointer { exp2($0.baseAddress!, $0.count) }
     #expect((0..<4).allSatisfy { edges[$0] >= 0 && edges[$0] <= 1.5e-38 })
