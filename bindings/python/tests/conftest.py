@@ -52,3 +52,17 @@ def assert_close(out, lse, ref_out, ref_lse):
 @pytest.fixture
 def inputs():
     return random_inputs
+
+
+GRADIENT_BOUND = 1e-5  # relative (norm) error of each float32 gradient, as test_backward's
+
+
+def assert_gradient(name, got, want):
+    """The relative bound, or (where the exact gradient cancels to ~0, e.g. a row that sees one key) ~0."""
+    norm = np.linalg.norm(np.ravel(want))
+    if norm > 1e-6:
+        error = np.linalg.norm((got - want).ravel()) / norm
+        assert error <= GRADIENT_BOUND, f"{name}: relative error {error:.3g}"
+    else:
+        assert np.abs(got).max(initial=0) <= 1e-6, name
+

@@ -294,6 +294,21 @@ def attn_mask(rng, case, sizes):
         case.must_reject = True
 
 
+def paged_cache(rng, case, batch, blocks_per_seq, page, heads_kv, head_dim):
+    """k and v as a paged cache of `page`-row blocks (sometimes two spare) with a random block table of
+    `blocks_per_seq` entries per sequence, one of them sometimes out of range."""
+    p = case.params
+    blocks = batch * blocks_per_seq + rng.choice([0, 2])
+    case.tensor("k", [blocks, page, heads_kv, head_dim], False)
+    case.tensor("v", [blocks, page, heads_kv, head_dim], False)
+    table = np.array([rng.randrange(0, max(1, blocks)) for _ in range(batch * blocks_per_seq)])
+    if rng.random() < 0.3 and table.size:
+        table[rng.randrange(table.size)] = rng.choice([-1, blocks, 2**31 - 1])
+    case.index_array("block_table", table)
+    p.block_table_batch_stride = p.max_blocks_per_seq = blocks_per_seq
+    p.cache_batch, p.cache_seqlen = blocks, page
+
+
 def build_forward(rng, entry):
     case = Case(rng, entry)
     p = case.params
@@ -320,15 +335,7 @@ def build_forward(rng, entry):
         if rng.random() < 0.3:  # the keys in a paged cache, through a block table (sometimes too short or corrupt)
             page = rng.choice([1, 4, 16])
             blocks_per_seq = max(1, (max(lengths_k, default=0) + page - 1) // page + rng.choice([-1, 0, 0, 1]))
-            blocks = batch * blocks_per_seq + rng.choice([0, 2])
-            case.tensor("k", [blocks, page, heads_kv, head_dim], False)
-            case.tensor("v", [blocks, page, heads_kv, head_dim], False)
-            table = np.array([rng.randrange(0, max(1, blocks)) for _ in range(batch * blocks_per_seq)])
-            if rng.random() < 0.3 and table.size:
-                table[rng.randrange(table.size)] = rng.choice([-1, blocks, 2**31 - 1])
-            case.index_array("block_table", table)
-            p.block_table_batch_stride = p.max_blocks_per_seq = blocks_per_seq
-            p.cache_batch, p.cache_seqlen = blocks, page
+            paged_cache(rng, case, batch, blocks_per_seq, page, heads_kv, head_dim)
         else:
             case.tensor("k", [1, total_k, heads_kv, head_dim], False)
             case.tensor("v", [1, total_k, heads_kv, head_dim], False)
@@ -354,17 +361,7 @@ def build_forward(rng, entry):
         append = rng.choice([0, 0, 1, 3])
         seqlens = [rng.randrange(0, max(1, capacity - append + 1)) for _ in range(batch)]
         if paged:
-            blocks_per_seq = max(1, (capacity + page - 1) // page)
-            blocks = batch * blocks_per_seq + rng.choice([0, 2])
-            case.tensor("k", [blocks, page, heads_kv, head_dim], False)
-            case.tensor("v", [blocks, page, heads_kv, head_dim], False)
-            table = np.array([rng.randrange(0, max(1, blocks)) for _ in range(batch * blocks_per_seq)])
-            if rng.random() < 0.3 and table.size:
-                table[rng.randrange(table.size)] = rng.choice([-1, blocks, 2**31 - 1])
-            case.index_array("block_table", table)
-            p.block_table_batch_stride = blocks_per_seq
-            p.max_blocks_per_seq = blocks_per_seq
-            p.cache_batch, p.cache_seqlen = blocks, page
+            paged_cache(rng, case, batch, max(1, (capacity + page - 1) // page), page, heads_kv, head_dim)
         else:
             case.tensor("k", [cache_batch, capacity, heads_kv, head_dim], False)
             case.tensor("v", [cache_batch, capacity, heads_kv, head_dim], False)

@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 
 import flash_attention as fa
-from conftest import assert_close, random_inputs
+from conftest import assert_close, assert_gradient, random_inputs
 from flash_attention import _capi
 from flash_attention._loader import load
 from flash_attention.reference import (reference_attention, reference_attention_backward,
                                        reference_kvcache_attention, reference_varlen_attention)
-
-GRADIENT_BOUND = 1e-5
 
 
 def random_mask(seed, shape, kind, density=0.7):
@@ -26,15 +24,6 @@ def random_mask(seed, shape, kind, density=0.7):
     if kind == "uint8":
         return (keep * rng.integers(1, 4, shape)).astype(np.uint8)
     return np.where(keep, rng.normal(0, 1, shape), -np.inf).astype(np.float32)
-
-
-def assert_gradient(name, got, want):
-    norm = np.linalg.norm(np.ravel(want))
-    if norm > 1e-6:
-        error = np.linalg.norm((got - want).ravel()) / norm
-        assert error <= GRADIENT_BOUND, f"{name}: relative error {error:.3g}"
-    else:
-        assert np.abs(got).max(initial=0) <= 1e-6, name
 
 
 OPTIONS = {

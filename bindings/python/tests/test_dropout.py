@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 
 import flash_attention as fa
-from conftest import assert_close, random_inputs
+from conftest import assert_close, assert_gradient, random_inputs
 from flash_attention import _capi
 from flash_attention._loader import load
 from flash_attention.reference import (dropout_mask, reference_attention, reference_attention_backward,
                                        reference_varlen_attention)
-
-GRADIENT_BOUND = 1e-5  # relative (norm) error of each float32 gradient, as in test_backward
 
 VARIANTS = {
     "plain": {},
@@ -27,16 +25,6 @@ VARIANTS = {
 # and one longer than a query block of every path (AVX-512: 576 rows).
 SHAPES = [(2, 37, 53, 4, 2, 40), (1, 1, 70, 4, 4, 16), (2, 45, 1, 4, 1, 1), (1, 130, 97, 4, 2, 59),
           (1, 600, 200, 4, 4, 64)]
-
-
-def assert_gradient(name, got, want):
-    """The relative bound, or (where the exact gradient cancels to ~0, e.g. a row that sees one key) ~0."""
-    norm = np.linalg.norm(np.ravel(want))
-    if norm > 1e-6:
-        error = np.linalg.norm((got - want).ravel()) / norm
-        assert error <= GRADIENT_BOUND, f"{name}: relative error {error:.3g}"
-    else:
-        assert np.abs(got).max(initial=0) <= 1e-6, name
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
