@@ -6,12 +6,13 @@
 /// at most 2.02 ulp (relative error 1.67e-7) where `muladd` is fused, 2.23 ulp (1.89e-7) in the portable
 /// copy on x86-64, which rounds each product; `ABITests` checks ≤ 2.05 and ≤ 2.25 ulp. A degree-6 fit
 /// (0.93 ulp, one more FMA) changed the forward's relative error by under 1%: the float32 roundings of the
-/// scores and of P·V dominate it, so the cheaper polynomial stays (bench/RESULTS.md). Arguments below −126,
-/// −inf included, give exactly 0: the polynomial there would give 2^−126·p(f) ≈ 1e-38, and a product of
-/// that with a value is subnormal — masked keys inside a row's band (a caller's mask, or additive masks of
-/// −1e9) then slowed P·V several-fold on x86. Rows whose every key is masked are recognised by their −inf
-/// running max (the epilogue writes 0 for them). NaN propagates. Arguments above 0 never occur here and are
-/// not handled. Cost: 12 vector operations, of which 5 FMAs.
+/// scores and of P·V dominate it, so the cheaper polynomial stays (bench/RESULTS.md). Arguments below
+/// −126, −inf included, give 2^−126·p(f) ≈ 1e-38 instead of 0: negligible beside a row's maximum term
+/// (which is 1), and rows whose every key is masked are recognised by their −inf running max instead (the
+/// epilogue writes 0 for them); where such a value would reach P·V (keys a caller's mask hides inside a
+/// row's band), the softmax flushes it to 0 (`AdjustedScores`), since its products would be subnormal.
+/// NaN propagates. Arguments above 0 never occur here and are not handled. Cost: 10 vector operations, of
+/// which 5 FMAs.
 @inline(__always)
 func exp2(_ x: Vec) -> Vec {
     // Clamping keeps n ≥ −126, so adding n to the polynomial's exponent bits never leaves the normal range.
@@ -29,7 +30,7 @@ func exp2(_ x: Vec) -> Vec {
     // Multiply by 2^n by adding n to the exponent field: shifting t's bits left by 23 leaves exactly n << 23
     // (the bits of 1.5·2^23 above the low nine are shifted out).
     let bits = unsafeBitCast(poly, to: VecBits.self) &+ (unsafeBitCast(t, to: VecBits.self) &<< 23)
-    return unsafeBitCast(bits, to: Vec.self).replacing(with: 0, where: x .< Vec(repeating: -126))
+    return unsafeBitCast(bits, to: Vec.self)
 }
 
 /// e^x for x ≤ 0 (and NaN): exp2 of x·log2(e). The softmax and the backward form x as the difference of

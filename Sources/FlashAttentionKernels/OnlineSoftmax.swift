@@ -100,12 +100,17 @@ protocol ScoreReader {
     var column: UnsafeMutablePointer<Float> { get }
     var ldS: Int { get }
     func callAsFunction(_ k: Int) -> Vec
+    /// Whether probabilities below e^−87 must be exactly 0: a hidden key inside a row's band (a caller's mask)
+    /// reaches P·V, where exp2's 1e-38 for −inf would make subnormal products (several times slower on x86).
+    static var flushesTiny: Bool { get }
 }
 
 /// Scores as stored (no transform, or already masked by the score tiles).
 struct PlainScores: ScoreReader {
     let column: UnsafeMutablePointer<Float>
     let ldS: Int
+    /// Hidden scores here lie outside their rows' bands, which P·V never reads.
+    static var flushesTiny: Bool { false }
     @inline(__always) func callAsFunction(_ k: Int) -> Vec { load(column + k * ldS) }
 }
 
@@ -113,6 +118,7 @@ struct PlainScores: ScoreReader {
 struct AdjustedScores: ScoreReader {
     let column: UnsafeMutablePointer<Float>
     let ldS: Int
+    static var flushesTiny: Bool { true }
     let adjust: ScoreAdjustment
     /// The caller's mask values of this column (same layout as the scores), or nil.
     let maskColumn: UnsafeMutablePointer<Float>?
@@ -207,8 +213,8 @@ func softmaxColumn<Reader: ScoreReader>(
     var sum0 = Vec(), sum1 = Vec()
     var k = keys.lowerBound
     while k + 1 < keys.upperBound {
-        let p0 = exponential(score(k) - base)
-        let p1 = exponential(score(k + 1) - base)
+        let p0 = probability(score(k) - base, Reader.self)
+        let p1 = probability(score(k + 1) - base, Reader.self)
         store(p0, score.column + k * score.ldS)
         store(p1, score.column + (k + 1) * score.ldS)
         sum0 += p0
@@ -216,11 +222,18 @@ func softmaxColumn<Reader: ScoreReader>(
         k += 2
     }
     if k < keys.upperBound {
-        let p0 = exponential(score(k) - base)
+        let p0 = probability(score(k) - base, Reader.self)
         store(p0, score.column + k * score.ldS)
         sum0 += p0
     }
     store(newMax, rowMax)
     store(scale * load(rowSum) + (sum0 + sum1), rowSum)
     store(scale, alpha)
+}
+
+/// e^x of a score minus its row's max, exactly 0 below e^−87 for readers that need it (`flushesTiny`).
+@inline(__always)
+func probability<Reader: ScoreReader>(_ x: Vec, _ reader: Reader.Type) -> Vec {
+    let p = exponential(x)
+    return Reader.flushesTiny ? p.replacing(with: 0, where: x .< Vec(repeating: -87)) : p
 }
