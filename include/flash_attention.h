@@ -284,6 +284,17 @@ typedef struct flash_attention_params {
     flash_attention_dtype attn_mask_dtype;
     int32_t reserved3; /* must be 0 */
     int64_t attn_mask_batch_stride, attn_mask_head_stride, attn_mask_row_stride, attn_mask_col_stride;
+
+    /* ---- Value head size (appended in 0.6) -------------------------------------------------------------- */
+
+    /* Head size of v, out, v_new (and of dv and dout in the backward) when it differs from head_dim, which
+     * stays the head size of q, k and k_new (and dq, dk): multi-head latent attention (DeepSeek-V2/V3) has
+     * keys of 192 and values of 128 in prefill, and keys of 576 and values of 512 when decoding against its
+     * compressed cache (where v may be a view of the first 512 columns of k: inputs may overlap). The shapes
+     * above then read v [.., head_dim_v], out [.., head_dim_v]; the merge takes head_dim_v as its head_dim.
+     * 1 <= head_dim_v <= FA_MAX_HEAD_DIM; 0 (the default) means head_dim. The default softmax_scale stays
+     * 1/sqrt(head_dim). */
+    int64_t head_dim_v;
 } flash_attention_params;
 
 /* sizeof(flash_attention_params) in earlier versions (0.1 ended at `algorithm`, 0.2 at `seqlen_new`, 0.3 and

@@ -26,7 +26,7 @@ extension BackwardProblem {
         let qType = ElementType(rawValue: p.dtype) ?? .float32, kvType = ElementType(rawValue: p.kv_dtype) ?? .float32
         let tensorBatch = entry == .varlen ? 1 : problem.batch
         let varlen = entry == .varlen
-        let dout = tensor4("dout", params.dout, qType, tensorBatch, problem.seqlenQ, problem.headsQ, problem.headDim,
+        let dout = tensor4("dout", params.dout, qType, tensorBatch, problem.seqlenQ, problem.headsQ, problem.headDimV,
                            params.dout_batch_stride, params.dout_row_stride, params.dout_head_stride, params.dout_dim_stride,
                            ("dout_batch_stride", "dout_row_stride", "dout_head_stride", "dout_dim_stride"), ignoreBatch: varlen)
         let dq = tensor4("dq", UnsafeRawPointer(params.dq), qType, tensorBatch, problem.seqlenQ, problem.headsQ, problem.headDim,
@@ -35,7 +35,7 @@ extension BackwardProblem {
         let dk = tensor4("dk", UnsafeRawPointer(params.dk), kvType, tensorBatch, problem.seqlenK, problem.headsKV, problem.headDim,
                          params.dk_batch_stride, params.dk_row_stride, params.dk_head_stride, params.dk_dim_stride,
                          ("dk_batch_stride", "dk_row_stride", "dk_head_stride", "dk_dim_stride"), ignoreBatch: varlen)
-        let dv = tensor4("dv", UnsafeRawPointer(params.dv), kvType, tensorBatch, problem.seqlenK, problem.headsKV, problem.headDim,
+        let dv = tensor4("dv", UnsafeRawPointer(params.dv), kvType, tensorBatch, problem.seqlenK, problem.headsKV, problem.headDimV,
                          params.dv_batch_stride, params.dv_row_stride, params.dv_head_stride, params.dv_dim_stride,
                          ("dv_batch_stride", "dv_row_stride", "dv_head_stride", "dv_dim_stride"), ignoreBatch: varlen)
         for t in [dout, dq, dk, dv] { try checkDimStride(t) }

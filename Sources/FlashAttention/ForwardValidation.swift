@@ -13,6 +13,8 @@ struct ForwardOptions {
 /// The sizes every entry point shares, checked.
 struct ProblemSizes {
     let batch, seqlenQ, seqlenK, headsQ, headsKV, headDim: Int
+    /// head_dim_v, resolved (0 in the params means head_dim).
+    let headDimV: Int
     /// Varlen tensors have one "batch" entry; the sequences come from cu_seqlens.
     let tensorBatch: Int
 }
@@ -59,7 +61,7 @@ extension AttentionProblem {
         let t = tensors
         let problem = AttentionProblem(
             batch: sizes.batch, seqlenQ: sizes.seqlenQ, seqlenK: sizes.seqlenK, headsQ: sizes.headsQ,
-            headsKV: sizes.headsKV, headDim: sizes.headDim, q: view(t.q, t.qRange, score.qType),
+            headsKV: sizes.headsKV, headDim: sizes.headDim, headDimV: sizes.headDimV, q: view(t.q, t.qRange, score.qType),
             k: view(t.k, t.kRange, score.kvType, scale: sequences.scales.k),
             v: view(t.v, t.vRange, score.kvType, scale: sequences.scales.v), out: view(t.out, t.outRange, score.qType),
             lse: t.lse.map { lse in
@@ -78,7 +80,7 @@ extension AttentionProblem {
         return (problem, options, sequences.append, ranges)
     }
 
-    /// batch, seqlens, heads and head_dim.
+    /// batch, seqlens, heads, head_dim and head_dim_v.
     private static func validatedSizes(_ params: flash_attention_params, entry: Entry) throws(FlashAttentionError) -> ProblemSizes {
         let batch = Int(params.batch), seqlenQ = Int(params.seqlen_q)
         let headsQ = Int(params.heads_q), headsKV = Int(params.heads_kv), headDim = Int(params.head_dim)
@@ -95,9 +97,13 @@ extension AttentionProblem {
         if headDim < 1 || headDim > Int(FA_MAX_HEAD_DIM) {
             throw .invalidShape("head_dim (\(headDim)) must be in 1...\(FA_MAX_HEAD_DIM)")
         }
+        let headDimV = params.head_dim_v == 0 ? headDim : Int(params.head_dim_v)
+        if headDimV < 1 || headDimV > Int(FA_MAX_HEAD_DIM) {
+            throw .invalidShape("head_dim_v (\(params.head_dim_v)) must be in 1...\(FA_MAX_HEAD_DIM), or 0 for head_dim")
+        }
         return ProblemSizes(
             batch: batch, seqlenQ: seqlenQ, seqlenK: seqlenK, headsQ: headsQ, headsKV: headsKV, headDim: headDim,
-            tensorBatch: entry == .varlen ? 1 : batch)
+            headDimV: headDimV, tensorBatch: entry == .varlen ? 1 : batch)
     }
 
     /// num_threads and algorithm.
@@ -160,7 +166,7 @@ extension AttentionProblem {
         let q = tensor4("q", params.q, score.qType, s.tensorBatch, s.seqlenQ, s.headsQ, s.headDim,
                         params.q_batch_stride, params.q_row_stride, params.q_head_stride, params.q_dim_stride,
                         ("q_batch_stride", "q_row_stride", "q_head_stride", "q_dim_stride"), ignoreBatch: varlen)
-        let out = tensor4("out", UnsafeRawPointer(params.out), score.qType, s.tensorBatch, s.seqlenQ, s.headsQ, s.headDim,
+        let out = tensor4("out", UnsafeRawPointer(params.out), score.qType, s.tensorBatch, s.seqlenQ, s.headsQ, s.headDimV,
                           params.out_batch_stride, params.out_row_stride, params.out_head_stride, params.out_dim_stride,
                           ("out_batch_stride", "out_row_stride", "out_head_stride", "out_dim_stride"), ignoreBatch: varlen)
         // A KV cache, or varlen keys in a paged cache, are described by cache_batch × cache_seqlen.
@@ -177,7 +183,7 @@ extension AttentionProblem {
         let k = tensor4("k", params.k, score.kvType, kvBatch, kvRows, s.headsKV, s.headDim,
                         params.k_batch_stride, params.k_row_stride, params.k_head_stride, params.k_dim_stride,
                         ("k_batch_stride", "k_row_stride", "k_head_stride", "k_dim_stride"), ignoreBatch: varlen && !paged)
-        let v = tensor4("v", params.v, score.kvType, kvBatch, kvRows, s.headsKV, s.headDim,
+        let v = tensor4("v", params.v, score.kvType, kvBatch, kvRows, s.headsKV, s.headDimV,
                         params.v_batch_stride, params.v_row_stride, params.v_head_stride, params.v_dim_stride,
                         ("v_batch_stride", "v_row_stride", "v_head_stride", "v_dim_stride"), ignoreBatch: varlen && !paged)
         try checkDimStride(q)

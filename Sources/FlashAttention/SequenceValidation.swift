@@ -159,7 +159,7 @@ extension AttentionProblem {
                            params.k_new_batch_stride, params.k_new_row_stride, params.k_new_head_stride,
                            params.k_new_dim_stride,
                            ("k_new_batch_stride", "k_new_row_stride", "k_new_head_stride", "k_new_dim_stride"))
-        let values = tensor4("v_new", params.v_new, score.newType, sizes.batch, count, sizes.headsKV, sizes.headDim,
+        let values = tensor4("v_new", params.v_new, score.newType, sizes.batch, count, sizes.headsKV, sizes.headDimV,
                              params.v_new_batch_stride, params.v_new_row_stride, params.v_new_head_stride,
                              params.v_new_dim_stride,
                              ("v_new_batch_stride", "v_new_row_stride", "v_new_head_stride", "v_new_dim_stride"))

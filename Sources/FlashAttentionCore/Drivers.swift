@@ -15,7 +15,7 @@ struct ForwardItems: WorkPlan {
     let plan: ForwardPlan
     let kernels: KernelTable
     var itemCount: Int { plan.itemCount }
-    var scratchBytes: Int { kernels.forwardScratchBytes(plan.problem.headDim) }
+    var scratchBytes: Int { kernels.forwardScratchBytes(plan.problem.headDim, plan.problem.headDimV) }
     func run(item: Int, scratch: UnsafeMutableRawPointer) { kernels.forward(plan, item, scratch) }
 }
 
@@ -78,26 +78,26 @@ public func runForward(
 /// the types agree, converted otherwise, quantized (with the row's scale written) into an 8-bit cache.
 private func appendToCache(_ p: AttentionProblem, _ append: CacheAppend) {
     guard case .cache(let seqlens, _, _) = p.layout else { return }
-    withUnsafeTemporaryAllocation(of: Float.self, capacity: p.headDim) { buffer in
+    withUnsafeTemporaryAllocation(of: Float.self, capacity: max(p.headDim, p.headDimV)) { buffer in
         let row = buffer.baseAddress!
         for b in 0..<p.batch {
             let sequence = p.sequence(b)
             for j in 0..<append.count {
                 for h in 0..<p.headsKV {
                     let position = Int(seqlens[b]) + j
-                    for (cache, new) in [(p.k, append.keys), (p.v, append.values)] {
+                    for (cache, new, width) in [(p.k, append.keys, p.headDim), (p.v, append.values, p.headDimV)] {
                         let source = new.row(batch: b, head: h, row: j)
                         let target = p.keyRow(cache, sequence, head: h, position: position)
                         if cache.element == new.element {
-                            target.copyMemory(from: source, byteCount: p.headDim * cache.element.size)
+                            target.copyMemory(from: source, byteCount: width * cache.element.size)
                             continue
                         }
-                        new.element.loadRow(source, count: p.headDim, into: row)
+                        new.element.loadRow(source, count: width, into: row)
                         if cache.element.isQuantized {
                             p.keyScale(cache, sequence, head: h, position: position).pointee =
-                                quantizeRow(row, count: p.headDim, element: cache.element, into: target)
+                                quantizeRow(row, count: width, element: cache.element, into: target)
                         } else {
-                            cache.element.storeRow(row, count: p.headDim, scale: 1, into: target)
+                            cache.element.storeRow(row, count: width, scale: 1, into: target)
                         }
                     }
                 }
@@ -170,9 +170,9 @@ private func zeroGradients(_ problem: BackwardProblem) {
     let f = problem.forward
     var kvBatch = f.seqlenK == 0 ? 0 : 1
     if case .dense = f.layout, f.seqlenK > 0 { kvBatch = f.batch }
-    for t in [problem.dk, problem.dv] {
+    for (t, width) in [(problem.dk, f.headDim), (problem.dv, f.headDimV)] {
         for b in 0..<kvBatch { for r in 0..<f.seqlenK { for h in 0..<f.headsKV {
-            t.row(batch: b, head: h, row: r).initializeMemory(as: UInt8.self, repeating: 0, count: f.headDim * t.element.size)
+            t.row(batch: b, head: h, row: r).initializeMemory(as: UInt8.self, repeating: 0, count: width * t.element.size)
         } } }
     }
     problem.dsinks?.update(repeating: 0, count: f.headsQ)

@@ -75,7 +75,7 @@ public struct ForwardPlan: @unchecked Sendable {
     public let splits: Int
     /// Rows of the largest item: the row count of a partial-result slot.
     public let maxItemRows: Int
-    /// With splits > 1: [unsplit item][split][row][head_dim + 1] partial outputs and LSEs, set by the driver.
+    /// With splits > 1: [unsplit item][split][row][head_dim_v + 1] partial outputs and LSEs, set by the driver.
     public var partials: UnsafeMutablePointer<Float>?
 
     public init(_ problem: AttentionProblem, geometry g: TileGeometry) {
@@ -84,7 +84,8 @@ public struct ForwardPlan: @unchecked Sendable {
         let group = problem.groupSize
         // The decoding kernel serves KV-cache shapes without dropout (a training option) or a caller's mask
         // (whose tiles the query-block kernel stages).
-        if group * problem.maxSeqlenQ <= g.microRows && problem.headDim % g.microCols == 0 && problem.dropout == nil
+        if group * problem.maxSeqlenQ <= g.microRows && problem.headDim % g.microCols == 0
+            && problem.headDimV % g.microCols == 0 && problem.dropout == nil
             && problem.attnMask == nil
         {
             path = .decoding
@@ -140,7 +141,7 @@ public struct ForwardPlan: @unchecked Sendable {
     }
 
     /// Floats of the partial-result buffer the driver must provide when splits > 1.
-    public var partialFloats: Int { unsplitItems * splits * maxItemRows * (problem.headDim + 1) }
+    public var partialFloats: Int { unsplitItems * splits * maxItemRows * (problem.headDimV + 1) }
 
     /// The geometry of item `item`. Query-block items run sequence by sequence and head by head, so that
     /// the blocks of one head run close together in time and find its K and V still in L2/L3; within a
@@ -198,17 +199,17 @@ public struct ForwardPlan: @unchecked Sendable {
         }
     }
 
-    /// Where split `item.split` of an item keeps row r's partial state: head_dim floats, then the LSE.
+    /// Where split `item.split` of an item keeps row r's partial state: head_dim_v floats, then the LSE.
     @inlinable
     public func partialRow(_ item: WorkItem, row r: Int) -> UnsafeMutablePointer<Float> {
-        partials! + ((item.unsplit * splits + item.split) * maxItemRows + r) * (problem.headDim + 1)
+        partials! + ((item.unsplit * splits + item.split) * maxItemRows + r) * (problem.headDimV + 1)
     }
 
     /// Combines the split partial results of unsplit item `item` in split order (and the sink), writing
     /// the final rows. The order is fixed, so the result does not depend on which thread ran which split.
     public func mergeSplits(item: Int) {
         let p = problem
-        let d = p.headDim
+        let d = p.headDimV
         guard partials != nil else { return }
         // The unsplit item's first split has the same rows as every split.
         let perBatch = itemsPerBatch ?? 1

@@ -84,8 +84,8 @@ public typealias BackwardItemRunner = @Sendable (BackwardProblem, Int, UnsafeMut
 public struct KernelTable: Sendable {
     public let isa: KernelISA
     public let geometry: TileGeometry
-    /// Scratch bytes per thread of the forward (a function of head_dim).
-    public let forwardScratchBytes: @Sendable (_ headDim: Int) -> Int
+    /// Scratch bytes per thread of the forward (a function of the head sizes of q/k and of v).
+    public let forwardScratchBytes: @Sendable (_ headDim: Int, _ headDimV: Int) -> Int
     public let forward: ForwardItemRunner
     /// The backward's three phases (BackwardProblem.swift) and the scratch of each, per thread.
     public let backwardScratchBytes: @Sendable (BackwardProblem, BackwardPhase) -> Int
@@ -94,7 +94,7 @@ public struct KernelTable: Sendable {
     public let exp2: @Sendable (UnsafeMutablePointer<Float>, Int) -> Void
 
     public init(
-        isa: KernelISA, geometry: TileGeometry, forwardScratchBytes: @escaping @Sendable (Int) -> Int,
+        isa: KernelISA, geometry: TileGeometry, forwardScratchBytes: @escaping @Sendable (Int, Int) -> Int,
         forward: @escaping ForwardItemRunner,
         backwardScratchBytes: @escaping @Sendable (BackwardProblem, BackwardPhase) -> Int,
         backward: @escaping @Sendable (BackwardPhase) -> BackwardItemRunner,

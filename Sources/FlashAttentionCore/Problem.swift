@@ -107,7 +107,10 @@ public struct AttentionProblem: @unchecked Sendable {
     public var seqlenK: Int
     public var headsQ: Int
     public var headsKV: Int
+    /// Head size of q and k (the score's depth).
     public var headDim: Int
+    /// Head size of v and out (MLA's value heads are narrower than its key heads); = headDim by default.
+    public var headDimV: Int
     public var q: TensorView
     public var k: TensorView
     public var v: TensorView
@@ -136,7 +139,7 @@ public struct AttentionProblem: @unchecked Sendable {
     public var attnMask: AttentionMask?
 
     public init(
-        batch: Int, seqlenQ: Int, seqlenK: Int, headsQ: Int, headsKV: Int, headDim: Int,
+        batch: Int, seqlenQ: Int, seqlenK: Int, headsQ: Int, headsKV: Int, headDim: Int, headDimV: Int? = nil,
         q: TensorView, k: TensorView, v: TensorView, out: TensorView, lse: LSEView?, scale: Float,
         windowLeft: Int?, windowRight: Int?, alibiSlopes: UnsafePointer<Float>?, alibiBatchStride: Int,
         softcap: Float, sinks: UnsafePointer<Float>?, layout: SequenceLayout, storage: KeyValueStorage,
@@ -148,6 +151,7 @@ public struct AttentionProblem: @unchecked Sendable {
         self.headsQ = headsQ
         self.headsKV = headsKV
         self.headDim = headDim
+        self.headDimV = headDimV ?? headDim
         self.q = q
         self.k = k
         self.v = v

@@ -27,15 +27,17 @@ public struct ReferenceForward: WorkPlan {
         let slope = p.alibiSlopes.map { Double($0[s.batch * p.alibiBatchStride + h]) } ?? 0
         let sink = p.sinks.map { Double($0[h]) } ?? -.infinity
         let cap = Double(p.softcap)
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * p.headDim) { rows in
-            let q = rows.baseAddress!, key = q + p.headDim, out = key + p.headDim
+        let width = max(p.headDim, p.headDimV)
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * width) { rows in
+            let q = rows.baseAddress!, key = q + width, out = key + width
             func read(_ tensor: TensorView, _ row: UnsafeRawPointer, into target: UnsafeMutablePointer<Float>) {
                 tensor.element.loadRow(row, count: p.headDim, into: target)
             }
-            /// Key or value position j, dequantized (times its row's scale) for an 8-bit cache.
-            func readKey(_ tensor: TensorView, position j: Int, into target: UnsafeMutablePointer<Float>) {
+            /// Key (or, with `count` = head_dim_v, value) position j, dequantized (times its row's scale) for
+            /// an 8-bit cache.
+            func readKey(_ tensor: TensorView, position j: Int, count: Int, into target: UnsafeMutablePointer<Float>) {
                 let scale = tensor.scale == nil ? 1 : p.keyScale(tensor, s, head: kvHead, position: j).pointee
-                tensor.element.loadRow(p.keyRow(tensor, s, head: kvHead, position: j), count: p.headDim, scale: scale, into: target)
+                tensor.element.loadRow(p.keyRow(tensor, s, head: kvHead, position: j), count: count, scale: scale, into: target)
             }
             for i in 0..<s.seqlenQ {
                 read(p.q, p.q.row(batch: s.qBatch, head: h, row: s.qRow + i), into: q)
@@ -43,7 +45,7 @@ public struct ReferenceForward: WorkPlan {
                 var maximum = sink
                 var sawNaN = false  // a NaN score: the row's output and LSE are NaN (see finishRow)
                 for j in keys {
-                    readKey(p.k, position: j, into: key)
+                    readKey(p.k, position: j, count: p.headDim, into: key)
                     var dot = 0.0
                     for c in 0..<p.headDim { dot += Double(q[c]) * Double(key[c]) }
                     var score = dot * Double(p.scale)
@@ -63,18 +65,18 @@ public struct ReferenceForward: WorkPlan {
                     scores[j] = sawNoKey ? 0 : exp(scores[j] - maximum)
                     sum += scores[j]
                 }
-                var accumulators = [Double](repeating: 0, count: p.headDim)
+                var accumulators = [Double](repeating: 0, count: p.headDimV)
                 // Dropout scales each probability in P·V only: the sum (and so the LSE) is the undropped one.
                 let dropoutRow = p.dropout?.row(batch: s.batch, head: h, position: i)
                 for j in keys {
-                    readKey(p.v, position: j, into: key)
+                    readKey(p.v, position: j, count: p.headDimV, into: key)
                     let weight = scores[j] * Double(dropoutRow.map { p.dropout!.factor($0, key: j) } ?? 1)
-                    for c in 0..<p.headDim { accumulators[c] += weight * Double(key[c]) }
+                    for c in 0..<p.headDimV { accumulators[c] += weight * Double(key[c]) }
                 }
-                for c in 0..<p.headDim {
+                for c in 0..<p.headDimV {
                     out[c] = sawNaN ? .nan : keys.isEmpty || sawNoKey ? 0 : Float(accumulators[c] / sum)
                 }
-                p.out.element.storeRow(out, count: p.headDim, scale: 1, into: p.out.row(batch: s.qBatch, head: h, row: s.qRow + i))
+                p.out.element.storeRow(out, count: p.headDimV, scale: 1, into: p.out.row(batch: s.qBatch, head: h, row: s.qRow + i))
                 p.lse?.row(batch: s.qBatch, head: h, row: s.qRow + i).pointee =
                     sawNaN ? .nan : maximum == -.infinity ? -.infinity : Float(maximum + log(sum))
             }

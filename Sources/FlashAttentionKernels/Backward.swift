@@ -26,10 +26,10 @@ import Musl
 /// Queries per backward block: a multiple of `microRows` (score and output tiles) and of `transposeSize`.
 let backwardQueryBlock = 96
 
-/// Floats between the rows of a block in scratch: head_dim rounded up to `microCols`, plus 16 so that the
-/// rows of a column slab (read down by the output tiles) spread over the L1 sets instead of sharing a few,
-/// as a power-of-two stride would.
-func backwardRowStride(_ headDim: Int) -> Int { Workspace.paddedDim(headDim) + 16 }
+/// Floats between the rows of a block in scratch: the larger of head_dim and head_dim_v rounded up to
+/// `microCols`, plus 16 so that the rows of a column slab (read down by the output tiles) spread over the
+/// L1 sets instead of sharing a few, as a power-of-two stride would.
+func backwardRowStride(_ f: AttentionProblem) -> Int { Workspace.paddedDim(max(f.headDim, f.headDimV)) + 16 }
 
 /// How one recomputed score becomes a probability and a score gradient: the forward's transforms and
 /// mask for one query row (position `position` in a sequence with `offset` = seqlen_k − seqlen_q).
@@ -105,13 +105,13 @@ struct BackwardScores {
 
 /// Scratch bytes of each phase, per thread.
 func backwardScratchBytes(_ problem: BackwardProblem, _ phase: BackwardPhase) -> Int {
-    let d = problem.forward.headDim
+    let f = problem.forward
     switch phase {
-    case .rows: return 2 * d * MemoryLayout<Float>.size
-    case .query: return Workspace.paddedDim(d) * MemoryLayout<Float>.size
+    case .rows: return 2 * f.headDimV * MemoryLayout<Float>.size
+    case .query: return Workspace.paddedDim(f.headDim) * MemoryLayout<Float>.size
     case .keyValue:
         // See `backwardKeyValue`.
-        let kb = problem.keyBlock, qb = backwardQueryBlock, ld = backwardRowStride(d)
+        let kb = problem.keyBlock, qb = backwardQueryBlock, ld = backwardRowStride(f)
         return (5 * kb * ld + 3 * qb * ld + 3 * qb * kb + 2 * qb + 2 * microCols) * MemoryLayout<Float>.size
     }
 }
@@ -129,7 +129,7 @@ func backwardRunner(_ phase: BackwardPhase) -> BackwardItemRunner {
 func backwardRows(_ problem: BackwardProblem, _ item: Int, _ scratch: UnsafeMutableRawPointer) {
     let f = problem.forward
     let s = f.sequence(item / f.headsQ), h = item % f.headsQ
-    let d = f.headDim
+    let d = f.headDimV
     let o = scratch.assumingMemoryBound(to: Float.self), g = o + d
     var share: Float = 0
     let sink = f.sinks.map { $0[h] }
@@ -152,7 +152,8 @@ func backwardRows(_ problem: BackwardProblem, _ item: Int, _ scratch: UnsafeMuta
 
 /// Phase 2: dK, dV and the chunk's dQ partials of item (key chunk, sequence, kv head).
 ///
-/// Scratch, in floats (K = keyBlock keys, Q = `backwardQueryBlock` queries, D = `backwardRowStride`):
+/// Scratch, in floats (K = keyBlock keys, Q = `backwardQueryBlock` queries, D = `backwardRowStride`; rows
+/// of values, dV and dO hold head_dim_v floats, the others head_dim):
 ///     kT, vT      K × D each      the key block's keys and values as transposed `microCols`-key panels
 ///     kRows       K × D           its keys as rows, for dQ += dS K
 ///     dK, dV      K × D each      the gradient accumulators
@@ -165,7 +166,7 @@ func backwardKeyValue(_ problem: BackwardProblem, _ item: Int, _ scratch: Unsafe
     let f = problem.forward
     let units = f.batch * f.headsKV
     let chunk = item / units, s = f.sequence(item % units / f.headsKV), kvHead = item % f.headsKV
-    let kb = problem.keyBlock, qb = backwardQueryBlock, d = f.headDim, ld = backwardRowStride(d)
+    let kb = problem.keyBlock, qb = backwardQueryBlock, d = f.headDim, dv = f.headDimV, ld = backwardRowStride(f)
     let base = scratch.assumingMemoryBound(to: Float.self)
     let kT = base, vT = kT + kb * ld, kRows = vT + kb * ld, dK = kRows + kb * ld, dV = dK + kb * ld
     let q = dV + kb * ld, dO = q + qb * ld, p = dO + qb * ld, dS = p + qb * kb
@@ -184,7 +185,7 @@ func backwardKeyValue(_ problem: BackwardProblem, _ item: Int, _ scratch: Unsafe
         guard keyCount > 0 else { break }
         let panels = (keyCount + microCols - 1) / microCols
         packTransposed(f.k, s, head: kvHead, first: firstKey, count: keyCount, depth: d, into: kT, keys: true)
-        packTransposed(f.v, s, head: kvHead, first: firstKey, count: keyCount, depth: d, into: vT, keys: true)
+        packTransposed(f.v, s, head: kvHead, first: firstKey, count: keyCount, depth: dv, into: vT, keys: true)
         loadRows(f.k, s, head: kvHead, first: firstKey, count: keyCount, depth: d, into: kRows, stride: ld, padTo: keyCount, keys: true)
         dK.update(repeating: 0, count: 2 * kb * ld)
         // Queries that see any of these keys: i + offset − left ≤ key ≤ i + offset + right.
@@ -217,7 +218,7 @@ func backwardKeyValue(_ problem: BackwardProblem, _ item: Int, _ scratch: Unsafe
                 storeRow($0, dK + key * ld, count: d, scale: 1, into: problem.dk.row(batch: s.kvBatch, head: kvHead, row: row))
             }
             withStorage(problem.dv.element) {
-                storeRow($0, dV + key * ld, count: d, scale: 1, into: problem.dv.row(batch: s.kvBatch, head: kvHead, row: row))
+                storeRow($0, dV + key * ld, count: dv, scale: 1, into: problem.dv.row(batch: s.kvBatch, head: kvHead, row: row))
             }
         }
     }
@@ -238,7 +239,7 @@ private struct BackwardTiles {
     func run(_ scores: BackwardScores, offset: Int) {
         let f = problem.forward, s = sequence, h = head
         let (kT, vT, kRows, dK, dV, q, dO, p, dS, dST, dQ, lse, dots, ones, columnMax) = scratch
-        let kb = problem.keyBlock, qb = backwardQueryBlock, d = f.headDim, ld = backwardRowStride(d)
+        let kb = problem.keyBlock, qb = backwardQueryBlock, d = f.headDim, dv = f.headDimV, ld = backwardRowStride(f)
         let ldQ = problem.partialStride
         let keyTiles = (keyCount + microRows - 1) / microRows
         let rowTiles = (rows + microRows - 1) / microRows, padded = rowTiles * microRows
@@ -248,7 +249,7 @@ private struct BackwardTiles {
         // The queries × scale, rounded as the forward rounds them (see BackwardScores).
         loadRows(f.q, s, head: h, first: firstQuery, count: rows, depth: d, into: q, stride: ld, padTo: padded,
                  scale: f.scale)
-        loadRows(problem.dout, s, head: h, first: firstQuery, count: rows, depth: d, into: dO, stride: ld, padTo: padded)
+        loadRows(problem.dout, s, head: h, first: firstQuery, count: rows, depth: dv, into: dO, stride: ld, padTo: padded)
         for r in 0..<rows {
             let row = s.qRow + firstQuery + r
             lse[r] = f.lse!.row(batch: s.qBatch, head: h, row: row).pointee
@@ -261,7 +262,7 @@ private struct BackwardTiles {
                     keys: q + tile * microRows * ld, ldK: ld, queries: kT + panel * microCols * d, depth: d,
                     s: p + tile * microRows * kb + panel * microCols, ldS: kb, columnMax: columnMax, band: nil)
                 scoreTile(
-                    keys: dO + tile * microRows * ld, ldK: ld, queries: vT + panel * microCols * d, depth: d,
+                    keys: dO + tile * microRows * ld, ldK: ld, queries: vT + panel * microCols * dv, depth: dv,
                     s: dS + tile * microRows * kb + panel * microCols, ldS: kb, columnMax: columnMax, band: nil)
             }
         }
@@ -287,18 +288,23 @@ private struct BackwardTiles {
         // dV += Pᵀ dO and dK += dSᵀ Q (over the block's queries), then dQ = dS K (over the block's keys) in
         // scratch: accumulating into the partial directly waits on its misses at every tile (measured: that
         // product ran at 55 GFLOP/s, the others at 75–100).
+        // One column slab at a time for all three (dV's columns run to head_dim_v, the others' to head_dim).
         dQ.update(repeating: 0, count: padded * ld)
-        for column in stride(from: 0, to: d, by: microCols) {
+        for column in stride(from: 0, to: max(d, dv), by: microCols) {
             for keyTile in 0..<keyTiles {
                 let k0 = keyTile * microRows
-                outputTile(
-                    MicroRows.self, Float32Storage.self, p: p + k0, ldP: kb, v: dO + column, ldV: ld,
-                    keys: 0..<rows, rowKeys: SharedKeys(), alpha: ones, o: dV + k0 * ld + column, ldO: ld)
-                outputTile(
-                    MicroRows.self, Float32Storage.self, p: dS + k0, ldP: kb, v: q + column, ldV: ld,
-                    keys: 0..<rows, rowKeys: SharedKeys(), alpha: ones, o: dK + k0 * ld + column, ldO: ld)
+                if column < dv {
+                    outputTile(
+                        MicroRows.self, Float32Storage.self, p: p + k0, ldP: kb, v: dO + column, ldV: ld,
+                        keys: 0..<rows, rowKeys: SharedKeys(), alpha: ones, o: dV + k0 * ld + column, ldO: ld)
+                }
+                if column < d {
+                    outputTile(
+                        MicroRows.self, Float32Storage.self, p: dS + k0, ldP: kb, v: q + column, ldV: ld,
+                        keys: 0..<rows, rowKeys: SharedKeys(), alpha: ones, o: dK + k0 * ld + column, ldO: ld)
+                }
             }
-            for tile in 0..<rowTiles {
+            for tile in 0..<rowTiles where column < d {
                 outputTile(
                     MicroRows.self, Float32Storage.self, p: dST + tile * microRows, ldP: qb,
                     v: kRows + column, ldV: ld, keys: 0..<keyCount, rowKeys: SharedKeys(), alpha: ones,
@@ -315,7 +321,7 @@ private func prefetchQueryRows(_ problem: BackwardProblem, _ s: Sequence, head h
     for r in first..<(first + count) {
         let row = s.qRow + r
         prefetchRow(f.q.row(batch: s.qBatch, head: h, row: row), bytes: f.headDim * f.q.element.size)
-        prefetchRow(problem.dout.row(batch: s.qBatch, head: h, row: row), bytes: f.headDim * problem.dout.element.size)
+        prefetchRow(problem.dout.row(batch: s.qBatch, head: h, row: row), bytes: f.headDimV * problem.dout.element.size)
     }
 }
 

@@ -32,7 +32,7 @@ struct DecodeKernel {
         for key in firstKey..<min(item.keys.upperBound, firstKey + blockKeys) {
             for kvHead in firstKV..<(firstKV + item.slots) {
                 prefetchRowToL2(p.keyRow(p.k, item.sequence, head: kvHead, position: key), bytes: p.headDim * p.k.element.size)
-                prefetchRowToL2(p.keyRow(p.v, item.sequence, head: kvHead, position: key), bytes: p.headDim * p.v.element.size)
+                prefetchRowToL2(p.keyRow(p.v, item.sequence, head: kvHead, position: key), bytes: p.headDimV * p.v.element.size)
             }
         }
     }
@@ -67,7 +67,7 @@ struct DecodeKernel {
         withTileRows(rowCount) { rows in
             withStorage(p.v.element) { storage in
                 accumulateRows(
-                    rows, storage, headDim: d, mask: adjust.mask, firstRow: row, p: w.s, ldP: subBlockRows, v: vRows,
+                    rows, storage, headDim: p.headDimV, mask: adjust.mask, firstRow: row, p: w.s, ldP: subBlockRows, v: vRows,
                     ldV: p.v.rowStride, columnStride: microCols * storage.size, w)
             }
         }

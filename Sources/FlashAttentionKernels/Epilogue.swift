@@ -7,7 +7,7 @@ import FlashAttentionCore
 /// normalised partial state.
 func finishItem(_ plan: ForwardPlan, _ item: WorkItem, _ w: Workspace) {
     let p = plan.problem
-    let d = p.headDim
+    let d = p.headDimV
     let ldO = Workspace.paddedDim(d)
     for r in 0..<item.rows {
         guard let (head, position) = item.query(row: r) else { continue }

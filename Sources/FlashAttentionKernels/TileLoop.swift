@@ -8,7 +8,7 @@ import FlashAttentionCore
 /// Runs forward work item `index` of `plan` on this kernel copy: the entry point of its table.
 func runForwardItem(_ plan: ForwardPlan, _ index: Int, _ scratch: UnsafeMutableRawPointer) {
     let item = plan.workItem(index)
-    let w = Workspace(scratch, headDim: plan.problem.headDim)
+    let w = Workspace(scratch, headDim: plan.problem.headDim, headDimV: plan.problem.headDimV)
     switch plan.path {
     case .decoding: DecodeKernel(plan: plan).run(item, w)
     case .queryBlocks, .groupBlocks: QueryBlockKernel(plan: plan).run(item, w)
@@ -105,7 +105,7 @@ struct QueryBlockKernel {
         for tile in 0..<tiles {
             let q = tile * microRows
             accumulateRows(
-                MicroRows.self, Float32Storage.self, headDim: d, mask: mask, firstRow: first + q, p: w.s + q,
+                MicroRows.self, Float32Storage.self, headDim: plan.problem.headDimV, mask: mask, firstRow: first + q, p: w.s + q,
                 ldP: subBlockRows, v: w.vPack, ldV: microCols,
                 columnStride: geometry.keyBlock * microCols * MemoryLayout<Float>.size, w)
         }
@@ -114,7 +114,7 @@ struct QueryBlockKernel {
     /// Packs keys [firstKey, firstKey + count) of the sequence in one pass over their rows: key rows into a
     /// dense [rows][depth] block (zero-filled up to a whole micro-tile of rows, so the last score tile reads
     /// defined values), value rows into `microCols`-column panels [keyBlock][microCols] (columns past
-    /// head_dim zero). Rows are located one by one, so a paged cache costs one table read per row.
+    /// head_dim_v zero). Rows are located one by one, so a paged cache costs one table read per row.
     private func packBlock(_ sequence: Sequence, kvHead: Int, firstKey: Int, count: Int, into w: Workspace) {
         withStorage(plan.problem.k.element) { storage in
             packBlock(storage, sequence, kvHead: kvHead, firstKey: firstKey, count: count, into: w)
@@ -125,8 +125,8 @@ struct QueryBlockKernel {
         _ storage: S.Type, _ sequence: Sequence, kvHead: Int, firstKey: Int, count: Int, into w: Workspace
     ) {
         let p = plan.problem
-        let depth = p.headDim
-        let fullColumns = depth / microCols * microCols
+        let depth = p.headDim, width = p.headDimV
+        let fullColumns = width / microCols * microCols
         let keyBlock = geometry.keyBlock
         for key in 0..<count {
             let kSource = p.keyRow(p.k, sequence, head: kvHead, position: firstKey + key)
@@ -143,10 +143,10 @@ struct QueryBlockKernel {
                 store(S.loadVector(vSource + (column + lanes) * S.size) * factor, vTarget + lanes)
                 column += microCols
             }
-            if column < depth {
+            if column < width {
                 let vTarget = w.vPack + column * keyBlock + key * microCols
                 for c in 0..<microCols {
-                    vTarget[c] = column + c < depth ? S.load(vSource + (column + c) * S.size) * vScale : 0
+                    vTarget[c] = column + c < width ? S.load(vSource + (column + c) * S.size) * vScale : 0
                 }
             }
         }

@@ -3,15 +3,16 @@ import FlashAttentionCore
 /// The per-thread scratch of a forward work item, and the item's prologue: staging its queries and row tables.
 
 /// Per-thread scratch of one work item, in floats, every part 64-byte aligned (all sizes are multiples
-/// of 16 floats). With Bq = queryBlock, Bk = keyBlock, D = head_dim rounded up to `microCols`:
+/// of 16 floats). With Bq = queryBlock, Bk = keyBlock, D = head_dim and Dv = head_dim_v, each rounded up
+/// to `microCols`:
 ///
 ///     qT      Bq × D          queries × scale: Bq/microCols panels of [head_dim][microCols]
 ///                             (query blocks), or plain rows [row][head_dim] (decoding)
 ///     kPack   Bk × D          the key block, row-major [row][head_dim] (rows past the block's keys zero)
-///     vPack   Bk × D          the value block as D/microCols panels of [Bk][microCols]
+///     vPack   Bk × Dv         the value block as Dv/microCols panels of [Bk][microCols]
 ///     s       Bk × subBlockRows   scores of a sub-block's rows, transposed (row = key), overwritten by
 ///                             probabilities
-///     o       Bq × D          unnormalised output accumulators, row-major
+///     o       Bq × Dv         unnormalised output accumulators, row-major
 ///     rowMax, rowSum, alpha   Bq each: running max, running sum, last rescale factor
 ///     rowPosition, rowSlope, rowDistance
 ///                             Bq each: each row's query position in its block, its ALiBi slope, and
@@ -32,20 +33,21 @@ struct Workspace {
 
     static func paddedDim(_ headDim: Int) -> Int { (headDim + microCols - 1) / microCols * microCols }
 
-    static func floatCount(headDim: Int) -> Int {
-        let qb = geometry.queryBlock, kb = geometry.keyBlock, d = paddedDim(headDim)
-        return qb * d + kb * d + kb * d + kb * subBlockRows + qb * d + 6 * qb + subBlockRows + 2 * qb + 2 * qb
+    static func floatCount(headDim: Int, headDimV: Int) -> Int {
+        let qb = geometry.queryBlock, kb = geometry.keyBlock, d = paddedDim(headDim), dv = paddedDim(headDimV)
+        return qb * d + kb * d + kb * dv + kb * subBlockRows + qb * dv + 6 * qb + subBlockRows + 2 * qb + 2 * qb
             + kb * subBlockRows
     }
 
-    init(_ base: UnsafeMutableRawPointer, headDim: Int) {
-        let qb = geometry.queryBlock, kb = geometry.keyBlock, d = Workspace.paddedDim(headDim)
+    init(_ base: UnsafeMutableRawPointer, headDim: Int, headDimV: Int) {
+        let qb = geometry.queryBlock, kb = geometry.keyBlock
+        let d = Workspace.paddedDim(headDim), dv = Workspace.paddedDim(headDimV)
         qT = base.assumingMemoryBound(to: Float.self)
         kPack = qT + qb * d
         vPack = kPack + kb * d
-        s = vPack + kb * d
+        s = vPack + kb * dv
         o = s + kb * subBlockRows
-        rowMax = o + qb * d
+        rowMax = o + qb * dv
         rowSum = rowMax + qb
         alpha = rowSum + qb
         rowPosition = alpha + qb
@@ -74,7 +76,7 @@ func stageQueries(_ plan: ForwardPlan, _ item: WorkItem, transposed: Bool, _ w: 
     let d = p.headDim
     let factor = p.scale
     let rows = paddedRows(item)
-    w.o.update(repeating: 0, count: (item.rows + microRows - 1) / microRows * microRows * Workspace.paddedDim(d))
+    w.o.update(repeating: 0, count: (item.rows + microRows - 1) / microRows * microRows * Workspace.paddedDim(p.headDimV))
     w.rowMax.update(repeating: -.infinity, count: rows)
     w.rowSum.update(repeating: 0, count: rows)
     for r in 0..<rows {

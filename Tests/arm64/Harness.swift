@@ -44,7 +44,7 @@ private func zeroed(_ bytes: Int) -> UnsafeMutableRawPointer {
 public func arm64Forward(_ a: UnsafePointer<fa_arm64_problem>) -> Int32 {
     let p = problem(a.pointee)
     var plan = ForwardPlan(p, geometry: kernelTable.geometry)
-    let scratch = zeroed(kernelTable.forwardScratchBytes(p.headDim))
+    let scratch = zeroed(kernelTable.forwardScratchBytes(p.headDim, p.headDimV))
     defer { scratch.deallocate() }
     var partials: UnsafeMutableRawPointer? = nil
     if plan.splits > 1 {

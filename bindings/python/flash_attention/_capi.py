@@ -79,6 +79,8 @@ class Params(ctypes.Structure):
         # Attention mask (0.6).
         + [("attn_mask", c_void_p), ("attn_mask_dtype", c_int32), ("reserved3", c_int32)]
         + [(f"attn_mask_{axis}_stride", c_int64) for axis in ("batch", "head", "row", "col")]
+        # Value head size (0.6).
+        + [("head_dim_v", c_int64)]
     )
 
 

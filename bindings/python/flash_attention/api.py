@@ -295,16 +295,22 @@ def _set_mask(params, keep, attn_mask, batch, heads_q, rows, keys, min_keys=None
 
 
 def _qkv(q, k, v, ndim, kv_ndim=None):
-    """Checks q, k, v: any stored dtype, k and v of one dtype and shape (q may differ in dtype); k and v have
-    kv_ndim dimensions when given (a paged cache under packed queries)."""
+    """Checks q, k, v: any stored dtype, k and v of one dtype and of one shape but for the head size (v's is
+    head_dim_v; q may differ in dtype); k and v have kv_ndim dimensions when given (a paged cache under
+    packed queries)."""
     q = _array("q", q, ndim, dtype=None)
     k = _array("k", k, kv_ndim or ndim, dtype=None)
     v = _array("v", v, kv_ndim or ndim, dtype=None)
     if v.dtype != k.dtype:
         raise TypeError(f"v must have the dtype of k ({k.dtype}), got {v.dtype}")
-    if v.shape != k.shape:
-        raise ValueError(f"v shape {v.shape} must equal k shape {k.shape}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"v shape {v.shape} must equal k shape {k.shape} but in the last axis (head_dim_v)")
     return q, k, v
+
+
+def _out_shape(q, v):
+    """out: q's shape with v's head size (head_dim_v)."""
+    return q.shape[:-1] + v.shape[-1:]
 
 
 def _index_array(name, x, shape):
@@ -329,7 +335,8 @@ def flash_attn_func(
     Args:
         q: [batch, seqlen_q, heads_q, head_dim], float32, float16 or bfloat16 (ml_dtypes); out has its dtype.
         k, v: [batch, seqlen_k, heads_kv, head_dim], one dtype (may differ from q's); heads_q must be a multiple of heads_kv
-            (grouped-query attention: query head h reads kv head h // (heads_q // heads_kv)).
+            (grouped-query attention: query head h reads kv head h // (heads_q // heads_kv)). v may have its own
+            head size head_dim_v (multi-head latent attention), which out then has.
         dropout_p: attention dropout probability in [0, 1) (training): each probability is kept with
             probability 1 - dropout_p and scaled by 1/(1 - dropout_p) before P·V (the LSE is the undropped
             one, as in FlashAttention-2); the mask is a function of `seed` and the element's (batch, head,
@@ -377,9 +384,9 @@ def flash_attn_func(
     _set_options(params, keep, heads_q, batch, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
                  num_threads, algorithm, dropout_p, seed)
     params.dtype, params.kv_dtype = _DTYPES[q.dtype], _DTYPES[k.dtype]
-    out = np.empty(q.shape, dtype=q.dtype)
+    out = np.empty(_out_shape(q, v), dtype=q.dtype)
     params.batch, params.seqlen_q, params.seqlen_k = batch, seqlen_q, k.shape[1]
-    params.heads_q, params.heads_kv, params.head_dim = heads_q, k.shape[2], head_dim
+    params.heads_q, params.heads_kv, params.head_dim, params.head_dim_v = heads_q, k.shape[2], head_dim, v.shape[3]
     _set_mask(params, keep, attn_mask, batch, heads_q, seqlen_q, k.shape[1])
     _set_tensor(params, "q", q)
     _set_tensor(params, "k", k)
@@ -458,9 +465,10 @@ def flash_attn_varlen_func(
     _set_options(params, keep, heads_q, batch, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
                  num_threads, algorithm, dropout_p, seed)
     params.dtype, params.kv_dtype = _DTYPES[q.dtype], _DTYPES[k.dtype]
-    out = np.empty(q.shape, dtype=q.dtype)
+    out = np.empty(_out_shape(q, v), dtype=q.dtype)
     params.batch, params.seqlen_q, params.heads_q, params.heads_kv, params.head_dim = (batch, total_q, heads_q,
                                                                                      k.shape[-2], head_dim)
+    params.head_dim_v = v.shape[-1]
     params.seqlen_k = k.shape[0] if block_table is None else int(cu_k[-1])
     if block_table is not None:
         table = _index_array("block_table", block_table, (batch, np.shape(block_table)[-1]))
@@ -495,9 +503,11 @@ def flash_attn_with_kvcache(
     Args:
         q: float32 [batch, seqlen_q, heads_q, head_dim].
         k_cache, v_cache: float32 [batch_cache, seqlen_cache, heads_kv, head_dim], or with block_table a
-            paged cache [num_blocks, block_size, heads_kv, head_dim] (any block_size >= 1).
-        k, v: optional float32 [batch, seqlen_new, heads_kv, head_dim], written into the cache in place at
-            positions cache_seqlens[b] ... before attending (advance cache_seqlens yourself afterwards).
+            paged cache [num_blocks, block_size, heads_kv, head_dim] (any block_size >= 1). v_cache may have
+            another head size, head_dim_v (MLA; v_cache may then be a view of k_cache[..., :head_dim_v]).
+        k, v: optional float32 [batch, seqlen_new, heads_kv, head_dim] (v: head_dim_v), written into the cache
+            in place at positions cache_seqlens[b] ... before attending (advance cache_seqlens yourself
+            afterwards); not when the caches overlap.
         cache_seqlens: int or int32 [batch]: keys already cached per batch entry (default: all of them).
         rotary_cos, rotary_sin: optional [seqlen_ro, rotary_dim / 2] (FlashAttention-2's rotary embedding):
             the new keys k are rotated at positions cache_seqlens[b] + i before they are written (the cache
@@ -522,7 +532,7 @@ def flash_attn_with_kvcache(
         alignment. Every index is checked before anything is read or written. The arguments up to
         return_softmax_lse are FlashAttention-2's, in its order; those after it are keyword-only.
 
-    Returns out float32 [batch, seqlen_q, heads_q, head_dim], or (out, lse) with lse [batch, heads_q, seqlen_q].
+    Returns out float32 [batch, seqlen_q, heads_q, head_dim_v], or (out, lse) with lse [batch, heads_q, seqlen_q].
     """
     if rotary_cos is not None or rotary_sin is not None:
         q, k = _rotated(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_interleaved,
@@ -542,11 +552,12 @@ def flash_attn_with_kvcache(
     batch, seqlen_q, heads_q, head_dim = q.shape
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"v_cache must have the dtype of k_cache ({k_cache.dtype}), got {v_cache.dtype}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {v_cache.shape} must equal k_cache shape {k_cache.shape}")
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"v_cache shape {v_cache.shape} must equal k_cache shape {k_cache.shape} but in the last axis"
+                         " (head_dim_v)")
     if k_cache.shape[3] != head_dim:
         raise ValueError(f"k_cache shape {k_cache.shape} does not match q shape {q.shape} in head_dim")
-    heads_kv = k_cache.shape[2]
+    heads_kv, head_dim_v = k_cache.shape[2], v_cache.shape[3]
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if (k is not None) and not cache.flags.writeable:
             raise ValueError(f"{name} must be writable to append k/v")
@@ -581,8 +592,10 @@ def flash_attn_with_kvcache(
     if k is not None:
         k = _array("k", k, 4, dtype=None if quantized else k_cache.dtype)
         v = _array("v", v, 4, dtype=k.dtype)
-        if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != (heads_kv, head_dim):
-            raise ValueError(f"k {k.shape} and v {v.shape} must both be ({batch}, seqlen_new, {heads_kv}, {head_dim})")
+        if k.shape[:3] != v.shape[:3] or k.shape[0] != batch or (*k.shape[2:], v.shape[3]) != (heads_kv, head_dim,
+                                                                                            head_dim_v):
+            raise ValueError(f"k {k.shape} and v {v.shape} must be ({batch}, seqlen_new, {heads_kv}, {head_dim}) and "
+                             f"({batch}, seqlen_new, {heads_kv}, {head_dim_v})")
         _set_tensor(params, "k_new", k)
         _set_tensor(params, "v_new", v)
         params.seqlen_new = k.shape[1]
@@ -597,9 +610,9 @@ def flash_attn_with_kvcache(
             raise ValueError(f"{name} must be writable to append k/v")
         _set_tensor(params, name, scale, ("batch", "row", "head"))
         keep.append(scale)
-    out = np.empty(q.shape, dtype=q.dtype)
+    out = np.empty(_out_shape(q, v_cache), dtype=q.dtype)
     params.batch, params.seqlen_q = batch, seqlen_q
-    params.heads_q, params.heads_kv, params.head_dim = heads_q, heads_kv, head_dim
+    params.heads_q, params.heads_kv, params.head_dim, params.head_dim_v = heads_q, heads_kv, head_dim, head_dim_v
     params.cache_batch, params.cache_seqlen = k_cache.shape[0], k_cache.shape[1]
     if attn_mask is not None:
         needed = int(seqlens.max(initial=0)) + (0 if k is None else k.shape[1])
@@ -648,15 +661,16 @@ def _left_padded_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_i
     k_cache = _array("k_cache", k_cache, 4, dtype=None)
     v_cache = _array("v_cache", v_cache, 4, dtype=k_cache.dtype)
     batch, cache_batch, cache_len = q.shape[0], k_cache.shape[0], k_cache.shape[1]
-    if v_cache.shape != k_cache.shape or k_cache.shape[3] != q.shape[3] or q.shape[2] % max(k_cache.shape[2], 1):
-        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must be equal and match q {q.shape}"
-                         " in head_dim, with heads_q a multiple of heads_kv")
+    if v_cache.shape[:3] != k_cache.shape[:3] or k_cache.shape[3] != q.shape[3] or q.shape[2] % max(k_cache.shape[2], 1):
+        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must be equal but in head_dim_v and "
+                         f"match q {q.shape} in head_dim, with heads_q a multiple of heads_kv")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together")
     new = 0 if k is None else np.shape(k)[1]
-    if k is not None and not (np.shape(k) == np.shape(v) == (batch, new, *k_cache.shape[2:])):
-        raise ValueError(f"k {np.shape(k)} and v {np.shape(v)} must both be ({batch}, seqlen_new, "
-                         f"{k_cache.shape[2]}, {k_cache.shape[3]})")
+    if k is not None and not (np.shape(k) == (batch, new, *k_cache.shape[2:]) and
+                              np.shape(v) == (batch, new, *v_cache.shape[2:])):
+        raise ValueError(f"k {np.shape(k)} and v {np.shape(v)} must be ({batch}, seqlen_new, "
+                         f"{k_cache.shape[2]}, {k_cache.shape[3]}) and (..., {v_cache.shape[3]})")
     if cache_seqlens is None:
         cache_seqlens = cache_len - new
     ends = np.broadcast_to(np.asarray(cache_seqlens), (batch,)).astype(np.int64)
@@ -727,8 +741,9 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, options, attn_mask=None):
     dout = _array("dout", dout, ndim, dtype=q.dtype)
     out = _array("out", out, ndim, dtype=q.dtype)
     lse = _array("lse", lse, 2 if cu_seqlens is not None else 3)
-    if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"dout {dout.shape} and out {out.shape} must have q's shape {q.shape}")
+    if dout.shape != _out_shape(q, v) or out.shape != _out_shape(q, v):
+        raise ValueError(f"dout {dout.shape} and out {out.shape} must have q's shape with v's head size, "
+                         f"{_out_shape(q, v)}")
     heads_q, head_dim = q.shape[-2], q.shape[-1]
     lib = load()
     params = _new_params(lib)
@@ -757,7 +772,7 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, options, attn_mask=None):
         if lse.shape != (batch, heads_q, q.shape[1]):
             raise ValueError(f"lse must have shape {(batch, heads_q, q.shape[1])}, got {lse.shape}")
         _set_tensor(params, "lse", lse, ("batch", "head", "row"))
-    params.heads_q, params.heads_kv, params.head_dim = heads_q, k.shape[-2], head_dim
+    params.heads_q, params.heads_kv, params.head_dim, params.head_dim_v = heads_q, k.shape[-2], head_dim, v.shape[-1]
     _set_options(params, keep, heads_q, batch, **options)
     params.dtype, params.kv_dtype = _DTYPES[q.dtype], _DTYPES[k.dtype]
     for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):

@@ -93,7 +93,7 @@ def reference_attention(q, k, v, softmax_scale=None, causal=False, window_size=(
     """softmax(q kᵀ · scale) v computed in float64, materialising the full score matrix.
 
     Same layouts and semantics as flash_attn_func: q [batch, seqlen_q, heads_q, head_dim], k and v
-    [batch, seqlen_k, heads_kv, head_dim], grouped-query heads, bottom-right aligned causal mask and
+    [batch, seqlen_k, heads_kv, head_dim] (v's head size may differ), grouped-query heads, bottom-right aligned causal mask and
     sliding window, softcap on the scaled score, ALiBi bias, sink logits in the denominator; rows that
     see no key give 0 and LSE -inf (or the sink). With `dropout` (factors from dropout_mask) each probability
     is multiplied by its factor in P·V only; the LSE is the undropped one. Returns float64 out (and lse
@@ -121,7 +121,7 @@ def reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes
                                attn_mask=None, **options):
     """Varlen attention as a loop of reference_attention over the packed sequences: out [total_q, heads_q,
     head_dim] and lse [heads_q, total_q]. Dropout masks are drawn with each sequence's index as its batch."""
-    out = np.zeros(q.shape, np.float64)
+    out = np.zeros(q.shape[:-1] + v.shape[-1:], np.float64)
     lse = np.full((q.shape[1], q.shape[0]), -np.inf)
     for b in range(len(cu_seqlens_q) - 1):
         qs = slice(cu_seqlens_q[b], cu_seqlens_q[b + 1])
@@ -207,7 +207,7 @@ def reference_attention_backward(dout, q, k, v, softmax_scale=None, causal=False
     dq = np.einsum("bhqk,bkhd->bqhd", ds, kr) * scale
     dk = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
     dk = dk.reshape(batch, seqlen_k, heads_kv, group, head_dim).sum(axis=3)
-    dv = dv.reshape(batch, seqlen_k, heads_kv, group, head_dim).sum(axis=3)
+    dv = dv.reshape(batch, seqlen_k, heads_kv, group, v.shape[3]).sum(axis=3)
     if sinks is None:
         return dq, dk, dv
     dsinks = -(p_sink * d_row[..., 0]).sum(axis=(0, 2))
