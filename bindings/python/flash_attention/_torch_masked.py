@@ -407,7 +407,8 @@ def forward(p, q, k, v, scale=None, softcap=0.0, sinks=None, num_threads=0, want
     """Runs plan p. Returns out (contiguous [batch, seqlen_q, heads_q, head_dim], q's dtype) and lse (float32
     contiguous [batch, heads_q, seqlen_q]; None if not
     want_lse and nothing needed it)."""
-    batch, seqlen_q, heads_q, head_dim = q.shape
+    batch, seqlen_q, heads_q, _ = q.shape
+    head_dim = v.shape[3]  # out has v's head size (head_dim_v)
     if p.kind == MASK:
         out = torch.empty(batch, seqlen_q, heads_q, head_dim, dtype=q.dtype)
         lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32)
@@ -467,7 +468,7 @@ def backward(p, dout, q, k, v, out, lse, scale=None, softcap=0.0, sinks=None, nu
         dsinks = torch.zeros(heads_q, dtype=torch.float32) if sinks is not None else None
         rows_k = k.shape[1]
         dk = torch.empty(batch * rows_k, k.shape[2], head_dim, dtype=k.dtype)
-        dv = torch.empty(batch * rows_k, v.shape[2], head_dim, dtype=v.dtype)
+        dv = torch.empty(batch * rows_k, v.shape[2], v.shape[3], dtype=v.dtype)
         flat_lse = lse.transpose(0, 1).reshape(heads_q, batch * seqlen_q)
         raw.backward(_flat(dout, seqlen_q), _flat(q, seqlen_q), _flat(k, rows_k), _flat(v, rows_k),
                      _flat(out, seqlen_q), flat_lse, dq.view(batch * seqlen_q, heads_q, head_dim), dk, dv, dsinks,

@@ -7,7 +7,8 @@ an exception carrying the library's message. Shapes, strides, sizes, overlaps an
 the library, which writes nothing when it rejects a call. The callers (flash_attention.torch) allocate the
 outputs and have already checked device and dtype.
 
-Layouts (element strides, head_dim stride 1; a tensor strided along head_dim is copied by the caller):
+Layouts (element strides, head_dim stride 1; a tensor strided along head_dim is copied by the caller; v, out,
+dv and dout have the head size of v, head_dim_v, which may differ from q's and k's):
     dense:  q, out [batch, seqlen_q, heads_q, head_dim]; k, v [batch, seqlen_k, heads_kv, head_dim];
             lse float32 [batch, heads_q, seqlen_q]
     varlen: q, out [total_q, heads_q, head_dim]; k, v [total_k, heads_kv, head_dim]; lse [heads_q, total_q]
@@ -124,6 +125,8 @@ def _dense_tensors(p, q, k, v, out, lse, heads_first=False):
             p, _AT_SIZES, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim,
             q.data_ptr(), qs[0], qs[1], qs[2], 1, k.data_ptr(), ks[0], ks[1], ks[2], 1,
             v.data_ptr(), vs[0], vs[1], vs[2], 1, out.data_ptr(), os[0], os[1], os[2], 1)
+    if v.shape[-1] != head_dim:
+        p.head_dim_v = v.shape[-1]
     if lse is not None:
         s = lse.stride()
         _LSE.pack_into(p, _AT_LSE, lse.data_ptr(), s[0], s[1], s[2])
@@ -134,7 +137,7 @@ def _varlen_tensors(p, q, k, v, out, lse, cu_q, cu_k, max_q, max_k):
     """3-D packed q, k, v, out; lse [heads_q, total_q]; cu_seqlens contiguous int32 tensors."""
     total_q, heads_q, head_dim = q.shape
     p.batch, p.seqlen_q, p.seqlen_k = cu_q.shape[0] - 1, total_q, k.shape[0]
-    p.heads_q, p.heads_kv, p.head_dim = heads_q, k.shape[1], head_dim
+    p.heads_q, p.heads_kv, p.head_dim, p.head_dim_v = heads_q, k.shape[1], head_dim, v.shape[-1]
     s = q.stride()
     p.q, p.q_row_stride, p.q_head_stride = q.data_ptr(), s[0], s[1]
     s = k.stride()

@@ -105,14 +105,19 @@ def _check_shapes(q, k, v, ndim):
         for name, x in (("q", q), ("k", k), ("v", v)):
             if x.dim() != ndim:
                 raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-    if v.shape != ks:
-        raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(ks)}")
+    if v.shape[:-1] != ks[:-1]:
+        raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(ks)} but in the last axis (head_dim_v)")
     if ndim == 4 and (ks[0] != qs[0] or ks[3] != qs[3]):
         raise ValueError(f"k shape {tuple(ks)} does not match q shape {tuple(qs)} in batch and head_dim")
     if ndim == 3 and ks[2] != qs[2]:
         raise ValueError(f"k shape {tuple(ks)} does not match q shape {tuple(qs)} in head_dim")
     if ks[-2] == 0 or qs[-2] % ks[-2] != 0:
         raise ValueError(f"heads_q ({qs[-2]}) is not a multiple of heads_kv ({ks[-2]})")
+
+
+def _out_shape(q, v):
+    """out: q's shape with v's head size (head_dim_v)."""
+    return q.shape[:-1] + v.shape[-1:]
 
 
 def _scale(softmax_scale):
@@ -182,8 +187,8 @@ def _forward(
     sinks: Optional[torch.Tensor], num_threads: int, dropout_p: float, seed: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _dim_contiguous(q), _dim_contiguous(k), _dim_contiguous(v)
-    batch, seqlen_q, heads_q, head_dim = q.shape
-    out = torch.empty(batch, seqlen_q, heads_q, head_dim, dtype=q.dtype)
+    batch, seqlen_q, heads_q, _ = q.shape
+    out = torch.empty(_out_shape(q, v), dtype=q.dtype)
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32)
     _raw.forward(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks,
                  num_threads, dropout_p=dropout_p, seed=seed)
@@ -195,7 +200,7 @@ def _forward_fake(q, k, v, softmax_scale, causal, window_left, window_right, sof
                   num_threads, dropout_p, seed):
     _check_shapes(q, k, v, 4)
     batch, seqlen_q, heads_q, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
+    return q.new_empty(_out_shape(q, v)), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("flash_attention::backward", mutates_args=(), device_types="cpu")
@@ -254,7 +259,7 @@ def _varlen_forward(
     num_threads: int, dropout_p: float, seed: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _dim_contiguous(q), _dim_contiguous(k), _dim_contiguous(v)
-    out = torch.empty(q.shape, dtype=q.dtype)
+    out = torch.empty(_out_shape(q, v), dtype=q.dtype)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
     _raw.varlen_forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                         causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads, dropout_p, seed)
@@ -265,7 +270,7 @@ def _varlen_forward(
 def _varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                          window_left, window_right, softcap, alibi_slopes, sinks, num_threads, dropout_p, seed):
     _check_shapes(q, k, v, 3)
-    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return q.new_empty(_out_shape(q, v)), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("flash_attention::varlen_backward", mutates_args=(), device_types="cpu")
@@ -323,7 +328,7 @@ def _kvcache_run(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cach
     """The KV-cache call, shared by both operators and the direct path; returns out (lse is filled if given).
     k_scale/v_scale: an 8-bit cache's row scales (never with cache_leftpad, which the caller refuses)."""
     q = _dim_contiguous(q)
-    out = torch.empty(q.shape, dtype=q.dtype)
+    out = torch.empty(_out_shape(q, v_cache), dtype=q.dtype)
     if cache_leftpad is None:
         _raw.kvcache_forward(q, k_cache, v_cache, out, lse, cache_seqlens, cache_batch_idx, block_table,
                              _dim_contiguous(k), _dim_contiguous(v), softmax_scale, causal, window_left,
@@ -368,7 +373,7 @@ def _kvcache_forward(
 def _kvcache_forward_fake(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                           softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads,
                           k_scale=None, v_scale=None):
-    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return q.new_empty(_out_shape(q, v_cache)), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 # An 8-bit cache's row scales are written by the append as well.
@@ -392,7 +397,7 @@ def _kvcache_append_forward(
 def _kvcache_append_forward_fake(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad,
                                  block_table, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                                  sinks, num_threads, k_scale=None, v_scale=None):
-    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return q.new_empty(_out_shape(q, v_cache)), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 # --- masks, padding, packed sequences: custom operators --------------------------------------------------------
@@ -416,7 +421,7 @@ def _masked_forward_fake(q, k, v, mask, padding, seq_ids, hint, softmax_scale, c
                          softcap, sinks, num_threads):
     _check_shapes(q, k, v, 4)
     batch, seqlen_q, heads_q, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
+    return q.new_empty(_out_shape(q, v)), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("flash_attention::masked_backward", mutates_args=(), device_types="cpu")
@@ -503,7 +508,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 
     Args:
         q: [batch, seqlen_q, heads_q, head_dim]; float32, float16 or bfloat16.
-        k, v: [batch, seqlen_k, heads_kv, head_dim], one dtype (may differ from q's); heads_q a multiple of
+        k, v: [batch, seqlen_k, heads_kv, head_dim], one dtype (may differ from q's; v may have its own head size,
+            head_dim_v, which out then has: multi-head latent attention); heads_q a multiple of
             heads_kv (grouped-query attention, no repeated heads). Any strides (e.g. ``x.transpose(1, 2)`` of a
             [b, h, s, d] tensor) are read in place.
         dropout_p: attention dropout in [0, 1), as FlashAttention-2 applies it (probabilities kept with
@@ -554,8 +560,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     num_threads = int(num_threads)
     if _direct(q, q, k, v, sinks):
         q, k, v = _dim_contiguous(q), _dim_contiguous(k), _dim_contiguous(v)
-        batch, seqlen_q, _, head_dim = q.shape
-        out = torch.empty(batch, seqlen_q, heads_q, head_dim, dtype=q.dtype)
+        batch, seqlen_q, _, _ = q.shape
+        out = torch.empty(_out_shape(q, v), dtype=q.dtype)
         lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32) if return_lse else None
         _raw.forward(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                      sinks, num_threads, dropout_p=dropout_p, seed=seed)
@@ -589,7 +595,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, 
     if block_table is None:
         _check_qkv(q, k, v, 3)
     else:
-        if k.dim() != 4 or tuple(v.shape) != tuple(k.shape):
+        if k.dim() != 4 or v.dim() != 4 or tuple(v.shape[:3]) != tuple(k.shape[:3]):
             raise ValueError(f"with block_table, k and v must be one paged cache shape [num_blocks, block_size, "
                              f"heads_kv, head_dim], got {tuple(k.shape)} and {tuple(v.shape)}")
         _check_qkv(q, k[:, 0], v[:, 0], 3)  # types, devices, dtypes; heads and head_dim against q
@@ -612,7 +618,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, 
                                   "FlashAttention-2): no gradients, meta tensors or torch.compile")
     if _direct(q, q, k, v, sinks):
         q, k, v = _dim_contiguous(q), _dim_contiguous(k), _dim_contiguous(v)
-        out = torch.empty(q.shape, dtype=q.dtype)
+        out = torch.empty(_out_shape(q, v), dtype=q.dtype)
         lse = torch.empty(heads_q, q.shape[0], dtype=torch.float32) if return_lse else None
         table = None if block_table is None else _index_tensor("block_table", block_table,
                                                                 (batch, block_table.shape[-1]), q.device)
@@ -654,7 +660,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         k_cache, v_cache: [cache_batch, cache_seqlen, heads_kv, head_dim] (any strides but head_dim's: a
             transformers cache [b, h, s, d] passes as ``cache.transpose(1, 2)``), or with block_table a paged
             cache [num_blocks, block_size, heads_kv, head_dim].
-        k, v: optional [batch, seqlen_new, heads_kv, head_dim], written into the cache at positions
+        v_cache may have its own head size, head_dim_v (MLA; it may be a view of k_cache[..., :head_dim_v]), which
+            out then has.
+        k, v: optional [batch, seqlen_new, heads_kv, head_dim] (v: head_dim_v), written into the cache at positions
             cache_seqlens[b] ... before attending (advance cache_seqlens yourself afterwards).
         k_scale, v_scale: with an 8-bit cache (k_cache/v_cache of dtype torch.int8 or torch.float8_e4m3fn),
             float32 [cache_batch (or num_blocks), cache_seqlen (or block_size), heads_kv], any strides, read in
@@ -694,8 +702,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
             if x.dim() != 4:
                 raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(x.shape)}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)} but in "
+                         "the last axis (head_dim_v)")
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k_cache.shape[2]
     if k_cache.shape[3] != head_dim:
@@ -709,9 +718,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if v.dtype != k.dtype or (k.dtype != k_cache.dtype and k_cache.dtype not in _raw.QUANTIZED_CODES):
             raise TypeError(f"k and v must have the cache's dtype ({k_cache.dtype}), or one float dtype with an "
                             f"8-bit cache; got {k.dtype} and {v.dtype}")
-        if k.shape != v.shape or k.dim() != 4 or k.shape[0] != batch or tuple(k.shape[2:]) != (heads_kv, head_dim):
-            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be ({batch}, seqlen_new, "
-                             f"{heads_kv}, {head_dim})")
+        if (k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[0] != batch
+                or (*k.shape[2:], v.shape[3]) != (heads_kv, head_dim, v_cache.shape[3])):
+            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be ({batch}, seqlen_new, {heads_kv}, "
+                             f"{head_dim}) and ({batch}, seqlen_new, {heads_kv}, {v_cache.shape[3]})")
         seqlen_new = k.shape[1]
     if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad or any(
             x is not None and x.requires_grad for x in (k, v, alibi_slopes, sinks))):
@@ -809,7 +819,7 @@ def _sdpa_supported(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
         if not all(x.device.type == "meta" for x in (query, key, value)):
             return False
     qs, ks = query.shape, key.shape
-    if value.shape != ks or qs[0] != ks[0] or qs[-1] != ks[-1]:
+    if value.shape[:-1] != ks[:-1] or qs[0] != ks[0] or qs[-1] != ks[-1] or not 1 <= value.shape[-1] <= 1024:
         return False
     head_dim, seqlen_q, seqlen_k = qs[-1], qs[-2], ks[-2]
     if not (1 <= head_dim <= 1024) or seqlen_q == 0 or seqlen_k == 0:
@@ -848,8 +858,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     batch entry with a band around the diagonal (all-true, causal of either alignment, sliding windows,
     key padding, padding with causal) without reading the mask; any other bool mask or additive float mask as
     the library's attn_mask (blocks it hides are skipped). Torch's own function, unchanged, runs the rest:
-    dropout_p > 0 (torch's random stream), float masks that require grad, float64, other devices, value
-    head_dim != query head_dim, scale 0. So replacing F.scaled_dot_product_attention by this function is safe.
+    dropout_p > 0 (torch's random stream), float masks that require grad, float64, other devices, scale 0.
+    The value head size may differ from the query's (multi-head latent attention), as torch allows. So replacing F.scaled_dot_product_attention by this function is safe.
     Differentiable and usable under torch.compile (the mask is examined inside an operator, at run time).
     """
     if not _sdpa_supported(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
@@ -876,7 +886,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if _direct(query, query, key, value):
             # [batch, heads, seqlen, head_dim] in and out, read and written in place: no transposes.
             query, key, value = _dim_contiguous(query), _dim_contiguous(key), _dim_contiguous(value)
-            out = torch.empty(query.shape, dtype=query.dtype)
+            out = torch.empty(_out_shape(query, value), dtype=query.dtype)
             _raw.forward(query, key, value, out, None, scale, False, left, right, heads_first=True)
             return out.squeeze(1) if three_d else out
         out = _forward(q, key.transpose(1, 2), value.transpose(1, 2), scale, False, left, right, 0.0, None, None,
