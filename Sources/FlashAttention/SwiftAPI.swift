@@ -15,15 +15,17 @@ public enum Attention {
     /// - Parameters:
     ///   - q: [batch, seqlenQ, headsQ, headDim].
     ///   - k, v: [batch, seqlenK, headsKV, headDim]; headsQ must be a multiple of headsKV (grouped-query
-    ///     attention: query head h reads kv head h / (headsQ / headsKV)).
-    /// - Returns: out, like q, and the LSE [batch, headsQ, seqlenQ] (cheap, and what `backward` needs).
+    ///     attention: query head h reads kv head h / (headsQ / headsKV)). v may have a head size of its own
+    ///     (multi-head latent attention), which out then has.
+    /// - Returns: out, like q but with v's headDim, and the LSE [batch, headsQ, seqlenQ] (cheap, and what
+    ///   `backward` needs).
     public static func forward(
         q: AttentionTensor, k: AttentionTensor, v: AttentionTensor, options: AttentionOptions = .init()
     ) throws(AttentionError) -> AttentionResult {
         try checkKeysValues(q: q, k: k, v: v, batch: q.batch)
         try checkMask(options, rows: q.seqlen, cols: k.seqlen)
         var params = try makeParams(options, batch: q.batch, headsQ: q.heads)
-        setSizes(&params, q: q, k: k)
+        setSizes(&params, q: q, k: k, v: v)
         return try runForward(params, q: q, k: k, v: v, options: options, indices: []) { flash_attention_forward($0) }
     }
 
@@ -37,7 +39,7 @@ public enum Attention {
         try checkKeysValues(q: q, k: k, v: v, batch: q.batch)
         try checkMask(options, rows: q.seqlen, cols: k.seqlen)
         var params = try makeParams(options, batch: q.batch, headsQ: q.heads)
-        setSizes(&params, q: q, k: k)
+        setSizes(&params, q: q, k: k, v: v)
         return try runBackward(params, dout: dout, q: q, k: k, v: v, result: result, options: options, indices: [])
     }
 
@@ -54,7 +56,7 @@ public enum Attention {
         let (cuQ, cuK) = try checkPacked(q: q, k: k, v: v, cuSeqlensQ: cuSeqlensQ, cuSeqlensK: cuSeqlensK)
         try checkMask(options, rows: longest(cuSeqlensQ), cols: longest(cuSeqlensK))
         var params = try makeParams(options, batch: cuQ.count - 1, headsQ: q.heads)
-        setSizes(&params, q: q, k: k)
+        setSizes(&params, q: q, k: k, v: v)
         params.batch = Int64(cuQ.count - 1)
         return try runForward(params, q: q, k: k, v: v, options: options, indices: [cuQ, cuK]) {
             flash_attention_forward_varlen($0)
@@ -69,7 +71,7 @@ public enum Attention {
         let (cuQ, cuK) = try checkPacked(q: q, k: k, v: v, cuSeqlensQ: cuSeqlensQ, cuSeqlensK: cuSeqlensK)
         try checkMask(options, rows: longest(cuSeqlensQ), cols: longest(cuSeqlensK))
         var params = try makeParams(options, batch: cuQ.count - 1, headsQ: q.heads)
-        setSizes(&params, q: q, k: k)
+        setSizes(&params, q: q, k: k, v: v)
         params.batch = Int64(cuQ.count - 1)
         return try runBackward(
             params, dout: dout, q: q, k: k, v: v, result: result, options: options, indices: [cuQ, cuK])
@@ -171,12 +173,14 @@ public enum Attention {
 // MARK: - Checks the C library cannot make
 
 extension Attention {
-    /// k and v must be [batch, seqlenK, headsKV, q.headDim]: the params carry one batch and one head_dim, so a
-    /// mismatch would make the library read past an array.
+    /// k and v must be [batch, seqlenK, headsKV, q.headDim] (v: its own headDim): the params carry one batch
+    /// and one head_dim, so a mismatch would make the library read past an array.
     private static func checkKeysValues(
         q: AttentionTensor, k: AttentionTensor, v: AttentionTensor, batch: Int
     ) throws(AttentionError) {
-        guard k.shape == v.shape else { throw .invalidShape("v \(v.shape) must have the shape of k \(k.shape)") }
+        guard k.shape.dropLast() == v.shape.dropLast() else {
+            throw .invalidShape("v \(v.shape) must have the shape of k \(k.shape) but in headDim")
+        }
         guard k.batch == batch, k.headDim == q.headDim else {
             throw .invalidShape("k \(k.shape) must match q \(q.shape) in batch and headDim")
         }
@@ -275,22 +279,24 @@ extension Attention {
         _ q: AttentionTensor, _ kCache: Cache, _ vCache: Cache, _ newK: AttentionTensor?, _ newV: AttentionTensor?,
         _ options: AttentionOptions
     ) throws(AttentionError) -> flash_attention_params {
-        guard kCache.shape == vCache.shape, kCache.headDim == q.headDim else {
-            throw .invalidShape("kCache \(kCache.shape) and vCache \(vCache.shape) must have one shape, with q's headDim (\(q.headDim))")
+        guard kCache.shape.dropLast() == vCache.shape.dropLast(), kCache.headDim == q.headDim else {
+            throw .invalidShape(
+                "kCache \(kCache.shape) and vCache \(vCache.shape) must have one shape but in headDim, kCache q's (\(q.headDim))")
         }
         guard (newK == nil) == (newV == nil) else { throw .invalidArgument("newK and newV must be given together") }
         var params = try makeParams(options, batch: q.batch, headsQ: q.heads)
         if let newK, let newV {
-            guard newK.shape == newV.shape, newK.batch == q.batch, newK.heads == kCache.heads, newK.headDim == q.headDim else {
+            let expected = [q.batch, newK.seqlen, kCache.heads]
+            guard newK.shape == expected + [q.headDim], newV.shape == expected + [vCache.headDim] else {
                 throw .invalidShape(
-                    "newK \(newK.shape) and newV \(newV.shape) must both be [\(q.batch), seqlenNew, \(kCache.heads), \(q.headDim)]")
+                    "newK \(newK.shape) and newV \(newV.shape) must be \(expected + [q.headDim]) and \(expected + [vCache.headDim])")
             }
-            (params.k_new_batch_stride, params.k_new_row_stride, params.k_new_head_stride) = strides(newK)
-            (params.v_new_batch_stride, params.v_new_row_stride, params.v_new_head_stride) = strides(newK)
+            (params.k_new_batch_stride, params.k_new_row_stride, params.k_new_head_stride) = strides(newK.shape)
+            (params.v_new_batch_stride, params.v_new_row_stride, params.v_new_head_stride) = strides(newV.shape)
             params.seqlen_new = Int64(newK.seqlen)
         }
         (params.batch, params.seqlen_q, params.heads_q) = (Int64(q.batch), Int64(q.seqlen), Int64(q.heads))
-        (params.heads_kv, params.head_dim) = (Int64(kCache.heads), Int64(q.headDim))
+        (params.heads_kv, params.head_dim, params.head_dim_v) = (Int64(kCache.heads), Int64(q.headDim), Int64(vCache.headDim))
         (params.cache_batch, params.cache_seqlen) = (Int64(kCache.batch), Int64(kCache.seqlen))
         (params.kv_dtype, params.kv_new_dtype) = (kCache.dtype, FA_DTYPE_FLOAT32)
         // Row scales (read only for 8-bit caches): dense [cacheBatch, cacheSeqlen, headsKV].
@@ -312,33 +318,39 @@ extension Attention {
         return try int32s(blockTable.flatMap { $0 }, "blockTable", count: batch * width)
     }
 
-    private static func setSizes(_ params: inout flash_attention_params, q: AttentionTensor, k: AttentionTensor) {
+    private static func setSizes(
+        _ params: inout flash_attention_params, q: AttentionTensor, k: AttentionTensor, v: AttentionTensor
+    ) {
         (params.batch, params.seqlen_q, params.seqlen_k) = (Int64(q.batch), Int64(q.seqlen), Int64(k.seqlen))
         (params.heads_q, params.heads_kv, params.head_dim) = (Int64(q.heads), Int64(k.heads), Int64(q.headDim))
+        params.head_dim_v = Int64(v.headDim)
     }
 
     /// Element strides (batch, row, head) of a dense [batch, seqlen, heads, headDim] tensor.
-    private static func strides(_ t: AttentionTensor) -> (Int64, Int64, Int64) {
-        (Int64(t.seqlen * t.heads * t.headDim), Int64(t.heads * t.headDim), Int64(t.headDim))
+    private static func strides(_ shape: [Int]) -> (Int64, Int64, Int64) {
+        (Int64(shape[1] * shape[2] * shape[3]), Int64(shape[2] * shape[3]), Int64(shape[3]))
     }
 
-    /// Points the params at q, k, v, out (all dense, out shaped like q, k like v) and a dense [batch, heads,
-    /// seqlen] LSE, plus the option arrays.
+    /// An empty out for q and values of v's head size (head_dim_v).
+    private static func outTensor(_ q: AttentionTensor, valueHeadDim: Int) -> AttentionTensor {
+        AttentionTensor(batch: q.batch, seqlen: q.seqlen, heads: q.heads, headDim: valueHeadDim)
+    }
+
+    /// Points the params at q, k, v, out (all dense: k and v of the given shapes, a KV cache's or a tensor's;
+    /// out shaped like q with v's head size) and a dense [batch, heads, seqlen] LSE, plus the option arrays.
     private static func setPointers(
         _ params: inout flash_attention_params, q qPointer: UnsafePointer<Float>?, k: UnsafeRawPointer?,
         v: UnsafeRawPointer?, out: UnsafeMutablePointer<Float>?, lse: UnsafeMutablePointer<Float>?,
-        alibi: UnsafePointer<Float>?, sinks: UnsafePointer<Float>?, shape q: AttentionTensor, kv: AttentionTensor? = nil
+        alibi: UnsafePointer<Float>?, sinks: UnsafePointer<Float>?, shape q: AttentionTensor, kShape: [Int],
+        vShape: [Int]
     ) {
         (params.q, params.out, params.lse) = (UnsafeRawPointer(qPointer), UnsafeMutableRawPointer(out), lse)
-        (params.q_batch_stride, params.q_row_stride, params.q_head_stride) = strides(q)
-        (params.out_batch_stride, params.out_row_stride, params.out_head_stride) = strides(q)
+        (params.q_batch_stride, params.q_row_stride, params.q_head_stride) = strides(q.shape)
+        (params.out_batch_stride, params.out_row_stride, params.out_head_stride) = strides(q.shape.dropLast() + [vShape[3]])
         (params.lse_batch_stride, params.lse_head_stride, params.lse_row_stride) = (Int64(q.heads * q.seqlen), Int64(q.seqlen), 1)
         (params.k, params.v) = (k, v)
-        // Without kv, k and v are a KV cache: [cacheBatch, cacheSeqlen, headsKV, headDim].
-        let (cacheRows, heads, dim) = (Int64(params.cache_seqlen), params.heads_kv, params.head_dim)
-        let kvStrides = kv.map(strides) ?? (cacheRows * heads * dim, heads * dim, dim)
-        (params.k_batch_stride, params.k_row_stride, params.k_head_stride) = kvStrides
-        (params.v_batch_stride, params.v_row_stride, params.v_head_stride) = kvStrides
+        (params.k_batch_stride, params.k_row_stride, params.k_head_stride) = strides(kShape)
+        (params.v_batch_stride, params.v_row_stride, params.v_head_stride) = strides(vShape)
         (params.alibi_slopes, params.sinks) = (alibi, sinks)
     }
 
@@ -351,14 +363,14 @@ extension Attention {
         entry: (UnsafePointer<flash_attention_params>) -> flash_attention_status
     ) throws(AttentionError) -> AttentionResult {
         var params = params
-        var out = AttentionTensor(batch: q.batch, seqlen: q.seqlen, heads: q.heads, headDim: q.headDim)
+        var out = outTensor(q, valueHeadDim: v.headDim)
         var lse = [Float](repeating: 0, count: q.batch * q.heads * q.seqlen)
         let status = withAddresses([q.values, k.values, v.values, options.alibiSlopes, options.sinks, options.mask?.values]) { f in
             withAddresses(indices + [nil, nil]) { i in
                 out.withMutableValues { op in
                     lse.withUnsafeMutableBufferPointer { lp in
                         setPointers(&params, q: f[0], k: f[1], v: f[2], out: op.baseAddress, lse: lp.baseAddress,
-                                    alibi: f[3], sinks: f[4], shape: q, kv: k)
+                                    alibi: f[3], sinks: f[4], shape: q, kShape: k.shape, vShape: v.shape)
                         params.attn_mask = UnsafeRawPointer(f[5])
                         (params.cu_seqlens_q, params.cu_seqlens_k) = (i[0], i[1])
                         return entry(&params)
@@ -382,8 +394,9 @@ extension Attention {
         try checkMask(options, rows: q.seqlen, cols: (cacheSeqlens.max() ?? 0) + (newK?.seqlen ?? 0), atLeast: true)
         let batchIndex = try cacheBatchIndex.map { (x) throws(AttentionError) in try int32s(x, "cacheBatchIndex", count: q.batch) }
         let table = try blockTable.map { (x) throws(AttentionError) in try setBlockTable(&params, x, batch: q.batch) }
-        var out = AttentionTensor(batch: q.batch, seqlen: q.seqlen, heads: q.heads, headDim: q.headDim)
+        var out = outTensor(q, valueHeadDim: vCache.headDim)
         var lse = [Float](repeating: 0, count: q.batch * q.heads * q.seqlen)
+        let (kShape, vShape) = (kCache.shape, vCache.shape)
         let status = withAddresses([q.values, newK?.values, newV?.values, options.alibiSlopes, options.sinks, options.mask?.values]) { f in
             withAddresses([seqlens, batchIndex, table]) { i in
                 kCache.withMutableStorage { kp, ks in
@@ -391,7 +404,7 @@ extension Attention {
                         out.withMutableValues { op in
                             lse.withUnsafeMutableBufferPointer { lp in
                                 setPointers(&params, q: f[0], k: kp, v: vp, out: op.baseAddress, lse: lp.baseAddress,
-                                            alibi: f[3], sinks: f[4], shape: q)
+                                            alibi: f[3], sinks: f[4], shape: q, kShape: kShape, vShape: vShape)
                                 (params.k_new, params.v_new) = (UnsafeRawPointer(f[1]), UnsafeRawPointer(f[2]))
                                 params.attn_mask = UnsafeRawPointer(f[5])
                                 (params.k_scale, params.v_scale) = (ks, vs)
@@ -412,8 +425,9 @@ extension Attention {
         _ params: flash_attention_params, dout: AttentionTensor, q: AttentionTensor, k: AttentionTensor,
         v: AttentionTensor, result: AttentionResult, options: AttentionOptions, indices: [[Int32]]
     ) throws(AttentionError) -> AttentionGradients {
-        guard dout.shape == q.shape, result.out.shape == q.shape else {
-            throw .invalidShape("dout \(dout.shape) and result.out \(result.out.shape) must have the shape of q \(q.shape)")
+        let outShape = outTensor(q, valueHeadDim: v.headDim).shape
+        guard dout.shape == outShape, result.out.shape == outShape else {
+            throw .invalidShape("dout \(dout.shape) and result.out \(result.out.shape) must be \(outShape) (q's shape, v's headDim)")
         }
         guard result.lse.count == q.batch * q.heads * q.seqlen else {
             throw .invalidShape("result.lse has \(result.lse.count) elements; q \(q.shape) needs \(q.batch * q.heads * q.seqlen)")
@@ -421,7 +435,7 @@ extension Attention {
         var forward = params
         var dq = AttentionTensor(batch: q.batch, seqlen: q.seqlen, heads: q.heads, headDim: q.headDim)
         var dk = AttentionTensor(batch: k.batch, seqlen: k.seqlen, heads: k.heads, headDim: k.headDim)
-        var dv = dk
+        var dv = AttentionTensor(batch: v.batch, seqlen: v.seqlen, heads: v.heads, headDim: v.headDim)
         var dsinks = [Float](repeating: 0, count: options.sinks == nil ? 0 : q.heads)
         let inputs: [[Float]?] = [
             q.values, k.values, v.values, options.alibiSlopes, options.sinks, result.out.values, result.lse, dout.values,
@@ -435,7 +449,8 @@ extension Attention {
                             dsinks.withUnsafeMutableBufferPointer { dsp in
                                 // The library only reads out and lse of the forward params here.
                                 setPointers(&forward, q: f[0], k: f[1], v: f[2], out: UnsafeMutablePointer(mutating: f[5]),
-                                            lse: UnsafeMutablePointer(mutating: f[6]), alibi: f[3], sinks: f[4], shape: q, kv: k)
+                                            lse: UnsafeMutablePointer(mutating: f[6]), alibi: f[3], sinks: f[4], shape: q,
+                                            kShape: k.shape, vShape: v.shape)
                                 (forward.cu_seqlens_q, forward.cu_seqlens_k) = (i[0], i[1])
                                 forward.attn_mask = UnsafeRawPointer(f[8])
                                 var backward = flash_attention_backward_params()
@@ -445,13 +460,13 @@ extension Attention {
                                 return withUnsafePointer(to: &forward) { forwardPointer in
                                     backward.forward = forwardPointer
                                     backward.dout = UnsafeRawPointer(f[7])
-                                    (backward.dout_batch_stride, backward.dout_row_stride, backward.dout_head_stride) = strides(q)
+                                    (backward.dout_batch_stride, backward.dout_row_stride, backward.dout_head_stride) = strides(outShape)
                                     backward.dq = UnsafeMutableRawPointer(dqp.baseAddress)
-                                    (backward.dq_batch_stride, backward.dq_row_stride, backward.dq_head_stride) = strides(q)
+                                    (backward.dq_batch_stride, backward.dq_row_stride, backward.dq_head_stride) = strides(q.shape)
                                     backward.dk = UnsafeMutableRawPointer(dkp.baseAddress)
-                                    (backward.dk_batch_stride, backward.dk_row_stride, backward.dk_head_stride) = strides(k)
+                                    (backward.dk_batch_stride, backward.dk_row_stride, backward.dk_head_stride) = strides(k.shape)
                                     backward.dv = UnsafeMutableRawPointer(dvp.baseAddress)
-                                    (backward.dv_batch_stride, backward.dv_row_stride, backward.dv_head_stride) = strides(k)
+                                    (backward.dv_batch_stride, backward.dv_row_stride, backward.dv_head_stride) = strides(v.shape)
                                     backward.dsinks = options.sinks == nil ? nil : dsp.baseAddress
                                     return flash_attention_backward(&backward)
                                 }

@@ -21,12 +21,16 @@ struct SwiftCase: CustomTestStringConvertible, Sendable {
     var batch = 1, seqlenQ = 1, seqlenK = 1, headsQ = 1, headsKV = 1, headDim = 1
     var options = AttentionOptions()
     var seed: UInt64 = 1
-    var testDescription: String { "b\(batch)-h\(headsQ)/\(headsKV)-s\(seqlenQ)x\(seqlenK)-d\(headDim)-\(name)" }
+    /// v's head size when it differs from q's and k's (multi-head latent attention).
+    var headDimV: Int? = nil
+    var testDescription: String {
+        "b\(batch)-h\(headsQ)/\(headsKV)-s\(seqlenQ)x\(seqlenK)-d\(headDim)\(headDimV.map { "/\($0)" } ?? "")-\(name)"
+    }
 
     func inputs() -> (q: AttentionTensor, k: AttentionTensor, v: AttentionTensor) {
         var rng = SeededRandom(seed: seed)
         return (randomTensor(batch, seqlenQ, headsQ, headDim, &rng), randomTensor(batch, seqlenK, headsKV, headDim, &rng),
-                randomTensor(batch, seqlenK, headsKV, headDim, &rng))
+                randomTensor(batch, seqlenK, headsKV, headDimV ?? headDim, &rng))
     }
 }
 
@@ -38,14 +42,14 @@ func randomTensor(_ b: Int, _ s: Int, _ h: Int, _ d: Int, _ rng: inout SeededRan
 
 /// Naive float64 attention with every option as the header defines it: scores scaled, softcapped, ALiBi
 /// added, masked by causal and window around the bottom-right diagonal, sinks joining the denominator.
-/// Returns out [b][s][h][d] and lse [b][h][s].
+/// Returns out [b][s][h][dv] and lse [b][h][s].
 func naiveAttention(
     q: AttentionTensor, k: AttentionTensor, v: AttentionTensor, options o: AttentionOptions
 ) -> (out: [Double], lse: [Double]) {
-    let (b, sq, sk, hq, d) = (q.batch, q.seqlen, k.seqlen, q.heads, q.headDim)
+    let (b, sq, sk, hq, d, dv) = (q.batch, q.seqlen, k.seqlen, q.heads, q.headDim, v.headDim)
     let group = hq / k.heads
     let scale = o.scale.map(Double.init) ?? 1 / Double(d).squareRoot()
-    var out = [Double](repeating: 0, count: b * sq * hq * d)
+    var out = [Double](repeating: 0, count: b * sq * hq * dv)
     var lse = [Double](repeating: -.infinity, count: b * hq * sq)
     for bi in 0..<b { for h in 0..<hq { for i in 0..<sq {
         let diagonal = i + sk - sq
@@ -73,10 +77,10 @@ func naiveAttention(
         if m == -.infinity { continue }
         let weights = scores.map { exp($0.s - m) }
         let total = weights.reduce(sink.map { exp($0 - m) } ?? 0, +)
-        for c in 0..<d {
+        for c in 0..<dv {
             var acc = 0.0
             for (w, key) in zip(weights, scores) { acc += w * Double(v[bi, key.j, h / group, c]) }
-            out[((bi * sq + i) * hq + h) * d + c] = acc / total
+            out[((bi * sq + i) * hq + h) * dv + c] = acc / total
         }
         lse[(bi * hq + h) * sq + i] = m + log(total)
     } } }
@@ -119,6 +123,10 @@ let swiftCases: [SwiftCase] = [
     SwiftCase(name: "mask-additive-per-head", batch: 2, seqlenQ: 9, seqlenK: 40, headsQ: 2, headsKV: 1, headDim: 24,
               options: .init(softcap: 4, mask: randomMask(batch: 2, heads: 2, rows: 9, cols: 40, seed: 512, additive: true)),
               seed: 512),
+    SwiftCase(name: "value-heads-wider", batch: 2, seqlenQ: 23, seqlenK: 41, headsQ: 4, headsKV: 2, headDim: 24,
+              options: .init(causal: true), seed: 513, headDimV: 40),
+    SwiftCase(name: "value-heads-narrower", batch: 1, seqlenQ: 5, seqlenK: 70, headsQ: 8, headsKV: 1, headDim: 48,
+              options: .init(sinks: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]), seed: 514, headDimV: 13),
 ]
 
 /// A mask with about 30% of its entries hidden (−∞); `additive` gives the others random biases.
@@ -135,7 +143,7 @@ func swiftForward(_ isa: KernelISA, _ c: SwiftCase) throws {
     try onPath(isa) {
         let (q, k, v) = c.inputs()
         let result = try Attention.forward(q: q, k: k, v: v, options: c.options)
-        #expect(result.out.shape == q.shape)
+        #expect(result.out.shape == [q.batch, q.seqlen, q.heads, v.headDim])
         #expect(result.lse.count == q.batch * q.heads * q.seqlen)
         let errors = maxErrors(result, naiveAttention(q: q, k: k, v: v, options: c.options))
         #expect(errors.out <= Errors.absoluteBound && errors.lse <= Errors.lseBound, "\(errors)")
@@ -278,6 +286,58 @@ func kvCacheAppendsThenAttends(_ isa: KernelISA) throws {
         let paged = try Attention.forwardKVCache(
             q: q, kCache: &pagedK, vCache: &pagedV, cacheSeqlens: cached.map { $0 + 3 }, blockTable: table, options: options)
         #expect(maxErrors(paged, (result.out.values.map(Double.init), result.lse.map(Double.init))).out <= 1e-6)
+    }
+}
+
+/// `t` with its head size widened to `width` by zero columns.
+func zeroPadded(_ t: AttentionTensor, to width: Int) -> AttentionTensor {
+    var wide = AttentionTensor(batch: t.batch, seqlen: t.seqlen, heads: t.heads, headDim: width)
+    for b in 0..<t.batch { for s in 0..<t.seqlen { for h in 0..<t.heads { for c in 0..<t.headDim {
+        wide[b, s, h, c] = t[b, s, h, c]
+    } } } }
+    return wide
+}
+
+/// Values of a narrower head size than the keys' (MLA) give the gradients of the same values padded with zero
+/// columns to the keys' size: dq and dk agree, and dv is the padded dv's first columns.
+@Test("value heads of their own size: backward equals the zero-padded problem's", arguments: tiledPaths)
+func swiftBackwardWithValueHeadSize(_ isa: KernelISA) throws {
+    try onPath(isa) {
+        let c = SwiftCase(name: "mla", batch: 2, seqlenQ: 29, seqlenK: 37, headsQ: 4, headsKV: 2, headDim: 40,
+                          options: .init(causal: true, softcap: 5), seed: 515, headDimV: 19)
+        let (q, k, v) = c.inputs()
+        var rng = SeededRandom(seed: 516)
+        let dout = randomTensor(c.batch, c.seqlenQ, c.headsQ, 19, &rng)
+        let result = try Attention.forward(q: q, k: k, v: v, options: c.options)
+        let grads = try Attention.backward(dout: dout, q: q, k: k, v: v, result: result, options: c.options)
+        #expect(grads.dq.shape == q.shape && grads.dk.shape == k.shape && grads.dv.shape == v.shape)
+        let (wideV, wideDout) = (zeroPadded(v, to: 40), zeroPadded(dout, to: 40))
+        let wide = try Attention.forward(q: q, k: k, v: wideV, options: c.options)
+        let wideGrads = try Attention.backward(dout: wideDout, q: q, k: k, v: wideV, result: wide, options: c.options)
+        #expect(relativeError(zeroPadded(result.out, to: 40).values.map(Double.init), wide.out.values.map(Double.init)) <= 1e-5)
+        #expect(relativeError(grads.dq.values.map(Double.init), wideGrads.dq.values.map(Double.init)) <= 1e-5)
+        #expect(relativeError(grads.dk.values.map(Double.init), wideGrads.dk.values.map(Double.init)) <= 1e-5)
+        #expect(relativeError(zeroPadded(grads.dv, to: 40).values.map(Double.init), wideGrads.dv.values.map(Double.init)) <= 1e-5)
+    }
+}
+
+/// A KV cache whose values are narrower than its keys, with an append of both.
+@Test func kvCacheWithValueHeadSize() throws {
+    var rng = SeededRandom(seed: 817)
+    var kCache = randomTensor(2, 20, 1, 36, &rng), vCache = randomTensor(2, 20, 1, 20, &rng)
+    let q = randomTensor(2, 1, 6, 36, &rng), newK = randomTensor(2, 1, 1, 36, &rng), newV = randomTensor(2, 1, 1, 20, &rng)
+    let result = try Attention.forwardKVCache(q: q, kCache: &kCache, vCache: &vCache, cacheSeqlens: [7, 19], newK: newK, newV: newV)
+    #expect(result.out.shape == [2, 1, 6, 20])
+    for (b, keys) in [(0, 8), (1, 20)] {
+        let reference = naiveAttention(
+            q: try rows(q, 0..<1, batch: b), k: try rows(kCache, 0..<keys, batch: b), v: try rows(vCache, 0..<keys, batch: b),
+            options: .init())
+        let part = try AttentionResult(out: rows(result.out, 0..<1, batch: b), lse: Array(result.lse[(b * 6)..<(b * 6 + 6)]))
+        let errors = maxErrors(part, reference)
+        #expect(errors.out <= Errors.absoluteBound && errors.lse <= Errors.lseBound, "batch \(b): \(errors)")
+    }
+    #expect(throws: AttentionError.self) {
+        try Attention.forwardKVCache(q: q, kCache: &kCache, vCache: &vCache, cacheSeqlens: [7, 19], newK: newK, newV: newK)
     }
 }
 
