@@ -173,7 +173,8 @@ endif
 # The whole suite on the default (widest) kernel path, then the kernel tests again on every other path this
 # CPU can run, forced with FLASH_ATTENTION_ISA (each run's header names its path).
 KERNEL_TESTS := $(addprefix bindings/python/tests/,test_parity.py test_inference.py test_half.py test_backward.py \
-	test_properties.py test_reliability.py test_quantized_cache.py test_dropout.py test_attn_mask.py test_accuracy.py)
+	test_properties.py test_reliability.py test_quantized_cache.py test_dropout.py test_attn_mask.py test_accuracy.py \
+	test_head_dim_v.py)
 
 test-python: build
 	$(PYTHON) -m pytest -q bindings/python/tests

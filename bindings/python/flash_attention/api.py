@@ -594,8 +594,8 @@ def flash_attn_with_kvcache(
         v = _array("v", v, 4, dtype=k.dtype)
         if k.shape[:3] != v.shape[:3] or k.shape[0] != batch or (*k.shape[2:], v.shape[3]) != (heads_kv, head_dim,
                                                                                             head_dim_v):
-            raise ValueError(f"k {k.shape} and v {v.shape} must be ({batch}, seqlen_new, {heads_kv}, {head_dim}) and "
-                             f"({batch}, seqlen_new, {heads_kv}, {head_dim_v})")
+            raise ValueError(f"k {k.shape} and v {v.shape} must both be ({batch}, seqlen_new, {heads_kv}, head_dim) with "
+                             f"head_dim {head_dim} for k and head_dim_v {head_dim_v} for v")
         _set_tensor(params, "k_new", k)
         _set_tensor(params, "v_new", v)
         params.seqlen_new = k.shape[1]
@@ -669,8 +669,8 @@ def _left_padded_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_i
     new = 0 if k is None else np.shape(k)[1]
     if k is not None and not (np.shape(k) == (batch, new, *k_cache.shape[2:]) and
                               np.shape(v) == (batch, new, *v_cache.shape[2:])):
-        raise ValueError(f"k {np.shape(k)} and v {np.shape(v)} must be ({batch}, seqlen_new, "
-                         f"{k_cache.shape[2]}, {k_cache.shape[3]}) and (..., {v_cache.shape[3]})")
+        raise ValueError(f"k {np.shape(k)} and v {np.shape(v)} must both be ({batch}, seqlen_new, {k_cache.shape[2]}, "
+                         f"head_dim) with head_dim {k_cache.shape[3]} for k and head_dim_v {v_cache.shape[3]} for v")
     if cache_seqlens is None:
         cache_seqlens = cache_len - new
     ends = np.broadcast_to(np.asarray(cache_seqlens), (batch,)).astype(np.int64)

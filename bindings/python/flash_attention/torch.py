@@ -720,8 +720,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             f"8-bit cache; got {k.dtype} and {v.dtype}")
         if (k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[0] != batch
                 or (*k.shape[2:], v.shape[3]) != (heads_kv, head_dim, v_cache.shape[3])):
-            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be ({batch}, seqlen_new, {heads_kv}, "
-                             f"{head_dim}) and ({batch}, seqlen_new, {heads_kv}, {v_cache.shape[3]})")
+            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be ({batch}, seqlen_new, {heads_kv}, "
+                             f"head_dim) with head_dim {head_dim} for k and head_dim_v {v_cache.shape[3]} for v")
         seqlen_new = k.shape[1]
     if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad or any(
             x is not None and x.requires_grad for x in (k, v, alibi_slopes, sinks))):
