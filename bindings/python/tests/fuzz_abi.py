@@ -214,7 +214,10 @@ def invalid_mutation(rng, case):
         p.heads_q = p.heads_kv * 2 + 1 if p.heads_kv > 1 else 0
         p.heads_kv = max(2, p.heads_kv)
     elif kind == 5:
-        p.head_dim = rng.choice([0, 1025])
+        if rng.random() < 0.5:
+            p.head_dim = rng.choice([0, 1025])
+        else:
+            p.head_dim_v = rng.choice([-1, 1025, -(2**63)])
     elif kind == 6:  # NULL where data is needed, or a misaligned (odd) pointer
         name = rng.choice(["q", "k", "v", "out"])
         setattr(p, name, None if rng.random() < 0.5 else (getattr(p, name) or 4096) + 1)
@@ -294,13 +297,13 @@ def attn_mask(rng, case, sizes):
         case.must_reject = True
 
 
-def paged_cache(rng, case, batch, blocks_per_seq, page, heads_kv, head_dim):
+def paged_cache(rng, case, batch, blocks_per_seq, page, heads_kv, head_dim, head_dim_v):
     """k and v as a paged cache of `page`-row blocks (sometimes two spare) with a random block table of
     `blocks_per_seq` entries per sequence, one of them sometimes out of range."""
     p = case.params
     blocks = batch * blocks_per_seq + rng.choice([0, 2])
     case.tensor("k", [blocks, page, heads_kv, head_dim], False)
-    case.tensor("v", [blocks, page, heads_kv, head_dim], False)
+    case.tensor("v", [blocks, page, heads_kv, head_dim_v], False)
     table = np.array([rng.randrange(0, max(1, blocks)) for _ in range(batch * blocks_per_seq)])
     if rng.random() < 0.3 and table.size:
         table[rng.randrange(table.size)] = rng.choice([-1, blocks, 2**31 - 1])
@@ -325,6 +328,7 @@ def build_forward(rng, entry):
     heads_kv = rng.choice([1, 1, 2, 3])
     heads_q = heads_kv * rng.choice([1, 2, 4])
     head_dim = rng.choice([1, 3, 8, 16, 40, 64, 130])
+    head_dim_v = head_dim if rng.random() < 0.6 else rng.choice([1, 5, 48, 130])  # v, v_new and out
     seqlen_q = rng.choice([0, 1, 2, 7, 33, 100, 300])
     seqlen_k = rng.choice([0, 1, 5, 16, 97, 300])
     if entry == "varlen":
@@ -335,11 +339,11 @@ def build_forward(rng, entry):
         if rng.random() < 0.3:  # the keys in a paged cache, through a block table (sometimes too short or corrupt)
             page = rng.choice([1, 4, 16])
             blocks_per_seq = max(1, (max(lengths_k, default=0) + page - 1) // page + rng.choice([-1, 0, 0, 1]))
-            paged_cache(rng, case, batch, blocks_per_seq, page, heads_kv, head_dim)
+            paged_cache(rng, case, batch, blocks_per_seq, page, heads_kv, head_dim, head_dim_v)
         else:
             case.tensor("k", [1, total_k, heads_kv, head_dim], False)
-            case.tensor("v", [1, total_k, heads_kv, head_dim], False)
-        case.tensor("out", [1, total_q, heads_q, head_dim], True, fill=sentinel)
+            case.tensor("v", [1, total_k, heads_kv, head_dim_v], False)
+        case.tensor("out", [1, total_q, heads_q, head_dim_v], True, fill=sentinel)
         cu_q = np.concatenate([[0], np.cumsum(lengths_q)]).astype(np.int64)
         cu_k = np.concatenate([[0], np.cumsum(lengths_k)]).astype(np.int64)
         if rng.random() < 0.3:  # corrupt an index: out of range, out of order, or not starting at 0
@@ -361,10 +365,10 @@ def build_forward(rng, entry):
         append = rng.choice([0, 0, 1, 3])
         seqlens = [rng.randrange(0, max(1, capacity - append + 1)) for _ in range(batch)]
         if paged:
-            paged_cache(rng, case, batch, max(1, (capacity + page - 1) // page), page, heads_kv, head_dim)
+            paged_cache(rng, case, batch, max(1, (capacity + page - 1) // page), page, heads_kv, head_dim, head_dim_v)
         else:
             case.tensor("k", [cache_batch, capacity, heads_kv, head_dim], False)
-            case.tensor("v", [cache_batch, capacity, heads_kv, head_dim], False)
+            case.tensor("v", [cache_batch, capacity, heads_kv, head_dim_v], False)
             p.cache_batch, p.cache_seqlen = cache_batch, capacity
             if rng.random() < 0.4:
                 index = [rng.randrange(0, max(1, cache_batch)) for _ in range(batch)]
@@ -376,10 +380,10 @@ def build_forward(rng, entry):
         case.index_array("cache_seqlens", seqlens)
         if append:
             case.tensor("k_new", [batch, append, heads_kv, head_dim], False)
-            case.tensor("v_new", [batch, append, heads_kv, head_dim], False)
+            case.tensor("v_new", [batch, append, heads_kv, head_dim_v], False)
             p.seqlen_new = append
         case.tensor("q", [batch, seqlen_q, heads_q, head_dim], False)
-        case.tensor("out", [batch, seqlen_q, heads_q, head_dim], True, fill=sentinel)
+        case.tensor("out", [batch, seqlen_q, heads_q, head_dim_v], True, fill=sentinel)
         case.quantized = quantized = p.kv_dtype in (code for _, code in QUANTIZED)
         if quantized or rng.random() < 0.05:  # scales with a float cache: rejected
             for name in ("k_scale", "v_scale"):
@@ -392,8 +396,8 @@ def build_forward(rng, entry):
     else:
         case.tensor("q", [batch, seqlen_q, heads_q, head_dim], False)
         case.tensor("k", [batch, seqlen_k, heads_kv, head_dim], False)
-        case.tensor("v", [batch, seqlen_k, heads_kv, head_dim], False)
-        case.tensor("out", [batch, seqlen_q, heads_q, head_dim], True, fill=sentinel)
+        case.tensor("v", [batch, seqlen_k, heads_kv, head_dim_v], False)
+        case.tensor("out", [batch, seqlen_q, heads_q, head_dim_v], True, fill=sentinel)
     if rng.random() < 0.25:
         if entry == "varlen":
             rows, cols = max(lengths_q, default=0), max(lengths_k, default=0)
@@ -415,6 +419,7 @@ def build_forward(rng, entry):
         case.outputs.append(("lse", lse, sizes, strides))
     p.batch, p.seqlen_q, p.seqlen_k = batch, seqlen_q, seqlen_k
     p.heads_q, p.heads_kv, p.head_dim = heads_q, heads_kv, head_dim
+    p.head_dim_v = 0 if head_dim_v == head_dim and rng.random() < 0.5 else head_dim_v  # 0 means head_dim
     if rng.random() < 0.35:
         invalid_mutation(rng, case)
     p.causal = rng.random() < 0.5
@@ -449,7 +454,8 @@ def output_view(case, name):
             return [p.heads_q, p.seqlen_q], [p.lse_head_stride, p.lse_row_stride]
         return [p.batch, p.heads_q, p.seqlen_q], [p.lse_batch_stride, p.lse_head_stride, p.lse_row_stride]
     batch = 1 if case.entry == "varlen" else p.batch
-    return [batch, p.seqlen_q, p.heads_q, p.head_dim], [p.out_batch_stride, p.out_row_stride, p.out_head_stride, 1]
+    return ([batch, p.seqlen_q, p.heads_q, p.head_dim_v or p.head_dim],
+            [p.out_batch_stride, p.out_row_stride, p.out_head_stride, 1])
 
 
 def wrote_outside(name, buffer, status, offsets):
@@ -513,6 +519,7 @@ def build_backward(rng, lib):
     heads_kv = rng.choice([1, 1, 2, 3])
     heads_q = heads_kv * rng.choice([1, 1, 2, 4])
     head_dim = rng.choice([1, 1, 2, 3, 8, 16, 33, 64, 130])
+    head_dim_v = head_dim if rng.random() < 0.6 else rng.choice([1, 7, 48])  # v, out, dout and dv
     if case.varlen:
         lengths_q = [rng.choice([0, 1, rng.randrange(0, 40)]) for _ in range(batch)]
         lengths_k = [rng.choice([0, 1, rng.randrange(0, 50)]) for _ in range(batch)]
@@ -531,13 +538,14 @@ def build_backward(rng, lib):
         seqlen_k = rng.choice([0, 1, 1, 5, 16, 70])
         tensor_batch = batch
     p.batch, p.seqlen_q, p.seqlen_k = batch, seqlen_q, seqlen_k
-    p.heads_q, p.heads_kv, p.head_dim = heads_q, heads_kv, head_dim
+    p.heads_q, p.heads_kv, p.head_dim, p.head_dim_v = heads_q, heads_kv, head_dim, head_dim_v
     q_shape, kv_shape = [tensor_batch, seqlen_q, heads_q, head_dim], [tensor_batch, seqlen_k, heads_kv, head_dim]
+    out_shape, v_shape = q_shape[:3] + [head_dim_v], kv_shape[:3] + [head_dim_v]
     case.tensor("q", q_shape, False, values, case.q_dtype)
     case.tensor("k", kv_shape, False, values, case.kv_dtype)
-    case.tensor("v", kv_shape, False, values, case.kv_dtype)
+    case.tensor("v", v_shape, False, values, case.kv_dtype)
     # out is written by the forward run below and then read by the backward: an input of the backward.
-    case.tensor("out", q_shape, False, sentinel, case.q_dtype, reversible=rng.random() < 0.3)
+    case.tensor("out", out_shape, False, sentinel, case.q_dtype, reversible=rng.random() < 0.3)
     case.outputs.clear()
     # lse [batch, heads_q, seqlen_q] (varlen: [heads_q, total_q]) in a random axis order, maybe padded.
     lse_sizes = [heads_q, seqlen_q] if case.varlen else [batch, heads_q, seqlen_q]
@@ -581,7 +589,7 @@ def build_backward(rng, lib):
     # An older forward struct is as valid, where the buffers mean the same under it: 0.2 ends before the
     # dtypes (float32 only), 0.1 also before every inference option (dense only).
     case.forward_size = ctypes.sizeof(p)
-    if p.dtype == 0 and p.kv_dtype == 0 and rng.random() < 0.15:
+    if p.dtype == 0 and p.kv_dtype == 0 and head_dim_v == head_dim and rng.random() < 0.15:
         case.forward_size = rng.choice([_capi.FA_PARAMS_SIZE_V2] + ([] if case.varlen else [_capi.FA_PARAMS_SIZE_V1]))
         p.struct_size = case.forward_size
     forward = lib.flash_attention_forward_varlen if case.varlen else lib.flash_attention_forward
@@ -593,10 +601,10 @@ def build_backward(rng, lib):
     if lib.flash_attention_backward_params_init(ctypes.byref(b), ctypes.sizeof(b)) != _capi.FA_OK:
         return case, "flash_attention_backward_params_init failed"
     b.forward = ctypes.pointer(p)
-    case.tensor("dout", q_shape, False, values, case.q_dtype, target=b)
+    case.tensor("dout", out_shape, False, values, case.q_dtype, target=b)
     case.tensor("dq", q_shape, True, sentinel, case.q_dtype, target=b, reversible=rng.random() < 0.3)
     case.tensor("dk", kv_shape, True, sentinel, case.kv_dtype, target=b, reversible=rng.random() < 0.3)
-    case.tensor("dv", kv_shape, True, sentinel, case.kv_dtype, target=b, reversible=rng.random() < 0.3)
+    case.tensor("dv", v_shape, True, sentinel, case.kv_dtype, target=b, reversible=rng.random() < 0.3)
     if case.varlen and rng.random() < 0.3:  # batch strides are ignored for varlen
         for name in ("dout", "dq", "dk", "dv"):
             setattr(b, f"{name}_batch_stride", rng.choice([2**62, -(2**63), 7]))
@@ -789,17 +797,17 @@ def reference_gradients(case):
             result["dsinks"] = (grads[3], None)
         return result
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
-    q_rows, k_rows = np.zeros(q.shape, bool), np.zeros(k.shape, bool)
+    q_rows, k_rows, v_rows = np.zeros(q.shape, bool), np.zeros(k.shape, bool), np.zeros(v.shape, bool)
     dsinks = np.zeros(p.heads_q)
     for i in range(p.batch):
         qs, ks = slice(case.cu_q[i], case.cu_q[i + 1]), slice(case.cu_k[i], case.cu_k[i + 1])
         grads = reference_attention_backward(dout[:, qs], q[:, qs], k[:, ks], v[:, ks], sinks=sinks, out=out[:, qs],
                                              alibi_slopes=None if slopes is None else slopes[i], **options)
         dq[:, qs], dk[:, ks], dv[:, ks] = grads[:3]
-        q_rows[:, qs], k_rows[:, ks] = True, True
+        q_rows[:, qs], k_rows[:, ks], v_rows[:, ks] = True, True, True
         if sinks is not None:
             dsinks += grads[3]
-    result = {"dq": (dq, q_rows), "dk": (dk, k_rows), "dv": (dv, k_rows)}
+    result = {"dq": (dq, q_rows), "dk": (dk, k_rows), "dv": (dv, v_rows)}
     if sinks is not None:
         result["dsinks"] = (dsinks, None)
     return result
@@ -858,7 +866,7 @@ def check_backward(case, status, lib, before):
             else:
                 batch = 1 if case.varlen else p.batch
                 sizes = [batch, p.seqlen_q if name == "dq" else p.seqlen_k, p.heads_q if name == "dq" else p.heads_kv,
-                         p.head_dim]
+                         (p.head_dim_v or p.head_dim) if name == "dv" else p.head_dim]
                 strides = [getattr(b, f"{name}_{axis}_stride") for axis in ("batch", "row", "head", "dim")]
                 if case.varlen:
                     strides[0] = 0
