@@ -893,12 +893,13 @@ def relative_error(got, want, term=1e-1):
 
 
 def gradient_term(case):
-    """The typical size of one term of a gradient: |scale| · rms(dout) · rms(v) · sqrt(head_dim) · rms(q, k)."""
+    """The typical size of one term of a gradient: |scale| · rms(dout) · rms(v) · sqrt(head_dim_v) · rms(q, k)
+    (dP = dout · vᵀ sums head_dim_v products)."""
     p = case.params
     scale = 1 / np.sqrt(p.head_dim) if p.softmax_scale == 0 else abs(float(p.softmax_scale))
     rms = {n: float(np.sqrt(np.mean(case.views[n].gather() ** 2))) if case.views[n].elements() else 0.0
            for n in ("q", "k", "v", "dout")}
-    return scale * rms["dout"] * rms["v"] * np.sqrt(p.head_dim) * max(rms["q"], rms["k"], 1.0)
+    return scale * rms["dout"] * rms["v"] * np.sqrt(p.head_dim_v or p.head_dim) * max(rms["q"], rms["k"], 1.0)
 
 
 def check_backward_values(case, lib, stats):
