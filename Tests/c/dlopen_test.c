@@ -185,6 +185,21 @@ int main(int argc, char **argv) {
         CHECK(worst <= 1e-5, "causal=%d max |out - ref| = %g", causal, worst);
         CHECK(worst_lse <= 1e-5, "causal=%d max |lse - ref| = %g", causal, worst_lse);
 
+        /* head_dim_v: the values' first 7 columns (v read in place through its D-wide strides) give out's
+         * first 7 columns, each output column depending on its value column only. */
+        static float narrow[SQ * HQ * 7];
+        flash_attention_params mla = p;
+        mla.head_dim_v = 7;
+        mla.out = narrow; mla.out_batch_stride = SQ * HQ * 7; mla.out_row_stride = HQ * 7; mla.out_head_stride = 7;
+        CHECK(forward(&mla) == FA_OK, "head_dim_v forward: %s", last_error());
+        worst = 0;
+        for (int i = 0; i < SQ * HQ; i++)
+            for (int c = 0; c < 7; c++) worst = fmax(worst, fabs(narrow[i * 7 + c] - ref[i * D + c]));
+        CHECK(worst <= 1e-5, "causal=%d head_dim_v 7: max |out - ref| = %g", causal, worst);
+        mla.head_dim_v = 1025;
+        CHECK(forward(&mla) == FA_ERROR_INVALID_SHAPE, "head_dim_v 1025");
+        CHECK(strstr(last_error(), "head_dim_v (1025)") != NULL, "message: %s", last_error());
+
         /* Bad input: an error code, a message naming the argument, and out left untouched. */
         memset(out, 0x7f, sizeof out);
         flash_attention_params bad = p;
