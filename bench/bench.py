@@ -57,11 +57,16 @@ DTYPE_NAMES = {0: "float32", 1: "float16", 2: "bfloat16"}
 CACHE_NAMES = {0: "float32", 1: "float16", 3: "int8", 4: "float8_e4m3"}
 # Backward: the prefill shapes, causal and not.
 BACKWARD = [(shape, causal) for shape in PREFILL for causal in (False, True)]
-SECTIONS = ("prefill", "long", "sweep", "inference", "half", "quantized", "masks", "backward", "small")
+SECTIONS = ("prefill", "long", "sweep", "inference", "half", "quantized", "masks", "mla", "backward", "small")
 # Masks and dropout: (b, h, s, d) prefill shapes, and the variants timed against the unmasked call.
 MASKED = [(1, 8, 2048, 64), (1, 8, 2048, 128)]
 MASK_VARIANTS = {0: "no mask", 1: "all-attend mask", 2: "block-sparse mask", 3: "dropout 0.1"}
 MASK_BLOCK = 128  # the block-sparse mask: 128 × 128 blocks, half of them hidden (fixed seed)
+# Multi-head latent attention (DeepSeek-V2/V3), absorbed decoding: one query per step, (heads_q, cached tokens)
+# against one kv head of 576 (512 latent + 64 rotary) whose first 512 columns are the values, float32 and
+# bfloat16 caches; reported as cache bytes read per second (each cached row once) beside the copy bandwidth.
+MLA_DECODE = [(16, 4096), (128, 4096), (16, 32768), (128, 32768)]
+MLA_CACHES = {0: "float32", 2: "bfloat16"}
 # Bytes copied to measure the copy bandwidth beside decoding.
 COPY_BYTES = 256 << 20
 
@@ -181,6 +186,14 @@ def prepare(impl, case, args, threads, layout):
             tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))) for x in (q, k, v))
             return (lambda: F.scaled_dot_product_attention(tq, tk, tv, enable_gqa=hq != hk)), work
         return (lambda: numpy_attention(q, k, v, False)), work
+    if case == "mla":  # (heads_q, cached tokens, cache dtype code): v is a view of k's first 512 columns
+        heads_q, cached, code = args
+        from flash_attention import flash_attn_with_kvcache
+
+        cache = rng.standard_normal((1, cached, 1, 576), dtype=np.float32).astype(storage_dtype(code))
+        q = rng.standard_normal((1, 1, heads_q, 576), dtype=np.float32)
+        return (lambda: flash_attn_with_kvcache(q, cache, cache[..., :512], cache_seqlens=cached,
+                                                num_threads=threads)), cache.nbytes
     if case == "masked":  # (b, h, s, d, variant): MASK_VARIANTS; torch gets the block-sparse mask
         b, h, s, d, variant = args
         q, k, v = make_inputs((b, h, h, s, d), layout)
@@ -453,6 +466,7 @@ def main():
                         + len(thread_counts) * 2 * ("half" in sections)
                         + len(thread_counts) * (len(DECODE) + 1) * ("quantized" in sections)
                         + len(thread_counts) * len(MASKED) * ("masks" in sections)
+                        + len(thread_counts) * (len(MLA_DECODE) + 1) * ("mla" in sections)
                         + len(thread_counts) * len(BACKWARD) * ("backward" in sections))
     paths = kernel_paths()
     if args.paths:
@@ -464,7 +478,7 @@ def main():
                "layout": args.layout, "torch": have_torch, "command": " ".join(["python3", "bench/bench.py"] + sys.argv[1:]),
                "paths": paths, "fma_peak": {isa: {} for isa in paths}, "peak": {}, "prefill": [], "long": [],
                "sweep": [], "small_call": {}, "decode": [], "window": [], "half": [], "quantized": [],
-               "masks": [], "backward": []}
+               "masks": [], "mla": [], "backward": []}
     if have_torch:
         import importlib.metadata
 
@@ -563,6 +577,8 @@ def main():
         quantized_decode(results, thread_counts, reps, progress)
     if "masks" in sections:
         masked_prefill(results, thread_counts, reps, progress, args.layout, have_torch)
+    if "mla" in sections:
+        mla_decode(results, thread_counts, reps, progress)
     if "backward" in sections:
         for t in thread_counts:
             # The forward, the backward and torch's backward alternate round by round, each in its own worker.
@@ -618,6 +634,24 @@ def quantized_decode(results, thread_counts, reps, progress):
             for code, r in measured.items():
                 row[CACHE_NAMES[code] + "_ms"], row[CACHE_NAMES[code] + "_gbps"] = r["median_s"] * 1e3, r["gflops"]
             results["quantized"].append(row)
+
+
+def mla_decode(results, thread_counts, reps, progress):
+    """MLA's absorbed decoding step (MLA_DECODE) with a float32 and a bfloat16 cache, interleaved, beside the copy
+    bandwidth of the same run."""
+    for t in thread_counts:
+        progress.advance("mla", f"copy bandwidth {t}T")
+        copy = measure("numpy", t, "copy", [COPY_BYTES], reps=reps)
+        for heads_q, cached in MLA_DECODE:
+            progress.advance("mla", f"decode {heads_q} heads, {cached} tokens {t}T: " + ", ".join(MLA_CACHES.values()))
+            workers = {code: (Worker("flash", t), "mla", [heads_q, cached, code]) for code in MLA_CACHES}
+            measured = measure_interleaved(workers, None, None, rounds=3, reps_per_round=max(1, reps // 3))
+            for entry in workers.values():
+                entry[0].close()
+            row = {"heads_q": heads_q, "cached": cached, "threads": t, "copy_gbps": copy["gflops"]}
+            for code, r in measured.items():
+                row[MLA_CACHES[code] + "_ms"], row[MLA_CACHES[code] + "_gbps"] = r["median_s"] * 1e3, r["gflops"]
+            results["mla"].append(row)
 
 
 def masked_prefill(results, thread_counts, reps, progress, layout, have_torch):
@@ -724,6 +758,14 @@ def render(results):
             lines.append(f"| {tuple(r['shape'])} | {r['threads']} | " + " | ".join(fmt(r.get(n + "_ms")) for n in names)
                          + f" | {fmt(r['all-attend mask_ms'] / base, 2)} | {fmt(r['block-sparse mask_ms'] / base, 2)}"
                          f" | {fmt(r['dropout 0.1_ms'] / base, 2)} |")
+    if results.get("mla"):
+        names = list(MLA_CACHES.values())
+        lines += ["", "| MLA decode (576/512, 1 kv head): heads_q, cached tokens | threads | copy GB/s | " + " | ".join(
+                      f"{n} cache ms (GB/s, / copy)" for n in names) + " |", "|---|---|---|" + "---|" * len(names)]
+        for r in results["mla"]:
+            cells = " | ".join(f"{fmt(r[n + '_ms'], 2)} ({fmt(r[n + '_gbps'])}, {fmt(r[n + '_gbps'] / r['copy_gbps'], 2)})"
+                               for n in names)
+            lines.append(f"| {r['heads_q']}, {r['cached']} | {r['threads']} | {fmt(r['copy_gbps'])} | {cells} |")
     if results.get("backward"):
         lines += ["", "| backward (b, hq, hkv, s, d) | causal | threads | forward ms | backward ms | backward / forward"
                   " | backward GFLOP/s (2.5× forward FLOPs) | torch backward ms | flash / torch speed |",
