@@ -458,3 +458,59 @@ def test_replacing_torch_function_keeps_torch_modules_working(monkeypatch):
         got = layer(x, src_key_padding_mask=pad), mha(x, x, x, attn_mask=causal, need_weights=False)[0]
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+# --- value heads of their own size (MLA) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "padding"])
+def test_value_head_size_of_its_own_runs_in_the_library(mask, monkeypatch):
+    """torch allows value.shape[-1] != query.shape[-1]; so does the library (head_dim_v): forward and gradients
+    against torch's own function in float64, with no mask, a general mask (the library's attn_mask) and a key
+    padding mask (a key-range plan)."""
+    q, k, _ = qkv(31, 2, 4, 4, 23, 37, 40)
+    v = randn(34, 2, 4, 37, 24).requires_grad_()
+    q, k = q.requires_grad_(), k.requires_grad_()
+    attn_mask = None
+    if mask == "bool":
+        attn_mask = randn(35, 2, 1, 23, 37) > -0.5
+    elif mask == "padding":
+        attn_mask = (torch.arange(37) < torch.tensor([[30], [37]]))[:, None, None, :]
+    paths = Paths(monkeypatch)
+    out = ft.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    assert paths.library >= 1 and paths.torch == 0
+    ref = reference(q, k, v, attn_mask=attn_mask)
+    assert_close(out, ref)
+    dout = randn(36, *out.shape)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, (q, k, v), dout.double())
+    for got, w in zip(grads, want):
+        assert relative(got, w) <= GRAD_RELATIVE
+
+
+def test_flash_attn_functions_with_value_head_size():
+    """flash_attn_func (autograd), flash_attn_varlen_func and flash_attn_with_kvcache with MLA's absorbed cache
+    (v a view of k's first columns), against torch's own attention in float64."""
+    q = randn(41, 2, 19, 4, 48).requires_grad_()
+    k, v = randn(42, 2, 29, 2, 48).requires_grad_(), randn(43, 2, 29, 2, 16).requires_grad_()
+    out = ft.flash_attn_func(q, k, v, causal=True)
+    ref = reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                    attn_mask=causal_lower_right(19, 29), enable_gqa=True).transpose(1, 2)
+    assert_close(out, ref)
+    dout = randn(44, *out.shape)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout.double())):
+        assert relative(got, want) <= GRAD_RELATIVE
+    cu = torch.tensor([0, 19, 38], dtype=torch.int32)
+    cu_k = torch.tensor([0, 29, 58], dtype=torch.int32)
+    packed = ft.flash_attn_varlen_func(q.detach().reshape(38, 4, 48), k.detach().reshape(58, 2, 48),
+                                       v.detach().reshape(58, 2, 16), cu, cu_k, 19, 29, causal=True)
+    assert_close(packed.reshape(out.shape), ref)
+    cache = randn(45, 2, 300, 1, 576)
+    query = randn(46, 2, 1, 16, 576)
+    with torch.no_grad():
+        decoded = ft.flash_attn_with_kvcache(query, cache, cache[..., :512],
+                                             cache_seqlens=torch.tensor([300, 123], dtype=torch.int32))
+    for b, n in enumerate((300, 123)):
+        want = reference(query[b:b + 1].transpose(1, 2), cache[b:b + 1, :n].transpose(1, 2),
+                         cache[b:b + 1, :n, :, :512].transpose(1, 2)).transpose(1, 2)
+        assert_close(decoded[b:b + 1], want)
