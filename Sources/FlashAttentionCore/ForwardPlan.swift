@@ -20,17 +20,16 @@ public enum ForwardPath: Sendable {
     /// Query blocks holding every query head of a GQA group (short sequences): each key and value block is
     /// packed once for the whole group.
     case groupBlocks
-    /// Few queries per kv head, or a wide group split into slots (Decode.swift): items cover many kv heads'
-    /// slots of a (sequence, key split), walk the keys in short blocks, read K and V rows in place, and score
-    /// by dot products.
+    /// Few queries per kv head (Decode.swift): items cover every kv head of a (sequence, key split), walk
+    /// the keys in short blocks, read K and V rows in place, and score by dot products.
     case decoding
 }
 
-/// The rows of one work item and the keys it covers. Rows come in `slots`, each `slotRows` rows long: row r
-/// of slot g stands for query head firstHead + g·headsPerSlot + r / positions at position firstPosition +
-/// r % positions, for r < headsPerSlot · positions (the rest of a slot is padding). A query block has one
-/// slot holding one head (or a GQA group's heads); a decoding item has slots of `thinSlotRows` rows, each
-/// holding a GQA group, or a part of a wide group (MLA's 16–128 heads), of one kv head.
+/// The rows of one work item and the keys it covers. Rows come in `slots`, one per kv head the item
+/// covers, each `slotRows` rows long: row r of slot g stands for query head firstHead + g·headsPerSlot +
+/// r / positions at position firstPosition + r % positions, for r < headsPerSlot · positions (the rest of a
+/// slot is padding). A query block has one slot holding one head (or a GQA group's heads); a decoding
+/// item has a slot of `thinSlotRows` rows per kv head.
 public struct WorkItem {
     public var sequence: Sequence
     public var firstHead: Int
@@ -64,10 +63,8 @@ public struct ForwardPlan: @unchecked Sendable {
     public let path: ForwardPath
     /// Query positions per item (the query block size of query-block problems).
     public let blockPositions: Int
-    /// Query heads per decoding slot (a divisor of the GQA group, so a slot sees one kv head), and slots per
-    /// decoding item (they must fit the query-block workspace).
-    public let headsPerSlot: Int
-    public let slotsPerItem: Int
+    /// Kv heads per decoding item (its slots must fit the query-block workspace).
+    public let kvHeadsPerItem: Int
     /// Items per batch entry before splitting (dense and cache layouts, and decoding or group varlen).
     let itemsPerBatch: Int?
     /// Varlen query blocks: first unsplit item of each batch entry, batch + 1 entries.
@@ -87,9 +84,9 @@ public struct ForwardPlan: @unchecked Sendable {
         let group = problem.groupSize
         // The decoding kernel serves KV-cache shapes without dropout (a training option) or a caller's mask
         // (whose tiles the query-block kernel stages).
-        headsPerSlot = Self.decodingHeadsPerSlot(problem, g)
-        if headsPerSlot > 0 && problem.headDim % g.microCols == 0 && problem.headDimV % g.microCols == 0
-            && problem.dropout == nil && problem.attnMask == nil
+        if group * problem.maxSeqlenQ <= g.microRows && problem.headDim % g.microCols == 0
+            && problem.headDimV % g.microCols == 0 && problem.dropout == nil
+            && problem.attnMask == nil
         {
             path = .decoding
         } else if group > 1 && problem.maxSeqlenQ * group <= g.queryBlock {
@@ -99,13 +96,12 @@ public struct ForwardPlan: @unchecked Sendable {
         }
         let queryBlock = Self.queryBlock(problem, g)
         blockPositions = path == .queryBlocks ? queryBlock : max(1, problem.maxSeqlenQ)
-        let slots = headsPerSlot > 0 ? problem.headsQ / headsPerSlot : 0
-        slotsPerItem = min(slots, g.queryBlock / g.thinSlotRows)
+        kvHeadsPerItem = min(problem.headsKV, g.queryBlock / g.thinSlotRows)
         let blocks = { (seqlen: Int) in (seqlen + queryBlock - 1) / queryBlock }
         switch (path, problem.layout) {
         case (.decoding, _), (.groupBlocks, _):
             // One item per (sequence, unit) even for varlen: an empty sequence's items are empty.
-            itemsPerBatch = path == .decoding ? (slots + slotsPerItem - 1) / slotsPerItem : problem.headsKV
+            itemsPerBatch = path == .decoding ? (problem.headsKV + kvHeadsPerItem - 1) / kvHeadsPerItem : problem.headsKV
             itemStarts = []
         case (.queryBlocks, .varlen):
             var starts = [0]
@@ -119,7 +115,7 @@ public struct ForwardPlan: @unchecked Sendable {
         }
         unsplitItems = itemsPerBatch.map { problem.batch * $0 } ?? itemStarts[problem.batch]
         switch path {
-        case .decoding: maxItemRows = slotsPerItem * g.thinSlotRows
+        case .decoding: maxItemRows = kvHeadsPerItem * g.thinSlotRows
         case .groupBlocks: maxItemRows = group * blockPositions
         case .queryBlocks: maxItemRows = min(queryBlock, problem.maxSeqlenQ)
         }
@@ -142,19 +138,6 @@ public struct ForwardPlan: @unchecked Sendable {
         let rows = (longest + wanted - 1) / wanted
         let block = (rows + g.subBlockRows - 1) / g.subBlockRows * g.subBlockRows
         return min(g.queryBlock, max(2 * g.subBlockRows, block))
-    }
-
-    /// Query heads per decoding slot, or 0 where the problem is no decoding shape: the whole GQA group when its
-    /// rows fit an output micro-tile; else, for wide groups, the largest divisor of the group whose rows fill
-    /// more than half of one (MLA's absorbed decoding: 16–128 heads share one kv head). Slots then split a
-    /// group, and every slot of an item reads the same K and V rows in place, from L1 after the first.
-    private static func decodingHeadsPerSlot(_ p: AttentionProblem, _ g: TileGeometry) -> Int {
-        let group = p.groupSize, rowsPerHead = max(1, p.maxSeqlenQ)
-        if group * rowsPerHead <= g.microRows { return group }
-        for heads in stride(from: g.microRows / rowsPerHead, through: 1, by: -1) where group % heads == 0 {
-            return 2 * heads * rowsPerHead > g.microRows ? heads : 0
-        }
-        return 0
     }
 
     /// Floats of the partial-result buffer the driver must provide when splits > 1.
@@ -199,11 +182,10 @@ public struct ForwardPlan: @unchecked Sendable {
         let unit = local / blocks
         switch path {
         case .decoding:
-            // Slots run kv head by kv head (a group's slots adjacent), so slot s starts at query head s·headsPerSlot.
-            let firstSlot = unit * slotsPerItem
+            let firstKV = unit * kvHeadsPerItem
             return WorkItem(
-                sequence: sequence, firstHead: firstSlot * headsPerSlot, headsPerSlot: headsPerSlot,
-                slots: min(slotsPerItem, p.headsQ / headsPerSlot - firstSlot), slotRows: geometry.thinSlotRows,
+                sequence: sequence, firstHead: firstKV * p.groupSize, headsPerSlot: p.groupSize,
+                slots: min(kvHeadsPerItem, p.headsKV - firstKV), slotRows: geometry.thinSlotRows,
                 firstPosition: firstPosition, positions: positions, keys: keys, unsplit: unsplit, split: split)
         case .groupBlocks:
             return WorkItem(

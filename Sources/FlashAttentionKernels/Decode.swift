@@ -28,9 +28,9 @@ struct DecodeKernel {
     /// raised contiguous decoding from ~12.5 to ~14 GB/s at 1 thread, and none at all gave ~10.5).
     private func prefetchBlock(_ item: WorkItem, from firstKey: Int) {
         let p = plan.problem
-        let firstKV = kvHead(item, slot: 0), lastKV = kvHead(item, slot: item.slots - 1)
+        let firstKV = item.firstHead / p.groupSize
         for key in firstKey..<min(item.keys.upperBound, firstKey + blockKeys) {
-            for kvHead in firstKV...lastKV {
+            for kvHead in firstKV..<(firstKV + item.slots) {
                 prefetchRowToL2(p.keyRow(p.k, item.sequence, head: kvHead, position: key), bytes: p.headDim * p.k.element.size)
                 prefetchRowToL2(p.keyRow(p.v, item.sequence, head: kvHead, position: key), bytes: p.headDimV * p.v.element.size)
             }
@@ -42,7 +42,7 @@ struct DecodeKernel {
     private func headBlock(_ item: WorkItem, slot: Int, firstKey: Int, adjust: ScoreAdjustment, _ w: Workspace) {
         let p = plan.problem
         let d = p.headDim
-        let kvHead = kvHead(item, slot: slot)
+        let kvHead = item.firstHead / p.groupSize + slot
         let row = slot * geometry.thinSlotRows
         let needed = adjust.mask.needed(fromRow: row, throughRow: row + geometry.thinSlotRows - 1)
         let kRows = p.keyRow(p.k, item.sequence, head: kvHead, position: firstKey)
@@ -71,11 +71,6 @@ struct DecodeKernel {
                     ldV: p.v.rowStride, columnStride: microCols * storage.size, w)
             }
         }
-    }
-
-    /// The kv head slot `slot` of `item` reads (a slot holds a GQA group, or a part of one).
-    private func kvHead(_ item: WorkItem, slot: Int) -> Int {
-        (item.firstHead + slot * item.headsPerSlot) / plan.problem.groupSize
     }
 
     /// Multiplies the slot's scores (or probabilities) of keys `keys` by the row scales of `tensor` (K or V).
