@@ -109,7 +109,9 @@ def _packed_ids(position_ids, batch, seqlen):
 def _attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, is_causal,
                s_aux, num_threads, kwargs):
     """query [batch, heads_q, seqlen_q, head_dim], key/value [batch, heads_kv, seqlen_k, head_dim] as the models
-    hand them over; returns ([batch, seqlen_q, heads_q, head_dim], None) as transformers expects."""
+    hand them over (value's head size may differ: MLA models such as DeepSeek-V3, passed as they are, without
+    the zero padding transformers adds for FlashAttention-2); returns ([batch, seqlen_q, heads_q, value's head
+    size], None) as transformers expects."""
     if kwargs.get("output_attentions"):
         raise ValueError("flash_attention backend: output_attentions=True needs the attention weights, which "
                          "this library never materialises; use attn_implementation='eager' for that")
@@ -121,10 +123,6 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, slid
         raise ValueError(f"flash_attention backend: tensors are on {query.device}; this library runs on the CPU")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     head_dim, value_dim = q.shape[-1], v.shape[-1]
-    if value_dim != head_dim:
-        if value_dim > head_dim:
-            raise ValueError(f"flash_attention backend: value head_dim ({value_dim}) > query head_dim ({head_dim})")
-        v = torch.nn.functional.pad(v, (0, head_dim - value_dim))  # as transformers' flash path does
     batch, seqlen_q = q.shape[0], q.shape[1]
     seqlen_k = k.shape[1]
     softcap = float(softcap) if softcap else 0.0
@@ -139,9 +137,9 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, slid
         if cu_q is not None and cu_k is not None:
             out = _ft.flash_attn_varlen_func(
                 q.reshape(-1, q.shape[2], head_dim), k.reshape(-1, k.shape[2], head_dim),
-                v.reshape(-1, v.shape[2], head_dim), cu_q, cu_k, softmax_scale=scaling, causal=causal,
+                v.reshape(-1, v.shape[2], value_dim), cu_q, cu_k, softmax_scale=scaling, causal=causal,
                 window_size=(left, -1), softcap=softcap, sinks=sinks, num_threads=num_threads, dropout_p=dropout)
-            out = out.view(batch, seqlen_q, q.shape[2], head_dim)
+            out = out.view(batch, seqlen_q, q.shape[2], value_dim)
         else:
             if causal and 1 < seqlen_q < seqlen_k:
                 # A mask transformers skipped with more keys than queries is sdpa's top-left causal: a prefill
@@ -167,6 +165,4 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, slid
                              causal=False if mask is not None else causal,
                              window_left=(sliding_window - 1) if (padding is not None and sliding_window) else -1,
                              softcap=softcap, sinks=sinks, num_threads=num_threads)
-    if value_dim != head_dim:
-        out = out[..., :value_dim]
     return out, None
