@@ -244,7 +244,7 @@ def broadcasts_to(shape, target):
     return all(n == 1 or n == t for n, t in zip(reversed(shape), reversed(target)))
 
 
-def _normalise_mask(mask, batch, heads_q, seqlen_q, seqlen_k):
+def normalise_mask(mask, batch, heads_q, seqlen_q, seqlen_k):
     """mask as 4-D [batch or 1, heads or 1, seqlen_q, seqlen_k] (expanded views along broadcast axes)."""
     shape = (batch, heads_q, seqlen_q, seqlen_k)
     if not broadcasts_to(mask.shape, shape):
@@ -298,7 +298,7 @@ def plan(q, k, mask=None, padding=None, seq_ids=None, causal=False, window_left=
     if mask is not None:
         if mask.dtype not in (torch.bool, torch.float32):
             mask = mask.float()  # the library adds float32 masks (converted before broadcasting: no copies)
-        mask = _normalise_mask(mask, batch, heads_q, seqlen_q, seqlen_k)
+        mask = normalise_mask(mask, batch, heads_q, seqlen_q, seqlen_k)
         as_bool = _bool_mask(mask)
         if as_bool is None:
             return Plan(MASK, mask=_constrained(mask, padding, runs, left, right, seqlen_q, seqlen_k),

@@ -185,19 +185,20 @@ def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: Optional[float], causal: bool,
     window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
     sinks: Optional[torch.Tensor], num_threads: int, dropout_p: float, seed: int,
+    attn_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _dim_contiguous(q), _dim_contiguous(k), _dim_contiguous(v)
     batch, seqlen_q, heads_q, _ = q.shape
     out = torch.empty(_out_shape(q, v), dtype=q.dtype)
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32)
     _raw.forward(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks,
-                 num_threads, dropout_p=dropout_p, seed=seed)
+                 num_threads, dropout_p=dropout_p, seed=seed, attn_mask=attn_mask)
     return out, lse
 
 
 @_forward.register_fake
 def _forward_fake(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks,
-                  num_threads, dropout_p, seed):
+                  num_threads, dropout_p, seed, attn_mask=None):
     _check_shapes(q, k, v, 4)
     batch, seqlen_q, heads_q, _ = q.shape
     return q.new_empty(_out_shape(q, v)), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
@@ -208,20 +209,21 @@ def _backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     softmax_scale: Optional[float], causal: bool, window_left: int, window_right: int, softcap: float,
     alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor], num_threads: int, dropout_p: float,
-    seed: int,
+    seed: int, attn_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dsinks); dsinks is float32 [heads_q] with sinks, else an empty float32 tensor."""
     dout, q, k, v, out = (_dim_contiguous(x) for x in (dout, q, k, v, out))
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype) for x in (q, k, v))
     dsinks = torch.zeros(q.shape[2] if sinks is not None else 0, dtype=torch.float32)
     _raw.backward(dout, q, k, v, out, lse, dq, dk, dv, dsinks if sinks is not None else None, None, softmax_scale,
-                  causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads, dropout_p, seed)
+                  causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads, dropout_p, seed,
+                  attn_mask=attn_mask)
     return dq, dk, dv, dsinks
 
 
 @_backward.register_fake
 def _backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap,
-                   alibi_slopes, sinks, num_threads, dropout_p, seed):
+                   alibi_slopes, sinks, num_threads, dropout_p, seed, attn_mask=None):
     _check_shapes(q, k, v, 4)
     dsinks = q.new_empty((q.shape[2] if sinks is not None else 0,), dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
@@ -229,9 +231,9 @@ def _backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, window_left, 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads, dropout_p,
-     seed) = inputs
+     seed, attn_mask) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, sinks)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, sinks, attn_mask)
     ctx.options = (softmax_scale, causal, window_left, window_right, softcap)
     ctx.num_threads, ctx.dropout = num_threads, (dropout_p, seed)
     # The backward covers d(out) only; a gradient through lse would be silently dropped, so lse has none.
@@ -239,10 +241,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _autograd_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, alibi_slopes, sinks = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, sinks, attn_mask = ctx.saved_tensors
     dq, dk, dv, dsinks = _backward(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, sinks, ctx.num_threads,
-                                   *ctx.dropout)
-    return (dq, dk, dv) + (None,) * 6 + ((dsinks if sinks is not None else None), None, None, None)
+                                   *ctx.dropout, attn_mask)
+    # No gradient for the options, nor for a float attn_mask (an additive bias is not differentiated).
+    return (dq, dk, dv) + (None,) * 6 + ((dsinks if sinks is not None else None), None, None, None, None)
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -531,9 +534,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             (torch.manual_seed makes runs repeatable). The mask is a function of the seed and each element's
             (batch, head, query, key): identical for every num_threads (flash_attention.reference.dropout_mask).
         attn_mask: a mask broadcastable to [batch, heads_q, seqlen_q, seqlen_k], bool (True attends) or float
-            (added to the scores after softcap; not differentiated), combined with causal and window_size;
-            structured masks (padding, bands) run without reading it, others as the library's attn_mask. Not
-            with alibi_slopes, dropout or return_lse.
+            (added to the scores after softcap and ALiBi; not differentiated), combined with every other option;
+            without alibi_slopes, dropout and return_lse, structured masks (padding, bands) run without reading
+            it, others as the library's attn_mask.
         sinks: [heads_q] logits that join the softmax denominator (converted to float32; differentiated).
         return_lse: also return the natural-log log-sum-exp, float32 [batch, heads_q, seqlen_q]
             (not differentiable).
@@ -548,27 +551,35 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     window_left, window_right = _window(window_size)
     softcap = _softcap(softcap)
     heads_q = q.shape[2]
-    if attn_mask is not None:
-        if alibi_slopes is not None or dropout_p or return_lse:
-            raise NotImplementedError("attn_mask in the torch adapter goes without alibi_slopes, dropout and "
-                                      "return_lse (the numpy API has them all)")
+    if attn_mask is not None and alibi_slopes is None and not dropout_p and not return_lse:
         return _attention(q, k, v, mask=attn_mask, softmax_scale=softmax_scale, causal=causal,
                           window_left=window_left, window_right=window_right, softcap=softcap,
                           sinks=_float32_vector("sinks", sinks, q.device, ((heads_q,),)), num_threads=int(num_threads))
     alibi_slopes = _float32_vector("alibi_slopes", alibi_slopes, q.device, ((heads_q,), (q.shape[0], heads_q)))
     sinks = _float32_vector("sinks", sinks, q.device, ((heads_q,),))
     num_threads = int(num_threads)
+    if attn_mask is not None:  # the library's attn_mask, read in place
+        attn_mask = _library_mask(attn_mask, q, k)
     if _direct(q, q, k, v, sinks):
         q, k, v = _dim_contiguous(q), _dim_contiguous(k), _dim_contiguous(v)
         batch, seqlen_q, _, _ = q.shape
         out = torch.empty(_out_shape(q, v), dtype=q.dtype)
         lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32) if return_lse else None
         _raw.forward(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                     sinks, num_threads, dropout_p=dropout_p, seed=seed)
+                     sinks, num_threads, dropout_p=dropout_p, seed=seed, attn_mask=attn_mask)
     else:
         out, lse = _forward(q, k, v, softmax_scale, bool(causal), window_left, window_right, softcap, alibi_slopes,
-                            sinks, num_threads, dropout_p, seed)
+                            sinks, num_threads, dropout_p, seed, attn_mask)
     return (out, lse) if return_lse else out
+
+
+def _library_mask(mask, q, k):
+    """attn_mask as the library reads it: bool, or float32 (an additive bias, detached: not differentiated),
+    expanded to 4-D [batch | 1, heads | 1, seqlen_q, seqlen_k] with stride 0 along broadcast axes."""
+    _check_tensor("attn_mask", mask, q.device, dtypes=(torch.bool, torch.float32, torch.float16, torch.bfloat16))
+    if mask.dtype != torch.bool:
+        mask = mask.detach().to(torch.float32)
+    return _masked.normalise_mask(mask, q.shape[0], q.shape[2], q.shape[1], k.shape[1])
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, max_seqlen_k=0, dropout_p=0.0,

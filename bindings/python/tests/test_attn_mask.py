@@ -202,3 +202,33 @@ def test_torch_flash_attn_func_takes_attn_mask_with_autograd():
     want = reference_attention_backward(dout, *arrays, causal=True, attn_mask=mask)
     for name, x, expected in zip(("dq", "dk", "dv"), (q, k, v), want):
         assert_gradient(name, x.grad.numpy(), expected)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_torch_adapter_mask_with_alibi_dropout_and_lse(kind):
+    """flash_attn_func(attn_mask=...) in the torch adapter with ALiBi, dropout and return_lse (the library's
+    attn_mask through the dense operator): forward, LSE and gradients against the float64 reference given the
+    same mask and dropout factors; under torch.compile too."""
+    torch = pytest.importorskip("torch", reason="torch is optional; the numpy API carries the same kernels")
+    import flash_attention.torch as ft
+    from flash_attention.reference import dropout_mask
+
+    b, sq, sk, hq, hk, d = 2, 29, 41, 4, 2, 24
+    q, k, v = random_inputs(71, b, sq, sk, hq, hk, d)
+    mask = random_mask(72, (b, 1, sq, sk), kind)
+    slopes = np.array([0.02, 0.05, 0.1, 0.2], np.float32)
+    z = dropout_mask(9, 0.2, b, hq, sq, sk)
+    options = dict(causal=True, alibi_slopes=slopes, attn_mask=mask)
+    ref, ref_lse = reference_attention(q, k, v, dropout=z, return_lse=True, **options)
+    dout = np.random.default_rng(73).standard_normal(ref.shape).astype(np.float32)
+    want = reference_attention_backward(dout, q, k, v, dropout=z, **options)
+    tq, tk, tv = (torch.from_numpy(x.copy()).requires_grad_() for x in (q, k, v))
+    run = lambda *x: ft.flash_attn_func(*x, 0.2, causal=True, alibi_slopes=torch.from_numpy(slopes),  # noqa: E731
+                                        attn_mask=torch.from_numpy(mask), seed=9, return_lse=True)
+    for attention in (run, torch.compile(run, fullgraph=True)):
+        out, lse = attention(tq, tk, tv)
+        assert_close(out.detach().numpy(), lse.numpy(), ref, ref_lse)
+        grads = torch.autograd.grad(out, (tq, tk, tv), torch.from_numpy(dout))
+        for name, got, expected in zip(("dq", "dk", "dv"), grads, want):
+            assert_gradient(name, got.numpy(), expected)
