@@ -15,17 +15,18 @@ private func view(_ base: UnsafeMutableRawPointer, _ element: ElementType, rows:
 
 private func problem(_ a: fa_arm64_problem) -> AttentionProblem {
     let element = ElementType(rawValue: a.dtype)!, kvElement = ElementType(rawValue: a.kv_dtype)!
+    let dv = a.head_dim_v == 0 ? a.head_dim : a.head_dim_v
     var k = view(a.k, kvElement, rows: a.seqlen_k, heads: a.heads_kv, dim: a.head_dim)
-    var v = view(a.v, kvElement, rows: a.seqlen_k, heads: a.heads_kv, dim: a.head_dim)
+    var v = view(a.v, kvElement, rows: a.seqlen_k, heads: a.heads_kv, dim: dv)
     if let ks = a.k_scale, let vs = a.v_scale {
         k.scale = ScaleView(base: ks, batchStride: Int(a.seqlen_k * a.heads_kv), rowStride: Int(a.heads_kv), headStride: 1)
         v.scale = ScaleView(base: vs, batchStride: Int(a.seqlen_k * a.heads_kv), rowStride: Int(a.heads_kv), headStride: 1)
     }
     return AttentionProblem(
         batch: Int(a.batch), seqlenQ: Int(a.seqlen_q), seqlenK: Int(a.seqlen_k), headsQ: Int(a.heads_q),
-        headsKV: Int(a.heads_kv), headDim: Int(a.head_dim),
+        headsKV: Int(a.heads_kv), headDim: Int(a.head_dim), headDimV: Int(dv),
         q: view(a.q, element, rows: a.seqlen_q, heads: a.heads_q, dim: a.head_dim), k: k, v: v,
-        out: view(a.out, element, rows: a.seqlen_q, heads: a.heads_q, dim: a.head_dim),
+        out: view(a.out, element, rows: a.seqlen_q, heads: a.heads_q, dim: dv),
         lse: LSEView(base: a.lse, batchStride: Int(a.heads_q * a.seqlen_q), headStride: Int(a.seqlen_q), rowStride: 1),
         scale: a.scale, windowLeft: a.window_left < 0 ? nil : Int(a.window_left),
         windowRight: a.window_right < 0 ? nil : Int(a.window_right), alibiSlopes: nil, alibiBatchStride: 0,

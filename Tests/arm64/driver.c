@@ -91,6 +91,7 @@ typedef struct {
     int dtype, kv_dtype;
     float softcap;
     int64_t left, right; /* < 0: unbounded */
+    int64_t dv;          /* v's and out's head size (forward cases); 0: d */
 } shape;
 
 static void name_of(const shape *s, const char *kind, char *out, size_t n) {
@@ -102,8 +103,10 @@ static void name_of(const shape *s, const char *kind, char *out, size_t n) {
     char types[32];
     if (s->kv_dtype != s->dtype) snprintf(types, sizeof types, "%s/kv-%s", dtype_names[s->dtype], dtype_names[s->kv_dtype]);
     else snprintf(types, sizeof types, "%s", dtype_names[s->dtype]);
-    snprintf(out, n, "%s %s b%lld-h%lld/%lld-s%lldx%lld-d%lld%s%s", kind, types, (long long)s->b, (long long)s->hq,
-             (long long)s->hkv, (long long)s->sq, (long long)s->sk, (long long)s->d, mask, cap);
+    char dv[32] = "";
+    if (s->dv) snprintf(dv, sizeof dv, "/%lld", (long long)s->dv);
+    snprintf(out, n, "%s %s b%lld-h%lld/%lld-s%lldx%lld-d%lld%s%s%s", kind, types, (long long)s->b, (long long)s->hq,
+             (long long)s->hkv, (long long)s->sq, (long long)s->sk, (long long)s->d, dv, mask, cap);
 }
 
 static double rounding_of(int t) { return t == F16 ? ldexp(1, -11) : t == BF16 ? ldexp(1, -8) : 0; }
@@ -129,18 +132,21 @@ typedef struct {
 } problem;
 
 static problem make_problem(shape s, unsigned long long seed) {
+    if (!s.dv) s.dv = s.d;
     problem P = {.s = s};
     rng_state = seed;
     size_t nq = (size_t)(s.b * s.sq * s.hq * s.d), nk = (size_t)(s.b * s.sk * s.hkv * s.d);
+    size_t nv = (size_t)(s.b * s.sk * s.hkv * s.dv), nout = (size_t)(s.b * s.sq * s.hq * s.dv);
     fa_arm64_problem *p = &P.p;
     memset(p, 0, sizeof *p);
     p->batch = s.b, p->seqlen_q = s.sq, p->seqlen_k = s.sk, p->heads_q = s.hq, p->heads_kv = s.hkv, p->head_dim = s.d;
+    p->head_dim_v = s.dv;
     p->dtype = s.dtype, p->kv_dtype = s.kv_dtype;
     P.scale = (float)(1 / sqrt((double)s.d));
     p->scale = (float)P.scale, p->softcap = s.softcap, p->window_left = s.left, p->window_right = s.right;
     p->q = random_tensor(s.dtype, nq);
     p->k = random_tensor(s.kv_dtype, nk);
-    p->v = random_tensor(s.kv_dtype, nk);
+    p->v = random_tensor(s.kv_dtype, nv);
     if (s.kv_dtype >= I8) {
         size_t rows = (size_t)(s.b * s.sk * s.hkv);
         p->k_scale = malloc(rows * sizeof(float));
@@ -152,11 +158,11 @@ static problem make_problem(shape s, unsigned long long seed) {
             p->v_scale[r] = (float)(unit * (0.5 + uniform()));
         }
     }
-    p->out = calloc(nq + 16, element_size(s.dtype));
+    p->out = calloc(nout + 16, element_size(s.dtype));
     p->lse = calloc((size_t)(s.b * s.hq * s.sq) + 16, sizeof(float));
     P.q = to_double(p->q, s.dtype, nq, NULL, 1);
     P.k = to_double(p->k, s.kv_dtype, nk, p->k_scale, (size_t)s.d);
-    P.v = to_double(p->v, s.kv_dtype, nk, p->v_scale, (size_t)s.d);
+    P.v = to_double(p->v, s.kv_dtype, nv, p->v_scale, (size_t)s.dv);
     return P;
 }
 
@@ -171,7 +177,7 @@ static double score(const problem *P, int64_t b, int64_t i, int64_t h, int64_t j
     return s->softcap > 0 ? s->softcap * tanh(acc / s->softcap) : acc;
 }
 
-/* Reference forward: out [b, sq, hq, d] and lse [b, hq, sq] in float64. */
+/* Reference forward: out [b, sq, hq, dv] and lse [b, hq, sq] in float64. */
 static void reference_forward(const problem *P, double *out, double *lse) {
     const shape *s = &P->s;
     double *w = malloc((size_t)s->sk * sizeof *w);
@@ -186,10 +192,10 @@ static void reference_forward(const problem *P, double *out, double *lse) {
                     if (w[j] > m) m = w[j];
                 }
                 for (int64_t j = lo; j < hi; j++) total += (w[j] = exp(w[j] - m));
-                for (int64_t c = 0; c < s->d; c++) {
+                for (int64_t c = 0; c < s->dv; c++) {
                     double acc = 0;
-                    for (int64_t j = lo; j < hi; j++) acc += w[j] * P->v[at(b, j, kh, c, s->sk, s->hkv, s->d)];
-                    out[at(b, i, h, c, s->sq, s->hq, s->d)] = hi > lo ? acc / total : 0;
+                    for (int64_t j = lo; j < hi; j++) acc += w[j] * P->v[at(b, j, kh, c, s->sk, s->hkv, s->dv)];
+                    out[at(b, i, h, c, s->sq, s->hq, s->dv)] = hi > lo ? acc / total : 0;
                 }
                 lse[(b * s->hq + h) * s->sq + i] = hi > lo ? m + log(total) : -INFINITY;
             }
@@ -211,7 +217,7 @@ static void forward_case(shape s) {
     char name[160];
     name_of(&s, "forward", name, sizeof name);
     problem P = make_problem(s, 1234 + (unsigned long long)(s.sq * 7919 + s.sk * 31 + s.d));
-    size_t nq = (size_t)(s.b * s.sq * s.hq * s.d), nl = (size_t)(s.b * s.hq * s.sq);
+    size_t nq = (size_t)(s.b * s.sq * s.hq * P.s.dv), nl = (size_t)(s.b * s.hq * s.sq);
     double *ref = malloc(nq * sizeof *ref), *ref_lse = malloc(nl * sizeof *ref_lse);
     reference_forward(&P, ref, ref_lse);
     int splits = fa_arm64_forward(&P.p);
@@ -354,6 +360,9 @@ int main(void) {
         {1, 64, 300, 4, 2, 64, F32, I8, 0, -1, 0},
         {1, 64, 129, 4, 2, 64, F32, E4M3, 0, -1, 0},
         {1, 1, 200, 4, 1, 64, F16, E4M3, 0, -1, -1},
+        {1, 61, 75, 4, 2, 48, F32, F32, 0, -1, 0, 24},   /* value heads narrower than keys (MLA) */
+        {1, 1, 900, 16, 1, 576, BF16, BF16, 0, -1, -1, 512}, /* MLA decoding: 16 heads on one kv head */
+        {1, 37, 40, 2, 2, 17, F32, F32, 0, -1, -1, 40},  /* value heads wider than keys */
     };
     for (size_t i = 0; i < sizeof forward / sizeof *forward; i++) forward_case(forward[i]);
     const shape backward[] = {
