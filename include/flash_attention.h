@@ -106,10 +106,12 @@ typedef int32_t flash_attention_dtype;
  * New fields are only ever appended; struct_size tells the library which fields the caller knows, and
  * fields beyond it take their defaults.
  *
- * Shapes (element types: dtype for q and out, kv_dtype for k and v; float32 by default):
+ * Shapes (element types: dtype for q and out, kv_dtype for k and v; float32 by default; head_dim_v is
+ * head_dim unless set, see the field):
  *   q    [batch, seqlen_q, heads_q,  head_dim]
- *   k, v [batch, seqlen_k, heads_kv, head_dim]
- *   out  [batch, seqlen_q, heads_q,  head_dim]   written
+ *   k    [batch, seqlen_k, heads_kv, head_dim]
+ *   v    [batch, seqlen_k, heads_kv, head_dim_v]
+ *   out  [batch, seqlen_q, heads_q,  head_dim_v]   written
  *   lse  [batch, heads_q,  seqlen_q]             written if lse != NULL (natural log of the softmax sum)
  * Element (b, s, h, d) of q is at q + b*q_batch_stride + s*q_row_stride + h*q_head_stride + d*q_dim_stride.
  *
@@ -131,7 +133,7 @@ typedef int32_t flash_attention_dtype;
  * lse = -inf, never NaN.
  *
  * Sizes: batch, seqlen_q, seqlen_k >= 0 (zero-size work succeeds without touching memory);
- * heads_kv >= 1; heads_q a positive multiple of heads_kv; 1 <= head_dim <= FA_MAX_HEAD_DIM.
+ * heads_kv >= 1; heads_q a positive multiple of heads_kv; 1 <= head_dim, head_dim_v <= FA_MAX_HEAD_DIM.
  * Pointers: q, out must be non-NULL when the tensor has elements, likewise k and v; all must be aligned to
  * their element size. out and lse must not overlap each other, k or v; out may be the very same view as q (in place).
  */
