@@ -87,7 +87,7 @@ typedef int32_t flash_attention_dtype;
 #define FA_DTYPE_FLOAT16 1
 #define FA_DTYPE_BFLOAT16 2
 /* 8-bit KV-cache element types (0.5), for k and v of flash_attention_forward_kvcache only: each row of
- * head_dim values of a (cache position, kv head) is stored with one float32 scale (k_scale, v_scale) and stands
+ * head_dim values (head_dim_v for v) of a (cache position, kv head) is stored with one float32 scale (k_scale, v_scale) and stands
  * for value × scale. INT8 is symmetric (scale = max|x| / 127, values rounded to nearest even and clamped to
  * ±127); FLOAT8_E4M3 is OCP FP8 E4M3FN (scale = max|x| / 448; 1 sign, 4 exponent (bias 7) and 3 mantissa
  * bits, no infinities, 0x7F/0xFF NaN). The attention is exact over the dequantized cache. */
@@ -214,7 +214,7 @@ typedef struct flash_attention_params {
      *   paged:      [cache_batch = num_blocks, cache_seqlen = block size, heads_kv, head_dim], position j of
      *               batch b lives in block block_table[b * block_table_batch_stride + j / cache_seqlen].
      * cache_seqlens int32 [batch]: keys already in the cache for each batch. If k_new/v_new are set,
-     * their seqlen_new rows [batch, seqlen_new, heads_kv, head_dim] are first written into the cache at
+     * their seqlen_new rows [batch, seqlen_new, heads_kv, head_dim (v_new: head_dim_v)] are first written at
      * positions cache_seqlens[b] ... (in place; the caller advances cache_seqlens afterwards). Batch b then
      * attends to its cache_seqlens[b] + seqlen_new keys, which is the seqlen_k used for causal/window
      * alignment; the params' seqlen_k is ignored. Every index is validated before anything is read or
@@ -292,10 +292,11 @@ typedef struct flash_attention_params {
     /* Head size of v, out, v_new (and of dv and dout in the backward) when it differs from head_dim, which
      * stays the head size of q, k and k_new (and dq, dk): multi-head latent attention (DeepSeek-V2/V3) has
      * keys of 192 and values of 128 in prefill, and keys of 576 and values of 512 when decoding against its
-     * compressed cache (where v may be a view of the first 512 columns of k: inputs may overlap). The shapes
-     * above then read v [.., head_dim_v], out [.., head_dim_v]; the merge takes head_dim_v as its head_dim.
+     * compressed cache (where v may be a view of the first 512 columns of k: inputs may overlap; such a call
+     * cannot append, since k_new and v_new would then write the same memory). The shapes above then read
+     * v [.., head_dim_v], out [.., head_dim_v]; the merge takes head_dim_v as its head_dim.
      * 1 <= head_dim_v <= FA_MAX_HEAD_DIM; 0 (the default) means head_dim. The default softmax_scale stays
-     * 1/sqrt(head_dim). */
+     * 1/sqrt(head_dim); MLA models use their own (DeepSeek-V3: mscale^2 / sqrt(192)), so pass it. */
     int64_t head_dim_v;
 } flash_attention_params;
 

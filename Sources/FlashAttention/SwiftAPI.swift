@@ -84,9 +84,11 @@ public enum Attention {
     /// - Parameters:
     ///   - q: [batch, seqlenQ, headsQ, headDim].
     ///   - kCache, vCache: [cacheBatch, cacheSeqlen, headsKV, headDim]; with `blockTable`, a paged cache
-    ///     [numBlocks, blockSize, headsKV, headDim]. Written only when `newK`/`newV` are given.
+    ///     [numBlocks, blockSize, headsKV, headDim]; vCache may have a headDim of its own (out then has it).
+    ///     Written only when `newK`/`newV` are given.
     ///   - cacheSeqlens: [batch], the keys already cached per batch entry. Advance it yourself after an append.
-    ///   - newK, newV: [batch, seqlenNew, headsKV, headDim], written at positions cacheSeqlens[b] ... first.
+    ///   - newK, newV: [batch, seqlenNew, headsKV, headDim] (newV: vCache's headDim), written at positions
+    ///     cacheSeqlens[b] ... first.
     ///   - cacheBatchIndex: [batch], which cache row each entry uses (contiguous cache only).
     ///   - blockTable: batch rows of equal length: the blocks of each sequence, in order.
     /// Entry b attends to cacheSeqlens[b] + seqlenNew keys, its seqlenK for causal and window alignment.

@@ -35,6 +35,16 @@ struct AddressRange {
     func overlaps(_ other: AddressRange?) -> Bool { other.map { lower < $0.upper && $0.lower < upper } ?? false }
 }
 
+/// The end of the addresses a process's buffers can have: x86-64 Linux and macOS hand out user addresses below
+/// 2^47 (Linux above it only on request), aarch64 Linux below 2^48. A range reaching past it is no buffer but a
+/// stride too large for its elements: with 1-byte elements (masks, 8-bit caches) a stride of 2^62 does not
+/// overflow int64 bytes, yet its addresses are not canonical and the first read would fault.
+#if arch(arm64) && os(Linux)
+let userAddressLimit: UInt = 1 << 48
+#else
+let userAddressLimit: UInt = 1 << 47
+#endif
+
 /// One axis of a strided argument: its size, its stride in elements, and the stride's field name.
 struct Axis {
     var size: Int
@@ -103,7 +113,7 @@ struct TensorArgument {
         if lowOverflow || highOverflow { throw outside }
         let (lower, underflow) = address.subtractingReportingOverflow(lowBytes.magnitude)
         let (upper, beyond) = address.addingReportingOverflow(highBytes.magnitude + UInt(elementSize))
-        if underflow || beyond { throw outside }
+        if underflow || beyond || upper > userAddressLimit { throw outside }
         return AddressRange(lower: lower, upper: upper)
     }
 

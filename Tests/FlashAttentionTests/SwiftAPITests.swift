@@ -322,7 +322,12 @@ func swiftBackwardWithValueHeadSize(_ isa: KernelISA) throws {
 }
 
 /// A KV cache whose values are narrower than its keys, with an append of both.
-@Test func kvCacheWithValueHeadSize() throws {
+@Test("kvCacheWithValueHeadSize", arguments: tiledPaths)
+func kvCacheWithValueHeadSize(_ isa: KernelISA) throws {
+    try onPath(isa) { try kvCacheWithValueHeadSizeOnPath() }
+}
+
+private func kvCacheWithValueHeadSizeOnPath() throws {
     var rng = SeededRandom(seed: 817)
     var kCache = randomTensor(2, 20, 1, 36, &rng), vCache = randomTensor(2, 20, 1, 20, &rng)
     let q = randomTensor(2, 1, 6, 36, &rng), newK = randomTensor(2, 1, 1, 36, &rng), newV = randomTensor(2, 1, 1, 20, &rng)

@@ -65,11 +65,12 @@ public func arm64Backward(_ a: UnsafePointer<fa_arm64_problem>) -> Int32 {
     let f = problem(a.pointee)
     let element = ElementType(rawValue: a.pointee.dtype)!, kvElement = ElementType(rawValue: a.pointee.kv_dtype)!
     let (sq, sk, hq, hkv, d) = (a.pointee.seqlen_q, a.pointee.seqlen_k, a.pointee.heads_q, a.pointee.heads_kv, a.pointee.head_dim)
+    let dv = Int64(f.headDimV)
     var problem = BackwardProblem(
-        forward: f, dout: view(a.pointee.dout, element, rows: sq, heads: hq, dim: d),
+        forward: f, dout: view(a.pointee.dout, element, rows: sq, heads: hq, dim: dv),
         dq: view(a.pointee.dq, element, rows: sq, heads: hq, dim: d),
         dk: view(a.pointee.dk, kvElement, rows: sk, heads: hkv, dim: d),
-        dv: view(a.pointee.dv, kvElement, rows: sk, heads: hkv, dim: d), dsinks: nil)
+        dv: view(a.pointee.dv, kvElement, rows: sk, heads: hkv, dim: dv), dsinks: nil)
     let g = kernelTable.geometry
     problem.cut(keyBlock: g.backwardKeyBlock, rowStride: (f.headDim + g.microCols - 1) / g.microCols * g.microCols)
     let shares = f.batch * f.headsQ

@@ -91,7 +91,7 @@ typedef struct {
     int dtype, kv_dtype;
     float softcap;
     int64_t left, right; /* < 0: unbounded */
-    int64_t dv;          /* v's and out's head size (forward cases); 0: d */
+    int64_t dv;          /* v's, out's (and dout's, dv's) head size; 0: d */
 } shape;
 
 static void name_of(const shape *s, const char *kind, char *out, size_t n) {
@@ -261,17 +261,19 @@ static void backward_case(shape s) {
     char name[160];
     name_of(&s, "backward", name, sizeof name);
     problem P = make_problem(s, 777 + (unsigned long long)(s.sq * 131 + s.sk * 17 + s.d));
+    const int64_t e = P.s.dv; /* values' head size */
     size_t nq = (size_t)(s.b * s.sq * s.hq * s.d), nk = (size_t)(s.b * s.sk * s.hkv * s.d), nl = (size_t)(s.b * s.hq * s.sq);
+    size_t no = (size_t)(s.b * s.sq * s.hq * e), nv = (size_t)(s.b * s.sk * s.hkv * e);
     fa_arm64_problem *p = &P.p;
-    p->dout = random_tensor(s.dtype, nq);
+    p->dout = random_tensor(s.dtype, no);
     p->dq = calloc(nq + 16, element_size(s.dtype));
     p->dk = calloc(nk + 16, element_size(s.kv_dtype));
-    p->dv = calloc(nk + 16, element_size(s.kv_dtype));
+    p->dv = calloc(nv + 16, element_size(s.kv_dtype));
     fa_arm64_forward(p);
-    double *ref_out = malloc(nq * sizeof(double)), *lse = malloc(nl * sizeof(double));
+    double *ref_out = malloc(no * sizeof(double)), *lse = malloc(nl * sizeof(double));
     reference_forward(&P, ref_out, lse);
-    double *dout = to_double(p->dout, s.dtype, nq, NULL, 1), *out = to_double(p->out, s.dtype, nq, NULL, 1);
-    double *dq = calloc(nq, sizeof(double)), *dk = calloc(nk, sizeof(double)), *dv = calloc(nk, sizeof(double));
+    double *dout = to_double(p->dout, s.dtype, no, NULL, 1), *out = to_double(p->out, s.dtype, no, NULL, 1);
+    double *dq = calloc(nq, sizeof(double)), *dk = calloc(nk, sizeof(double)), *dv = calloc(nv, sizeof(double));
     int64_t g = s.hq / s.hkv;
     for (int64_t b = 0; b < s.b; b++)
         for (int64_t h = 0; h < s.hq; h++)
@@ -279,7 +281,7 @@ static void backward_case(shape s) {
                 int64_t lo, hi, kh = h / g;
                 visible(&s, i, &lo, &hi);
                 double D = 0; /* rowsum(dO ∘ O) with O as the forward stored it, as FlashAttention-2 does */
-                for (int64_t c = 0; c < s.d; c++) D += dout[at(b, i, h, c, s.sq, s.hq, s.d)] * out[at(b, i, h, c, s.sq, s.hq, s.d)];
+                for (int64_t c = 0; c < e; c++) D += dout[at(b, i, h, c, s.sq, s.hq, e)] * out[at(b, i, h, c, s.sq, s.hq, e)];
                 for (int64_t j = lo; j < hi; j++) {
                     double raw = 0;
                     for (int64_t c = 0; c < s.d; c++) raw += P.q[at(b, i, h, c, s.sq, s.hq, s.d)] * P.k[at(b, j, kh, c, s.sk, s.hkv, s.d)];
@@ -290,19 +292,19 @@ static void backward_case(shape s) {
                         x = s.softcap * t, derivative = 1 - t * t;
                     }
                     double pij = exp(x - lse[(b * s.hq + h) * s.sq + i]), dp = 0;
-                    for (int64_t c = 0; c < s.d; c++) dp += dout[at(b, i, h, c, s.sq, s.hq, s.d)] * P.v[at(b, j, kh, c, s.sk, s.hkv, s.d)];
+                    for (int64_t c = 0; c < e; c++) dp += dout[at(b, i, h, c, s.sq, s.hq, e)] * P.v[at(b, j, kh, c, s.sk, s.hkv, e)];
                     double ds = pij * (dp - D) * derivative;
                     for (int64_t c = 0; c < s.d; c++) {
                         dq[at(b, i, h, c, s.sq, s.hq, s.d)] += P.scale * ds * P.k[at(b, j, kh, c, s.sk, s.hkv, s.d)];
                         dk[at(b, j, kh, c, s.sk, s.hkv, s.d)] += P.scale * ds * P.q[at(b, i, h, c, s.sq, s.hq, s.d)];
-                        dv[at(b, j, kh, c, s.sk, s.hkv, s.d)] += pij * dout[at(b, i, h, c, s.sq, s.hq, s.d)];
                     }
+                    for (int64_t c = 0; c < e; c++) dv[at(b, j, kh, c, s.sk, s.hkv, e)] += pij * dout[at(b, i, h, c, s.sq, s.hq, e)];
                 }
             }
     fa_arm64_backward(p);
     double u = rounding_of(s.dtype), bound = 1e-5 + u;
     double eq = relative_error(p->dq, s.dtype, dq, nq), ek = relative_error(p->dk, s.kv_dtype, dk, nk);
-    double ev = relative_error(p->dv, s.kv_dtype, dv, nk);
+    double ev = relative_error(p->dv, s.kv_dtype, dv, nv);
     char detail[160];
     snprintf(detail, sizeof detail, "dq %.2e  dk %.2e  dv %.2e  (bound %.1e)", eq, ek, ev, bound);
     report(name, eq <= bound && ek <= bound && ev <= bound, detail);
@@ -375,6 +377,8 @@ int main(void) {
         {1, 113, 203, 2, 2, 64, F16, F16, 0, -1, 0},
         {1, 80, 120, 4, 2, 48, BF16, BF16, 0, -1, -1},
         {1, 7, 9, 1, 1, 1, F32, F32, 0, -1, -1},
+        {1, 61, 90, 4, 2, 48, F32, F32, 0, -1, 0, 24},   /* value heads narrower than keys (MLA) */
+        {1, 40, 70, 2, 1, 17, F32, F32, 3, -1, -1, 40},  /* value heads wider than keys */
     };
     for (size_t i = 0; i < sizeof backward / sizeof *backward; i++) backward_case(backward[i]);
     printf("%d of %d cases passed\n", passed, passed + failed);

@@ -15,7 +15,7 @@ typedef struct {
     float *lse;                 /* [batch, heads_q, seqlen_q] */
     float *k_scale, *v_scale;   /* 8-bit kv_dtype only, else NULL */
     void *dout, *dq, *dk, *dv;  /* backward only */
-    int64_t head_dim_v;         /* v's and out's head size (forward); 0 means head_dim */
+    int64_t head_dim_v;         /* v's, out's, dout's and dv's head size; 0 means head_dim */
 } fa_arm64_problem;
 
 /* Runs the forward through the kernel copy's table (plan, work items, split merge), one thread. 0 on success. */

@@ -372,7 +372,7 @@ def ranges_forward(q, k, v, out, lse, starts, ends, options, rows=None, memo=Non
     pitch_k, pitch_v = _key_rows(k), _key_rows(v)
     if pitch_k is None or pitch_k != pitch_v or not starts:
         return False
-    key = (pitch_k, k.stride(1), v.stride(1), k.stride(2), v.stride(2), k.shape[2], k.shape[3])
+    key = (pitch_k, k.stride(1), v.stride(1), k.stride(2), v.stride(2), k.shape[2], k.shape[3], v.shape[3])
     found = None if memo is None else memo.get(key)
     if found is None:
         rows = range(len(starts)) if rows is None else rows

@@ -365,8 +365,8 @@ def flash_attn_func(
 
     Any strided view is accepted without a copy (e.g. x.transpose(0, 2, 1, 3) of a [b, h, s, d] array)
     except one strided along head_dim, which is copied. Arithmetic is float32 whatever the storage; out is
-    rounded to q's dtype (nearest even). Returns out (q's dtype and shape, contiguous), or (out, lse) with
-    lse float32.
+    rounded to q's dtype (nearest even). Returns out (q's dtype, contiguous, q's shape with v's head size), or
+    (out, lse) with lse float32.
     """
     dropout_p, seed = dropout_arguments(dropout_p, seed, _draw_seed)
     q, k, v = _qkv(q, k, v, 4)
@@ -442,7 +442,7 @@ def flash_attn_varlen_func(
         The other arguments are those of flash_attn_func (alibi_slopes may be [batch, heads_q]), in
         FlashAttention-2's order; return_attn_probs raises (not implemented for varlen).
 
-    Returns out float32 [total_q, heads_q, head_dim], or (out, lse) with lse float32 [heads_q, total_q].
+    Returns out float32 [total_q, heads_q, head_dim_v], or (out, lse) with lse float32 [heads_q, total_q].
     """
     dropout_p, seed = dropout_arguments(dropout_p, seed, _draw_seed)
     if return_attn_probs:
@@ -651,6 +651,16 @@ def _rotated(q, k, cos, sin, cache_seqlens, interleaved, aligned):
     return rotate(q, q_positions), rotate(k, k_positions)
 
 
+def appends_overlap(k_cache, v_cache, rows, ends, new):
+    """Whether appending `new` rows at ends[b] of cache row rows[b] to both caches would write some element of
+    k_cache and of v_cache twice (v a view of k's first columns, as an MLA cache may be): the library refuses
+    such an append, and so do the bindings' own appends. Exact (np.shares_memory) on the written slices only."""
+    if new == 0 or not np.may_share_memory(k_cache, v_cache):
+        return False
+    targets = [(row, end) for row, end in zip(rows, ends)]
+    return any(np.shares_memory(k_cache[r, e:e + new], v_cache[s, f:f + new]) for r, e in targets for s, f in targets)
+
+
 def _left_padded_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                          k_scale, options, alibi_slopes, want_lse):
     """cache_leftpad: every index checked first, the new rows appended, then one call per entry over the slice
@@ -686,6 +696,8 @@ def _left_padded_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_i
                              f"{new} new, cache row {rows[b]} of {cache_batch} x {cache_len})")
     if k is not None:
         k, v = _array("k", k, 4, dtype=k_cache.dtype), _array("v", v, 4, dtype=k_cache.dtype)
+        if appends_overlap(k_cache, v_cache, rows, ends, new):
+            raise ValueError("k_cache and v_cache overlap; appending k and v would write one into the other")
         for b in range(batch):
             k_cache[rows[b], ends[b]:ends[b] + new] = k[b]
             v_cache[rows[b], ends[b]:ends[b] + new] = v[b]

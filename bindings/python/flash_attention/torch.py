@@ -38,7 +38,7 @@ import torch
 from . import _torch_masked as _masked
 from . import _torch_raw as _raw
 from ._fa2 import apply_rotary, check_rotary_positions, dropout_arguments, packed_functions, rotary_plan
-from .api import check_cache_scales, quantized_rows
+from .api import appends_overlap, check_cache_scales, quantized_rows
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache",
@@ -325,6 +325,11 @@ _varlen_forward.register_autograd(_varlen_autograd_backward, setup_context=_varl
 # --- KV cache: custom operators (forward only) -----------------------------------------------------------------
 
 
+def _numpy_bits(x):
+    """A numpy view of a CPU tensor's memory (its elements as integers of their size), for overlap checks."""
+    return x.detach().view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]).numpy()
+
+
 def _kvcache_run(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                  softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, sinks, num_threads, lse,
                  k_scale=None, v_scale=None):
@@ -346,6 +351,8 @@ def _kvcache_run(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cach
     starts = cache_leftpad.tolist()
     if k is not None:
         # The append is done here: the library appends only to caches it may describe as non-overlapping rows.
+        if appends_overlap(_numpy_bits(k_cache), _numpy_bits(v_cache), rows, ends, k.shape[1]):
+            raise ValueError("k_cache and v_cache overlap; appending k and v would write one into the other")
         for b, (row, end) in enumerate(zip(rows, ends)):
             k_cache[row, end:end + k.shape[1]] = k[b]
             v_cache[row, end:end + v.shape[1]] = v[b]
@@ -542,7 +549,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             (not differentiable).
         num_threads: 0 = every online core, 1 = the calling thread; results are identical for every value.
 
-    Returns out (q's dtype, contiguous [batch, seqlen_q, heads_q, head_dim]) or (out, lse). Gradients flow to
+    Returns out (q's dtype, contiguous [batch, seqlen_q, heads_q, head_dim_v]) or (out, lse). Gradients flow to
     q, k, v and sinks. Tensors must be on the CPU (meta tensors give outputs of the right shape and dtype).
     """
     dropout_p, seed = _fa2_arguments(dropout_p, seed, return_attn_probs)
@@ -576,9 +583,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 def _library_mask(mask, q, k):
     """attn_mask as the library reads it: bool, or float32 (an additive bias, detached: not differentiated),
     expanded to 4-D [batch | 1, heads | 1, seqlen_q, seqlen_k] with stride 0 along broadcast axes."""
-    _check_tensor("attn_mask", mask, q.device, dtypes=(torch.bool, torch.float32, torch.float16, torch.bfloat16))
-    if mask.dtype != torch.bool:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:  # any other dtype is an additive bias, taken in float32 (as the mask planner does)
         mask = mask.detach().to(torch.float32)
+    _check_tensor("attn_mask", mask, q.device, dtypes=(torch.bool, torch.float32))
     return _masked.normalise_mask(mask, q.shape[0], q.shape[2], q.shape[1], k.shape[1])
 
 
@@ -600,7 +609,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, 
             block_size, heads_kv, head_dim] holding sequence b's keys at positions 0 ... cu_seqlens_k[b + 1] -
             cu_seqlens_k[b] - 1 of its blocks (FA2's paged varlen call): eager and forward only, as in FA2.
 
-    Returns out [total_q, heads_q, head_dim], or (out, lse) with lse float32 [heads_q, total_q].
+    Returns out [total_q, heads_q, head_dim_v], or (out, lse) with lse float32 [heads_q, total_q].
     """
     dropout_p, seed = _fa2_arguments(dropout_p, seed, return_attn_probs)
     if block_table is None:
@@ -691,7 +700,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         (its name for return_lse); rotary_cos, rotary_sin and rotary_interleaved as in the numpy function
         (keys rotated before they are written, q at the positions FA2 uses); num_splits is accepted and unused.
 
-    Returns out [batch, seqlen_q, heads_q, head_dim], or (out, lse) with lse float32 [batch, heads_q, seqlen_q].
+    Returns out [batch, seqlen_q, heads_q, head_dim_v], or (out, lse) with lse float32 [batch, heads_q, seqlen_q].
     No backward (FlashAttention-2 has none either): a call that would need one raises.
     """
     if rotary_cos is not None or rotary_sin is not None:

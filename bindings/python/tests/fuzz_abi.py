@@ -234,8 +234,9 @@ def invalid_mutation(rng, case):
         p.softmax_scale = rng.choice([float("nan"), float("inf"), float("-inf")])
     elif kind == 11:
         p.softcap = rng.choice([-1.0, float("nan"), float("inf")])
-    elif kind == 12:
-        setattr(p, rng.choice(["dtype", "kv_dtype"]), rng.choice([-1, 3, 99]))
+    elif kind == 12:  # an unknown type, or int8 where only float types are allowed (a cache may be int8)
+        name = rng.choice(["dtype", "kv_dtype"])
+        setattr(p, name, rng.choice([-1, 99] + ([] if name == "kv_dtype" and case.entry == "kvcache" else [3])))
     elif case.entry == "kvcache" and rng.random() < 0.5:  # dropout is refused by the KV-cache call
         p.dropout_p, p.dropout_seed = rng.choice([0.1, 0.5, 0.999]), rng.randrange(2**64)
     else:  # dropout_p outside [0, 1), or a nonzero reserved2 beside it

@@ -165,6 +165,8 @@ def test_mask_errors_name_the_argument():
     ("attn_mask_dtype", 1, "attn_mask_dtype (1) must be FA_DTYPE_BOOL (5) or FA_DTYPE_FLOAT32 (0)"),
     ("reserved3", 2, "reserved3 (2) must be 0"),
     ("attn_mask_col_stride", 2**62, "attn_mask_col_stride"),
+    # 4 × 2^60 one-byte steps overflow nothing, yet reach past every user address: a fault if accepted.
+    ("attn_mask_row_stride", 2**60, "attn_mask: its strides address memory outside the address space"),
 ])
 def test_c_abi_rejects_bad_mask_fields_and_writes_nothing(field, value, message):
     q, k, v = random_inputs(2, 1, 5, 6, 2, 2, 8)

@@ -160,11 +160,13 @@ def test_thread_count_does_not_change_the_result():
 
 
 def test_errors_name_the_argument():
+    """Only the last axis of v may differ from k's: other mismatches are named."""
     q, k, v = qkv(51, 1, 4, 5, 2, 2, 8, 6)
-    with pytest.raises(ValueError, match="head_dim_v"):
+    assert fa.flash_attn_func(q, k, v).shape == (1, 4, 2, 6)
+    with pytest.raises(ValueError, match=r"v shape \(1, 3, 2, 6\) must equal k shape \(1, 5, 2, 8\) but in the last"):
         fa.flash_attn_func(q, k, v[:, :3])
     cache = np.zeros((1, 8, 2, 8), np.float32)
-    with pytest.raises(ValueError, match="head_dim_v"):
+    with pytest.raises(ValueError, match=r"v_cache shape \(1, 8, 1, 6\) must equal k_cache shape \(1, 8, 2, 8\) but"):
         fa.flash_attn_with_kvcache(q, cache, np.zeros((1, 8, 1, 6), np.float32))
     # The C library: out of range, and a dout of the keys' head size.
     lib = load()
@@ -180,6 +182,74 @@ def test_errors_name_the_argument():
         fa.flash_attn_backward(np.zeros(q.shape, np.float32), q, k, v, out, lse)
 
 
+def test_dropout_with_value_head_size():
+    from flash_attention.reference import dropout_mask
+
+    q, k, v = qkv(81, 2, 37, 45, 4, 2, 24, 40)
+    out, lse, backward = fa.flash_attn_func_with_backward(q, k, v, causal=True, dropout_p=0.25, seed=6)
+    z = dropout_mask(6, 0.25, 2, 4, 37, 45)
+    assert_close(out, lse, *reference_attention(q, k, v, causal=True, dropout=z, return_lse=True))
+    dout = np.random.default_rng(82).standard_normal(out.shape).astype(np.float32)
+    for name, got, want in zip(("dq", "dk", "dv"), backward(dout),
+                               reference_attention_backward(dout, q, k, v, causal=True, dropout=z)):
+        assert_gradient(name, got, want)
+
+
+def test_decode_with_values_wider_than_keys():
+    """One query per sequence against a long cache, split along the keys and merged, values of 200 columns
+    on keys of 64 (GQA 4)."""
+    rng = np.random.default_rng(83)
+    k_cache = rng.standard_normal((2, 3000, 2, 64), dtype=np.float32)
+    v_cache = rng.standard_normal((2, 3000, 2, 200), dtype=np.float32)
+    q = rng.standard_normal((2, 1, 8, 64), dtype=np.float32)
+    seqlens = np.array([3000, 1234], np.int32)
+    out, lse = fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, return_lse=True)
+    assert_close(out, lse, *reference_kvcache_attention(q, k_cache, v_cache, seqlens))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_gradients(dtype):
+    """float16/bfloat16 storage: gradients against float64 on the stored inputs, within twice the rounding of
+    the stored gradients (measured: 2e-4 and 1.7e-3)."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes", reason="bfloat16 arrays need ml_dtypes").bfloat16
+    q, k, v = (x.astype(dtype) for x in qkv(84, 1, 40, 52, 4, 2, 40, 72))
+    out, lse, backward = fa.flash_attn_func_with_backward(q, k, v, causal=True)
+    dout = np.random.default_rng(85).standard_normal(out.shape).astype(dtype)
+    stored = [x.astype(np.float64) for x in (q, k, v, dout)]
+    want = reference_attention_backward(stored[3], *stored[:3], causal=True, out=out.astype(np.float64))
+    bound = 2 * 2.0 ** (-11 if dtype == np.float16 else -8)  # twice the storage's unit roundoff
+    for name, got, w in zip(("dq", "dk", "dv"), backward(dout), want):
+        error = np.linalg.norm(got.astype(np.float64) - w) / np.linalg.norm(w)
+        assert error <= bound, f"{name}: relative error {error:.3g}"
+
+
 def test_default_scale_is_the_query_head_size():
     q, k, v = qkv(61, 1, 7, 9, 1, 1, 64, 16)
     assert np.allclose(fa.flash_attn_func(q, k, v), fa.flash_attn_func(q, k, v, softmax_scale=1 / 8), atol=1e-6)
+
+
+def test_appending_into_overlapping_caches_is_refused_on_every_route():
+    """v a view of k's first columns (MLA) reads fine, but an append would write the same memory twice: the
+    library refuses it, and so do the bindings' own appends (the cache_leftpad route), leaving the cache as it was."""
+    rng = np.random.default_rng(71)
+    cache = rng.standard_normal((1, 12, 1, 16), dtype=np.float32)
+    before = cache.copy()
+    q, k_new, v_new = (rng.standard_normal(s, dtype=np.float32) for s in ((1, 1, 2, 16), (1, 1, 1, 16), (1, 1, 1, 8)))
+    for extra in ({}, dict(cache_leftpad=np.array([2], np.int32))):
+        with pytest.raises(ValueError, match="overlap"):
+            fa.flash_attn_with_kvcache(q, cache, cache[..., :8], k_new, v_new, cache_seqlens=5, **extra)
+        assert np.array_equal(cache, before)
+    # Caches interleaved in one array ([.., 2, ..] packed) share a buffer but no element: appends work.
+    packed = np.zeros((1, 12, 2, 1, 16), np.float32)
+    fa.flash_attn_with_kvcache(q, packed[:, :, 0], packed[:, :, 1], k_new, np.pad(v_new, ((0, 0),) * 3 + ((0, 8),)),
+                               cache_seqlens=5, cache_leftpad=np.array([2], np.int32))
+    assert np.array_equal(packed[0, 5, 0], k_new[0, 0])
+    torch = pytest.importorskip("torch", reason="torch is optional; the numpy checks above cover the library")
+    import flash_attention.torch as ft
+
+    tcache = torch.from_numpy(before.copy())
+    with torch.no_grad(), pytest.raises(ValueError, match="overlap"):
+        ft.flash_attn_with_kvcache(torch.from_numpy(q), tcache, tcache[..., :8], torch.from_numpy(k_new),
+                                   torch.from_numpy(v_new), cache_seqlens=5, cache_leftpad=torch.tensor([2], dtype=torch.int32))
+    assert torch.equal(tcache, torch.from_numpy(before))

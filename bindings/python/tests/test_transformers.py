@@ -23,8 +23,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed "
                                    "(pip install 'flash-attention[transformers]' or pip install transformers)")
 
-from transformers import (AutoModelForCausalLM, DeepseekV3Config, Gemma2Config, LlamaConfig,  # noqa: E402
-                          MistralConfig, Qwen2Config, StaticCache)
+import transformers  # noqa: E402
+from transformers import (AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig,  # noqa: E402
+                          Qwen2Config, StaticCache)
 
 from flash_attention import _torch_raw  # noqa: E402
 from flash_attention.transformers import DEFAULT_NAME, register  # noqa: E402
@@ -49,14 +50,15 @@ def config(kind):
         return Qwen2Config(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
                            layer_types=["full_attention", "sliding_attention"], **common)
     if kind == "deepseek_v3":  # multi-head latent attention: query/key heads of 16 + 8, value heads of 8
-        return DeepseekV3Config(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=8,
+        return transformers.DeepseekV3Config(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=8,
                                 moe_intermediate_size=32, first_k_dense_replace=2, n_routed_experts=4,
                                 num_experts_per_tok=2, n_group=1, topk_group=1, **{**common, "num_key_value_heads": 4})
     return Gemma2Config(head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=8.0, final_logit_softcapping=30.0,
                         query_pre_attn_scalar=16, **common)
 
 
-KINDS = ["llama", "mistral", "qwen2", "gemma2", "deepseek_v3"]
+# DeepSeek-V3 (MLA) where this transformers has it (4.50 and later).
+KINDS = ["llama", "mistral", "qwen2", "gemma2"] + (["deepseek_v3"] if hasattr(transformers, "DeepseekV3Config") else [])
 _models = {}
 
 
