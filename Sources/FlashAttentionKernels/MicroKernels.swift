@@ -95,9 +95,12 @@ struct TileBand {
     }
 }
 
-/// How an output tile meets the rows it writes: a generic parameter of `outputTile`, so that each kind
-/// gets a copy of its own with no run-time test in it.
+/// Where an output tile's sums start and how they are stored: a generic parameter of `outputTile`, so
+/// that each kind gets a copy of its own with no run-time test in it.
 protocol TileUpdate {
+    /// The sums start from zero, or else from `from`.
+    static var startsFromZero: Bool { get }
+    /// The store is o = α·o + sum (else o = sum).
     static var rescales: Bool { get }
 }
 
@@ -106,13 +109,33 @@ protocol TileUpdate {
 /// square root of the block's keys rather than of every key the row has seen. Summing onto α·o from the
 /// start made P·V the forward's largest float32 error, growing with seqlen_k: 1.6–1.8× PyTorch SDPA's
 /// relative error at 1024–2048 keys, 0.85–0.95× this way (bench/accuracy.py, bench/RESULTS.md).
-enum Rescale: TileUpdate { static var rescales: Bool { true } }
+enum Rescale: TileUpdate {
+    static var startsFromZero: Bool { true }
+    static var rescales: Bool { true }
+}
 
-/// o = o + Σ, key after key onto o: for a block sum built in pieces (`accumulateRows` on masked blocks).
-enum Accumulate: TileUpdate { static var rescales: Bool { false } }
+/// The pieces of block sums built in a scratch (`accumulateRows` on masked blocks): the first piece
+/// (`Assign`: o = Σ), middle ones (`Accumulate`: o = from + Σ, key after key, `from` being o), and the last
+/// (`Finish`: o = α·o + (from + Σ)), whose store is `Rescale`'s.
+enum Assign: TileUpdate {
+    static var startsFromZero: Bool { true }
+    static var rescales: Bool { false }
+}
 
-/// Accumulates an R-query × `microCols`-column output tile, `o_r ← Σ_k p[k][r] · v_k` joined to o_r as U
-/// says.
+/// See `Assign`.
+enum Accumulate: TileUpdate {
+    static var startsFromZero: Bool { false }
+    static var rescales: Bool { false }
+}
+
+/// See `Assign`.
+enum Finish: TileUpdate {
+    static var startsFromZero: Bool { false }
+    static var rescales: Bool { true }
+}
+
+/// Accumulates an R-query × `microCols`-column output tile, `o_r ← Σ_k p[k][r] · v_k` started and stored as
+/// U says.
 ///
 /// `p` is the transposed probability block (row k holds the probabilities of key k for consecutive
 /// queries), so the broadcasts of a step read adjacent floats; `v` is a packed `microCols`-column panel of
@@ -122,18 +145,21 @@ enum Accumulate: TileUpdate { static var rescales: Bool { false } }
 ///   - v: `microCols` columns of V row 0 stored as S; row k `ldV` elements further (a packed float32
 ///     panel, or V itself in any storage type, converted as it is loaded).
 ///   - count: keys to accumulate.
-///   - alpha: R per-query rescale factors (read by `Rescale` only).
+///   - from: where sums that do not start from zero start, laid out as o (read before o is written); nil
+///     only for kinds that start from zero.
+///   - alpha: R per-query rescale factors (read by kinds that rescale).
 ///   - o: the tile's top-left element; query r at `o + r * ldO`.
 @inline(never)
 func outputTile<R: TileRows, S: StorageElement, U: TileUpdate>(
     _ rows: R.Type, _ storage: S.Type, _ update: U.Type, p: UnsafePointer<Float>, ldP: Int, v: UnsafeRawPointer,
-    ldV: Int, count: Int, alpha: UnsafePointer<Float>, o: UnsafeMutablePointer<Float>, ldO: Int
+    ldV: Int, count: Int, from: UnsafePointer<Float>? = nil, alpha: UnsafePointer<Float>, o: UnsafeMutablePointer<Float>,
+    ldO: Int
 ) {
     var c = zeroAccumulators()
-    if !U.rescales {
+    if !U.startsFromZero, let from {
         for r in 0..<R.count {
-            c[2 * r] = load(o + r * ldO)
-            c[2 * r + 1] = load(o + r * ldO + lanes)
+            c[2 * r] = load(from + r * ldO)
+            c[2 * r + 1] = load(from + r * ldO + lanes)
         }
     }
     var pk = p
