@@ -108,7 +108,7 @@ protocol TileUpdate {
 /// and vector, no separate pass over O). This is blocked summation: its rounding error grows with the
 /// square root of the block's keys rather than of every key the row has seen. Summing onto α·o from the
 /// start made P·V the forward's largest float32 error, growing with seqlen_k: 1.6–1.8× PyTorch SDPA's
-/// relative error at 1024–2048 keys, 0.85–0.95× this way (bench/accuracy.py, bench/RESULTS.md).
+/// relative error at 1024–2048 keys, 0.86–0.96× this way (bench/accuracy.py, bench/RESULTS.md).
 enum Rescale: TileUpdate {
     static var startsFromZero: Bool { true }
     static var rescales: Bool { true }
@@ -156,7 +156,8 @@ func outputTile<R: TileRows, S: StorageElement, U: TileUpdate>(
     ldO: Int
 ) {
     var c = zeroAccumulators()
-    if !U.startsFromZero, let from {
+    if !U.startsFromZero {
+        let from = from!
         for r in 0..<R.count {
             c[2 * r] = load(from + r * ldO)
             c[2 * r + 1] = load(from + r * ldO + lanes)

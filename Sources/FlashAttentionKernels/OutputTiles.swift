@@ -23,7 +23,7 @@ func accumulateRows<R: TileRows, S: StorageElement>(
 ) {
     let ldO = Workspace.paddedDim(d)
     let o = w.o + firstRow * ldO, sums = w.tileSum
-    /// Row `row`'s tile (R rows from it) over `keys`: from `sums` to `target` as U says.
+    /// The T-row tile from row `row` over `keys`, written to `target` as U says (from `sums` if not from zero).
     @inline(__always) func tile<T: TileRows, U: TileUpdate>(
         _ r: T.Type, _ update: U.Type, row: Int, keys: Range<Int>, into target: UnsafeMutablePointer<Float>
     ) {
