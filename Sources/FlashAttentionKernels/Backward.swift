@@ -292,16 +292,16 @@ private struct BackwardTiles {
             for keyTile in 0..<keyTiles {
                 let k0 = keyTile * microRows
                 outputTile(
-                    MicroRows.self, Float32Storage.self, p: p + k0, ldP: kb, v: dO + column, ldV: ld,
-                    keys: 0..<rows, rowKeys: SharedKeys(), alpha: ones, o: dV + k0 * ld + column, ldO: ld)
+                    MicroRows.self, Float32Storage.self, Rescale.self, p: p + k0, ldP: kb, v: dO + column, ldV: ld,
+                    count: rows, alpha: ones, o: dV + k0 * ld + column, ldO: ld)
                 outputTile(
-                    MicroRows.self, Float32Storage.self, p: dS + k0, ldP: kb, v: q + column, ldV: ld,
-                    keys: 0..<rows, rowKeys: SharedKeys(), alpha: ones, o: dK + k0 * ld + column, ldO: ld)
+                    MicroRows.self, Float32Storage.self, Rescale.self, p: dS + k0, ldP: kb, v: q + column, ldV: ld,
+                    count: rows, alpha: ones, o: dK + k0 * ld + column, ldO: ld)
             }
             for tile in 0..<rowTiles {
                 outputTile(
-                    MicroRows.self, Float32Storage.self, p: dST + tile * microRows, ldP: qb,
-                    v: kRows + column, ldV: ld, keys: 0..<keyCount, rowKeys: SharedKeys(), alpha: ones,
+                    MicroRows.self, Float32Storage.self, Rescale.self, p: dST + tile * microRows, ldP: qb,
+                    v: kRows + column, ldV: ld, count: keyCount, alpha: ones,
                     o: dQ + tile * microRows * ld + column, ldO: ld)
             }
         }

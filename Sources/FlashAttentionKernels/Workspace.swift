@@ -12,6 +12,8 @@ import FlashAttentionCore
 ///     s       Bk × subBlockRows   scores of a sub-block's rows, transposed (row = key), overwritten by
 ///                             probabilities
 ///     o       Bq × D          unnormalised output accumulators, row-major
+///     tileSum microRows × D   one output tile's block sums P·V of a masked block, built in pieces
+///                             before they join o (`accumulateRows`)
 ///     rowMax, rowSum, alpha   Bq each: running max, running sum, last rescale factor
 ///     rowPosition, rowSlope, rowDistance
 ///                             Bq each: each row's query position in its block, its ALiBi slope, and
@@ -25,7 +27,7 @@ import FlashAttentionCore
 /// [b, s, h, d] tensor with 8 heads of 128 has a 4 KiB row stride, which maps every row of a column slice
 /// to one L1 set. For head_dim 128 the workspace is ~400 KiB, inside the L2 of the cores it targets.
 struct Workspace {
-    let qT, kPack, vPack, s, o, rowMax, rowSum, alpha, rowPosition, rowSlope, rowDistance, blockMax: UnsafeMutablePointer<Float>
+    let qT, kPack, vPack, s, o, tileSum, rowMax, rowSum, alpha, rowPosition, rowSlope, rowDistance, blockMax: UnsafeMutablePointer<Float>
     let rowKeys: UnsafeMutablePointer<UInt32>
     let rowMaskOffsets: UnsafeMutablePointer<Int>
     let maskTile: UnsafeMutablePointer<Float>
@@ -34,8 +36,8 @@ struct Workspace {
 
     static func floatCount(headDim: Int) -> Int {
         let qb = geometry.queryBlock, kb = geometry.keyBlock, d = paddedDim(headDim)
-        return qb * d + kb * d + kb * d + kb * subBlockRows + qb * d + 6 * qb + subBlockRows + 2 * qb + 2 * qb
-            + kb * subBlockRows
+        return qb * d + kb * d + kb * d + kb * subBlockRows + qb * d + microRows * d + 6 * qb + subBlockRows + 2 * qb
+            + 2 * qb + kb * subBlockRows
     }
 
     init(_ base: UnsafeMutableRawPointer, headDim: Int) {
@@ -45,7 +47,8 @@ struct Workspace {
         vPack = kPack + kb * d
         s = vPack + kb * d
         o = s + kb * subBlockRows
-        rowMax = o + qb * d
+        tileSum = o + qb * d
+        rowMax = tileSum + microRows * d
         rowSum = rowMax + qb
         alpha = rowSum + qb
         rowPosition = alpha + qb
