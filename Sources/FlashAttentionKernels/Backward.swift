@@ -83,12 +83,9 @@ struct BackwardScores {
                 x = x - Vec(repeating: slope) * maximum(d, -d)
             }
             if let attnMask {
-                // Lanes past the visible keys read nothing (their keys may lie beyond the mask).
-                var bias = Vec()
-                for lane in 0..<lanes where visible.contains(firstKey + k + lane) {
-                    bias[lane] = attnMask.bias(at: maskRow &+ (firstKey + k + lane) &* attnMask.colStride)
-                }
-                x = x + bias
+                // Lanes past the visible keys read nothing (their keys may lie beyond the mask; p is 0 there).
+                let lo = max(0, visible.lowerBound - firstKey - k), hi = min(lanes, visible.upperBound - firstKey - k)
+                if lo < hi { x = x + attnMask.biases(at: maskRow &+ (firstKey + k) &* attnMask.colStride, lanes: lo..<hi) }
             }
             let p = exponential(x - rowLSE).replacing(with: 0, where: (key .< low) .| (key .>= high))
             var z = Vec(repeating: 1)

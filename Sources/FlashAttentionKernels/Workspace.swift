@@ -10,7 +10,7 @@ import FlashAttentionCore
 ///     kPack   Bk × D          the key block, row-major [row][head_dim] (rows past the block's keys zero)
 ///     vPack   Bk × D          the value block as D/microCols panels of [Bk][microCols]
 ///     s       Bk × subBlockRows   scores of a sub-block's rows, transposed (row = key), overwritten by
-///                             probabilities
+///                             probabilities (before the scores, a staged mask's row-major copy)
 ///     o       Bq × D          unnormalised output accumulators, row-major
 ///     tileSum microRows × D   one output tile's block sums P·V of a masked block, built in pieces
 ///                             before they join o (`accumulateRows`)
