@@ -19,18 +19,31 @@ struct MaskTileContent {
 }
 
 /// Surveys the mask values of rows `firstRow ..< firstRow + rows` for block keys `keys` (block-relative, the
-/// block starting at `firstKey`) and, when the sub-block needs them, writes those of the keys it sees into
-/// `tile`, transposed like the scores: key k of sub-block row r at `tile + k * ldS + r`. `rowOffsets[r]` is
-/// row r's mask offset, −1 for padding rows (which see nothing, and are staged as 0). Returns nil when no
-/// real row sees any key.
+/// block starting at `firstKey` of a sequence of `keyLimit` keys) and, when the sub-block needs them, writes
+/// those of the keys it sees into `tile`, transposed like the scores: key k of sub-block row r at
+/// `tile + k * ldS + r`. `rowOffsets[r]` is row r's mask offset, −1 for padding rows (which see nothing, and
+/// are staged as 0); `scratch` has room for `rows` × `keys.count` floats rounded up to whole vectors (the
+/// scores' buffer, free until the scores are computed). Returns nil when no real row sees any key.
 func stageMaskTile(
     _ mask: AttentionMask, rowOffsets: UnsafePointer<Int>, firstRow: Int, rows: Int, keys: Range<Int>, firstKey: Int,
-    into tile: UnsafeMutablePointer<Float>, ldS: Int, scratch: UnsafeMutablePointer<Float>
+    keyLimit: Int, into tile: UnsafeMutablePointer<Float>, ldS: Int, scratch: UnsafeMutablePointer<Float>
 ) -> MaskTileContent? {
-    let rows = MaskRows(mask: mask, offsets: rowOffsets + firstRow, count: rows, firstKey: firstKey)
+    let rows = MaskRows(mask: mask, offsets: rowOffsets + firstRow, count: rows, firstKey: firstKey, keyLimit: keyLimit)
     // One copy per element type, so the loops carry no type test.
     return mask.isBool
         ? rows.stage(BoolMask.self, keys, tile, ldS, scratch) : rows.stage(FloatMask.self, keys, tile, ldS, scratch)
+}
+
+/// Prefetches into L2 the mask values of rows `0 ..< rows` for `keys` (sequence positions; contiguous masks
+/// only): the next key block's, while this one is computed. Each row's values of a key block are a few
+/// cache lines on a page of their own, hundreds of rows at once: too many streams for the hardware
+/// prefetcher, so without this the survey waits on memory row after row.
+func prefetchMask(_ mask: AttentionMask, rowOffsets: UnsafePointer<Int>, rows: Int, keys: Range<Int>) {
+    guard mask.colStride == 1 else { return }
+    let size = mask.isBool ? 1 : 4
+    for r in 0..<rows where rowOffsets[r] >= 0 {
+        prefetchRowToL2(mask.base + (rowOffsets[r] + keys.lowerBound) * size, bytes: keys.count * size)
+    }
 }
 
 /// How a mask's elements become score biases: a generic parameter, so each loop is specialised to one type.
@@ -80,6 +93,9 @@ extension AttentionMask {
     }
 }
 
+/// Signed words, one a lane: their compares are single instructions (unsigned ones go lane by lane).
+private typealias Bits = Vec.MaskStorage
+
 /// The mask rows of a sub-block.
 private struct MaskRows {
     let mask: AttentionMask
@@ -87,6 +103,8 @@ private struct MaskRows {
     let offsets: UnsafePointer<Int>
     let count: Int
     let firstKey: Int
+    /// Keys of the sequence: every row holds this many values (reads may go up to it).
+    let keyLimit: Int
 
     /// The element offset of row r's block key k.
     @inline(__always) func offset(_ r: Int, _ k: Int) -> Int { offsets[r] &+ (firstKey &+ k) &* mask.colStride }
@@ -120,32 +138,104 @@ private struct MaskRows {
     }
 
     /// The keys from the first to the last that some real row sees, and whether every real row's value there
-    /// is "attend" (bias +0.0); nil if no real row sees any key. A vector of keys at a time over all rows,
-    /// keeping the AND and the OR of the biases' bits: a key is hidden from all rows when both are −inf's
-    /// bits, and attended by all without a bias when the OR is 0. The answer is conservative: values are
-    /// staged when a key with a bias lies anywhere between the first and the last such key.
+    /// is "attend" (true, or +0.0); nil if no real row sees any key. The answer is conservative: values are
+    /// staged when a key some row does not simply attend lies anywhere between the first and the last such key.
     private func survey<E: MaskElement>(_ element: E.Type, _ keys: Range<Int>) -> (Range<Int>, Bool)? {
         guard (0..<count).contains(where: { offsets[$0] >= 0 }) else { return nil }
-        typealias Bits = Vec.MaskStorage  // signed words: their compares are single instructions
-        let hidden = Bits(repeating: Int32(bitPattern: (-Float.infinity).bitPattern)), none = Vec(repeating: .infinity)
-        var seenLow = none, seenHigh = -none, biasedLow = none, biasedHigh = -none
+        var seen = KeyHull(), biased = KeyHull()
+        if E.self == BoolMask.self && mask.colStride == 1 {
+            surveyBytes(keys, &seen, &biased)
+        } else {
+            surveyBiases(E.self, keys, &seen, &biased)
+        }
+        guard let visible = seen.range else { return nil }
+        return (visible, !(biased.range?.overlaps(visible) ?? false))
+    }
+
+    /// `survey` of the biases, a vector of keys at a time over all rows, keeping the AND and the OR of their
+    /// bits: a key is hidden from all rows when both are −inf's bits, attended by all without a bias when
+    /// the OR is 0.
+    private func surveyBiases<E: MaskElement>(_ element: E.Type, _ keys: Range<Int>, _ seen: inout KeyHull, _ biased: inout KeyHull) {
+        let hidden = Bits(repeating: Int32(bitPattern: (-Float.infinity).bitPattern))
         for k in stride(from: keys.lowerBound, to: keys.upperBound, by: lanes) {
-            let n = min(lanes, keys.upperBound - k)
-            var all = Bits(repeating: -1), any = Bits()
-            for r in 0..<count where offsets[r] >= 0 {
-                let bits = unsafeBitCast(mask.biases(E.self, at: offset(r, k), lanes: 0..<n), to: Bits.self)
-                all &= bits
-                any |= bits
+            let n = min(lanes, keys.upperBound - k), column = (firstKey &+ k) &* mask.colStride
+            let (all, any): (Bits, Bits)
+            if n == lanes && mask.colStride == 1 {
+                (all, any) = combine(column) { unsafeBitCast(E.biases(mask.base, $0), to: Bits.self) }
+            } else {
+                (all, any) = combine(column) { unsafeBitCast(mask.biases(E.self, at: $0, lanes: 0..<n), to: Bits.self) }
             }
             let key = laneIndices + Vec(repeating: Float(k)), wanted = laneIndices .< Vec(repeating: Float(n))
-            let seen = wanted .& ((all .!= hidden) .| (any .!= hidden)), biased = wanted .& (any .!= Bits())
-            seenLow = minimum(seenLow, none.replacing(with: key, where: seen))
-            seenHigh = maximum(seenHigh, (-none).replacing(with: key, where: seen))
-            biasedLow = minimum(biasedLow, none.replacing(with: key, where: biased))
-            biasedHigh = maximum(biasedHigh, (-none).replacing(with: key, where: biased))
+            seen.add(key, where: wanted .& ((all .!= hidden) .| (any .!= hidden)))
+            biased.add(key, where: wanted .& (any .!= Bits()))
         }
-        guard seenHigh.max() >= 0 else { return nil }
-        let seen = Int(seenLow.min())..<(Int(seenHigh.max()) + 1)
-        return (seen, biasedLow.min() >= Float(seen.upperBound) || biasedHigh.max() < Float(seen.lowerBound))
+    }
+
+    /// `survey` of a contiguous boolean mask on its bytes, 4 · `lanes` keys a row at a time: the top bit of
+    /// each byte of ((w & 0x7f…) + 0x7f…) | w is set exactly where the byte is nonzero (no carry crosses a
+    /// byte), so the AND and the OR of those bits over the rows say which keys every row and some row sees.
+    private func surveyBytes(_ keys: Range<Int>, _ seen: inout KeyHull, _ biased: inout KeyHull) {
+        let width = MemoryLayout<VecBits>.size, low = VecBits(repeating: 0x7f7f_7f7f), top = VecBits(repeating: 0x8080_8080)
+        @inline(__always) func nonzero(_ w: VecBits) -> VecBits { (((w & low) &+ low) | w) & top }
+        for k in stride(from: keys.lowerBound, to: keys.upperBound, by: width) {
+            let n = min(width, keys.upperBound - k), column = firstKey &+ k, base = mask.base
+            let (all, any): (VecBits, VecBits)
+            if column + width <= keyLimit {  // a whole vector inside the rows (bytes past n are not looked at)
+                (all, any) = combine(column) { nonzero(base.loadUnaligned(fromByteOffset: $0, as: VecBits.self)) }
+            } else {
+                (all, any) = combine(column) { offset in
+                    var w = VecBits()
+                    withUnsafeMutableBytes(of: &w) { $0.copyMemory(from: UnsafeRawBufferPointer(start: base + offset, count: n)) }
+                    return nonzero(w)
+                }
+            }
+            seen.add(bytes: any, key: k, count: n)
+            biased.add(bytes: ~all & top, key: k, count: n)
+        }
+    }
+
+    /// The AND and the OR over the real rows of what `read` returns for each row's element offset `column`
+    /// further (one load a row, the mask's fields in registers).
+    @inline(__always)
+    private func combine<W: SIMD>(_ column: Int, _ read: (Int) -> W) -> (W, W) where W.Scalar: FixedWidthInteger {
+        let offsets = offsets
+        var all = W(repeating: ~0), any = W()
+        for r in 0..<count where offsets[r] >= 0 {
+            let w = read(offsets[r] &+ column)
+            all &= w
+            any |= w
+        }
+        return (all, any)
+    }
+}
+
+/// The first and the last of a set of block keys.
+private struct KeyHull {
+    var first = Int.max, last = -1
+    var low = Vec(repeating: .infinity), high = Vec(repeating: -.infinity)
+
+    /// Adds the keys k + i, i < n, whose byte i of `flags` is nonzero, eight bytes at a time.
+    @inline(__always) mutating func add(bytes flags: VecBits, key k: Int, count n: Int) {
+        withUnsafeBytes(of: flags) { bytes in
+            for j in stride(from: 0, to: n, by: 8) {
+                var word = bytes.load(fromByteOffset: j, as: UInt64.self)
+                if n - j < 8 { word &= (1 &<< (8 * (n - j))) &- 1 }
+                guard word != 0 else { continue }
+                first = min(first, k + j + word.trailingZeroBitCount / 8)
+                last = max(last, k + j + (63 - word.leadingZeroBitCount) / 8)
+            }
+        }
+    }
+
+    /// Adds the lanes of `keys` (block keys as floats) that `lanes` selects.
+    @inline(__always) mutating func add(_ keys: Vec, where lanes: SIMDMask<Bits>) {
+        low = minimum(low, Vec(repeating: .infinity).replacing(with: keys, where: lanes))
+        high = maximum(high, Vec(repeating: -.infinity).replacing(with: keys, where: lanes))
+    }
+
+    var range: Range<Int>? {
+        let first = min(first, low.min() < .infinity ? Int(low.min()) : .max)
+        let last = max(last, high.max() >= 0 ? Int(high.max()) : -1)
+        return last < 0 ? nil : first..<(last + 1)
     }
 }

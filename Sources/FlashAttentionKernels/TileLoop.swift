@@ -33,6 +33,10 @@ struct QueryBlockKernel {
         let mask = adjust.mask
         let attnMask = plan.problem.attnMask
         packBlock(item.sequence, kvHead: item.firstHead / plan.problem.groupSize, firstKey: firstKey, count: mask.keyCount, into: w)
+        if let attnMask {
+            let next = firstKey + mask.keyCount
+            prefetchMask(attnMask, rowOffsets: w.rowMaskOffsets, rows: padded, keys: next..<(next + geometry.keyBlock))
+        }
 
         // The query block meets the key block a sub-block of rows at a time, so that the scores of those
         // rows stay in L1 from the score tiles through the softmax to the output tiles.
@@ -45,7 +49,7 @@ struct QueryBlockKernel {
                 guard let content = stageMaskTile(
                     attnMask, rowOffsets: w.rowMaskOffsets, firstRow: first, rows: subRows,
                     keys: mask.needed(fromRow: first, throughRow: first + subRows - 1), firstKey: firstKey,
-                    into: w.maskTile, ldS: subBlockRows, scratch: w.s)
+                    keyLimit: item.sequence.seqlenK, into: w.maskTile, ldS: subBlockRows, scratch: w.s)
                 else { continue }
                 (subAdjust.mask.firstSeen, subAdjust.mask.endSeen) = (content.seen.lowerBound, content.seen.upperBound)
                 if content.staged { subAdjust.maskTile = w.maskTile }
