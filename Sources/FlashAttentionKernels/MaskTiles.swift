@@ -4,7 +4,7 @@ import FlashAttentionCore
 /// mask is surveyed a vector of keys at a time: a sub-block the mask hides entirely is skipped, one it hides
 /// in part is narrowed to the keys some row sees — exactly: hidden scores would be −inf, which changes
 /// neither the running max nor the sum. Where every row's value over the remaining keys is "attend" (true,
-/// or 0.0), the mask adds nothing and the sub-block runs as an unmasked one; only the others are staged, in
+/// or +0.0), the mask adds nothing and the sub-block runs as an unmasked one; only the others are staged, in
 /// the scores' transposed layout, for the softmax to add a vector of mask values per key like any other score
 /// adjustment (after softcap and ALiBi). So a block-sparse mask costs about what its visible blocks cost, plus
 /// one vector read of the mask, and an all-attend mask about what no mask costs.
@@ -138,8 +138,9 @@ private struct MaskRows {
     }
 
     /// The keys from the first to the last that some real row sees, and whether every real row's value there
-    /// is "attend" (true, or +0.0); nil if no real row sees any key. The answer is conservative: values are
-    /// staged when a key some row does not simply attend lies anywhere between the first and the last such key.
+    /// is "attend" (true, or +0.0); nil if no real row sees any key. Conservative: the span from the first to
+    /// the last key that some row does not simply attend must miss the seen keys (two surveys' worth of
+    /// min/max, not a set), which holds for blocks of a block-sparse mask and for an all-attend one.
     private func survey<E: MaskElement>(_ element: E.Type, _ keys: Range<Int>) -> (Range<Int>, Bool)? {
         guard (0..<count).contains(where: { offsets[$0] >= 0 }) else { return nil }
         var seen = KeyHull(), biased = KeyHull()

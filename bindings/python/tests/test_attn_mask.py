@@ -106,8 +106,9 @@ def test_block_sparse_masks_skip_blocks_and_stay_exact_for_every_thread_count():
                  .astype(np.float64), None)
 
 
+@pytest.mark.parametrize("options", [{}, dict(causal=True, softcap=30.0)], ids=["plain", "causal-softcap"])
 @pytest.mark.parametrize("kind", ["bool", "float"])
-def test_block_masks_take_the_unmasked_path_where_they_attend_and_hide_huge_scores(kind):
+def test_block_masks_take_the_unmasked_path_where_they_attend_and_hide_huge_scores(kind, options):
     """2-D block masks (blocks of 128, 64 and 40 queries × keys, so key blocks of the kernels straddle them):
     sub-blocks whose rows all attend every key they see run without staged values, narrowed to those keys;
     keys hidden from all rows have huge scores, which must enter no row's max (else the visible
@@ -123,9 +124,9 @@ def test_block_masks_take_the_unmasked_path_where_they_attend_and_hide_huge_scor
         if kind == "float":
             biased = np.kron(rng.random(keep.shape) < 0.3, np.ones((block, block)))[..., :600, :700]
             mask = np.where(mask, biased * rng.normal(0, 1, mask.shape), -np.inf).astype(np.float32)
-        runs = [fa.flash_attn_func(q, k, v, attn_mask=mask, num_threads=n, return_lse=True) for n in (1, 2, 3)]
+        runs = [fa.flash_attn_func(q, k, v, attn_mask=mask, num_threads=n, return_lse=True, **options) for n in (1, 2, 3)]
         assert all(np.array_equal(runs[0][0], r[0]) and np.array_equal(runs[0][1], r[1]) for r in runs[1:])
-        ref, ref_lse = reference_attention(q, k, v, attn_mask=mask, return_lse=True)
+        ref, ref_lse = reference_attention(q, k, v, attn_mask=mask, return_lse=True, **options)
         assert_close(runs[0][0], runs[0][1], ref, ref_lse)
 
 
