@@ -25,8 +25,4 @@ public struct AttentionMask: @unchecked Sendable {
         if isBool { return base.load(fromByteOffset: offset, as: UInt8.self) != 0 ? 0 : -.infinity }
         return base.load(fromByteOffset: offset &* 4, as: Float.self)
     }
-
-    /// Whether the element at `offset` hides its key outright (a boolean zero or an additive −inf).
-    @inlinable @inline(__always)
-    public func hides(at offset: Int) -> Bool { bias(at: offset) == -.infinity }
 }

@@ -83,14 +83,15 @@ struct BackwardScores {
                 x = x - Vec(repeating: slope) * maximum(d, -d)
             }
             if let attnMask {
-                // Lanes past the visible keys read nothing (their keys may lie beyond the mask).
-                var bias = Vec()
-                for lane in 0..<lanes where visible.contains(firstKey + k + lane) {
-                    bias[lane] = attnMask.bias(at: maskRow &+ (firstKey + k + lane) &* attnMask.colStride)
-                }
-                x = x + bias
+                // Lanes past the visible keys read nothing (their keys may lie beyond the mask; p is 0 there).
+                let lo = max(0, visible.lowerBound - firstKey - k), hi = min(lanes, visible.upperBound - firstKey - k)
+                if lo < hi { x = x + attnMask.biases(at: maskRow &+ (firstKey + k) &* attnMask.colStride, lanes: lo..<hi) }
             }
-            let p = exponential(x - rowLSE).replacing(with: 0, where: (key .< low) .| (key .>= high))
+            // Exactly 0 below e^−87, as in the forward's masked softmax: a key a caller's mask hides inside the
+            // band would get exp2's 1e-38, whose products in the dV, dK and dQ tiles are subnormal (4.5× slower).
+            let shifted = x - rowLSE
+            let p = exponential(shifted).replacing(
+                with: 0, where: (key .< low) .| (key .>= high) .| (shifted .< Vec(repeating: -87)))
             var z = Vec(repeating: 1)
             if let dropout, let row {
                 let keys = laneBits &+ UInt32(truncatingIfNeeded: firstKey + k)
@@ -295,19 +296,19 @@ private struct BackwardTiles {
                 let k0 = keyTile * microRows
                 if column < dv {
                     outputTile(
-                        MicroRows.self, Float32Storage.self, p: p + k0, ldP: kb, v: dO + column, ldV: ld,
-                        keys: 0..<rows, rowKeys: SharedKeys(), alpha: ones, o: dV + k0 * ld + column, ldO: ld)
+                        MicroRows.self, Float32Storage.self, Rescale.self, p: p + k0, ldP: kb, v: dO + column, ldV: ld,
+                        count: rows, alpha: ones, o: dV + k0 * ld + column, ldO: ld)
                 }
                 if column < d {
                     outputTile(
-                        MicroRows.self, Float32Storage.self, p: dS + k0, ldP: kb, v: q + column, ldV: ld,
-                        keys: 0..<rows, rowKeys: SharedKeys(), alpha: ones, o: dK + k0 * ld + column, ldO: ld)
+                        MicroRows.self, Float32Storage.self, Rescale.self, p: dS + k0, ldP: kb, v: q + column, ldV: ld,
+                        count: rows, alpha: ones, o: dK + k0 * ld + column, ldO: ld)
                 }
             }
             for tile in 0..<rowTiles where column < d {
                 outputTile(
-                    MicroRows.self, Float32Storage.self, p: dST + tile * microRows, ldP: qb,
-                    v: kRows + column, ldV: ld, keys: 0..<keyCount, rowKeys: SharedKeys(), alpha: ones,
+                    MicroRows.self, Float32Storage.self, Rescale.self, p: dST + tile * microRows, ldP: qb,
+                    v: kRows + column, ldV: ld, count: keyCount, alpha: ones,
                     o: dQ + tile * microRows * ld + column, ldO: ld)
             }
         }

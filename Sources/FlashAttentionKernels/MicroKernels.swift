@@ -97,68 +97,78 @@ struct TileBand {
     }
 }
 
-/// The keys each row of an output tile sees, when they are not all the same (masked blocks).
-///
-/// A generic parameter of `outputTile`, so that unmasked tiles get a copy with no per-row code at all
-/// (measured: with the per-row loops in the one copy, every shape ran ~2% slower).
-protocol RowKeys {
-    /// Whether rows may see keys beyond those the tile shares (known at compile time).
-    static var perRow: Bool { get }
-    /// The keys row r sees; they include the tile's shared keys when those are not empty.
-    subscript(_ r: Int) -> Range<Int> { get }
+/// Where an output tile's sums start and how they are stored: a generic parameter of `outputTile`, so
+/// that each kind gets a copy of its own with no run-time test in it.
+protocol TileUpdate {
+    /// The sums start from zero, or else from `from`.
+    static var startsFromZero: Bool { get }
+    /// The store is o = α·o + sum (else o = sum).
+    static var rescales: Bool { get }
 }
 
-/// Every row sees exactly the tile's shared keys.
-struct SharedKeys: RowKeys {
-    static var perRow: Bool { false }
-    subscript(_ r: Int) -> Range<Int> { 0..<0 }
+/// o = α·o + Σ: the products are summed from zero and α·o joins them once, at the store (one FMA per row
+/// and vector, no separate pass over O). This is blocked summation: its rounding error grows with the
+/// square root of the block's keys rather than of every key the row has seen. Summing onto α·o from the
+/// start made P·V the forward's largest float32 error, growing with seqlen_k: 1.6–1.8× PyTorch SDPA's
+/// relative error at 1024–2048 keys, 0.86–0.96× this way (bench/accuracy.py, bench/RESULTS.md).
+enum Rescale: TileUpdate {
+    static var startsFromZero: Bool { true }
+    static var rescales: Bool { true }
 }
 
-/// R ranges of keys, row r's at `ranges[r]`.
-struct KeysPerRow: RowKeys {
-    let ranges: UnsafePointer<Range<Int>>
-    static var perRow: Bool { true }
-    subscript(_ r: Int) -> Range<Int> { ranges[r] }
+/// The pieces of block sums built in a scratch (`accumulateRows` on masked blocks): the first piece
+/// (`Assign`: o = Σ), middle ones (`Accumulate`: o = from + Σ, key after key, `from` being o), and the last
+/// (`Finish`: o = α·o + (from + Σ)), whose store is `Rescale`'s.
+enum Assign: TileUpdate {
+    static var startsFromZero: Bool { true }
+    static var rescales: Bool { false }
 }
 
-/// Rescales and accumulates an R-query × `microCols`-column output tile: `o_r = alpha[r] · o_r + Σ_k p[k][r] · v_k`
-/// over the keys row r sees.
+/// See `Assign`.
+enum Accumulate: TileUpdate {
+    static var startsFromZero: Bool { false }
+    static var rescales: Bool { false }
+}
+
+/// See `Assign`.
+enum Finish: TileUpdate {
+    static var startsFromZero: Bool { false }
+    static var rescales: Bool { true }
+}
+
+/// Accumulates an R-query × `microCols`-column output tile, `o_r ← Σ_k p[k][r] · v_k` started and stored as
+/// U says.
 ///
 /// `p` is the transposed probability block (row k holds the probabilities of key k for consecutive
 /// queries), so the broadcasts of a step read adjacent floats; `v` is a packed `microCols`-column panel of
-/// the key block's values, or V itself. Each row's sum runs from zero over its keys in key order, and
-/// alpha·o joins it once, at the store (one FMA per row and vector, no separate pass over O). This is
-/// blocked summation: its rounding error grows with the square root of the block's keys rather than of
-/// every key the row has seen. Summing onto alpha·o from the start made P·V the forward's largest float32
-/// error, growing with seqlen_k: 1.6–1.8× PyTorch SDPA's relative error at 1024–2048 keys, 0.85–0.95×
-/// this way (bench/accuracy.py, bench/RESULTS.md). A row's arithmetic does not depend on which rows
-/// share its tile, so results do not depend on how a call is cut into work items.
+/// the key block's values, or V itself.
 /// - Parameters:
 ///   - p: probabilities of the tile's first query for key 0; key k at `p + k * ldP`.
 ///   - v: `microCols` columns of V row 0 stored as S; row k `ldV` elements further (a packed float32
 ///     panel, or V itself in any storage type, converted as it is loaded).
-///   - keys: the keys every row of the tile sees, accumulated for all rows at once.
-///   - rowKeys: the keys of each row; those before and after `keys` are added one row at a time (masked
-///     blocks, where multiplying a hidden value row by its probability, tiny but not 0, would let a NaN in
-///     it poison rows that must not see it).
-///   - alpha: R per-query rescale factors.
-///   - o: the tile's top-left accumulator; query r at `o + r * ldO`.
+///   - count: keys to accumulate.
+///   - from: where sums that do not start from zero start, laid out as o (read before o is written); nil
+///     only for kinds that start from zero.
+///   - alpha: R per-query rescale factors (read by kinds that rescale).
+///   - o: the tile's top-left element; query r at `o + r * ldO`.
 @inline(never)
-func outputTile<R: TileRows, S: StorageElement, K: RowKeys>(
-    _ rows: R.Type, _ storage: S.Type, p: UnsafePointer<Float>, ldP: Int, v: UnsafeRawPointer, ldV: Int,
-    keys: Range<Int>, rowKeys: K, alpha: UnsafePointer<Float>, o: UnsafeMutablePointer<Float>, ldO: Int
+func outputTile<R: TileRows, S: StorageElement, U: TileUpdate>(
+    _ rows: R.Type, _ storage: S.Type, _ update: U.Type, p: UnsafePointer<Float>, ldP: Int, v: UnsafeRawPointer,
+    ldV: Int, count: Int, from: UnsafePointer<Float>? = nil, alpha: UnsafePointer<Float>, o: UnsafeMutablePointer<Float>,
+    ldO: Int
 ) {
     var c = zeroAccumulators()
-    let rowBytes = ldV * S.size, half = lanes * S.size
-    if K.perRow {
+    if !U.startsFromZero {
+        let from = from!
         for r in 0..<R.count {
-            let own = rowKeys[r]
-            addKeys(row: r, own.lowerBound..<max(own.lowerBound, min(keys.lowerBound, own.upperBound)), S.self, p, ldP, v, rowBytes, &c)
+            c[2 * r] = load(from + r * ldO)
+            c[2 * r + 1] = load(from + r * ldO + lanes)
         }
     }
-    var pk = p + keys.lowerBound * ldP
-    var vk = v + keys.lowerBound * rowBytes
-    for _ in 0..<keys.count {
+    var pk = p
+    var vk = v
+    let rowBytes = ldV * S.size, half = lanes * S.size
+    for _ in 0..<count {
         let b0 = S.loadVector(vk), b1 = S.loadVector(vk + half)
         for r in 0..<R.count {
             let a = Vec(repeating: pk[r])
@@ -168,29 +178,14 @@ func outputTile<R: TileRows, S: StorageElement, K: RowKeys>(
         pk += ldP
         vk += rowBytes
     }
-    if K.perRow {
-        for r in 0..<R.count {
-            let first = max(keys.upperBound, rowKeys[r].lowerBound)
-            addKeys(row: r, first..<max(first, rowKeys[r].upperBound), S.self, p, ldP, v, rowBytes, &c)
-        }
-    }
     for r in 0..<R.count {
-        let a = Vec(repeating: alpha[r])
-        store(muladd(load(o + r * ldO), a, c[2 * r]), o + r * ldO)
-        store(muladd(load(o + r * ldO + lanes), a, c[2 * r + 1]), o + r * ldO + lanes)
-    }
-}
-
-/// Adds the products of `keys` to row r's two accumulators, key by key (`outputTile`'s keys seen by one row).
-@inline(__always)
-private func addKeys<S: StorageElement>(
-    row r: Int, _ keys: Range<Int>, _ storage: S.Type, _ p: UnsafePointer<Float>, _ ldP: Int, _ v: UnsafeRawPointer,
-    _ rowBytes: Int, _ c: inout TileAccumulators
-) {
-    for k in keys {
-        let a = Vec(repeating: p[k * ldP + r]), vk = v + k * rowBytes
-        c[2 * r] = muladd(a, S.loadVector(vk), c[2 * r])
-        c[2 * r + 1] = muladd(a, S.loadVector(vk + lanes * S.size), c[2 * r + 1])
+        if U.rescales {
+            let a = Vec(repeating: alpha[r])
+            c[2 * r] = muladd(load(o + r * ldO), a, c[2 * r])
+            c[2 * r + 1] = muladd(load(o + r * ldO + lanes), a, c[2 * r + 1])
+        }
+        store(c[2 * r], o + r * ldO)
+        store(c[2 * r + 1], o + r * ldO + lanes)
     }
 }
 

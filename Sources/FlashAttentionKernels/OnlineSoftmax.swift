@@ -50,14 +50,16 @@ struct BlockMask {
     }
 
     /// The band of a score tile whose first key is `firstKey`, for the query lanes of its two vectors at
-    /// block-relative positions `position0`, `position1`; keys past the block (padding rows) are hidden too.
+    /// block-relative positions `position0`, `position1`; keys past the block (padding rows) and outside
+    /// [firstSeen, endSeen) are hidden too, so that the tiles' max is over keys some row sees.
     @inline(__always) func tileBand(_ position0: Vec, _ position1: Vec, firstKey: Int) -> TileBand {
         // Unbounded shifts (±2^40) stay far outside the tile after adding any position; bounded ones are exact.
         let low = Vec(repeating: Float(lowShift - firstKey))
         let high = Vec(repeating: Float(highShift - firstKey))
-        let end = Vec(repeating: Float(keyCount - firstKey))
+        let first = Vec(repeating: Float(firstSeen - firstKey))
+        let end = Vec(repeating: Float(min(keyCount, endSeen) - firstKey))
         return TileBand(
-            low0: position0 + low, low1: position1 + low,
+            low0: maximum(position0 + low, first), low1: maximum(position1 + low, first),
             high0: minimum(position0 + high, end), high1: minimum(position1 + high, end))
     }
 

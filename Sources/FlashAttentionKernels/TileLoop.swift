@@ -31,18 +31,12 @@ struct QueryBlockKernel {
     private func keyBlock(_ item: WorkItem, firstKey: Int, adjust: ScoreAdjustment, _ w: Workspace) {
         let padded = paddedRows(item)
         let mask = adjust.mask
-        let keyCount = mask.keyCount
         let attnMask = plan.problem.attnMask
-        packBlock(item.sequence, kvHead: item.firstHead / plan.problem.groupSize, firstKey: firstKey, count: keyCount, into: w)
-
-        // Without softcap or ALiBi the score tiles mask hidden keys (and the zero rows padding a partial
-        // last key tile, whose score 0 could exceed every real one by more than exp2's range) as they
-        // store, so their running max is exact and the softmax has neither a max pass nor a mask to do.
-        var adjust = adjust
-        if attnMask != nil { adjust.maskTile = w.maskTile }
-        let tilesMask = !adjust.transformsScores && (mask.isMasked || keyCount % microRows != 0)
-        adjust.scoresMasked = tilesMask
-        let tilesMaxIsExact = !adjust.transformsScores
+        packBlock(item.sequence, kvHead: item.firstHead / plan.problem.groupSize, firstKey: firstKey, count: mask.keyCount, into: w)
+        if let attnMask {
+            let next = firstKey + mask.keyCount
+            prefetchMask(attnMask, rowOffsets: w.rowMaskOffsets, rows: padded, keys: next..<(next + geometry.keyBlock))
+        }
 
         // The query block meets the key block a sub-block of rows at a time, so that the scores of those
         // rows stay in L1 from the score tiles through the softmax to the output tiles.
@@ -50,25 +44,32 @@ struct QueryBlockKernel {
             let subRows = min(subBlockRows, padded - first)
             var subAdjust = adjust
             if let attnMask {
-                // Staged first: a sub-block the mask hides is skipped, one it hides in part narrowed.
-                guard let seen = stageMaskTile(
+                // Surveyed first: a sub-block the mask hides is skipped, one it hides in part narrowed, and
+                // its values staged only where they change some score.
+                guard let content = stageMaskTile(
                     attnMask, rowOffsets: w.rowMaskOffsets, firstRow: first, rows: subRows,
                     keys: mask.needed(fromRow: first, throughRow: first + subRows - 1), firstKey: firstKey,
-                    into: w.maskTile, ldS: subBlockRows)
+                    keyLimit: item.sequence.seqlenK, into: w.maskTile, ldS: subBlockRows, scratch: w.s)
                 else { continue }
-                (subAdjust.mask.firstSeen, subAdjust.mask.endSeen) = (seen.lowerBound, seen.upperBound)
+                (subAdjust.mask.firstSeen, subAdjust.mask.endSeen) = (content.seen.lowerBound, content.seen.upperBound)
+                if content.staged { subAdjust.maskTile = w.maskTile }
             }
-            subBlock(
-                item, firstKey: firstKey, first: first, subRows: subRows, adjust: subAdjust, tilesMask: tilesMask,
-                tilesMaxIsExact: tilesMaxIsExact, w)
+            subBlock(item, firstKey: firstKey, first: first, subRows: subRows, adjust: subAdjust, w)
         }
     }
 
     /// Score → softmax → output for item rows `first ..< first + subRows` against the packed key block.
     private func subBlock(
-        _ item: WorkItem, firstKey: Int, first: Int, subRows: Int, adjust: ScoreAdjustment, tilesMask: Bool,
-        tilesMaxIsExact: Bool, _ w: Workspace
+        _ item: WorkItem, firstKey: Int, first: Int, subRows: Int, adjust: ScoreAdjustment, _ w: Workspace
     ) {
+        // Without softcap, ALiBi or staged mask values the score tiles mask hidden keys (and the zero rows
+        // padding a partial last key tile, whose score 0 could exceed every real one by more than exp2's
+        // range) as they store, so their running max is exact and the softmax has neither a max pass nor a
+        // mask to do.
+        var adjust = adjust
+        let tilesMask = !adjust.transformsScores && (adjust.mask.isMasked || adjust.mask.keyCount % microRows != 0)
+        adjust.scoresMasked = tilesMask
+        let tilesMaxIsExact = !adjust.transformsScores
         let d = plan.problem.headDim, mask = adjust.mask
         // S = K·Qᵀ, one micro-tile at a time, over the keys the panel's rows need.
         w.blockMax.update(repeating: -.infinity, count: subRows)

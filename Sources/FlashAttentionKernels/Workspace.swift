@@ -11,8 +11,10 @@ import FlashAttentionCore
 ///     kPack   Bk × D          the key block, row-major [row][head_dim] (rows past the block's keys zero)
 ///     vPack   Bk × Dv         the value block as Dv/microCols panels of [Bk][microCols]
 ///     s       Bk × subBlockRows   scores of a sub-block's rows, transposed (row = key), overwritten by
-///                             probabilities
+///                             probabilities (before the scores, a staged mask's row-major copy)
 ///     o       Bq × Dv         unnormalised output accumulators, row-major
+///     tileSum microRows × Dv  one output tile's block sums P·V of a masked block, built in pieces
+///                             before they join o (`accumulateRows`)
 ///     rowMax, rowSum, alpha   Bq each: running max, running sum, last rescale factor
 ///     rowPosition, rowSlope, rowDistance
 ///                             Bq each: each row's query position in its block, its ALiBi slope, and
@@ -26,7 +28,7 @@ import FlashAttentionCore
 /// [b, s, h, d] tensor with 8 heads of 128 has a 4 KiB row stride, which maps every row of a column slice
 /// to one L1 set. For head_dim 128 the workspace is ~400 KiB, inside the L2 of the cores it targets.
 struct Workspace {
-    let qT, kPack, vPack, s, o, rowMax, rowSum, alpha, rowPosition, rowSlope, rowDistance, blockMax: UnsafeMutablePointer<Float>
+    let qT, kPack, vPack, s, o, tileSum, rowMax, rowSum, alpha, rowPosition, rowSlope, rowDistance, blockMax: UnsafeMutablePointer<Float>
     let rowKeys: UnsafeMutablePointer<UInt32>
     let rowMaskOffsets: UnsafeMutablePointer<Int>
     let maskTile: UnsafeMutablePointer<Float>
@@ -35,8 +37,8 @@ struct Workspace {
 
     static func floatCount(headDim: Int, headDimV: Int) -> Int {
         let qb = geometry.queryBlock, kb = geometry.keyBlock, d = paddedDim(headDim), dv = paddedDim(headDimV)
-        return qb * d + kb * d + kb * dv + kb * subBlockRows + qb * dv + 6 * qb + subBlockRows + 2 * qb + 2 * qb
-            + kb * subBlockRows
+        return qb * d + kb * d + kb * dv + kb * subBlockRows + qb * dv + microRows * dv + 6 * qb + subBlockRows
+            + 2 * qb + 2 * qb + kb * subBlockRows
     }
 
     init(_ base: UnsafeMutableRawPointer, headDim: Int, headDimV: Int) {
@@ -47,7 +49,8 @@ struct Workspace {
         vPack = kPack + kb * d
         s = vPack + kb * dv
         o = s + kb * subBlockRows
-        rowMax = o + qb * dv
+        tileSum = o + qb * dv
+        rowMax = tileSum + microRows * dv
         rowSum = rowMax + qb
         alpha = rowSum + qb
         rowPosition = alpha + qb

@@ -106,6 +106,46 @@ def test_block_sparse_masks_skip_blocks_and_stay_exact_for_every_thread_count():
                  .astype(np.float64), None)
 
 
+@pytest.mark.parametrize("options", [{}, dict(causal=True, softcap=30.0)], ids=["plain", "causal-softcap"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_block_masks_take_the_unmasked_path_where_they_attend_and_hide_huge_scores(kind, options):
+    """2-D block masks (blocks of 128, 64 and 40 queries × keys, so key blocks of the kernels straddle them):
+    sub-blocks whose rows all attend every key they see run without staged values, narrowed to those keys;
+    keys hidden from all rows have huge scores, which must enter no row's max (else the visible
+    probabilities underflow); a float mask mixes 0 / −inf blocks with biased ones (staged beside unstaged)."""
+    q, k, v = random_inputs(30, 1, 600, 700, 4, 2, 32)
+    k[:, 250:390] *= 100  # hidden from every row below
+    rng = np.random.default_rng(31)
+    for block in (128, 64, 40):
+        keep = rng.random((1, 4, -(-600 // block), -(-700 // block))) < 0.5
+        keep[..., 0] = True  # every row sees some key
+        mask = np.kron(keep, np.ones((block, block), bool))[..., :600, :700]
+        mask[..., 250:390] = False
+        if kind == "float":
+            biased = np.kron(rng.random(keep.shape) < 0.3, np.ones((block, block)))[..., :600, :700]
+            mask = np.where(mask, biased * rng.normal(0, 1, mask.shape), -np.inf).astype(np.float32)
+        runs = [fa.flash_attn_func(q, k, v, attn_mask=mask, num_threads=n, return_lse=True, **options) for n in (1, 2, 3)]
+        assert all(np.array_equal(runs[0][0], r[0]) and np.array_equal(runs[0][1], r[1]) for r in runs[1:])
+        ref, ref_lse = reference_attention(q, k, v, attn_mask=mask, return_lse=True, **options)
+        assert_close(runs[0][0], runs[0][1], ref, ref_lse)
+
+
+def test_fully_masked_rows_and_blocks_with_contiguous_and_strided_masks():
+    """Rows that see no key give 0 and lse −inf whether the mask is read with wide loads (column stride 1) or
+    element by element (a transposed view), boolean or float; whole query blocks hidden are skipped."""
+    q, k, v = random_inputs(32, 1, 300, 200, 2, 2, 16)
+    mask = np.random.default_rng(33).random((1, 2, 300, 200)) < 0.6
+    mask[..., 100:200, :] = False  # whole sub-blocks of queries, past the first
+    mask[0, 1, 7] = False
+    for m in (mask, np.where(mask, 0, -np.inf).astype(np.float32)):
+        for view in (m, np.ascontiguousarray(m.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)):
+            out, lse = fa.flash_attn_func(q, k, v, attn_mask=view, return_lse=True)
+            assert (out[0, 100:200] == 0).all() and (lse[0, :, 100:200] == -np.inf).all()
+            assert (out[0, 7, 1] == 0).all() and lse[0, 1, 7] == -np.inf
+            ref, ref_lse = reference_attention(q, k, v, attn_mask=view, return_lse=True)
+            assert_close(out, lse, ref, ref_lse)
+
+
 def test_varlen_masks_use_positions_within_each_sequence():
     rng = np.random.default_rng(10)
     cu_q, cu_k = np.array([0, 5, 5, 80, 81], np.int32), np.array([0, 17, 40, 150, 151], np.int32)
