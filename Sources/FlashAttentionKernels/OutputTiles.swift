@@ -22,12 +22,23 @@ func accumulateRows<R: TileRows, S: StorageElement>(
                 rowKeys: rowKeys, alpha: w.alpha + firstRow, o: w.o + firstRow * ldO + column, ldO: ldO)
         }
     }
-    guard mask.isMasked else { return tiles(keys: 0..<mask.keyCount, rowKeys: SharedKeys()) }
+    withTileKeys(R.self, mask: mask, firstRow: firstRow, w) { keys, perRow in
+        if let perRow { tiles(keys: keys, rowKeys: perRow) } else { tiles(keys: keys, rowKeys: SharedKeys()) }
+    }
+}
+
+/// Calls `body` with the keys every row of the R-row tile from `firstRow` sees, and — in a masked block — each
+/// row's own keys (nil: every row sees exactly the shared keys).
+@inline(__always)
+func withTileKeys<R: TileRows>(
+    _ rows: R.Type, mask: BlockMask, firstRow: Int, _ w: Workspace, _ body: (Range<Int>, KeysPerRow?) -> Void
+) {
+    guard mask.isMasked else { return body(0..<mask.keyCount, nil) }
     withUnsafeTemporaryAllocation(of: Range<Int>.self, capacity: R.count) { own in
         for r in 0..<R.count { own[r] = mask.keys(position: Int(w.rowPosition[firstRow + r])) }
         var common = own[0]
         for r in 1..<R.count { common = common.clamped(to: own[r]) }
         // With no key shared, each row takes all of its keys alone (an empty `keys` past every row's).
-        tiles(keys: common.isEmpty ? mask.keyCount..<mask.keyCount : common, rowKeys: KeysPerRow(ranges: own.baseAddress!))
+        body(common.isEmpty ? mask.keyCount..<mask.keyCount : common, KeysPerRow(ranges: own.baseAddress!))
     }
 }

@@ -19,8 +19,12 @@ func runForwardItem(_ plan: ForwardPlan, _ index: Int, _ scratch: UnsafeMutableR
 struct QueryBlockKernel {
     let plan: ForwardPlan
 
+    /// bfloat16 q/k/v on a copy with pair products: both products from bfloat16 pairs (PairProducts.swift).
+    private var pairs: Bool { usesPairProducts(plan.problem) }
+
     func run(_ item: WorkItem, _ w: Workspace) {
         stageQueries(plan, item, transposed: true, w)
+        if pairs { stageQueryPairs(plan, item, w) }
         forEachKeyBlock(plan, item, blockKeys: geometry.keyBlock, pageAligned: false) { firstKey, adjust in
             keyBlock(item, firstKey: firstKey, adjust: adjust, w)
         }
@@ -33,7 +37,12 @@ struct QueryBlockKernel {
         let mask = adjust.mask
         let keyCount = mask.keyCount
         let attnMask = plan.problem.attnMask
-        packBlock(item.sequence, kvHead: item.firstHead / plan.problem.groupSize, firstKey: firstKey, count: keyCount, into: w)
+        let kvHead = item.firstHead / plan.problem.groupSize
+        if pairs {
+            packPairBlock(plan, item.sequence, kvHead: kvHead, firstKey: firstKey, count: keyCount, w)
+        } else {
+            packBlock(item.sequence, kvHead: kvHead, firstKey: firstKey, count: keyCount, into: w)
+        }
 
         // Without softcap or ALiBi the score tiles mask hidden keys (and the zero rows padding a partial
         // last key tile, whose score 0 could exceed every real one by more than exp2's range) as they
@@ -82,10 +91,18 @@ struct QueryBlockKernel {
                 let key0 = tile * microRows
                 var band = mask.tileBand(position0, position1, firstKey: key0)
                 withUnsafePointer(to: &band) { bandPointer in
-                    scoreTile(
-                        keys: w.kPack + key0 * d, ldK: d, queries: queries, depth: d,
-                        s: w.s + key0 * subBlockRows + panel * microCols, ldS: subBlockRows,
-                        columnMax: w.blockMax + panel * microCols, band: tilesMask ? bandPointer : nil)
+                    let s = w.s + key0 * subBlockRows + panel * microCols, columnMax = w.blockMax + panel * microCols
+                    if pairs {
+                        let words = pairCount(d)
+                        scoreTilePairs(
+                            keys: w.kPairs + key0 * words, ldK: words, queries: w.qPairs + row * words, pairs: words,
+                            scale: plan.problem.scale, s: s, ldS: subBlockRows, columnMax: columnMax,
+                            band: tilesMask ? bandPointer : nil)
+                    } else {
+                        scoreTile(
+                            keys: w.kPack + key0 * d, ldK: d, queries: queries, depth: d, s: s, ldS: subBlockRows,
+                            columnMax: columnMax, band: tilesMask ? bandPointer : nil)
+                    }
                 }
             }
         }
@@ -102,12 +119,23 @@ struct QueryBlockKernel {
 
         // O = α·O + P·V, one output tile at a time.
         let tiles = (min(item.rows - first, subRows) + microRows - 1) / microRows
+        if pairs {
+            packProbabilityPairs(
+                w.s, ldS: subBlockRows, keys: mask.needed(fromRow: first, throughRow: first + subRows - 1), rows: subRows,
+                into: w.pPairs)
+        }
         for tile in 0..<tiles {
             let q = tile * microRows
-            accumulateRows(
-                MicroRows.self, Float32Storage.self, headDim: d, mask: mask, firstRow: first + q, p: w.s + q,
-                ldP: subBlockRows, v: w.vPack, ldV: microCols,
-                columnStride: geometry.keyBlock * microCols * MemoryLayout<Float>.size, w)
+            if pairs {
+                accumulatePairRows(
+                    MicroRows.self, headDim: d, mask: mask, firstRow: first + q, p: w.s + q, pairs: w.pPairs + q,
+                    ldP: subBlockRows, w)
+            } else {
+                accumulateRows(
+                    MicroRows.self, Float32Storage.self, headDim: d, mask: mask, firstRow: first + q, p: w.s + q,
+                    ldP: subBlockRows, v: w.vPack, ldV: microCols,
+                    columnStride: geometry.keyBlock * microCols * MemoryLayout<Float>.size, w)
+            }
         }
     }
 

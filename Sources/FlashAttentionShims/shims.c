@@ -24,6 +24,13 @@ unsigned fa_cpu_features(void) {
     if (ymm_state && fma && f16c && (b & bit_AVX2)) features |= FA_CPU_AVX2_FMA;
     unsigned avx512 = bit_AVX512F | bit_AVX512BW | bit_AVX512DQ | bit_AVX512VL;
     if (zmm_state && (features & FA_CPU_AVX2_FMA) && (b & avx512) == avx512) features |= FA_CPU_AVX512;
+    /* AVX512_BF16 is bit 5 of EAX in leaf 7, sub-leaf 1. */
+    if ((features & FA_CPU_AVX512) && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5)))
+        features |= FA_CPU_AVX512_BF16;
+    /* The vendor string "AuthenticAMD" is EBX, EDX, ECX of leaf 0. */
+    if ((features & FA_CPU_AVX512_BF16) && __get_cpuid(0, &a, &b, &c, &d) && b == 0x68747541u && d == 0x69746e65u &&
+        c == 0x444d4163u)
+        features |= FA_CPU_BF16_FULL_RATE;
     return features;
 }
 #else

@@ -4,6 +4,9 @@
 
 #define FA_CPU_AVX2_FMA 1u     /* AVX2, FMA and F16C instructions, with YMM state enabled by the OS */
 #define FA_CPU_AVX512 2u       /* AVX-512 F, BW, DQ and VL (plus AVX2_FMA), with ZMM state enabled by the OS */
+#define FA_CPU_AVX512_BF16 4u  /* AVX512_BF16 (vdpbf16ps, vcvtne2ps2bf16) on top of FA_CPU_AVX512 */
+#define FA_CPU_BF16_FULL_RATE 8u /* with FA_CPU_AVX512_BF16, an AMD core: vdpbf16ps issues at the FMA rate there
+                                    (twice the float32 products); Intel cores issue it at half that rate */
 
 /* Bit set of FA_CPU_* features this CPU and OS can run; 0 on non-x86 machines (aarch64 needs no probe: Advanced
  * SIMD is part of the ARMv8.0 baseline the NEON copy targets). Compiled without ISA
@@ -183,6 +186,26 @@ __attribute__((target("avx2"))) static inline void fa_store_bf16x8(fa_float8 x, 
     __m256i high = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, quiet, nan), 16);
     __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
     _mm_storeu_si128((__m128i *)p, packed);
+}
+
+/* bfloat16 products (AVX512_BF16), for the avx512bf16 kernel copy only (compiled with -mavx512bf16, entered after
+ * the CPU check). A pair vector holds 16 words, each two bfloat16 values: element 2i in the low half of word i,
+ * element 2i + 1 in the high half (little-endian memory order, so a pair is two adjacent bfloat16s in memory). */
+typedef unsigned fa_uint16 __attribute__((ext_vector_type(16)));
+
+/* acc[i] + a.high[i]·b.high[i] + a.low[i]·b.low[i] in float32 (vdpbf16ps: exact products, each sum rounded to
+ * nearest even, subnormal inputs and results flushed to zero). */
+__attribute__((target("avx512f,avx512bf16"))) static inline fa_float16 fa_dot_pairs_x16(fa_float16 acc, fa_uint16 a, fa_uint16 b) {
+    return (fa_float16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+}
+
+/* 32 floats rounded to bfloat16 (nearest even; NaN stays NaN) and packed: word i = (hi[i] << 16) | lo[i], so that
+ * two keys' probabilities form the pairs of vdpbf16ps (vcvtne2ps2bf16, then vpermw to interleave the halves). */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline fa_uint16 fa_round_pairs_x16(fa_float16 lo, fa_float16 hi) {
+    __m512i halves = (__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo); /* lo in words 0-15, hi in 16-31 */
+    __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
+                                          20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return (fa_uint16)_mm512_permutexvar_epi16(interleave, halves);
 }
 
 /* Transposes the 8 × 8 floats at src (rows ld_src apart) into dst (rows ld_dst apart): the backward pass
