@@ -33,7 +33,7 @@ def bf16_sdpa_model(q, k, v, **options):
     """float64 attention with the two roundings of a bfloat16 SDPA: each probability e^(s − max) rounded to
     bfloat16 before P·V (the sum and the division exact), and the output rounded to bfloat16."""
     s = _softmax(q, k, options.get("softmax_scale"), options.get("causal", False), options.get("window_size", (-1, -1)),
-                 options.get("softcap", 0.0), options.get("alibi_slopes"), None)
+                 options.get("softcap", 0.0), options.get("alibi_slopes"), None, options.get("attn_mask"))
     sk = k.shape[1]
     e = s["p"][..., :sk] * s["total"]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -58,6 +58,8 @@ SHAPES = [  # (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, options)
     (1, 150, 150, 2, 2, 64, {"causal": True, "softcap": 5.0}),
     (1, 150, 190, 4, 2, 96, {"alibi_slopes": np.array([0.5, 0.25, 0.125, 0.0625], np.float32)}),
     (1, 600, 700, 2, 1, 128, {"causal": True}),
+    (1, 120, 171, 2, 2, 64, {"attn_mask": np.random.default_rng(5).random((120, 171)) < 0.5}),
+    (1, 99, 99, 2, 1, 48, {"causal": True, "attn_mask": np.random.default_rng(6).standard_normal((2, 99, 99)).astype(np.float32)}),
 ]
 
 
