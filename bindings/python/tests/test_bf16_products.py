@@ -15,7 +15,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from flash_attention import flash_attn_func, library_info, reference_attention
+from flash_attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, library_info, reference_attention
 from flash_attention.reference import _softmax
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -119,6 +119,35 @@ def test_hidden_nan_values_reach_no_row(options):
         assert np.isnan(poisoned[0, sees]).any(axis=(-1, -2)).all(), f"key {j}: a row that sees it is not NaN"
         assert np.array_equal(poisoned[0, ~sees], np.asarray(out, np.float64)[0, ~sees]), f"key {j} leaked"
     assert max_error(out, ref) <= 2 * max_error(bf16_sdpa_model(q, k, v, **options), ref) + 1e-12
+
+
+def test_varlen_and_paged_cache_sequences():
+    # Each sequence of a varlen call, and a prefill into a paged cache (keys located row by row through the block
+    # table), against the rule sequence by sequence.
+    rng = np.random.default_rng(73)
+    cu_q, cu_k = np.array([0, 1, 130, 130, 331], np.int32), np.array([0, 7, 150, 160, 500], np.int32)
+    q, k, v = (rng.standard_normal((n, h, 64)).astype(BF16) for n, h in ((331, 4), (500, 2), (500, 2)))
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, causal=True)
+    for b in range(4):
+        rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        if rows.stop == rows.start:
+            continue
+        one = [x[None] for x in (q[rows], k[keys], v[keys])]
+        ref = reference_attention(*one, causal=True)[0]
+        assert max_error(out[rows], ref) <= 2 * max_error(bf16_sdpa_model(*one, causal=True)[0], ref) + 1e-12, b
+
+    page, pages = 16, 40
+    k_cache, v_cache = (rng.standard_normal((pages, page, 2, 96)).astype(BF16) for _ in range(2))
+    table = rng.permutation(pages)[:2 * 20].reshape(2, 20).astype(np.int32)
+    q = rng.standard_normal((2, 75, 4, 96)).astype(BF16)
+    seqlens = np.array([300, 211], np.int32)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table, causal=True)
+    for b in range(2):
+        rows = [(table[b][j // page], j % page) for j in range(seqlens[b])]
+        keys, values = (np.stack([c[blk, off] for blk, off in rows])[None] for c in (k_cache, v_cache))
+        ref = reference_attention(q[b:b + 1], keys, values, causal=True)
+        model = bf16_sdpa_model(q[b:b + 1], keys, values, causal=True)
+        assert max_error(out[b:b + 1], ref) <= 2 * max_error(model, ref) + 1e-12, b
 
 
 def test_results_do_not_depend_on_the_thread_count():
