@@ -82,31 +82,31 @@ func packPairBlock(_ plan: ForwardPlan, _ sequence: Sequence, kvHead: Int, first
     }
     let paddedCount = (count + microRows - 1) / microRows * microRows
     (w.kPairs + count * pairs).update(repeating: 0, count: (paddedCount - count) * pairs)
-
-    let panelWords = geometry.keyBlock / 2 * microCols
     for pair in 0..<(count + 1) / 2 {
         let even = p.keyRow(p.v, sequence, head: kvHead, position: firstKey + 2 * pair)
-        let odd = 2 * pair + 1 < count ? UnsafeRawPointer(p.keyRow(p.v, sequence, head: kvHead, position: firstKey + 2 * pair + 1)) : nil
-        for column in stride(from: 0, to: d, by: lanes) {
-            let target = w.vPairs + column / microCols * panelWords + pair * microCols + column % microCols
-            if column + lanes <= d {
-                // bfloat16 widened to float32 is the value in the high half: even >> 16 | odd's high half.
-                let low = bits(loadBFloat16(even + 2 * column)) &>> 16
-                let high = odd.map { bits(loadBFloat16($0 + 2 * column)) } ?? VecBits()
-                UnsafeMutableRawPointer(target).storeBytes(of: low | high, as: VecBits.self)
-            } else {
-                for c in 0..<lanes {
-                    let inside = column + c < d
-                    let low = inside ? UInt32(even.loadUnaligned(fromByteOffset: 2 * (column + c), as: UInt16.self)) : 0
-                    let high = inside ? odd.map { UInt32($0.loadUnaligned(fromByteOffset: 2 * (column + c), as: UInt16.self)) } ?? 0 : 0
-                    target[c] = low | high << 16
-                }
-            }
-        }
-        // Columns of the last panel past head_dim, in whole vectors.
-        for column in stride(from: (d + lanes - 1) / lanes * lanes, to: Workspace.paddedDim(d), by: lanes) {
-            let target = w.vPairs + column / microCols * panelWords + pair * microCols + column % microCols
-            UnsafeMutableRawPointer(target).storeBytes(of: VecBits(), as: VecBits.self)
+        let odd = 2 * pair + 1 < count ? p.keyRow(p.v, sequence, head: kvHead, position: firstKey + 2 * pair + 1) : nil
+        packValuePair(even, odd, headDim: d, into: w.vPairs + pair * microCols)
+    }
+}
+
+/// Interleaves two value rows (`odd` nil: zeros) into one key pair's words of every column panel, from `target`
+/// (panels `keyBlock / 2 · microCols` words apart); columns past head_dim are zero.
+@inline(__always)
+private func packValuePair(_ even: UnsafeRawPointer, _ odd: UnsafeRawPointer?, headDim d: Int, into target: UnsafeMutablePointer<UInt32>) {
+    let panelWords = geometry.keyBlock / 2 * microCols
+    @inline(__always) func element(_ row: UnsafeRawPointer?, _ c: Int) -> UInt32 {
+        guard let row, c < d else { return 0 }
+        return UInt32(row.loadUnaligned(fromByteOffset: 2 * c, as: UInt16.self))
+    }
+    for column in stride(from: 0, to: Workspace.paddedDim(d), by: lanes) {
+        let words = target + column / microCols * panelWords + column % microCols
+        if column + lanes <= d {
+            // A bfloat16 widened to float32 is the value in the high half: even's moves down, odd's stays.
+            let low = bits(loadBFloat16(even + 2 * column)) &>> 16
+            let high = odd.map { bits(loadBFloat16($0 + 2 * column)) } ?? VecBits()
+            UnsafeMutableRawPointer(words).storeBytes(of: low | high, as: VecBits.self)
+        } else {
+            for c in 0..<lanes { words[c] = element(even, column + c) | element(odd, column + c) << 16 }
         }
     }
 }
