@@ -385,7 +385,7 @@ flash_attention_status flash_attention_backward(const flash_attention_backward_p
 
 /* Kernel instruction sets (0.5). The kernels are one source compiled once per instruction set; the library
  * picks the widest the CPU (and OS) can run the first time it needs one (but avx512 before avx512bf16 on Intel
- * cores, whose vdpbf16ps issues at half the FMA rate and so gains nothing over float32):
+ * cores, whose vdpbf16ps does half the FLOPs of a float32 FMA and so gains nothing over float32):
  *   "avx512bf16" the avx512 copy on a CPU with AVX512_BF16 as well (Zen 4/5, Cooper Lake, Sapphire Rapids and
  *               later): bfloat16 q, k and v multiply in bfloat16 pairs (vdpbf16ps) accumulating in float32, with
  *               the softmax in float32 and the probabilities rounded to bfloat16 for P·V (as FlashAttention on

@@ -79,9 +79,9 @@ package struct Kernels: Sendable {
 /// The instruction set selection.
 package enum KernelSelection {
     /// The paths this CPU can run, the default first: widest first (the reference loop last), except that
-    /// avx512bf16 follows avx512 where vdpbf16ps issues at half the FMA rate (Intel cores; measured on an Emerald
-    /// Rapids core, bfloat16 prefill ran at 0.54× its float32 speed on that path, bench/RESULTS.md): there its
-    /// pair products are no faster than float32, so it is offered (FLASH_ATTENTION_ISA) but not chosen.
+    /// avx512bf16 follows avx512 where vdpbf16ps does half the FLOPs of a float32 FMA (Intel cores: bfloat16
+    /// prefill ran at 0.5–0.9× the float32 speed on that path on Emerald and Sapphire Rapids, bench/RESULTS.md):
+    /// there it is offered (FLASH_ATTENTION_ISA) but not chosen.
     package static let available: [KernelISA] = {
         let runnable = KernelISA.allCases.filter { isa in
             CPU.supports(isa) && (isa == .reference || compiledTables.contains { $0.isa == isa })

@@ -5,8 +5,8 @@
 #define FA_CPU_AVX2_FMA 1u     /* AVX2, FMA and F16C instructions, with YMM state enabled by the OS */
 #define FA_CPU_AVX512 2u       /* AVX-512 F, BW, DQ and VL (plus AVX2_FMA), with ZMM state enabled by the OS */
 #define FA_CPU_AVX512_BF16 4u  /* AVX512_BF16 (vdpbf16ps, vcvtne2ps2bf16) on top of FA_CPU_AVX512 */
-#define FA_CPU_BF16_FULL_RATE 8u /* with FA_CPU_AVX512_BF16, an AMD core: vdpbf16ps issues at the FMA rate there
-                                    (twice the float32 products); Intel cores issue it at half that rate */
+#define FA_CPU_BF16_FULL_RATE 8u /* with FA_CPU_AVX512_BF16, an AMD core: vdpbf16ps does twice the FLOPs of a
+                                    float32 FMA there (Zen 4/5); on Intel cores it does half (bench/RESULTS.md) */
 
 /* Bit set of FA_CPU_* features this CPU and OS can run; 0 on non-x86 machines (aarch64 needs no probe: Advanced
  * SIMD is part of the ARMv8.0 baseline the NEON copy targets). Compiled without ISA
