@@ -24,6 +24,10 @@ let avx512Flags = [
     "-Xcc", "-mavx2", "-Xcc", "-mfma", "-Xcc", "-mf16c",
 ]
 let kernelCopies: [(String, String, [String])] = [
+    // The avx512 copy again with AMX tiles: FA_AMX gives bfloat16 q/k/v AMX score tiles (tdpbf16ps).
+    ("AMXBF16", "FA_KERNEL_AVX512", avx512Flags + [
+        "-Xcc", "-mavx512bf16", "-Xcc", "-mamx-tile", "-Xcc", "-mamx-bf16", "-D", "FA_BF16_PAIRS", "-D", "FA_AMX",
+    ]),
     // The avx512 copy again, with AVX512_BF16: FA_BF16_PAIRS gives bfloat16 q/k/v its pair products.
     ("AVX512BF16", "FA_KERNEL_AVX512", avx512Flags + ["-Xcc", "-mavx512bf16", "-D", "FA_BF16_PAIRS"]),
     ("AVX512", "FA_KERNEL_AVX512", avx512Flags),

@@ -9,6 +9,9 @@ import Darwin
 import Musl
 #endif
 
+#if canImport(FlashAttentionKernelsAMXBF16)
+import FlashAttentionKernelsAMXBF16
+#endif
 #if canImport(FlashAttentionKernelsAVX512BF16)
 import FlashAttentionKernelsAVX512BF16
 #endif
@@ -40,6 +43,7 @@ enum CPU {
     /// Whether the CPU and the OS can run `isa`.
     static func supports(_ isa: KernelISA) -> Bool {
         switch isa {
+        case .amxbf16: return features & FA_CPU_AMX_BF16 != 0
         case .avx512bf16: return features & FA_CPU_AVX512_BF16 != 0
         case .avx512: return features & FA_CPU_AVX512 != 0
         case .avx2: return features & FA_CPU_AVX2_FMA != 0
@@ -53,6 +57,9 @@ enum CPU {
 /// The kernel copies compiled into this build, widest first.
 private let compiledTables: [KernelTable] = {
     var tables: [KernelTable] = []
+    #if canImport(FlashAttentionKernelsAMXBF16)
+    tables.append(FlashAttentionKernelsAMXBF16.kernelTable)
+    #endif
     #if canImport(FlashAttentionKernelsAVX512BF16)
     tables.append(FlashAttentionKernelsAVX512BF16.kernelTable)
     #endif
@@ -86,8 +93,12 @@ package enum KernelSelection {
         let runnable = KernelISA.allCases.filter { isa in
             CPU.supports(isa) && (isa == .reference || compiledTables.contains { $0.isa == isa })
         }
-        guard runnable.first == .avx512bf16, CPU.features & FA_CPU_BF16_FULL_RATE == 0 else { return runnable }
-        return [runnable[1], runnable[0]] + runnable.dropFirst(2)
+        guard let pairs = runnable.firstIndex(of: .avx512bf16), CPU.features & FA_CPU_BF16_FULL_RATE == 0 else {
+            return runnable
+        }
+        var ordered = runnable
+        ordered.swapAt(pairs, pairs + 1)  // avx512 follows avx512bf16 wherever both are
+        return ordered
     }()
 
     /// The widest available path, or the one FLASH_ATTENTION_ISA names; read once, the first time any call
@@ -117,6 +128,7 @@ package enum KernelSelection {
         switch chosen {
         case .success(let kernels):
             switch kernels.isa {
+            case .amxbf16: return "amxbf16"
             case .avx512bf16: return "avx512bf16"
             case .avx512: return "avx512"
             case .avx2: return "avx2"

@@ -12,9 +12,13 @@ import FlashAttentionCore
 /// product sums over (VNNI order):
 ///
 ///     qPairs   (qT's memory) panels of `microCols` queries, [pair p of head_dim][query i] = (q_i[2p], q_i[2p+1]),
-///              not scaled: the inputs are exact in bfloat16, and the score tile applies the scale in float32
-///     kPairs   (kPack's memory) [key][pair p] = (k[2p], k[2p+1]): the key rows as stored, an odd head_dim padded
-///              with a zero; rows past the block's keys zero up to a whole micro-tile
+///              `pairStride` pair rows a panel, not scaled: the inputs are exact in bfloat16, and the score tiles
+///              apply the scale in float32
+///     kPairs   (kPack's memory) [key][pair p] = (k[2p], k[2p+1]), `pairStride` words a row: the key rows as stored,
+///              padded with zeros; rows past the block's keys zero up to a whole score tile
+///
+/// Padded to `pairStride` (whole 16-word chunks, 64 bytes), the pair rows of K are AMX's A operand of S = K·Qᵀ and
+/// the query panels its B operand in VNNI order (AMXScores.swift), as they are `dotPairs`' operands here.
 ///     vPairs   (vPack's memory) head_dim/microCols panels of [key pair j][column c] = (v_2j[c], v_2j+1[c]);
 ///              an odd last key paired with zeros, columns past head_dim zero
 ///     pPairs   [key pair j][sub-block row r] = (p_2j[r], p_2j+1[r]), the probabilities rounded to nearest even
@@ -24,11 +28,23 @@ import FlashAttentionCore
 /// row): the grouping depends only on the row's own keys, so a row's result is the same whichever rows share its
 /// tile, and a hidden key's value never meets a row that must not see it (0 × NaN).
 
-/// Whether `problem` takes the pair products: this copy has them and q, k and v are all bfloat16.
+/// How the query-block kernel forms its two products.
+enum BlockProducts {
+    /// float32 FMAs (every input widened while packing).
+    case float32
+    /// Both from bfloat16 pairs with `dotPairs` (avx512bf16).
+    case pairs
+    /// S = K·Qᵀ in AMX tiles from the pair layouts, P·V in float32 (amxbf16, AMXScores.swift).
+    case amxScores
+}
+
+/// The products of `problem` on this copy: bfloat16 q, k and v take the copy's bfloat16 products, if it has any.
 @inline(__always)
-func usesPairProducts(_ problem: AttentionProblem) -> Bool {
-    hasPairProducts && problem.q.element == .bfloat16 && problem.k.element == .bfloat16
-        && problem.v.element == .bfloat16
+func blockProducts(_ problem: AttentionProblem) -> BlockProducts {
+    guard problem.q.element == .bfloat16, problem.k.element == .bfloat16, problem.v.element == .bfloat16 else {
+        return .float32
+    }
+    return hasAMXTiles ? .amxScores : hasPairProducts ? .pairs : .float32
 }
 
 extension Workspace {
@@ -43,6 +59,9 @@ extension Workspace {
 
 /// Words of a head_dim row: ⌈head_dim / 2⌉.
 @inline(__always) func pairCount(_ headDim: Int) -> Int { (headDim + 1) / 2 }
+
+/// Words between packed pair rows: `pairCount` rounded up to whole 16-word (64-byte) chunks, zero-padded.
+@inline(__always) func pairStride(_ headDim: Int) -> Int { (pairCount(headDim) + 15) / 16 * 16 }
 
 /// The word of bfloat16 elements i and i + 1 of a row of `count` (a zero past the end).
 @inline(__always)
@@ -59,15 +78,13 @@ private func pairWord(_ row: UnsafeRawPointer, _ i: Int, count: Int) -> UInt32 {
 /// overwritten), padding rows zero.
 func stageQueryPairs(_ plan: ForwardPlan, _ item: WorkItem, _ w: Workspace) {
     let p = plan.problem
-    let d = p.headDim, pairs = pairCount(d)
+    let d = p.headDim, pairs = pairCount(d), stride = pairStride(d)
     for r in 0..<paddedRows(item) {
-        let panel = w.qPairs + (r / microCols) * microCols * pairs + r % microCols
-        guard let (head, position) = item.query(row: r) else {
-            for j in 0..<pairs { panel[j * microCols] = 0 }
-            continue
+        let panel = w.qPairs + (r / microCols) * microCols * stride + r % microCols
+        let source = item.query(row: r).map { head, position in
+            p.q.row(batch: item.sequence.qBatch, head: head, row: item.sequence.qRow + position)
         }
-        let source = p.q.row(batch: item.sequence.qBatch, head: head, row: item.sequence.qRow + position)
-        for j in 0..<pairs { panel[j * microCols] = pairWord(source, 2 * j, count: d) }
+        for j in 0..<stride { panel[j * microCols] = j < pairs ? source.map { pairWord($0, 2 * j, count: d) } ?? 0 : 0 }
     }
 }
 
@@ -75,18 +92,29 @@ func stageQueryPairs(_ plan: ForwardPlan, _ item: WorkItem, _ w: Workspace) {
 /// each row where the cache keeps it (a paged cache costs one table read per row).
 func packPairBlock(_ plan: ForwardPlan, _ sequence: Sequence, kvHead: Int, firstKey: Int, count: Int, _ w: Workspace) {
     let p = plan.problem
-    let d = p.headDim, pairs = pairCount(d)
-    for key in 0..<count {
-        let source = p.keyRow(p.k, sequence, head: kvHead, position: firstKey + key)
-        for j in 0..<pairs { w.kPairs[key * pairs + j] = pairWord(source, 2 * j, count: d) }
-    }
-    let paddedCount = (count + microRows - 1) / microRows * microRows
-    (w.kPairs + count * pairs).update(repeating: 0, count: (paddedCount - count) * pairs)
+    let d = p.headDim
+    packKeyPairs(plan, sequence, kvHead: kvHead, firstKey: firstKey, count: count, tileKeys: microRows, w)
     for pair in 0..<(count + 1) / 2 {
         let even = p.keyRow(p.v, sequence, head: kvHead, position: firstKey + 2 * pair)
         let odd = 2 * pair + 1 < count ? p.keyRow(p.v, sequence, head: kvHead, position: firstKey + 2 * pair + 1) : nil
         packValuePair(even, odd, headDim: d, into: w.vPairs + pair * microCols)
     }
+}
+
+/// Packs keys [firstKey, firstKey + count) as `kPairs`, zero rows after them up to a multiple of `tileKeys`.
+func packKeyPairs(
+    _ plan: ForwardPlan, _ sequence: Sequence, kvHead: Int, firstKey: Int, count: Int, tileKeys: Int, _ w: Workspace
+) {
+    let p = plan.problem
+    let d = p.headDim, pairs = pairCount(d), stride = pairStride(d)
+    for key in 0..<count {
+        let source = p.keyRow(p.k, sequence, head: kvHead, position: firstKey + key)
+        let row = w.kPairs + key * stride
+        for j in 0..<pairs { row[j] = pairWord(source, 2 * j, count: d) }
+        (row + pairs).update(repeating: 0, count: stride - pairs)
+    }
+    let paddedCount = (count + tileKeys - 1) / tileKeys * tileKeys
+    (w.kPairs + count * stride).update(repeating: 0, count: (paddedCount - count) * stride)
 }
 
 /// Interleaves two value rows (`odd` nil: zeros) into one key pair's words of every column panel, from `target`

@@ -11,7 +11,10 @@ import FlashAttentionShims
 typealias Vec = SIMD16<Float>
 typealias VecBits = SIMD16<UInt32>
 typealias HalfVec = SIMD16<Float16>
-#if FA_BF16_PAIRS
+#if FA_AMX
+/// The same copy with AMX tiles: bfloat16 q/k/v score in AMX tiles (AMXScores.swift).
+let kernelISA = KernelISA.amxbf16
+#elseif FA_BF16_PAIRS
 /// The same copy with AVX512_BF16: bfloat16 q/k/v take the pair products (PairProducts.swift).
 let kernelISA = KernelISA.avx512bf16
 #else
@@ -241,6 +244,13 @@ func transposeBlock(_ source: UnsafePointer<Float>, _ sourceStride: Int, _ targe
 @inline(__always) var hasPairProducts: Bool { true }
 #else
 @inline(__always) var hasPairProducts: Bool { false }
+#endif
+
+/// Whether this copy scores bfloat16 q/k/v in AMX tiles (AMXScores.swift): a compile-time constant, as above.
+#if FA_AMX
+@inline(__always) var hasAMXTiles: Bool { true }
+#else
+@inline(__always) var hasAMXTiles: Bool { false }
 #endif
 
 /// acc + a.high·b.high + a.low·b.low lane by lane, where each 32-bit lane of a and b holds two bfloat16 values

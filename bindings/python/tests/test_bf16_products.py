@@ -158,24 +158,25 @@ def test_results_do_not_depend_on_the_thread_count():
             assert flash_attn_func(q, k, v, num_threads=threads, **options).tobytes() == one.tobytes(), (options, threads)
 
 
-def cpu_has_avx512_bf16():
+def cpu_flag(name):
     try:
-        return " avx512_bf16" in pathlib.Path("/proc/cpuinfo").read_text()
+        return f" {name}" in pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
 
 
-def test_pair_path_is_offered_exactly_where_the_cpu_has_it():
-    has = cpu_has_avx512_bf16()
+@pytest.mark.parametrize("isa, flag", [("avx512bf16", "avx512_bf16"), ("amxbf16", "amx_bf16")])
+def test_bf16_paths_are_offered_exactly_where_the_cpu_has_them(isa, flag):
+    has = cpu_flag(flag)
     if has is None:
         pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
     available = library_info()["available_isas"]
     if not has:
-        assert "avx512bf16" not in available
-        pytest.skip(f"this CPU has no AVX512_BF16: the avx512bf16 path is unavailable (available: {', '.join(available)})")
-    assert "avx512bf16" in available
-    if os.environ.get("FLASH_ATTENTION_ISA", "") == "avx512bf16":
-        assert PAIRS
+        assert isa not in available
+        pytest.skip(f"this CPU has no {flag}: the {isa} path is unavailable (available: {', '.join(available)})")
+    if isa == "amxbf16" and isa not in available:
+        pytest.skip("the CPU has AMX but the OS did not grant this process the tile state (arch_prctl)")
+    assert isa in available
 
 
 torch = None
