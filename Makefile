@@ -170,11 +170,12 @@ else
 		$(SWIFT) test -c release --sanitize=thread --scratch-path .build-tsan 2>&1 | grep -v "Cannot export local symbol"
 endif
 
-# The whole suite on the default (widest) kernel path, then the kernel tests again on every other path this
-# CPU can run, forced with FLASH_ATTENTION_ISA (each run's header names its path).
+# The whole suite on the default kernel path (the first `flash-attention isas` names), then the kernel tests
+# again on every other path this CPU can run, forced with FLASH_ATTENTION_ISA (each run's header names its path):
+# avx512bf16 is among them wherever the CPU has AVX512_BF16.
 KERNEL_TESTS := $(addprefix bindings/python/tests/,test_parity.py test_inference.py test_half.py test_backward.py \
 	test_properties.py test_reliability.py test_quantized_cache.py test_dropout.py test_attn_mask.py test_accuracy.py \
-	test_head_dim_v.py)
+	test_head_dim_v.py test_bf16_products.py)
 
 test-python: build
 	$(PYTHON) -m pytest -q bindings/python/tests

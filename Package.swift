@@ -19,11 +19,18 @@ let optimise = ["-Ounchecked", "-enforce-exclusivity=unchecked"]
 
 /// (module suffix, define, compiler flags) of each compiled copy on this architecture.
 #if arch(x86_64)
+let avx512Flags = [
+    "-Xcc", "-mavx512f", "-Xcc", "-mavx512bw", "-Xcc", "-mavx512dq", "-Xcc", "-mavx512vl",
+    "-Xcc", "-mavx2", "-Xcc", "-mfma", "-Xcc", "-mf16c",
+]
 let kernelCopies: [(String, String, [String])] = [
-    ("AVX512", "FA_KERNEL_AVX512", [
-        "-Xcc", "-mavx512f", "-Xcc", "-mavx512bw", "-Xcc", "-mavx512dq", "-Xcc", "-mavx512vl",
-        "-Xcc", "-mavx2", "-Xcc", "-mfma", "-Xcc", "-mf16c",
+    // The avx512 copy again with AMX tiles: FA_AMX gives bfloat16 q/k/v AMX score tiles (tdpbf16ps).
+    ("AMXBF16", "FA_KERNEL_AVX512", avx512Flags + [
+        "-Xcc", "-mavx512bf16", "-Xcc", "-mamx-tile", "-Xcc", "-mamx-bf16", "-D", "FA_BF16_PAIRS", "-D", "FA_AMX",
     ]),
+    // The avx512 copy again, with AVX512_BF16: FA_BF16_PAIRS gives bfloat16 q/k/v its pair products.
+    ("AVX512BF16", "FA_KERNEL_AVX512", avx512Flags + ["-Xcc", "-mavx512bf16", "-D", "FA_BF16_PAIRS"]),
+    ("AVX512", "FA_KERNEL_AVX512", avx512Flags),
     ("AVX2", "FA_KERNEL_AVX2", ["-Xcc", "-mavx2", "-Xcc", "-mfma", "-Xcc", "-mf16c"]),
     // No ISA flags: SSE2 on x86-64, whatever the target's baseline is elsewhere.
     ("Portable", "FA_KERNEL_PORTABLE", []),

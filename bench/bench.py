@@ -57,7 +57,11 @@ DTYPE_NAMES = {0: "float32", 1: "float16", 2: "bfloat16"}
 CACHE_NAMES = {0: "float32", 1: "float16", 3: "int8", 4: "float8_e4m3"}
 # Backward: the prefill shapes, causal and not.
 BACKWARD = [(shape, causal) for shape in PREFILL for causal in (False, True)]
-SECTIONS = ("prefill", "long", "sweep", "inference", "half", "quantized", "masks", "mla", "backward", "small")
+# bfloat16 prefill (issue 17): the d=128 shapes, bfloat16 q/k/v on each x86 AVX-512 path (AMX score tiles on
+# amxbf16, pairs on avx512bf16, widened to float32 on avx512) beside this library's float32 and PyTorch's SDPA in bfloat16 and float32.
+BF16_PREFILL = [(1, 16, 16, 2048, 128), (4, 32, 32, 512, 128), (1, 32, 8, 2048, 128)]
+BF16_PATHS = ("amxbf16", "avx512bf16", "avx512")
+SECTIONS = ("prefill", "long", "sweep", "inference", "half", "quantized", "masks", "mla", "backward", "small", "bf16")
 # Masks and dropout: (b, h, s, d) prefill shapes, and the variants timed against the unmasked call.
 MASKED = [(1, 8, 2048, 64), (1, 8, 2048, 128)]
 MASK_VARIANTS = {0: "no mask", 1: "all-attend mask", 2: "block-sparse mask", 3: "dropout 0.1"}
@@ -254,7 +258,12 @@ def prepare(impl, case, args, threads, layout):
 
         torch.set_num_threads(threads)
         hq, hk = shape[1], shape[2]
-        tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))) for x in (q, k, v))
+        # bfloat16 (ml_dtypes) arrays reach torch through float32 (exact), then become torch.bfloat16.
+        half = len(args) > 6 and args[6] == 2
+        tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x.astype(np.float32) if half else x).transpose(0, 2, 1, 3))
+                      for x in (q, k, v))
+        if half:
+            tq, tk, tv = (x.contiguous().to(torch.bfloat16) for x in (tq, tk, tv))
         kw = {"is_causal": causal, "enable_gqa": hq != hk}
         return (lambda: F.scaled_dot_product_attention(tq, tk, tv, **kw)), work
     raise SystemExit(f"unknown implementation {impl}")
@@ -365,6 +374,30 @@ def measure(impl, threads, case, args, reps=5, layout="bshd", isa=None):
         worker.close()
 
 
+def bf16_prefill(results, thread_counts, reps, progress, layout, have_torch, paths):
+    """bfloat16 prefill: this library's float32 (default path) and bfloat16 on each AVX-512 path it has, PyTorch's
+    SDPA in bfloat16 and float32, alternating round by round in persistent workers."""
+    results.setdefault("bf16", [])
+    bf16_paths = [isa for isa in BF16_PATHS if isa in paths]
+    for t in thread_counts:
+        workers = {"flash_f32": (Worker("flash", t, layout), 0)}
+        workers.update({f"flash_bf16_{isa}": (Worker("flash", t, layout, isa), 2) for isa in bf16_paths})
+        if have_torch:
+            workers.update({"torch_bf16": (Worker("torch", t), 2), "torch_f32": (Worker("torch", t), 0)})
+        for shape in BF16_PREFILL:
+            for causal in (False, True):
+                progress.advance("bf16", f"{shape} {'causal' if causal else 'non-causal'} {t}T: {', '.join(workers)}")
+                cell = [*shape, int(causal)]
+                entries = {name: (w, "prefill", cell + [code]) for name, (w, code) in workers.items()}
+                measured = measure_interleaved(entries, None, None, rounds=3, reps_per_round=max(1, reps // 3))
+                row = {"shape": shape, "causal": causal, "threads": t}
+                for name, r in measured.items():
+                    row[name] = r["gflops"]
+                results["bf16"].append(row)
+        for worker, _ in workers.values():
+            worker.close()
+
+
 def torch_available():
     return subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
 
@@ -467,7 +500,8 @@ def main():
                         + len(thread_counts) * (len(DECODE) + 1) * ("quantized" in sections)
                         + len(thread_counts) * len(MASKED) * ("masks" in sections)
                         + len(thread_counts) * (len(MLA_DECODE) + 1) * ("mla" in sections)
-                        + len(thread_counts) * len(BACKWARD) * ("backward" in sections))
+                        + len(thread_counts) * len(BACKWARD) * ("backward" in sections)
+                        + len(thread_counts) * len(BF16_PREFILL) * 2 * ("bf16" in sections))
     paths = kernel_paths()
     if args.paths:
         unknown = set(args.paths.split(",")) - set(paths)
@@ -478,7 +512,7 @@ def main():
                "layout": args.layout, "torch": have_torch, "command": " ".join(["python3", "bench/bench.py"] + sys.argv[1:]),
                "paths": paths, "fma_peak": {isa: {} for isa in paths}, "peak": {}, "prefill": [], "long": [],
                "sweep": [], "small_call": {}, "decode": [], "window": [], "half": [], "quantized": [],
-               "masks": [], "mla": [], "backward": []}
+               "masks": [], "mla": [], "backward": [], "bf16": []}
     if have_torch:
         import importlib.metadata
 
@@ -597,6 +631,8 @@ def main():
                 results["backward"].append(row)
             for worker in workers.values():
                 worker.close()
+    if "bf16" in sections:
+        bf16_prefill(results, thread_counts, reps, progress, args.layout, have_torch, paths)
     if "small" in sections:
         progress.advance("small", "(1, 1, 1, 1, 64) from C")
         results["small_call"]["c_us"] = (small_call_c() or float("nan")) / 1000
@@ -739,6 +775,20 @@ def render(results):
             lines.append(f"| {r['kind']} | {r['threads']} | {fmt(r['float32_ms'], 2)} | {fmt(r['float16_ms'], 2)}"
                          f" | {fmt(r['bfloat16_ms'], 2)} | {fmt(r['float32_ms'] / r['float16_ms'], 2)}"
                          f" | {fmt(r['float32_ms'] / r['bfloat16_ms'], 2)} |")
+    if results.get("bf16"):
+        names = [n for n in results["bf16"][0] if n.startswith(("flash", "torch"))]
+        ratios = [f"flash_bf16_{isa}" for isa in BF16_PATHS if f"flash_bf16_{isa}" in names]
+        lines += ["", "| bfloat16 prefill (b, hq, hkv, s, d) | causal | threads | " + " | ".join(
+                      f"{n} GFLOP/s" for n in names) + " | " + " | ".join(
+                      f"{n} / flash_f32" + (f" | {n} / torch_bf16" if "torch_bf16" in names else "") for n in ratios) + " |",
+                  "|---|---|---|" + "---|" * (len(names) + len(ratios) * (1 + ("torch_bf16" in names)))]
+        for r in results["bf16"]:
+            cells = [fmt(r.get(n)) for n in names]
+            for n in ratios:
+                cells.append(fmt(r[n] / r["flash_f32"], 2))
+                if "torch_bf16" in names:
+                    cells.append(fmt(r[n] / r["torch_bf16"], 2))
+            lines.append(f"| {tuple(r['shape'])} | {'yes' if r['causal'] else 'no'} | {r['threads']} | " + " | ".join(cells) + " |")
     if results.get("quantized"):
         names = list(CACHE_NAMES.values())
         lines += ["", "| decode, cache dtype (b, hq, hkv, cache, d) | threads | copy GB/s | " + " | ".join(

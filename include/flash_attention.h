@@ -398,7 +398,17 @@ flash_attention_status flash_attention_backward(const flash_attention_backward_p
 /* ---- Introspection ---------------------------------------------------------------------------------- */
 
 /* Kernel instruction sets (0.5). The kernels are one source compiled once per instruction set; the library
- * picks the widest the CPU (and OS) can run the first time it needs one:
+ * picks the widest the CPU (and OS) can run the first time it needs one (but avx512 before avx512bf16 on Intel
+ * cores, whose vdpbf16ps does half the FLOPs of a float32 FMA and so gains nothing over float32):
+ *   "amxbf16"   the avx512bf16 copy on a CPU with AMX-BF16 tiles whose OS grants this process the tile state
+ *               (Sapphire Rapids and later; asked once, with arch_prctl, when the library picks its path): bfloat16
+ *               q, k and v score in 16 × 16 AMX tiles (tdpbf16ps, float32 accumulation); the softmax and P·V are
+ *               float32, as "avx512". Appended last below.
+ *   "avx512bf16" the avx512 copy on a CPU with AVX512_BF16 as well (Zen 4/5, Cooper Lake, Sapphire Rapids and
+ *               later): bfloat16 q, k and v multiply in bfloat16 pairs (vdpbf16ps) accumulating in float32, with
+ *               the softmax in float32 and the probabilities rounded to bfloat16 for P·V (as FlashAttention on
+ *               GPUs and PyTorch's SDPA on CPUs); every other input, the backward and decoding run as "avx512".
+ *               Its constant is appended last below, so the others keep their place.
  *   "avx512"    AVX-512 F/BW/DQ/VL + FMA + F16C, 16-float vectors (x86-64)
  *   "avx2"      AVX2 + FMA + F16C, 8-float vectors (x86-64)
  *   "portable"  no ISA extensions (SSE2 on x86-64), 4-float vectors; any CPU
@@ -414,12 +424,15 @@ flash_attention_status flash_attention_backward(const flash_attention_backward_p
 #define FA_ISA_PORTABLE "portable"
 #define FA_ISA_REFERENCE "reference"
 #define FA_ISA_NEON "neon"
+#define FA_ISA_AVX512BF16 "avx512bf16"
+#define FA_ISA_AMXBF16 "amxbf16"
 
 /* The instruction set attention calls use (one of the FA_ISA_* names), or "invalid" when FLASH_ATTENTION_ISA
  * names one this CPU cannot run or none at all; static storage, never NULL. */
 const char *flash_attention_kernel_isa(void);
 
-/* The FA_ISA_* names this CPU can run, widest first, separated by commas (e.g. "avx2,portable,reference");
+/* The FA_ISA_* names this CPU can run, the default first, then narrower ones, separated by commas (e.g.
+ * "avx2,portable,reference"; "avx512,avx512bf16,avx2,portable,reference" on an Intel core with AVX512_BF16);
  * static storage, never NULL. (0.5) */
 const char *flash_attention_available_isas(void);
 

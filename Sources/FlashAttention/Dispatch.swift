@@ -9,6 +9,12 @@ import Darwin
 import Musl
 #endif
 
+#if canImport(FlashAttentionKernelsAMXBF16)
+import FlashAttentionKernelsAMXBF16
+#endif
+#if canImport(FlashAttentionKernelsAVX512BF16)
+import FlashAttentionKernelsAVX512BF16
+#endif
 #if canImport(FlashAttentionKernelsAVX512)
 import FlashAttentionKernelsAVX512
 #endif
@@ -37,6 +43,8 @@ enum CPU {
     /// Whether the CPU and the OS can run `isa`.
     static func supports(_ isa: KernelISA) -> Bool {
         switch isa {
+        case .amxbf16: return features & FA_CPU_AMX_BF16 != 0
+        case .avx512bf16: return features & FA_CPU_AVX512_BF16 != 0
         case .avx512: return features & FA_CPU_AVX512 != 0
         case .avx2: return features & FA_CPU_AVX2_FMA != 0
         // Advanced SIMD is in every aarch64 CPU; the NEON copy is only compiled there.
@@ -49,6 +57,12 @@ enum CPU {
 /// The kernel copies compiled into this build, widest first.
 private let compiledTables: [KernelTable] = {
     var tables: [KernelTable] = []
+    #if canImport(FlashAttentionKernelsAMXBF16)
+    tables.append(FlashAttentionKernelsAMXBF16.kernelTable)
+    #endif
+    #if canImport(FlashAttentionKernelsAVX512BF16)
+    tables.append(FlashAttentionKernelsAVX512BF16.kernelTable)
+    #endif
     #if canImport(FlashAttentionKernelsAVX512)
     tables.append(FlashAttentionKernelsAVX512.kernelTable)
     #endif
@@ -71,10 +85,21 @@ package struct Kernels: Sendable {
 
 /// The instruction set selection.
 package enum KernelSelection {
-    /// The paths this CPU can run, widest first (the reference loop last).
-    package static let available: [KernelISA] = KernelISA.allCases.filter { isa in
-        CPU.supports(isa) && (isa == .reference || compiledTables.contains { $0.isa == isa })
-    }
+    /// The paths this CPU can run, the default first: widest first (the reference loop last), except that
+    /// avx512bf16 follows avx512 where vdpbf16ps does half the FLOPs of a float32 FMA (Intel cores: bfloat16
+    /// prefill ran at 0.5–0.9× the float32 speed on that path on Emerald and Sapphire Rapids, bench/RESULTS.md):
+    /// there it is offered (FLASH_ATTENTION_ISA) but not chosen.
+    package static let available: [KernelISA] = {
+        let runnable = KernelISA.allCases.filter { isa in
+            CPU.supports(isa) && (isa == .reference || compiledTables.contains { $0.isa == isa })
+        }
+        guard let pairs = runnable.firstIndex(of: .avx512bf16), CPU.features & FA_CPU_BF16_FULL_RATE == 0 else {
+            return runnable
+        }
+        var ordered = runnable
+        ordered.swapAt(pairs, pairs + 1)  // avx512 follows avx512bf16 wherever both are
+        return ordered
+    }()
 
     /// The widest available path, or the one FLASH_ATTENTION_ISA names; read once, the first time any call
     /// needs it. An override the CPU cannot run is an error every call reports.
@@ -103,6 +128,8 @@ package enum KernelSelection {
         switch chosen {
         case .success(let kernels):
             switch kernels.isa {
+            case .amxbf16: return "amxbf16"
+            case .avx512bf16: return "avx512bf16"
             case .avx512: return "avx512"
             case .avx2: return "avx2"
             case .neon: return "neon"

@@ -164,7 +164,7 @@ public enum Attention {
     /// The kernel instruction set calls use here ("avx512", "avx2", "portable" or "reference"; "invalid"
     /// when the FLASH_ATTENTION_ISA override names one this CPU cannot run).
     public static var kernelISA: String { String(cString: flash_attention_kernel_isa()) }
-    /// The kernel instruction sets this CPU can run, widest first (FLASH_ATTENTION_ISA accepts each).
+    /// The kernel instruction sets this CPU can run, the default first (FLASH_ATTENTION_ISA accepts each).
     public static var availableKernelISAs: [String] {
         String(cString: flash_attention_available_isas()).split(separator: ",").map(String.init)
     }

@@ -10,6 +10,12 @@ import CFlashAttention
 /// The kernel paths, by the names the header defines (FA_ISA_*), which `FLASH_ATTENTION_ISA` accepts and
 /// `flash_attention_kernel_isa()` reports. Widest first: the default is the first one the CPU can run.
 public enum KernelISA: CaseIterable, Sendable {
+    /// The avx512bf16 copy on a CPU with AMX-BF16 tiles (Sapphire Rapids and later) whose OS grants the tile state:
+    /// bfloat16 q/k/v score in 16 × 16 AMX tiles (`tdpbf16ps`), P·V in float32; everything else as avx512.
+    case amxbf16
+    /// The avx512 copy with AVX512_BF16 (Zen 4/5, Cooper Lake, Sapphire Rapids and later): bfloat16 q/k/v
+    /// multiply in bfloat16 pairs with `vdpbf16ps`, accumulating in float32; every other input as avx512.
+    case avx512bf16
     /// AVX-512 F/BW/DQ/VL with FMA and F16C: 16-lane vectors, 32 registers.
     case avx512
     /// AVX2 with FMA and F16C: 8-lane vectors, 16 registers.
@@ -25,6 +31,8 @@ public enum KernelISA: CaseIterable, Sendable {
     /// The name in the header, e.g. "avx512".
     public var name: String {
         switch self {
+        case .amxbf16: return FA_ISA_AMXBF16
+        case .avx512bf16: return FA_ISA_AVX512BF16
         case .avx512: return FA_ISA_AVX512
         case .avx2: return FA_ISA_AVX2
         case .neon: return FA_ISA_NEON

@@ -71,6 +71,17 @@ func scoreTile(
         }
         b += microCols
     }
+    storeScoreTile(c, s: s, ldS: ldS, columnMax: columnMax, band: band)
+}
+
+/// The end of a score tile: masks the scores of `c` with `band` (if any), stores them (row r at `s + r * ldS`)
+/// and raises `columnMax` to include them.
+@inline(__always)
+func storeScoreTile(
+    _ c: TileAccumulators, s: UnsafeMutablePointer<Float>, ldS: Int, columnMax: UnsafeMutablePointer<Float>,
+    band: UnsafePointer<TileBand>?
+) {
+    var c = c
     if let band = band?.pointee {
         for r in 0..<microRows { (c[2 * r], c[2 * r + 1]) = band.apply(c[2 * r], c[2 * r + 1], key: Float(r)) }
     }

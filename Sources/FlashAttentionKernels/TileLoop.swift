@@ -19,11 +19,19 @@ func runForwardItem(_ plan: ForwardPlan, _ index: Int, _ scratch: UnsafeMutableR
 struct QueryBlockKernel {
     let plan: ForwardPlan
 
+    /// float32, or bfloat16 products for bfloat16 q/k/v on a copy that has them (PairProducts.swift).
+    private var products: BlockProducts { blockProducts(plan.problem) }
+    /// Keys per score tile: AMX tiles take 16.
+    private var tileKeys: Int { products == .amxScores ? amxTileKeys : microRows }
+
     func run(_ item: WorkItem, _ w: Workspace) {
         stageQueries(plan, item, transposed: true, w)
+        if products != .float32 { stageQueryPairs(plan, item, w) }
+        if products == .amxScores { beginAMXItem() }
         forEachKeyBlock(plan, item, blockKeys: geometry.keyBlock, pageAligned: false) { firstKey, adjust in
             keyBlock(item, firstKey: firstKey, adjust: adjust, w)
         }
+        if products == .amxScores { endAMXItem() }
         finishItem(plan, item, w)
     }
 
@@ -32,9 +40,18 @@ struct QueryBlockKernel {
         let padded = paddedRows(item)
         let mask = adjust.mask
         let attnMask = plan.problem.attnMask
-        packBlock(item.sequence, kvHead: item.firstHead / plan.problem.groupSize, firstKey: firstKey, count: mask.keyCount, into: w)
+        let keyCount = mask.keyCount
+        let kvHead = item.firstHead / plan.problem.groupSize
+        switch products {
+        case .float32: packBlock(item.sequence, kvHead: kvHead, firstKey: firstKey, count: keyCount, into: w)
+        case .pairs: packPairBlock(plan, item.sequence, kvHead: kvHead, firstKey: firstKey, count: keyCount, w)
+        case .amxScores:
+            // V as float32 panels for the float32 P·V; K as pairs, over the float32 rows packBlock also wrote.
+            packBlock(item.sequence, kvHead: kvHead, firstKey: firstKey, count: keyCount, into: w)
+            packKeyPairs(plan, item.sequence, kvHead: kvHead, firstKey: firstKey, count: keyCount, tileKeys: tileKeys, w)
+        }
         if let attnMask {
-            let next = firstKey + mask.keyCount
+            let next = firstKey + keyCount
             prefetchMask(attnMask, rowOffsets: w.rowMaskOffsets, rows: padded, keys: next..<(next + geometry.keyBlock))
         }
 
@@ -67,29 +84,11 @@ struct QueryBlockKernel {
         // range) as they store, so their running max is exact and the softmax has neither a max pass nor a
         // mask to do.
         var adjust = adjust
-        let tilesMask = !adjust.transformsScores && (adjust.mask.isMasked || adjust.mask.keyCount % microRows != 0)
+        let tilesMask = !adjust.transformsScores && (adjust.mask.isMasked || adjust.mask.keyCount % tileKeys != 0)
         adjust.scoresMasked = tilesMask
         let tilesMaxIsExact = !adjust.transformsScores
-        let d = plan.problem.headDim, mask = adjust.mask
-        // S = K·Qᵀ, one micro-tile at a time, over the keys the panel's rows need.
-        w.blockMax.update(repeating: -.infinity, count: subRows)
-        for panel in 0..<(subRows / microCols) {
-            let row = first + panel * microCols
-            let needed = mask.needed(fromRow: row, throughRow: row + microCols - 1)
-            let queries = w.qT + row * d
-            let position0 = load(w.rowPosition + row), position1 = load(w.rowPosition + row + lanes)
-            for tile in (needed.lowerBound / microRows)..<((needed.upperBound + microRows - 1) / microRows) {
-                // Lane i sees tile keys [position_i + lowShift − key0, min(position_i + highShift, keyCount) − key0).
-                let key0 = tile * microRows
-                var band = mask.tileBand(position0, position1, firstKey: key0)
-                withUnsafePointer(to: &band) { bandPointer in
-                    scoreTile(
-                        keys: w.kPack + key0 * d, ldK: d, queries: queries, depth: d,
-                        s: w.s + key0 * subBlockRows + panel * microCols, ldS: subBlockRows,
-                        columnMax: w.blockMax + panel * microCols, band: tilesMask ? bandPointer : nil)
-                }
-            }
-        }
+        let mask = adjust.mask, dv = plan.problem.headDimV
+        scoreTiles(first: first, subRows: subRows, mask: mask, tilesMask: tilesMask, w)
 
         softmaxUpdate(
             s: w.s, ldS: subBlockRows, firstRow: first, queryVectors: subRows / lanes, adjust: adjust,
@@ -103,12 +102,63 @@ struct QueryBlockKernel {
 
         // O = α·O + P·V, one output tile at a time.
         let tiles = (min(item.rows - first, subRows) + microRows - 1) / microRows
+        let pairs = products == .pairs
+        if pairs {
+            packProbabilityPairs(
+                w.s, ldS: subBlockRows, keys: mask.needed(fromRow: first, throughRow: first + subRows - 1), rows: subRows,
+                into: w.pPairs)
+        }
         for tile in 0..<tiles {
             let q = tile * microRows
-            accumulateRows(
-                MicroRows.self, Float32Storage.self, headDim: plan.problem.headDimV, mask: mask, firstRow: first + q, p: w.s + q,
-                ldP: subBlockRows, v: w.vPack, ldV: microCols,
-                columnStride: geometry.keyBlock * microCols * MemoryLayout<Float>.size, w)
+            if pairs {
+                accumulatePairRows(
+                    MicroRows.self, headDim: dv, mask: mask, firstRow: first + q, p: w.s + q, pairs: w.pPairs + q,
+                    ldP: subBlockRows, w)
+            } else {
+                accumulateRows(
+                    MicroRows.self, Float32Storage.self, headDim: dv, mask: mask, firstRow: first + q, p: w.s + q,
+                    ldP: subBlockRows, v: w.vPack, ldV: microCols,
+                    columnStride: geometry.keyBlock * microCols * MemoryLayout<Float>.size, w)
+            }
+        }
+    }
+
+    /// S = K·Qᵀ for item rows `first ..< first + subRows`, one score tile at a time, over the keys each panel's rows
+    /// need; the tiles mask with their bands when `tilesMask`.
+    private func scoreTiles(first: Int, subRows: Int, mask: BlockMask, tilesMask: Bool, _ w: Workspace) {
+        let d = plan.problem.headDim, stride = pairStride(d), products = products, tileKeys = tileKeys
+        w.blockMax.update(repeating: -.infinity, count: subRows)
+        for panel in 0..<(subRows / microCols) {
+            let row = first + panel * microCols
+            let needed = mask.needed(fromRow: row, throughRow: row + microCols - 1)
+            let position0 = load(w.rowPosition + row), position1 = load(w.rowPosition + row + lanes)
+            for tile in (needed.lowerBound / tileKeys)..<((needed.upperBound + tileKeys - 1) / tileKeys) {
+                // Lane i sees tile keys [position_i + lowShift − key0, min(position_i + highShift, keyCount) − key0);
+                // an AMX tile's second band is that of its keys 8–15.
+                let key0 = tile * tileKeys
+                let band = mask.tileBand(position0, position1, firstKey: key0)
+                var bands = (band, products == .amxScores ? mask.tileBand(position0, position1, firstKey: key0 + microRows) : band)
+                withUnsafePointer(to: &bands) { pointer in
+                    let band = tilesMask ? UnsafeRawPointer(pointer).assumingMemoryBound(to: TileBand.self) : nil
+                    let s = w.s + key0 * subBlockRows + panel * microCols, columnMax = w.blockMax + panel * microCols
+                    switch products {
+                    case .float32:
+                        scoreTile(
+                            keys: w.kPack + key0 * d, ldK: d, queries: w.qT + row * d, depth: d, s: s, ldS: subBlockRows,
+                            columnMax: columnMax, band: band)
+                    case .pairs:
+                        scoreTilePairs(
+                            keys: w.kPairs + key0 * stride, ldK: stride, queries: w.qPairs + row * stride,
+                            pairs: pairCount(d), scale: plan.problem.scale, s: s, ldS: subBlockRows, columnMax: columnMax,
+                            band: band)
+                    case .amxScores:
+                        scoreTileAMX(
+                            keys: w.kPairs + key0 * stride, ldK: stride, queries: w.qPairs + row * stride,
+                            chunks: stride / 16, scale: plan.problem.scale, s: s, ldS: subBlockRows, columnMax: columnMax,
+                            bands: band)
+                    }
+                }
+            }
         }
     }
 

@@ -11,7 +11,15 @@ import FlashAttentionShims
 typealias Vec = SIMD16<Float>
 typealias VecBits = SIMD16<UInt32>
 typealias HalfVec = SIMD16<Float16>
+#if FA_AMX
+/// The same copy with AMX tiles: bfloat16 q/k/v score in AMX tiles (AMXScores.swift).
+let kernelISA = KernelISA.amxbf16
+#elseif FA_BF16_PAIRS
+/// The same copy with AVX512_BF16: bfloat16 q/k/v take the pair products (PairProducts.swift).
+let kernelISA = KernelISA.avx512bf16
+#else
 let kernelISA = KernelISA.avx512
+#endif
 /// Tile shapes and block sizes measured on Zen 5 (48 KiB L1, 1 MiB L2 per core) at 1 thread, best of
 /// interleaved runs: at head_dim 128 non-causal every Bq ∈ {288, 384, 448, 576} × Bk ∈ {64, 96, 128} ×
 /// sub-block ∈ {32, 64, 96} landed within 185–198 GFLOP/s, and Bq 576 with 64-row sub-blocks was at or near
@@ -228,4 +236,55 @@ func transposeBlock(_ source: UnsafePointer<Float>, _ sourceStride: Int, _ targe
     #else
     fa_transpose8x8(source, sourceStride, target, targetStride)
     #endif
+}
+
+/// Whether this copy has bfloat16 pair products (`dotPairs` in one instruction): only then do bfloat16 q/k/v
+/// take PairProducts.swift's kernels. A compile-time constant, so the other copies carry no pair code.
+#if FA_BF16_PAIRS
+@inline(__always) var hasPairProducts: Bool { true }
+#else
+@inline(__always) var hasPairProducts: Bool { false }
+#endif
+
+/// Whether this copy scores bfloat16 q/k/v in AMX tiles (AMXScores.swift): a compile-time constant, as above.
+#if FA_AMX
+@inline(__always) var hasAMXTiles: Bool { true }
+#else
+@inline(__always) var hasAMXTiles: Bool { false }
+#endif
+
+/// acc + a.high·b.high + a.low·b.low lane by lane, where each 32-bit lane of a and b holds two bfloat16 values
+/// (element 2i in the low half): one `vdpbf16ps` in the avx512bf16 copy. The other copies never run the pair
+/// kernels; their form (two float32 FMAs, no flush of subnormals) only keeps the shared source compiling.
+@inline(__always)
+func dotPairs(_ acc: Vec, _ a: VecBits, _ b: VecBits) -> Vec {
+    #if FA_BF16_PAIRS
+    return fa_dot_pairs_x16(acc, a, b)
+    #else
+    let high = VecBits(repeating: 0xFFFF_0000)
+    @inline(__always) func float(_ x: VecBits) -> Vec { unsafeBitCast(x, to: Vec.self) }
+    let sum = muladd(float(a & high), float(b & high), acc)
+    return muladd(float(a &<< 16), float(b &<< 16), sum)
+    #endif
+}
+
+/// Rounds two vectors to bfloat16 (nearest even, NaN kept) and interleaves them into pairs: lane i holds
+/// `low[i]` in its low half and `high[i]` in its high half (`vcvtne2ps2bf16` and `vpermw` in the avx512bf16 copy).
+@inline(__always)
+func roundPairs(_ low: Vec, _ high: Vec) -> VecBits {
+    #if FA_BF16_PAIRS
+    return fa_round_pairs_x16(low, high)
+    #else
+    var x = VecBits()
+    for i in 0..<VecBits.scalarCount { x[i] = bfloat16Bits(low[i]) | bfloat16Bits(high[i]) << 16 }
+    return x
+    #endif
+}
+
+/// x rounded to bfloat16 (nearest even, NaN kept quiet), as its 16 bits.
+@inline(__always)
+func bfloat16Bits(_ x: Float) -> UInt32 {
+    let bits = x.bitPattern
+    if x.isNaN { return (bits | 0x40_0000) >> 16 }
+    return (bits &+ 0x7FFF &+ ((bits >> 16) & 1)) >> 16
 }

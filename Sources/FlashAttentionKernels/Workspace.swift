@@ -23,6 +23,8 @@ import FlashAttentionCore
 ///     rowKeys     2 × Bq      with dropout: each row's random state (`DropoutRow`), low words then high
 ///     rowMaskOffsets  Bq (Int)    with an attention mask: each row's mask offset (−1: a padding row)
 ///     maskTile    Bk × subBlockRows   with an attention mask: a sub-block's mask values, laid out like `s`
+///     pPairs  Bk/2 × subBlockRows (UInt32)   bfloat16 pair products: a sub-block's probabilities as pairs
+///                             (PairProducts.swift, which also lays its q/k/v pairs over qT, kPack and vPack)
 ///
 /// Packing K and V makes the micro-kernels independent of the caller's strides (and of paging): a
 /// [b, s, h, d] tensor with 8 heads of 128 has a 4 KiB row stride, which maps every row of a column slice
@@ -32,13 +34,14 @@ struct Workspace {
     let rowKeys: UnsafeMutablePointer<UInt32>
     let rowMaskOffsets: UnsafeMutablePointer<Int>
     let maskTile: UnsafeMutablePointer<Float>
+    let pPairs: UnsafeMutablePointer<UInt32>
 
     static func paddedDim(_ headDim: Int) -> Int { (headDim + microCols - 1) / microCols * microCols }
 
     static func floatCount(headDim: Int, headDimV: Int) -> Int {
         let qb = geometry.queryBlock, kb = geometry.keyBlock, d = paddedDim(headDim), dv = paddedDim(headDimV)
         return qb * d + kb * d + kb * dv + kb * subBlockRows + qb * dv + microRows * dv + 6 * qb + subBlockRows
-            + 2 * qb + 2 * qb + kb * subBlockRows
+            + 2 * qb + 2 * qb + kb * subBlockRows + kb / 2 * subBlockRows
     }
 
     init(_ base: UnsafeMutableRawPointer, headDim: Int, headDimV: Int) {
@@ -60,6 +63,7 @@ struct Workspace {
         rowKeys = UnsafeMutableRawPointer(blockMax + subBlockRows).bindMemory(to: UInt32.self, capacity: 2 * qb)
         rowMaskOffsets = UnsafeMutableRawPointer(blockMax + subBlockRows + 2 * qb).bindMemory(to: Int.self, capacity: qb)
         maskTile = blockMax + subBlockRows + 4 * qb
+        pPairs = UnsafeMutableRawPointer(maskTile + kb * subBlockRows).bindMemory(to: UInt32.self, capacity: kb / 2 * subBlockRows)
     }
 }
 

@@ -2,6 +2,20 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+/* Asks Linux once for this process's permission to use the AMX tile data (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
+ * without it the first tile instruction faults. Elsewhere: no. */
+static int amx_permitted(void) {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    return 0;
+#endif
+}
 
 /* XCR0: which register states the OS saves on context switch. A CPU flag alone is not enough: without
  * OS support the first YMM/ZMM instruction faults. */
@@ -24,6 +38,17 @@ unsigned fa_cpu_features(void) {
     if (ymm_state && fma && f16c && (b & bit_AVX2)) features |= FA_CPU_AVX2_FMA;
     unsigned avx512 = bit_AVX512F | bit_AVX512BW | bit_AVX512DQ | bit_AVX512VL;
     if (zmm_state && (features & FA_CPU_AVX2_FMA) && (b & avx512) == avx512) features |= FA_CPU_AVX512;
+    /* AVX512_BF16 is bit 5 of EAX in leaf 7, sub-leaf 1. */
+    if ((features & FA_CPU_AVX512) && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5)))
+        features |= FA_CPU_AVX512_BF16;
+    /* AMX-BF16 (EDX bit 22) and AMX-TILE (bit 24) of leaf 7, with XTILECFG and XTILEDATA (bits 17, 18) in XCR0. */
+    if ((features & FA_CPU_AVX512_BF16) && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22)) &&
+        (d & (1u << 24)) && (xcr0 & 0x60000) == 0x60000 && amx_permitted())
+        features |= FA_CPU_AMX_BF16;
+    /* The vendor string "AuthenticAMD" is EBX, EDX, ECX of leaf 0. */
+    if ((features & FA_CPU_AVX512_BF16) && __get_cpuid(0, &a, &b, &c, &d) && b == 0x68747541u && d == 0x69746e65u &&
+        c == 0x444d4163u)
+        features |= FA_CPU_BF16_FULL_RATE;
     return features;
 }
 #else

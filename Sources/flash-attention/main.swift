@@ -10,7 +10,7 @@ import Musl
 
 /// `flash-attention demo | bench | info | isas`: the walkthrough plus one realistic-size run, native timings of
 /// the prefill shapes (Bench.swift), what the library is, or the kernel paths this CPU can run (one line,
-/// space-separated, widest first: for scripts that run something once per path with FLASH_ATTENTION_ISA).
+/// space-separated, the default first: for scripts that run something once per path with FLASH_ATTENTION_ISA).
 
 let usageText = "usage: flash-attention [demo | bench [options] | info | isas]"
 

@@ -25,7 +25,7 @@ import Testing
     #expect(flash_attention_default_num_threads() >= 1)
     let names = KernelISA.allCases.map(\.name)
     // Widest first (the header appends FA_ISA_NEON after the others; its names carry no order).
-    #expect(names == [FA_ISA_AVX512, FA_ISA_AVX2, FA_ISA_NEON, FA_ISA_PORTABLE, FA_ISA_REFERENCE])
+    #expect(names == [FA_ISA_AMXBF16, FA_ISA_AVX512BF16, FA_ISA_AVX512, FA_ISA_AVX2, FA_ISA_NEON, FA_ISA_PORTABLE, FA_ISA_REFERENCE])
     let available = String(cString: flash_attention_available_isas()).split(separator: ",").map(String.init)
     #expect(available == KernelSelection.available.map(\.name))
     #expect(available.suffix(2) == ["portable", "reference"], "every CPU runs the portable kernels and the reference loop")

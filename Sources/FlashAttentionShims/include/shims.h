@@ -4,6 +4,11 @@
 
 #define FA_CPU_AVX2_FMA 1u     /* AVX2, FMA and F16C instructions, with YMM state enabled by the OS */
 #define FA_CPU_AVX512 2u       /* AVX-512 F, BW, DQ and VL (plus AVX2_FMA), with ZMM state enabled by the OS */
+#define FA_CPU_AVX512_BF16 4u  /* AVX512_BF16 (vdpbf16ps, vcvtne2ps2bf16) on top of FA_CPU_AVX512 */
+#define FA_CPU_AMX_BF16 16u     /* AMX-TILE and AMX-BF16 with the tile state enabled in XCR0, and the OS has granted
+                                    this process the tile data (arch_prctl ARCH_REQ_XCOMP_PERM), with FA_CPU_AVX512_BF16 */
+#define FA_CPU_BF16_FULL_RATE 8u /* with FA_CPU_AVX512_BF16, an AMD core: vdpbf16ps does twice the FLOPs of a
+                                    float32 FMA there (Zen 4/5); on Intel cores it does half (bench/RESULTS.md) */
 
 /* Bit set of FA_CPU_* features this CPU and OS can run; 0 on non-x86 machines (aarch64 needs no probe: Advanced
  * SIMD is part of the ARMv8.0 baseline the NEON copy targets). Compiled without ISA
@@ -184,6 +189,53 @@ __attribute__((target("avx2"))) static inline void fa_store_bf16x8(fa_float8 x, 
     __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
     _mm_storeu_si128((__m128i *)p, packed);
 }
+
+/* bfloat16 products (AVX512_BF16), for the avx512bf16 kernel copy only (compiled with -mavx512bf16, entered after
+ * the CPU check). A pair vector holds 16 words, each two bfloat16 values: element 2i in the low half of word i,
+ * element 2i + 1 in the high half (little-endian memory order, so a pair is two adjacent bfloat16s in memory). */
+typedef unsigned fa_uint16 __attribute__((ext_vector_type(16)));
+
+/* acc[i] + a.high[i]·b.high[i] + a.low[i]·b.low[i] in float32 (vdpbf16ps: exact products, each sum rounded to
+ * nearest even, subnormal inputs and results flushed to zero). */
+__attribute__((target("avx512f,avx512bf16"))) static inline fa_float16 fa_dot_pairs_x16(fa_float16 acc, fa_uint16 a, fa_uint16 b) {
+    return (fa_float16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+}
+
+/* 32 floats rounded to bfloat16 (nearest even; NaN stays NaN) and packed: word i = (hi[i] << 16) | lo[i], so that
+ * two keys' probabilities form the pairs of vdpbf16ps (vcvtne2ps2bf16, then vpermw to interleave the halves). */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline fa_uint16 fa_round_pairs_x16(fa_float16 lo, fa_float16 hi) {
+    __m512i halves = (__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo); /* lo in words 0-15, hi in 16-31 */
+    __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
+                                          20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return (fa_uint16)_mm512_permutexvar_epi16(interleave, halves);
+}
+
+/* AMX tiles for the amxbf16 copy (compiled with -mamx-tile -mamx-bf16; entered only where the CPU probe found AMX and
+ * the OS granted the tile state). Tile numbers are immediates, so each use is its own one-instruction function:
+ * tiles 0 and 1 accumulate (C), tile 2 is the A operand, tiles 3 and 4 the B operands; all 16 rows × 64 bytes. */
+struct fa_tile_config {
+    unsigned char palette, start_row, reserved[14];
+    unsigned short bytes_per_row[16];
+    unsigned char rows[16];
+};
+
+/* Loads the tile configuration (ldtilecfg) of a thread: palette 1, tiles 0-4 of 16 rows × 64 bytes. */
+__attribute__((target("amx-tile"))) static inline void fa_amx_configure(void) {
+    struct fa_tile_config config = {1, 0, {0}, {0}, {0}};
+    for (int t = 0; t < 5; t++) { config.rows[t] = 16; config.bytes_per_row[t] = 64; }
+    _tile_loadconfig(&config);
+}
+__attribute__((target("amx-tile"))) static inline void fa_amx_release(void) { _tile_release(); }
+__attribute__((target("amx-tile"))) static inline void fa_amx_zero_c0(void) { _tile_zero(0); }
+__attribute__((target("amx-tile"))) static inline void fa_amx_zero_c1(void) { _tile_zero(1); }
+__attribute__((target("amx-tile"))) static inline void fa_amx_load_a(const void *p, long stride) { _tile_loadd(2, p, stride); }
+__attribute__((target("amx-tile"))) static inline void fa_amx_load_b0(const void *p, long stride) { _tile_loadd(3, p, stride); }
+__attribute__((target("amx-tile"))) static inline void fa_amx_load_b1(const void *p, long stride) { _tile_loadd(4, p, stride); }
+/* C += A·B over bfloat16 pairs, float32 accumulation (tdpbf16ps). */
+__attribute__((target("amx-tile,amx-bf16"))) static inline void fa_amx_dot_c0(void) { _tile_dpbf16ps(0, 2, 3); }
+__attribute__((target("amx-tile,amx-bf16"))) static inline void fa_amx_dot_c1(void) { _tile_dpbf16ps(1, 2, 4); }
+__attribute__((target("amx-tile"))) static inline void fa_amx_store_c0(void *p, long stride) { _tile_stored(0, p, stride); }
+__attribute__((target("amx-tile"))) static inline void fa_amx_store_c1(void *p, long stride) { _tile_stored(1, p, stride); }
 
 /* Transposes the 8 × 8 floats at src (rows ld_src apart) into dst (rows ld_dst apart): the backward pass
  * turns dS [query][key] into [key][query] this way for the dQ product's broadcasts. */

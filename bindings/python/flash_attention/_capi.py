@@ -37,8 +37,10 @@ FA_ISA_AVX2 = "avx2"
 FA_ISA_PORTABLE = "portable"
 FA_ISA_NEON = "neon"
 FA_ISA_REFERENCE = "reference"
-# Every kernel path, widest first (the header's FA_ISA_*; FA_ISA_NEON is defined last there, appended).
-KERNEL_ISAS = (FA_ISA_AVX512, FA_ISA_AVX2, FA_ISA_NEON, FA_ISA_PORTABLE, FA_ISA_REFERENCE)
+FA_ISA_AVX512BF16 = "avx512bf16"
+FA_ISA_AMXBF16 = "amxbf16"
+# Every kernel path, widest first (the header's FA_ISA_*; FA_ISA_NEON, FA_ISA_AVX512BF16 and FA_ISA_AMXBF16 are appended there).
+KERNEL_ISAS = (FA_ISA_AMXBF16, FA_ISA_AVX512BF16, FA_ISA_AVX512, FA_ISA_AVX2, FA_ISA_NEON, FA_ISA_PORTABLE, FA_ISA_REFERENCE)
 
 
 def _tensor_fields(name, strides):

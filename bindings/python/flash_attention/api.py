@@ -862,7 +862,7 @@ def flash_attn_func_with_backward(q, k, v, softmax_scale=None, causal=False, **o
 
 def library_info():
     """Version, ABI number, path, kernel instruction set (the one calls use, and every one this CPU can run,
-    widest first; FLASH_ATTENTION_ISA picks one) and default thread count of the loaded library."""
+    the default first; FLASH_ATTENTION_ISA picks one) and default thread count of the loaded library."""
     lib = load()
     return {
         "version": lib.flash_attention_version_string().decode(),

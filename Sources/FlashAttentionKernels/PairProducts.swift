@@ -1,0 +1,321 @@
+import FlashAttentionCore
+
+/// bfloat16 products for bfloat16 q, k and v (the avx512bf16 copy, `hasPairProducts`): S = Q·Kᵀ from bfloat16
+/// pairs accumulated in float32, the online softmax in float32 as on every path, and O += P·V with P rounded to
+/// bfloat16 and accumulated in float32 — what FlashAttention does on GPUs and PyTorch's SDPA on CPUs. The LSE and
+/// the final division stay float32. `vdpbf16ps` does two products per float32 lane, so both products run at twice
+/// the float32 FMA rate; the tiling loop, softmax, dropout and epilogue are the float32 path's (TileLoop.swift),
+/// only the packing and the two micro-kernels differ.
+///
+/// A word is two bfloat16 values, the even element in its low half (two adjacent bfloat16s in memory); `dotPairs`
+/// multiplies two vectors of words lane by lane and adds both products. The pairs run along the dimension each
+/// product sums over (VNNI order):
+///
+///     qPairs   (qT's memory) panels of `microCols` queries, [pair p of head_dim][query i] = (q_i[2p], q_i[2p+1]),
+///              `pairStride` pair rows a panel, not scaled: the inputs are exact in bfloat16, and the score tiles
+///              apply the scale in float32
+///     kPairs   (kPack's memory) [key][pair p] = (k[2p], k[2p+1]), `pairStride` words a row: the key rows as stored,
+///              padded with zeros; rows past the block's keys zero up to a whole score tile
+///
+/// Padded to `pairStride` (whole 16-word chunks, 64 bytes), the pair rows of K are AMX's A operand of S = K·Qᵀ and
+/// the query panels its B operand in VNNI order (AMXScores.swift), as they are `dotPairs`' operands here.
+///     vPairs   (vPack's memory) head_dim_v/microCols panels of [key pair j][column c] = (v_2j[c], v_2j+1[c]);
+///              an odd last key paired with zeros, columns past head_dim_v zero
+///     pPairs   [key pair j][sub-block row r] = (p_2j[r], p_2j+1[r]), the probabilities rounded to nearest even
+///
+/// Each row of an output tile sums the key pairs (2j, 2j + 1) that lie wholly inside the keys it sees, and the one
+/// key at either end of its range that has no partner in it alone (its P rounded the same way, times its own V
+/// row): the grouping depends only on the row's own keys, so a row's result is the same whichever rows share its
+/// tile, and a hidden key's value never meets a row that must not see it (0 × NaN).
+
+/// How the query-block kernel forms its two products.
+enum BlockProducts {
+    /// float32 FMAs (every input widened while packing).
+    case float32
+    /// Both from bfloat16 pairs with `dotPairs` (avx512bf16).
+    case pairs
+    /// S = K·Qᵀ in AMX tiles from the pair layouts, P·V in float32 (amxbf16, AMXScores.swift).
+    case amxScores
+}
+
+/// The products of `problem` on this copy: bfloat16 q, k and v take the copy's bfloat16 products, if it has any.
+@inline(__always)
+func blockProducts(_ problem: AttentionProblem) -> BlockProducts {
+    guard problem.q.element == .bfloat16, problem.k.element == .bfloat16, problem.v.element == .bfloat16 else {
+        return .float32
+    }
+    return hasAMXTiles ? .amxScores : hasPairProducts ? .pairs : .float32
+}
+
+extension Workspace {
+    @inline(__always) var qPairs: UnsafeMutablePointer<UInt32> { words(qT) }
+    @inline(__always) var kPairs: UnsafeMutablePointer<UInt32> { words(kPack) }
+    @inline(__always) var vPairs: UnsafeMutablePointer<UInt32> { words(vPack) }
+
+    @inline(__always) private func words(_ p: UnsafeMutablePointer<Float>) -> UnsafeMutablePointer<UInt32> {
+        UnsafeMutableRawPointer(p).assumingMemoryBound(to: UInt32.self)
+    }
+}
+
+/// Words of a head_dim row: ⌈head_dim / 2⌉.
+@inline(__always) func pairCount(_ headDim: Int) -> Int { (headDim + 1) / 2 }
+
+/// Words between packed pair rows: `pairCount` rounded up to whole 16-word (64-byte) chunks, zero-padded.
+@inline(__always) func pairStride(_ headDim: Int) -> Int { (pairCount(headDim) + 15) / 16 * 16 }
+
+/// The word of bfloat16 elements i and i + 1 of a row of `count` (a zero past the end).
+@inline(__always)
+private func pairWord(_ row: UnsafeRawPointer, _ i: Int, count: Int) -> UInt32 {
+    let low = UInt32(row.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))
+    return i + 1 < count ? low | UInt32(row.loadUnaligned(fromByteOffset: 2 * i + 2, as: UInt16.self)) << 16 : low
+}
+
+@inline(__always) private func loadWords(_ p: UnsafePointer<UInt32>) -> VecBits {
+    UnsafeRawPointer(p).loadUnaligned(as: VecBits.self)
+}
+
+/// Packs the item's queries as `qPairs` (after `stageQueries`, which fills the row tables; its float32 panels are
+/// overwritten), padding rows zero.
+func stageQueryPairs(_ plan: ForwardPlan, _ item: WorkItem, _ w: Workspace) {
+    let p = plan.problem
+    let d = p.headDim, pairs = pairCount(d), stride = pairStride(d)
+    for r in 0..<paddedRows(item) {
+        let panel = w.qPairs + (r / microCols) * microCols * stride + r % microCols
+        let source = item.query(row: r).map { head, position in
+            p.q.row(batch: item.sequence.qBatch, head: head, row: item.sequence.qRow + position)
+        }
+        for j in 0..<stride { panel[j * microCols] = j < pairs ? source.map { pairWord($0, 2 * j, count: d) } ?? 0 : 0 }
+    }
+}
+
+/// Packs keys [firstKey, firstKey + count) as `kPairs` and their values as `vPairs` (layouts above), reading
+/// each row where the cache keeps it (a paged cache costs one table read per row).
+func packPairBlock(_ plan: ForwardPlan, _ sequence: Sequence, kvHead: Int, firstKey: Int, count: Int, _ w: Workspace) {
+    let p = plan.problem
+    packKeyPairs(plan, sequence, kvHead: kvHead, firstKey: firstKey, count: count, tileKeys: microRows, w)
+    for pair in 0..<(count + 1) / 2 {
+        let even = p.keyRow(p.v, sequence, head: kvHead, position: firstKey + 2 * pair)
+        let odd = 2 * pair + 1 < count ? p.keyRow(p.v, sequence, head: kvHead, position: firstKey + 2 * pair + 1) : nil
+        packValuePair(even, odd, headDim: p.headDimV, into: w.vPairs + pair * microCols)
+    }
+}
+
+/// Packs keys [firstKey, firstKey + count) as `kPairs`, zero rows after them up to a multiple of `tileKeys`.
+func packKeyPairs(
+    _ plan: ForwardPlan, _ sequence: Sequence, kvHead: Int, firstKey: Int, count: Int, tileKeys: Int, _ w: Workspace
+) {
+    let p = plan.problem
+    let d = p.headDim, pairs = pairCount(d), stride = pairStride(d)
+    for key in 0..<count {
+        let source = p.keyRow(p.k, sequence, head: kvHead, position: firstKey + key)
+        let row = w.kPairs + key * stride
+        for j in 0..<pairs { row[j] = pairWord(source, 2 * j, count: d) }
+        (row + pairs).update(repeating: 0, count: stride - pairs)
+    }
+    let paddedCount = (count + tileKeys - 1) / tileKeys * tileKeys
+    (w.kPairs + count * stride).update(repeating: 0, count: (paddedCount - count) * stride)
+}
+
+/// Interleaves two value rows (`odd` nil: zeros) into one key pair's words of every column panel, from `target`
+/// (panels `keyBlock / 2 · microCols` words apart); columns past head_dim are zero.
+@inline(__always)
+private func packValuePair(_ even: UnsafeRawPointer, _ odd: UnsafeRawPointer?, headDim d: Int, into target: UnsafeMutablePointer<UInt32>) {
+    let panelWords = geometry.keyBlock / 2 * microCols
+    @inline(__always) func element(_ row: UnsafeRawPointer?, _ c: Int) -> UInt32 {
+        guard let row, c < d else { return 0 }
+        return UInt32(row.loadUnaligned(fromByteOffset: 2 * c, as: UInt16.self))
+    }
+    for column in stride(from: 0, to: Workspace.paddedDim(d), by: lanes) {
+        let words = target + column / microCols * panelWords + column % microCols
+        if column + lanes <= d {
+            // A bfloat16 widened to float32 is the value in the high half: even's moves down, odd's stays.
+            let low = bits(loadBFloat16(even + 2 * column)) &>> 16
+            let high = odd.map { bits(loadBFloat16($0 + 2 * column)) } ?? VecBits()
+            UnsafeMutableRawPointer(words).storeBytes(of: low | high, as: VecBits.self)
+        } else {
+            for c in 0..<lanes { words[c] = element(even, column + c) | element(odd, column + c) << 16 }
+        }
+    }
+}
+
+@inline(__always) private func bits(_ x: Vec) -> VecBits { unsafeBitCast(x, to: VecBits.self) }
+@inline(__always) private func float(_ x: VecBits) -> Vec { unsafeBitCast(x, to: Vec.self) }
+
+/// `scoreTile` from pairs: scores of `microRows` keys against `microCols` queries, transposed,
+/// `s[r * ldS + i] = scale · Σ_j dot(keys[r * ldK + j], queries[j * microCols + i])` over `pairs` words, then
+/// masked, stored and folded into the queries' running max as `scoreTile` does.
+@inline(never)
+func scoreTilePairs(
+    keys: UnsafePointer<UInt32>, ldK: Int, queries: UnsafePointer<UInt32>, pairs: Int, scale: Float,
+    s: UnsafeMutablePointer<Float>, ldS: Int, columnMax: UnsafeMutablePointer<Float>, band: UnsafePointer<TileBand>?
+) {
+    var c = zeroAccumulators()
+    var b = queries
+    for j in 0..<pairs {
+        let b0 = loadWords(b), b1 = loadWords(b + lanes)
+        for r in 0..<microRows {
+            let x = VecBits(repeating: keys[r * ldK + j])
+            c[2 * r] = dotPairs(c[2 * r], x, b0)
+            c[2 * r + 1] = dotPairs(c[2 * r + 1], x, b1)
+        }
+        b += microCols
+    }
+    let factor = Vec(repeating: scale)
+    for i in 0..<2 * microRows { c[i] *= factor }
+    storeScoreTile(c, s: s, ldS: ldS, columnMax: columnMax, band: band)
+}
+
+/// Rounds the probabilities of keys `keys` (rounded out to whole pairs) of a sub-block's `rows` rows to
+/// bfloat16 pairs: `pPairs[j * ldS + r]` = (p[2j][r], p[2j + 1][r]), from `p[k * ldS + r]`.
+func packProbabilityPairs(_ p: UnsafePointer<Float>, ldS: Int, keys: Range<Int>, rows: Int, into pPairs: UnsafeMutablePointer<UInt32>) {
+    for j in (keys.lowerBound / 2)..<((keys.upperBound + 1) / 2) {
+        let even = p + 2 * j * ldS, odd = even + ldS
+        for column in stride(from: 0, to: rows, by: lanes) {
+            let x = roundPairs(load(even + column), load(odd + column))
+            UnsafeMutableRawPointer(pPairs + j * ldS + column).storeBytes(of: x, as: VecBits.self)
+        }
+    }
+}
+
+/// `accumulateRows` from pairs: O = α·O + P·V for the R rows of an output tile from `firstRow`, every row over
+/// exactly the keys it sees.
+/// - Parameters:
+///   - p: float32 probabilities of the tile's first row for key 0 (key k at `p + k * ldP`), for the unpaired keys.
+///   - pairs: `pPairs` of the tile's first row (key pair j at `pairs + j * ldP`).
+func accumulatePairRows<R: TileRows>(
+    _ rows: R.Type, headDim d: Int, mask: BlockMask, firstRow: Int, p: UnsafePointer<Float>,
+    pairs: UnsafePointer<UInt32>, ldP: Int, _ w: Workspace
+) {
+    let ldO = Workspace.paddedDim(d), panelWords = geometry.keyBlock / 2 * microCols
+    @inline(__always) func tiles<K: RowKeys>(keys: Range<Int>, rowKeys: K) {
+        for column in stride(from: 0, to: d, by: microCols) {
+            outputTilePairs(
+                R.self, p: p, pairs: pairs, ldP: ldP, v: w.vPairs + column / microCols * panelWords, keys: keys,
+                rowKeys: rowKeys, alpha: w.alpha + firstRow, o: w.o + firstRow * ldO + column, ldO: ldO)
+        }
+    }
+    withTileKeys(R.self, mask: mask, firstRow: firstRow, w) { keys, perRow in
+        if let perRow { tiles(keys: keys, rowKeys: perRow) } else { tiles(keys: keys, rowKeys: SharedKeys()) }
+    }
+}
+
+/// The keys each row of a pair output tile sees, when they are not all the same (masked blocks): a generic
+/// parameter of `outputTilePairs`, so that unmasked tiles get a copy with no per-row code at all.
+protocol RowKeys {
+    /// Whether rows may see keys beyond those the tile shares (known at compile time).
+    static var perRow: Bool { get }
+    /// The keys row r sees; they include the tile's shared keys when those are not empty.
+    subscript(_ r: Int) -> Range<Int> { get }
+}
+
+/// Every row sees exactly the tile's shared keys.
+struct SharedKeys: RowKeys {
+    static var perRow: Bool { false }
+    subscript(_ r: Int) -> Range<Int> { 0..<0 }
+}
+
+/// R ranges of keys, row r's at `ranges[r]`.
+struct KeysPerRow: RowKeys {
+    let ranges: UnsafePointer<Range<Int>>
+    static var perRow: Bool { true }
+    subscript(_ r: Int) -> Range<Int> { ranges[r] }
+}
+
+/// Calls `body` with the keys every row of the R-row tile from `firstRow` sees, and — in a masked block — each
+/// row's own keys (nil: every row sees exactly the shared keys).
+@inline(__always)
+private func withTileKeys<R: TileRows>(
+    _ rows: R.Type, mask: BlockMask, firstRow: Int, _ w: Workspace, _ body: (Range<Int>, KeysPerRow?) -> Void
+) {
+    guard mask.isMasked else { return body(0..<mask.keyCount, nil) }
+    withUnsafeTemporaryAllocation(of: Range<Int>.self, capacity: R.count) { own in
+        for r in 0..<R.count { own[r] = mask.keys(position: Int(w.rowPosition[firstRow + r])) }
+        var common = own[0]
+        for r in 1..<R.count { common = common.clamped(to: own[r]) }
+        // With no key shared, each row takes all of its keys alone (an empty `keys` past every row's).
+        body(common.isEmpty ? mask.keyCount..<mask.keyCount : common, KeysPerRow(ranges: own.baseAddress!))
+    }
+}
+
+/// A row's keys as pairs: the key pairs (2j, 2j + 1) inside `keys` span `pairs` (even bounds), with at most one
+/// unpaired key before them and one after.
+private struct PairedKeys {
+    let keys: Range<Int>
+    let pairs: Range<Int>
+
+    @inline(__always) init(_ keys: Range<Int>) {
+        self.keys = keys
+        let first = min((keys.lowerBound + 1) & ~1, keys.upperBound)
+        pairs = first..<max(first, keys.upperBound & ~1)
+    }
+
+    @inline(__always) var leading: Int? { keys.lowerBound < pairs.lowerBound ? keys.lowerBound : nil }
+    @inline(__always) var trailing: Int? { pairs.upperBound < keys.upperBound ? pairs.upperBound : nil }
+}
+
+/// `outputTile` from pairs: `o_r = alpha[r] · o_r + Σ_k p[k][r] · v_k` over the keys row r sees, the key pairs
+/// shared by every row for all rows at once, each row's other pairs and its unpaired keys one row at a time.
+/// - Parameters:
+///   - v: one `microCols`-column panel of `vPairs`.
+///   - keys: the keys every row sees; rowKeys: each row's (which include `keys` when it is not empty).
+@inline(never)
+func outputTilePairs<R: TileRows, K: RowKeys>(
+    _ rows: R.Type, p: UnsafePointer<Float>, pairs: UnsafePointer<UInt32>, ldP: Int, v: UnsafePointer<UInt32>,
+    keys: Range<Int>, rowKeys: K, alpha: UnsafePointer<Float>, o: UnsafeMutablePointer<Float>, ldO: Int
+) {
+    var c = zeroAccumulators()
+    // The shared pairs; with no shared keys, every row's pairs are its own (bounds past every row's keys).
+    let shared = keys.isEmpty ? Int.max..<Int.max : PairedKeys(keys).pairs
+    for r in 0..<R.count {
+        let own = PairedKeys(K.perRow ? rowKeys[r] : keys)
+        if let k = own.leading { addSingleKey(row: r, k, p, ldP, v, &c) }
+        if K.perRow { addPairs(row: r, own.pairs.lowerBound, min(own.pairs.upperBound, shared.lowerBound), pairs, ldP, v, &c) }
+    }
+    for k in stride(from: shared.lowerBound, to: shared.upperBound, by: 2) {
+        let j = k / 2
+        let b0 = loadWords(v + j * microCols), b1 = loadWords(v + j * microCols + lanes)
+        for r in 0..<R.count {
+            let a = VecBits(repeating: pairs[j * ldP + r])
+            c[2 * r] = dotPairs(c[2 * r], a, b0)
+            c[2 * r + 1] = dotPairs(c[2 * r + 1], a, b1)
+        }
+    }
+    for r in 0..<R.count {
+        let own = PairedKeys(K.perRow ? rowKeys[r] : keys)
+        if K.perRow { addPairs(row: r, max(own.pairs.lowerBound, shared.upperBound), own.pairs.upperBound, pairs, ldP, v, &c) }
+        if let k = own.trailing { addSingleKey(row: r, k, p, ldP, v, &c) }
+    }
+    for r in 0..<R.count {
+        let a = Vec(repeating: alpha[r])
+        store(muladd(load(o + r * ldO), a, c[2 * r]), o + r * ldO)
+        store(muladd(load(o + r * ldO + lanes), a, c[2 * r + 1]), o + r * ldO + lanes)
+    }
+}
+
+/// Adds key pairs [from, to) (even bounds; none when to ≤ from) to row r's accumulators.
+@inline(__always)
+private func addPairs(
+    row r: Int, _ from: Int, _ to: Int, _ pairs: UnsafePointer<UInt32>, _ ldP: Int, _ v: UnsafePointer<UInt32>,
+    _ c: inout TileAccumulators
+) {
+    for k in stride(from: from, to: to, by: 2) {
+        let j = k / 2
+        let a = VecBits(repeating: pairs[j * ldP + r])
+        c[2 * r] = dotPairs(c[2 * r], a, loadWords(v + j * microCols))
+        c[2 * r + 1] = dotPairs(c[2 * r + 1], a, loadWords(v + j * microCols + lanes))
+    }
+}
+
+/// Adds key k alone to row r: its probability rounded to bfloat16 as in a pair, times its own half of the
+/// value words (float32 FMAs, so the other key of the word, which the row may not see, is never multiplied).
+@inline(__always)
+private func addSingleKey(
+    row r: Int, _ k: Int, _ p: UnsafePointer<Float>, _ ldP: Int, _ v: UnsafePointer<UInt32>, _ c: inout TileAccumulators
+) {
+    let a = Vec(repeating: Float(bitPattern: bfloat16Bits(p[k * ldP + r]) << 16))
+    let words = v + k / 2 * microCols
+    // An even key's half moves up into place; an odd key's is already there.
+    let shift = VecBits(repeating: k % 2 == 0 ? 16 : 0), keep = VecBits(repeating: 0xFFFF_0000)
+    c[2 * r] = muladd(a, float((loadWords(words) &<< shift) & keep), c[2 * r])
+    c[2 * r + 1] = muladd(a, float((loadWords(words + lanes) &<< shift) & keep), c[2 * r + 1])
+}
