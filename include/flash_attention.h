@@ -301,11 +301,13 @@ typedef struct flash_attention_params {
 } flash_attention_params;
 
 /* sizeof(flash_attention_params) in earlier versions (0.1 ended at `algorithm`, 0.2 at `seqlen_new`, 0.3 and
- * 0.4 at `kv_dtype`, 0.5 at `v_scale_head_stride`); all are still accepted. */
+ * 0.4 at `kv_dtype`, 0.5 at `v_scale_head_stride`, the 0.6 header before head_dim_v at
+ * `attn_mask_col_stride`); all are still accepted. */
 #define FA_PARAMS_SIZE_V1 264
 #define FA_PARAMS_SIZE_V2 488
 #define FA_PARAMS_SIZE_V3 496
 #define FA_PARAMS_SIZE_V4 568
+#define FA_PARAMS_SIZE_V5 632
 
 /*
  * Fills *params with defaults: struct_size = struct_size argument, every size 0, pointers NULL, dim strides

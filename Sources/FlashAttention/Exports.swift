@@ -35,7 +35,7 @@ public func flash_attention_last_error() -> UnsafePointer<CChar>! {
 /// appended, so a smaller struct is a prefix of the current one).
 let knownParamsSizes: [Int] = [
     Int(FA_PARAMS_SIZE_V1), Int(FA_PARAMS_SIZE_V2), Int(FA_PARAMS_SIZE_V3), Int(FA_PARAMS_SIZE_V4),
-    MemoryLayout<flash_attention_params>.size,
+    Int(FA_PARAMS_SIZE_V5), MemoryLayout<flash_attention_params>.size,
 ]
 
 @c @implementation

@@ -199,15 +199,17 @@ int main(int argc, char **argv) {
         mla.head_dim_v = 1025;
         CHECK(forward(&mla) == FA_ERROR_INVALID_SHAPE, "head_dim_v 1025");
         CHECK(strstr(last_error(), "head_dim_v (1025)") != NULL, "message: %s", last_error());
-        /* A caller compiled against 0.5 (struct_size FA_PARAMS_SIZE_V4) has no head_dim_v: whatever lies in its
-         * place is not read, and v and out keep head_dim columns. */
-        flash_attention_params old = p;
-        old.struct_size = FA_PARAMS_SIZE_V4;
-        old.head_dim_v = 7;
-        CHECK(forward(&old) == FA_OK, "0.5-sized params: %s", last_error());
-        worst = 0;
-        for (int i = 0; i < SQ * HQ * D; i++) worst = fmax(worst, fabs(out[i] - ref[i]));
-        CHECK(worst <= 1e-5, "causal=%d 0.5-sized params: max |out - ref| = %g", causal, worst);
+        /* A caller compiled against 0.5 or the 0.6 header before head_dim_v (FA_PARAMS_SIZE_V4, _V5) has no
+         * head_dim_v: whatever lies in its place is not read, and v and out keep head_dim columns. */
+        for (int size = 0; size < 2; size++) {
+            flash_attention_params old = p;
+            old.struct_size = size ? FA_PARAMS_SIZE_V5 : FA_PARAMS_SIZE_V4;
+            old.head_dim_v = 7;
+            CHECK(forward(&old) == FA_OK, "params of size %d: %s", (int)old.struct_size, last_error());
+            worst = 0;
+            for (int i = 0; i < SQ * HQ * D; i++) worst = fmax(worst, fabs(out[i] - ref[i]));
+            CHECK(worst <= 1e-5, "causal=%d params of size %d: max |out - ref| = %g", causal, (int)old.struct_size, worst);
+        }
 
         /* Bad input: an error code, a message naming the argument, and out left untouched. */
         memset(out, 0x7f, sizeof out);

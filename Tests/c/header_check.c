@@ -25,6 +25,8 @@ int main(void) {
     (void)sizeof(v3_prefix_is_stable);
     typedef char v4_prefix_is_stable[offsetof(flash_attention_params, dropout_p) == FA_PARAMS_SIZE_V4 ? 1 : -1];
     (void)sizeof(v4_prefix_is_stable);
+    typedef char v5_prefix_is_stable[offsetof(flash_attention_params, head_dim_v) == FA_PARAMS_SIZE_V5 ? 1 : -1];
+    (void)sizeof(v5_prefix_is_stable);
     return !(version && version_string && abi && status_string && last_error && init && forward && isa && isas &&
              threads && varlen && kvcache && merge);
 }
