@@ -3,7 +3,8 @@ from round to round), best of 3 calls per shape after a warm-up; prints each bui
 median over rounds of each build's ratio to the first one, so that the host's noise falls on all builds alike.
 
 Usage: python3 bench/ab_builds.py NAME=LIB.so,NAME=LIB.so[,...] ROUNDS CASE [THREADS]
-CASE: causal, dense, masks (d 64 and 128) or masks64 (d 64 only); see CHILD below for the shapes."""
+CASE: causal, dense, masks (d 64 and 128), masks64 (d 64 only) or bf16 (bfloat16 q/k/v, the bf16 issue's shapes);
+see CHILD below for the shapes."""
 import json, os, pathlib, subprocess, sys, statistics
 LIBS = dict(a.split("=", 1) for a in sys.argv[1].split(","))
 ROUNDS = int(sys.argv[2]); CASE = sys.argv[3]; THREADS = int(sys.argv[4]) if len(sys.argv) > 4 else 1
@@ -14,10 +15,11 @@ from flash_attention import flash_attn_func
 case, threads = sys.argv[1], int(sys.argv[2])
 rng = np.random.default_rng(0)
 out = {}
-def run(name, shape, **kw):
+def run(name, shape, dtype=np.float32, **kw):
     b, hq, hk, s, d = shape
     q = rng.standard_normal((b, s, hq, d), dtype=np.float32); k = rng.standard_normal((b, s, hk, d), dtype=np.float32)
     v = rng.standard_normal((b, s, hk, d), dtype=np.float32)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
     f = lambda: flash_attn_func(q, k, v, num_threads=threads, **kw)
     f(); best = 1e9
     for _ in range(3):
@@ -44,6 +46,11 @@ elif case in ("masks", "masks64"):
         run(f"(1,8,{s},{d}) block-sparse", shape, attn_mask=sparse)
         run(f"(1,8,{s},{d}) block-sparse f32", shape, attn_mask=np.where(sparse, 0, -np.inf).astype(np.float32))
         run(f"(1,8,{s},{d}) random 0.7", shape, attn_mask=np.random.default_rng(2).random((s, s)) < 0.7)
+elif case == "bf16":
+    import ml_dtypes
+    for shape in ((1, 16, 16, 2048, 128), (1, 32, 8, 2048, 128)):
+        for causal in (False, True):
+            run(f"{shape} bf16" + (" causal" if causal else ""), shape, dtype=ml_dtypes.bfloat16, causal=causal)
 print(json.dumps(out))
 '''
 res = {name: [] for name in LIBS}

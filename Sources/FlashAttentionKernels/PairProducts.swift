@@ -18,7 +18,7 @@ import FlashAttentionCore
 ///              padded with zeros; rows past the block's keys zero up to a whole score tile
 ///
 /// Padded to `pairStride` (whole 16-word chunks, 64 bytes), the pair rows of K are AMX's A operand of S = K·Qᵀ and
-/// the query panels its B operand in VNNI order (AMXScores.swift), as they are `dotPairs`' operands here.
+/// the query panels its B operand in VNNI order (AMXTiles.swift), as they are `dotPairs`' operands here.
 ///     vPairs   (vPack's memory) head_dim_v/microCols panels of [key pair j][column c] = (v_2j[c], v_2j+1[c]);
 ///              an odd last key paired with zeros, columns past head_dim_v zero
 ///     pPairs   [key pair j][sub-block row r] = (p_2j[r], p_2j+1[r]), the probabilities rounded to nearest even
@@ -34,8 +34,8 @@ enum BlockProducts {
     case float32
     /// Both from bfloat16 pairs with `dotPairs` (avx512bf16).
     case pairs
-    /// S = K·Qᵀ in AMX tiles from the pair layouts, P·V in float32 (amxbf16, AMXScores.swift).
-    case amxScores
+    /// Both in AMX tiles from the pair layouts (amxbf16, AMXTiles.swift).
+    case amx
 }
 
 /// The products of `problem` on this copy: bfloat16 q, k and v take the copy's bfloat16 products, if it has any.
@@ -44,7 +44,7 @@ func blockProducts(_ problem: AttentionProblem) -> BlockProducts {
     guard problem.q.element == .bfloat16, problem.k.element == .bfloat16, problem.v.element == .bfloat16 else {
         return .float32
     }
-    return hasAMXTiles ? .amxScores : hasPairProducts ? .pairs : .float32
+    return hasAMXTiles ? .amx : hasPairProducts ? .pairs : .float32
 }
 
 extension Workspace {
@@ -88,16 +88,27 @@ func stageQueryPairs(_ plan: ForwardPlan, _ item: WorkItem, _ w: Workspace) {
     }
 }
 
-/// Packs keys [firstKey, firstKey + count) as `kPairs` and their values as `vPairs` (layouts above), reading
-/// each row where the cache keeps it (a paged cache costs one table read per row).
-func packPairBlock(_ plan: ForwardPlan, _ sequence: Sequence, kvHead: Int, firstKey: Int, count: Int, _ w: Workspace) {
+/// Packs keys [firstKey, firstKey + count) as `kPairs` (zero rows up to a multiple of `tileKeys`) and their values
+/// as `vPairs` (zero pairs up to a multiple of `valueChunk` pairs), layouts above, reading each row where the cache
+/// keeps it (a paged cache costs one table read per row). Returns the pairs packed, padding included.
+@discardableResult
+func packPairBlock(
+    _ plan: ForwardPlan, _ sequence: Sequence, kvHead: Int, firstKey: Int, count: Int, tileKeys: Int, valueChunk: Int,
+    _ w: Workspace
+) -> Int {
     let p = plan.problem
-    packKeyPairs(plan, sequence, kvHead: kvHead, firstKey: firstKey, count: count, tileKeys: microRows, w)
-    for pair in 0..<(count + 1) / 2 {
+    packKeyPairs(plan, sequence, kvHead: kvHead, firstKey: firstKey, count: count, tileKeys: tileKeys, w)
+    let pairs = (count + 1) / 2, paddedPairs = (pairs + valueChunk - 1) / valueChunk * valueChunk
+    for pair in 0..<pairs {
         let even = p.keyRow(p.v, sequence, head: kvHead, position: firstKey + 2 * pair)
         let odd = 2 * pair + 1 < count ? p.keyRow(p.v, sequence, head: kvHead, position: firstKey + 2 * pair + 1) : nil
         packValuePair(even, odd, headDim: p.headDimV, into: w.vPairs + pair * microCols)
     }
+    let panelWords = geometry.keyBlock / 2 * microCols
+    for panel in 0..<(Workspace.paddedDim(p.headDimV) / microCols) {
+        (w.vPairs + panel * panelWords + pairs * microCols).update(repeating: 0, count: (paddedPairs - pairs) * microCols)
+    }
+    return paddedPairs
 }
 
 /// Packs keys [firstKey, firstKey + count) as `kPairs`, zero rows after them up to a multiple of `tileKeys`.
@@ -107,10 +118,12 @@ func packKeyPairs(
     let p = plan.problem
     let d = p.headDim, pairs = pairCount(d), stride = pairStride(d)
     for key in 0..<count {
-        let source = p.keyRow(p.k, sequence, head: kvHead, position: firstKey + key)
+        // The words of a row are its bfloat16 values as stored (the even element in the low half): a copy, after
+        // zeroing the word an odd head_dim leaves half empty and the padding.
         let row = w.kPairs + key * stride
-        for j in 0..<pairs { row[j] = pairWord(source, 2 * j, count: d) }
-        (row + pairs).update(repeating: 0, count: stride - pairs)
+        (row + pairs - 1).update(repeating: 0, count: stride - pairs + 1)
+        UnsafeMutableRawPointer(row).copyMemory(
+            from: p.keyRow(p.k, sequence, head: kvHead, position: firstKey + key), byteCount: 2 * d)
     }
     let paddedCount = (count + tileKeys - 1) / tileKeys * tileKeys
     (w.kPairs + count * stride).update(repeating: 0, count: (paddedCount - count) * stride)

@@ -22,16 +22,16 @@ struct QueryBlockKernel {
     /// float32, or bfloat16 products for bfloat16 q/k/v on a copy that has them (PairProducts.swift).
     private var products: BlockProducts { blockProducts(plan.problem) }
     /// Keys per score tile: AMX tiles take 16.
-    private var tileKeys: Int { products == .amxScores ? amxTileKeys : microRows }
+    private var tileKeys: Int { products == .amx ? amxTileKeys : microRows }
 
     func run(_ item: WorkItem, _ w: Workspace) {
         stageQueries(plan, item, transposed: true, w)
         if products != .float32 { stageQueryPairs(plan, item, w) }
-        if products == .amxScores { beginAMXItem() }
+        if products == .amx { beginAMXItem() }
         forEachKeyBlock(plan, item, blockKeys: geometry.keyBlock, pageAligned: false) { firstKey, adjust in
             keyBlock(item, firstKey: firstKey, adjust: adjust, w)
         }
-        if products == .amxScores { endAMXItem() }
+        if products == .amx { endAMXItem() }
         finishItem(plan, item, w)
     }
 
@@ -42,13 +42,17 @@ struct QueryBlockKernel {
         let attnMask = plan.problem.attnMask
         let keyCount = mask.keyCount
         let kvHead = item.firstHead / plan.problem.groupSize
+        // How this block forms P·V: as the scores, except that AMX tiles take only finite values (AMXTiles.swift).
+        var valueProducts = products
         switch products {
         case .float32: packBlock(item.sequence, kvHead: kvHead, firstKey: firstKey, count: keyCount, into: w)
-        case .pairs: packPairBlock(plan, item.sequence, kvHead: kvHead, firstKey: firstKey, count: keyCount, w)
-        case .amxScores:
-            // V as float32 panels for the float32 P·V; K as pairs, over the float32 rows packBlock also wrote.
-            packBlock(item.sequence, kvHead: kvHead, firstKey: firstKey, count: keyCount, into: w)
-            packKeyPairs(plan, item.sequence, kvHead: kvHead, firstKey: firstKey, count: keyCount, tileKeys: tileKeys, w)
+        case .pairs:
+            packPairBlock(plan, item.sequence, kvHead: kvHead, firstKey: firstKey, count: keyCount, tileKeys: tileKeys, valueChunk: 1, w)
+        case .amx:
+            let pairs = packPairBlock(
+                plan, item.sequence, kvHead: kvHead, firstKey: firstKey, count: keyCount, tileKeys: tileKeys,
+                valueChunk: amxTileKeys, w)
+            if !valuePairsAreFinite(pairs: pairs, headDimV: plan.problem.headDimV, w) { valueProducts = .pairs }
         }
         if let attnMask {
             let next = firstKey + keyCount
@@ -71,13 +75,15 @@ struct QueryBlockKernel {
                 (subAdjust.mask.firstSeen, subAdjust.mask.endSeen) = (content.seen.lowerBound, content.seen.upperBound)
                 if content.staged { subAdjust.maskTile = w.maskTile }
             }
-            subBlock(item, firstKey: firstKey, first: first, subRows: subRows, adjust: subAdjust, w)
+            subBlock(item, firstKey: firstKey, first: first, subRows: subRows, adjust: subAdjust, values: valueProducts, w)
         }
     }
 
-    /// Score → softmax → output for item rows `first ..< first + subRows` against the packed key block.
+    /// Score → softmax → output for item rows `first ..< first + subRows` against the packed key block, P·V formed
+    /// as `values` says.
     private func subBlock(
-        _ item: WorkItem, firstKey: Int, first: Int, subRows: Int, adjust: ScoreAdjustment, _ w: Workspace
+        _ item: WorkItem, firstKey: Int, first: Int, subRows: Int, adjust: ScoreAdjustment, values: BlockProducts,
+        _ w: Workspace
     ) {
         // Without softcap, ALiBi or staged mask values the score tiles mask hidden keys (and the zero rows
         // padding a partial last key tile, whose score 0 could exceed every real one by more than exp2's
@@ -101,8 +107,12 @@ struct QueryBlockKernel {
         }
 
         // O = α·O + P·V, one output tile at a time.
-        let tiles = (min(item.rows - first, subRows) + microRows - 1) / microRows
-        let pairs = products == .pairs
+        let rows = min(item.rows - first, subRows)
+        if values == .amx {
+            return accumulateAMXRows(headDimV: dv, mask: mask, first: first, rows: (rows + amxTileKeys - 1) / amxTileKeys * amxTileKeys, w)
+        }
+        let tiles = (rows + microRows - 1) / microRows
+        let pairs = values == .pairs
         if pairs {
             packProbabilityPairs(
                 w.s, ldS: subBlockRows, keys: mask.needed(fromRow: first, throughRow: first + subRows - 1), rows: subRows,
@@ -137,7 +147,7 @@ struct QueryBlockKernel {
                 // an AMX tile's second band is that of its keys 8–15.
                 let key0 = tile * tileKeys
                 let band = mask.tileBand(position0, position1, firstKey: key0)
-                var bands = (band, products == .amxScores ? mask.tileBand(position0, position1, firstKey: key0 + microRows) : band)
+                var bands = (band, products == .amx ? mask.tileBand(position0, position1, firstKey: key0 + microRows) : band)
                 withUnsafePointer(to: &bands) { pointer in
                     let band = tilesMask ? UnsafeRawPointer(pointer).assumingMemoryBound(to: TileBand.self) : nil
                     let s = w.s + key0 * subBlockRows + panel * microCols, columnMax = w.blockMax + panel * microCols
@@ -151,7 +161,7 @@ struct QueryBlockKernel {
                             keys: w.kPairs + key0 * stride, ldK: stride, queries: w.qPairs + row * stride,
                             pairs: pairCount(d), scale: plan.problem.scale, s: s, ldS: subBlockRows, columnMax: columnMax,
                             band: band)
-                    case .amxScores:
+                    case .amx:
                         scoreTileAMX(
                             keys: w.kPairs + key0 * stride, ldK: stride, queries: w.qPairs + row * stride,
                             chunks: stride / 16, scale: plan.problem.scale, s: s, ldS: subBlockRows, columnMax: columnMax,

@@ -12,7 +12,7 @@ typealias Vec = SIMD16<Float>
 typealias VecBits = SIMD16<UInt32>
 typealias HalfVec = SIMD16<Float16>
 #if FA_AMX
-/// The same copy with AMX tiles: bfloat16 q/k/v score in AMX tiles (AMXScores.swift).
+/// The same copy with AMX tiles: bfloat16 q/k/v products in AMX tiles (AMXTiles.swift).
 let kernelISA = KernelISA.amxbf16
 #elseif FA_BF16_PAIRS
 /// The same copy with AVX512_BF16: bfloat16 q/k/v take the pair products (PairProducts.swift).
@@ -246,7 +246,7 @@ func transposeBlock(_ source: UnsafePointer<Float>, _ sourceStride: Int, _ targe
 @inline(__always) var hasPairProducts: Bool { false }
 #endif
 
-/// Whether this copy scores bfloat16 q/k/v in AMX tiles (AMXScores.swift): a compile-time constant, as above.
+/// Whether this copy forms bfloat16 q/k/v products in AMX tiles (AMXTiles.swift): a compile-time constant, as above.
 #if FA_AMX
 @inline(__always) var hasAMXTiles: Bool { true }
 #else

@@ -42,9 +42,13 @@ unsigned fa_cpu_features(void) {
     if ((features & FA_CPU_AVX512) && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5)))
         features |= FA_CPU_AVX512_BF16;
     /* AMX-BF16 (EDX bit 22) and AMX-TILE (bit 24) of leaf 7, with XTILECFG and XTILEDATA (bits 17, 18) in XCR0. */
+#if defined(FA_AMX_EMULATION)
+    if (features & FA_CPU_AVX512_BF16) features |= FA_CPU_AMX_BF16;
+#else
     if ((features & FA_CPU_AVX512_BF16) && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22)) &&
         (d & (1u << 24)) && (xcr0 & 0x60000) == 0x60000 && amx_permitted())
         features |= FA_CPU_AMX_BF16;
+#endif
     /* The vendor string "AuthenticAMD" is EBX, EDX, ECX of leaf 0. */
     if ((features & FA_CPU_AVX512_BF16) && __get_cpuid(0, &a, &b, &c, &d) && b == 0x68747541u && d == 0x69746e65u &&
         c == 0x444d4163u)
@@ -53,6 +57,39 @@ unsigned fa_cpu_features(void) {
 }
 #else
 unsigned fa_cpu_features(void) { return 0; }
+#endif
+
+#if defined(FA_AMX_EMULATION)
+#include <string.h>
+
+/* The emulated tiles of this thread: 16 rows of 64 bytes each (shims.h). */
+static _Thread_local union { float f[16][16]; unsigned short h[16][32]; unsigned char b[16][64]; } tiles[5];
+
+void fa_amx_emulated_zero(int tile) { memset(&tiles[tile], 0, sizeof tiles[tile]); }
+
+void fa_amx_emulated_load(int tile, const void *p, long stride) {
+    for (int r = 0; r < 16; r++) memcpy(tiles[tile].b[r], (const char *)p + r * stride, 64);
+}
+
+void fa_amx_emulated_store(int tile, void *p, long stride) {
+    for (int r = 0; r < 16; r++) memcpy((char *)p + r * stride, tiles[tile].b[r], 64);
+}
+
+static float widen(unsigned short x) {
+    unsigned bits = (unsigned)x << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+void fa_amx_emulated_dot(int c, int a, int b) {
+    for (int m = 0; m < 16; m++)
+        for (int k = 0; k < 16; k++)
+            for (int n = 0; n < 16; n++) {
+                tiles[c].f[m][n] += widen(tiles[a].h[m][2 * k]) * widen(tiles[b].h[k][2 * n]);
+                tiles[c].f[m][n] += widen(tiles[a].h[m][2 * k + 1]) * widen(tiles[b].h[k][2 * n + 1]);
+            }
+}
 #endif
 
 static void (*unload_hook)(void);

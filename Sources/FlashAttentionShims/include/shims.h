@@ -210,6 +210,38 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline fa_uint16 f
     return (fa_uint16)_mm512_permutexvar_epi16(interleave, halves);
 }
 
+/* Transposes 16 vectors of 16 floats in place (x[i][j] becomes x[j][i]): pairs of rows interleaved, then quads
+ * within 128-bit lanes, then the 128-bit lanes of four rows gathered (imm 0x88: lanes 0 and 2, 0xDD: 1 and 3). */
+__attribute__((target("avx512f"))) static inline void fa_transpose16x16(__m512 x[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 16; i += 4) {
+        t[i] = _mm512_unpacklo_ps(x[i], x[i + 1]), t[i + 1] = _mm512_unpackhi_ps(x[i], x[i + 1]);
+        t[i + 2] = _mm512_unpacklo_ps(x[i + 2], x[i + 3]), t[i + 3] = _mm512_unpackhi_ps(x[i + 2], x[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* u[i + j]: column j of each 128-bit lane, rows i to i + 3 */
+        u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44), u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44), u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) { /* output row 4L + j gathers lane L of u[j], u[4 + j], u[8 + j], u[12 + j] */
+        __m512 even0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88), odd0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
+        __m512 even1 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88), odd1 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
+        x[j] = _mm512_shuffle_f32x4(even0, even1, 0x88), x[8 + j] = _mm512_shuffle_f32x4(even0, even1, 0xDD);
+        x[4 + j] = _mm512_shuffle_f32x4(odd0, odd1, 0x88), x[12 + j] = _mm512_shuffle_f32x4(odd0, odd1, 0xDD);
+    }
+}
+
+/* The A operand of P·V in AMX tiles: the probabilities of 32 keys × 16 rows (key k's 16 rows at p + k·ld_p floats)
+ * rounded to bfloat16 (nearest even, NaN stays NaN) and written row by row, row r's 32 values in key order at
+ * dst + r·ld_dst words — adjacent bfloat16s, so the word of keys (2j, 2j + 1) is the VNNI pair tdpbf16ps takes. */
+__attribute__((target("avx512f,avx512bf16"))) static inline void fa_pack_probability_rows(const float *p, long ld_p,
+                                                                                          unsigned *dst, long ld_dst) {
+    __m512 low[16], high[16];
+    for (int k = 0; k < 16; k++) low[k] = _mm512_loadu_ps(p + k * ld_p), high[k] = _mm512_loadu_ps(p + (16 + k) * ld_p);
+    fa_transpose16x16(low);
+    fa_transpose16x16(high);
+    for (int r = 0; r < 16; r++) _mm512_storeu_si512(dst + r * ld_dst, (__m512i)_mm512_cvtne2ps_pbh(high[r], low[r]));
+}
+
 /* AMX tiles for the amxbf16 copy (compiled with -mamx-tile -mamx-bf16; entered only where the CPU probe found AMX and
  * the OS granted the tile state). Tile numbers are immediates, so each use is its own one-instruction function:
  * tiles 0 and 1 accumulate (C), tile 2 is the A operand, tiles 3 and 4 the B operands; all 16 rows × 64 bytes. */
@@ -219,6 +251,27 @@ struct fa_tile_config {
     unsigned char rows[16];
 };
 
+#if defined(FA_AMX_EMULATION)
+/* A software model of the five tiles (shims.c), for testing the amxbf16 copy's own code on CPUs without AMX:
+ * `make test-amx-emulated` builds the whole library with -DFA_AMX_EMULATION, which also makes the CPU probe report
+ * AMX wherever AVX512_BF16 is. tdpbf16ps is modelled in its documented order (per pair, the even product then the
+ * odd one added to the float32 sum), without its flushing of subnormals. */
+void fa_amx_emulated_zero(int tile);
+void fa_amx_emulated_load(int tile, const void *p, long stride);
+void fa_amx_emulated_store(int tile, void *p, long stride);
+void fa_amx_emulated_dot(int c, int a, int b);
+static inline void fa_amx_configure(void) {}
+static inline void fa_amx_release(void) {}
+static inline void fa_amx_zero_c0(void) { fa_amx_emulated_zero(0); }
+static inline void fa_amx_zero_c1(void) { fa_amx_emulated_zero(1); }
+static inline void fa_amx_load_a(const void *p, long stride) { fa_amx_emulated_load(2, p, stride); }
+static inline void fa_amx_load_b0(const void *p, long stride) { fa_amx_emulated_load(3, p, stride); }
+static inline void fa_amx_load_b1(const void *p, long stride) { fa_amx_emulated_load(4, p, stride); }
+static inline void fa_amx_dot_c0(void) { fa_amx_emulated_dot(0, 2, 3); }
+static inline void fa_amx_dot_c1(void) { fa_amx_emulated_dot(1, 2, 4); }
+static inline void fa_amx_store_c0(void *p, long stride) { fa_amx_emulated_store(0, p, stride); }
+static inline void fa_amx_store_c1(void *p, long stride) { fa_amx_emulated_store(1, p, stride); }
+#else
 /* Loads the tile configuration (ldtilecfg) of a thread: palette 1, tiles 0-4 of 16 rows × 64 bytes. */
 __attribute__((target("amx-tile"))) static inline void fa_amx_configure(void) {
     struct fa_tile_config config = {1, 0, {0}, {0}, {0}};
@@ -236,6 +289,7 @@ __attribute__((target("amx-tile,amx-bf16"))) static inline void fa_amx_dot_c0(vo
 __attribute__((target("amx-tile,amx-bf16"))) static inline void fa_amx_dot_c1(void) { _tile_dpbf16ps(1, 2, 4); }
 __attribute__((target("amx-tile"))) static inline void fa_amx_store_c0(void *p, long stride) { _tile_stored(0, p, stride); }
 __attribute__((target("amx-tile"))) static inline void fa_amx_store_c1(void *p, long stride) { _tile_stored(1, p, stride); }
+#endif
 
 /* Transposes the 8 × 8 floats at src (rows ld_src apart) into dst (rows ld_dst apart): the backward pass
  * turns dS [query][key] into [key][query] this way for the dQ product's broadcasts. */
