@@ -2,23 +2,25 @@ import FlashAttentionCore
 import FlashAttentionShims
 
 /// The amxbf16 copy's two products in AMX tiles (`tdpbf16ps`, float32 accumulation) for bfloat16 q, k and v, from
-/// the pair layouts of PairProducts.swift. Tiles 0 and 1 accumulate (C), tile 2 is the A operand, 3 and 4 the B
-/// operands; every tile is 16 rows × 64 bytes (16 words: 32 bfloat16 values, or 16 floats in C).
+/// the pair layouts of PairProducts.swift. Every step multiplies two A tiles (16 rows × 16 words each: 32 rows of 32
+/// bfloat16 values) by two B tiles (16 pair rows × 16 columns each) into four C tiles of 16 × 16 floats (shims.h),
+/// over `chunks` chunks of 16 words (32 head_dim values, or 32 keys): four independent sums, so that the tile
+/// unit never waits on one sum's latency.
 ///
-/// S = K·Qᵀ, 16 keys × 32 queries a step (`scoreTileAMX`):
+/// S = K·Qᵀ, 32 keys × 32 queries a step (`scoreTileAMX`):
 ///
-///     A  16 key rows of `kPairs`, one 16-word chunk (32 head_dim values) each, `pairStride` words apart
-///     B  16 pair rows of a `qPairs` panel (the same 32 head_dim values), queries 0–15 and 16–31
-///     C  16 keys × 16 queries each, stored straight into the transposed score block, then scaled, masked and
-///        folded into the running max by `storeScoreTile`, as the other copies' tiles end
+///     A  32 key rows of `kPairs`, `pairStride` words apart (rows past the block's keys zero)
+///     B  16 pair rows of a `qPairs` panel, queries 0–15 and 16–31
+///     C  stored straight into the transposed score block, then scaled, masked and folded into the running max by
+///        `storeScoreTile` 8 keys at a time, as the other copies' tiles end
 ///
-/// O = α·O + P·V, 16 rows × 32 columns a step, over chunks of 32 keys (`accumulateAMXRows`):
+/// O = α·O + P·V, 32 rows × 32 columns a step, over the 32-key chunks the rows need (`accumulateAMXRows`):
 ///
 ///     A  `pRows` (over pPairs' memory): [row][key pair] words, each row's probabilities rounded to bfloat16 in key
 ///        order, `keyBlock / 2` words a row — the softmax leaves P as [key][row], so each 32 keys × 16 rows are
 ///        transposed while rounding (`fa_pack_probability_rows`)
 ///     B  16 key pairs of a `vPairs` panel, columns 0–15 and 16–31 (padded with zero pairs to whole chunks)
-///     C  16 rows × 16 columns each, summed from zero over the block's chunks; o = α·o + C, as `Rescale` does
+///     C  summed from zero over the block's chunks, then o = α·o + C, as `Rescale` does
 ///
 /// A tile multiplies every key of a chunk into every row, so a row must not meet a key it does not see with
 /// anything but an exact 0 × a finite value: P is set to exactly 0 outside each row's band before the transpose,
@@ -26,8 +28,11 @@ import FlashAttentionShims
 /// never multiplies a key a row does not see). Each thread loads the tile configuration when it starts an item
 /// (`beginAMXItem`) and releases the tiles after it.
 
-/// Rows of an AMX tile: keys per step of the score loop, rows per step of P·V.
-@inline(__always) var amxTileKeys: Int { 16 }
+/// Rows of a step's two A tiles: keys per step of the score loop, query rows per step of P·V.
+@inline(__always) var amxStepRows: Int { 32 }
+
+/// Key pairs of a chunk of P·V (one B tile's pair rows): `vPairs` is padded to whole chunks.
+@inline(__always) var amxChunkPairs: Int { 16 }
 
 /// Loads this thread's tile configuration (tiles 0–4, 16 rows × 64 bytes).
 @inline(__always)
@@ -45,41 +50,56 @@ func endAMXItem() {
     #endif
 }
 
-/// Scores of 16 keys against 32 queries, transposed: `s[r * ldS + i] = scale · Σ_p k_r[p] · q_i[p]` over
-/// `chunks` 16-word chunks of the pair rows, then masked with `bands[0]` (keys 0–7) and `bands[1]` (keys 8–15) when
-/// `bands` is set, stored, and folded into `columnMax`.
+/// C = A·B over `chunks` 16-word chunks into the four C tiles: A rows 0–15 at `a` and 16–31 at `a + 16 * ldA`
+/// (chunk c at `+ 16 * c` words), B's pair rows `ldB` words apart (chunk c at `+ 16 * c * ldB`), columns 0–15 and
+/// 16–31; `chunks` may be empty (C zero).
+@inline(__always)
+private func amxProduct(a: UnsafePointer<UInt32>, ldA: Int, b: UnsafePointer<UInt32>, ldB: Int, chunks: Range<Int>) {
+    #if FA_AMX
+    let bytes = MemoryLayout<UInt32>.size
+    fa_amx_zero_c()
+    for chunk in chunks {
+        fa_amx_load_a0(a + 16 * chunk, ldA * bytes)
+        fa_amx_load_a1(a + 16 * ldA + 16 * chunk, ldA * bytes)
+        fa_amx_load_b0(b + 16 * chunk * ldB, ldB * bytes)
+        fa_amx_load_b1(b + 16 * chunk * ldB + 16, ldB * bytes)
+        fa_amx_dot_c()
+    }
+    #endif
+}
+
+/// Stores the four C tiles as 32 rows × 32 floats at `c`, rows `ldC` floats apart.
+@inline(__always)
+private func storeAMXProduct(_ c: UnsafeMutablePointer<Float>, ldC: Int) {
+    #if FA_AMX
+    let bytes = ldC * MemoryLayout<Float>.size
+    fa_amx_store_c0(c, bytes)
+    fa_amx_store_c1(c + 16, bytes)
+    fa_amx_store_c2(c + 16 * ldC, bytes)
+    fa_amx_store_c3(c + 16 * ldC + 16, bytes)
+    #endif
+}
+
+/// Scores of 32 keys against 32 queries, transposed: `s[r * ldS + i] = scale · Σ_p k_r[p] · q_i[p]` over
+/// `chunks` 16-word chunks of the pair rows, then masked with `bands[j]` (keys 8j to 8j + 7) when `bands` is set,
+/// stored, and folded into `columnMax`.
 @inline(never)
 func scoreTileAMX(
     keys: UnsafePointer<UInt32>, ldK: Int, queries: UnsafePointer<UInt32>, chunks: Int, scale: Float,
     s: UnsafeMutablePointer<Float>, ldS: Int, columnMax: UnsafeMutablePointer<Float>, bands: UnsafePointer<TileBand>?
 ) {
-    #if FA_AMX
-    let bytes = MemoryLayout<UInt32>.size
-    fa_amx_zero_c0()
-    fa_amx_zero_c1()
-    for chunk in 0..<chunks {
-        let b = queries + chunk * 16 * microCols
-        fa_amx_load_a(keys + chunk * 16, ldK * bytes)
-        fa_amx_load_b0(b, microCols * bytes)
-        fa_amx_load_b1(b + lanes, microCols * bytes)
-        fa_amx_dot_c0()
-        fa_amx_dot_c1()
-    }
-    fa_amx_store_c0(s, ldS * MemoryLayout<Float>.size)
-    fa_amx_store_c1(s + lanes, ldS * MemoryLayout<Float>.size)
+    amxProduct(a: keys, ldA: ldK, b: queries, ldB: microCols, chunks: 0..<chunks)
+    storeAMXProduct(s, ldC: ldS)
     let factor = Vec(repeating: scale)
-    for half in 0..<2 {
-        let rows = s + half * microRows * ldS
+    for part in 0..<(amxStepRows / microRows) {
+        let rows = s + part * microRows * ldS
         var c = zeroAccumulators()
         for r in 0..<microRows {
             c[2 * r] = load(rows + r * ldS) * factor
             c[2 * r + 1] = load(rows + r * ldS + lanes) * factor
         }
-        storeScoreTile(c, s: rows, ldS: ldS, columnMax: columnMax, band: bands.map { $0 + half })
+        storeScoreTile(c, s: rows, ldS: ldS, columnMax: columnMax, band: bands.map { $0 + part })
     }
-    #else
-    preconditionFailure("AMX score tiles exist in the amxbf16 copy only")
-    #endif
 }
 
 /// Whether every value of the packed `vPairs` (key pairs [0, pairs), columns [0, headDimV)) is finite: whether the
@@ -98,34 +118,25 @@ func valuePairsAreFinite(pairs: Int, headDimV: Int, _ w: Workspace) -> Bool {
     return (flags & VecBits(repeating: 0x8000_8000)) == VecBits()
 }
 
-/// O = α·O + P·V in AMX tiles for the sub-block's rows `first ..< first + rows` (a multiple of 16), from the
-/// probabilities in `w.s` ([key][row], `subBlockRows` apart) and the block's `vPairs`: each 16-row group packs its
-/// `pRows` over the 32-key chunks its rows need, then every `microCols`-column panel of O takes one pair of C tiles.
+/// O = α·O + P·V in AMX tiles for the sub-block's rows `first ..< first + rows` (a multiple of 32), from the
+/// probabilities in `w.s` ([key][row], `subBlockRows` apart) and the block's `vPairs`: each 16 rows pack their
+/// `pRows` over the 32-key chunks they need, then every `microCols`-column panel of 32 rows takes one step.
 func accumulateAMXRows(headDimV dv: Int, mask: BlockMask, first: Int, rows: Int, _ w: Workspace) {
     #if FA_AMX
     let ldT = geometry.keyBlock / 2, ldO = Workspace.paddedDim(dv), panelWords = geometry.keyBlock / 2 * microCols
-    let bytes = MemoryLayout<UInt32>.size
-    for group in stride(from: 0, to: rows, by: amxTileKeys) {
+    for group in stride(from: 0, to: rows, by: 16) {
         packAMXProbabilities(mask: mask, firstRow: first + group, p: w.s + group, pRows: w.pPairs + group * ldT, w)
     }
-    // The probabilities are all in pRows now: the scores' memory holds each step's C tiles.
+    // The probabilities are all in pRows now: the scores' memory holds each step's sums.
     let sums = w.s
-    for group in stride(from: 0, to: rows, by: amxTileKeys) {
-        let row = first + group, pRows = w.pPairs + group * ldT
+    for group in stride(from: 0, to: rows, by: amxStepRows) {
+        let row = first + group
+        let chunks = amxChunks(mask.needed(fromRow: row, throughRow: row + amxStepRows - 1))
         for panel in 0..<(ldO / microCols) {
-            fa_amx_zero_c0()
-            fa_amx_zero_c1()
-            for chunk in amxChunks(mask.needed(fromRow: row, throughRow: row + amxTileKeys - 1)) {
-                let b = w.vPairs + panel * panelWords + chunk * 16 * microCols
-                fa_amx_load_a(pRows + chunk * 16, ldT * bytes)
-                fa_amx_load_b0(b, microCols * bytes)
-                fa_amx_load_b1(b + lanes, microCols * bytes)
-                fa_amx_dot_c0()
-                fa_amx_dot_c1()
-            }
-            fa_amx_store_c0(sums, microCols * MemoryLayout<Float>.size)
-            fa_amx_store_c1(sums + lanes, microCols * MemoryLayout<Float>.size)
-            for r in 0..<amxTileKeys {
+            amxProduct(
+                a: w.pPairs + group * ldT, ldA: ldT, b: w.vPairs + panel * panelWords, ldB: microCols, chunks: chunks)
+            storeAMXProduct(sums, ldC: microCols)
+            for r in 0..<amxStepRows {
                 let a = Vec(repeating: w.alpha[row + r]), o = w.o + (row + r) * ldO + panel * microCols
                 store(muladd(load(o), a, load(sums + r * microCols)), o)
                 store(muladd(load(o + lanes), a, load(sums + r * microCols + lanes)), o + lanes)
@@ -143,8 +154,9 @@ func accumulateAMXRows(headDimV dv: Int, mask: BlockMask, first: Int, rows: Int,
 }
 
 /// Packs the `pRows` of the 16 rows from item row `firstRow` (their probabilities from `p`, key k at
-/// `p + k * subBlockRows`) over the chunks they need; in a chunk some row does not wholly see, P outside each row's
-/// band (and past the block's keys) is first set to exactly 0.
+/// `p + k * subBlockRows`) over the chunks of the 32 rows from their step's first row (the chunks that step
+/// reads); in a chunk some row does not wholly see, P outside each row's band (and past the block's keys) is first
+/// set to exactly 0.
 private func packAMXProbabilities(
     mask: BlockMask, firstRow: Int, p: UnsafeMutablePointer<Float>, pRows: UnsafeMutablePointer<UInt32>, _ w: Workspace
 ) {
@@ -152,7 +164,8 @@ private func packAMXProbabilities(
     let position = load(w.rowPosition + firstRow)
     let band = mask.tileBand(position, position, firstKey: 0)
     let shared = Int(band.low0.max())..<max(Int(band.low0.max()), Int(band.high0.min()))
-    for chunk in amxChunks(mask.needed(fromRow: firstRow, throughRow: firstRow + amxTileKeys - 1)) {
+    let stepRow = firstRow - firstRow % amxStepRows
+    for chunk in amxChunks(mask.needed(fromRow: stepRow, throughRow: stepRow + amxStepRows - 1)) {
         let keys = (32 * chunk)..<(32 * chunk + 32)
         if !(shared.lowerBound <= keys.lowerBound && keys.upperBound <= shared.upperBound) {
             for k in keys {

@@ -21,8 +21,8 @@ struct QueryBlockKernel {
 
     /// float32, or bfloat16 products for bfloat16 q/k/v on a copy that has them (PairProducts.swift).
     private var products: BlockProducts { blockProducts(plan.problem) }
-    /// Keys per score tile: AMX tiles take 16.
-    private var tileKeys: Int { products == .amx ? amxTileKeys : microRows }
+    /// Keys per score tile: an AMX step takes 32.
+    private var tileKeys: Int { products == .amx ? amxStepRows : microRows }
 
     func run(_ item: WorkItem, _ w: Workspace) {
         stageQueries(plan, item, transposed: true, w)
@@ -51,7 +51,7 @@ struct QueryBlockKernel {
         case .amx:
             let pairs = packPairBlock(
                 plan, item.sequence, kvHead: kvHead, firstKey: firstKey, count: keyCount, tileKeys: tileKeys,
-                valueChunk: amxTileKeys, w)
+                valueChunk: amxChunkPairs, w)
             if !valuePairsAreFinite(pairs: pairs, headDimV: plan.problem.headDimV, w) { valueProducts = .pairs }
         }
         if let attnMask {
@@ -109,7 +109,7 @@ struct QueryBlockKernel {
         // O = α·O + P·V, one output tile at a time.
         let rows = min(item.rows - first, subRows)
         if values == .amx {
-            return accumulateAMXRows(headDimV: dv, mask: mask, first: first, rows: (rows + amxTileKeys - 1) / amxTileKeys * amxTileKeys, w)
+            return accumulateAMXRows(headDimV: dv, mask: mask, first: first, rows: (rows + amxStepRows - 1) / amxStepRows * amxStepRows, w)
         }
         let tiles = (rows + microRows - 1) / microRows
         let pairs = values == .pairs
@@ -144,10 +144,15 @@ struct QueryBlockKernel {
             let position0 = load(w.rowPosition + row), position1 = load(w.rowPosition + row + lanes)
             for tile in (needed.lowerBound / tileKeys)..<((needed.upperBound + tileKeys - 1) / tileKeys) {
                 // Lane i sees tile keys [position_i + lowShift − key0, min(position_i + highShift, keyCount) − key0);
-                // an AMX tile's second band is that of its keys 8–15.
+                // an AMX step's band j is that of its keys 8j to 8j + 7.
                 let key0 = tile * tileKeys
                 let band = mask.tileBand(position0, position1, firstKey: key0)
-                var bands = (band, products == .amx ? mask.tileBand(position0, position1, firstKey: key0 + microRows) : band)
+                var bands = (band, band, band, band)
+                if products == .amx && tilesMask {
+                    bands.1 = mask.tileBand(position0, position1, firstKey: key0 + microRows)
+                    bands.2 = mask.tileBand(position0, position1, firstKey: key0 + 2 * microRows)
+                    bands.3 = mask.tileBand(position0, position1, firstKey: key0 + 3 * microRows)
+                }
                 withUnsafePointer(to: &bands) { pointer in
                     let band = tilesMask ? UnsafeRawPointer(pointer).assumingMemoryBound(to: TileBand.self) : nil
                     let s = w.s + key0 * subBlockRows + panel * microCols, columnMax = w.blockMax + panel * microCols

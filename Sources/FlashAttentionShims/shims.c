@@ -63,7 +63,7 @@ unsigned fa_cpu_features(void) { return 0; }
 #include <string.h>
 
 /* The emulated tiles of this thread: 16 rows of 64 bytes each (shims.h). */
-static _Thread_local union { float f[16][16]; unsigned short h[16][32]; unsigned char b[16][64]; } tiles[5];
+static _Thread_local union { float f[16][16]; unsigned short h[16][32]; unsigned char b[16][64]; } tiles[8];
 
 void fa_amx_emulated_zero(int tile) { memset(&tiles[tile], 0, sizeof tiles[tile]); }
 

@@ -244,7 +244,8 @@ __attribute__((target("avx512f,avx512bf16"))) static inline void fa_pack_probabi
 
 /* AMX tiles for the amxbf16 copy (compiled with -mamx-tile -mamx-bf16; entered only where the CPU probe found AMX and
  * the OS granted the tile state). Tile numbers are immediates, so each use is its own one-instruction function:
- * tiles 0 and 1 accumulate (C), tile 2 is the A operand, tiles 3 and 4 the B operands; all 16 rows × 64 bytes. */
+ * tiles 0-3 accumulate (C, 16 rows × 16 floats), 4 and 5 are A operands, 6 and 7 B operands (16 rows × 64 bytes),
+ * and C(2i + j) += A(i)·B(j): two A row blocks times two B column halves, four independent sums. */
 struct fa_tile_config {
     unsigned char palette, start_row, reserved[14];
     unsigned short bytes_per_row[16];
@@ -252,7 +253,7 @@ struct fa_tile_config {
 };
 
 #if defined(FA_AMX_EMULATION)
-/* A software model of the five tiles (shims.c), for testing the amxbf16 copy's own code on CPUs without AMX:
+/* A software model of the eight tiles (shims.c), for testing the amxbf16 copy's own code on CPUs without AMX:
  * `make test-amx-emulated` builds the whole library with -DFA_AMX_EMULATION, which also makes the CPU probe report
  * AMX wherever AVX512_BF16 is. tdpbf16ps is modelled in its documented order (per pair, the even product then the
  * odd one added to the float32 sum), without its flushing of subnormals. */
@@ -260,36 +261,39 @@ void fa_amx_emulated_zero(int tile);
 void fa_amx_emulated_load(int tile, const void *p, long stride);
 void fa_amx_emulated_store(int tile, void *p, long stride);
 void fa_amx_emulated_dot(int c, int a, int b);
+#define FA_AMX_OP(attributes, name, params, body) static inline void name params { body; }
+#define FA_TILE_ZERO(t) fa_amx_emulated_zero(t)
+#define FA_TILE_LOAD(t, p, stride) fa_amx_emulated_load(t, p, stride)
+#define FA_TILE_STORE(t, p, stride) fa_amx_emulated_store(t, p, stride)
+#define FA_TILE_DOT(c, a, b) fa_amx_emulated_dot(c, a, b)
 static inline void fa_amx_configure(void) {}
 static inline void fa_amx_release(void) {}
-static inline void fa_amx_zero_c0(void) { fa_amx_emulated_zero(0); }
-static inline void fa_amx_zero_c1(void) { fa_amx_emulated_zero(1); }
-static inline void fa_amx_load_a(const void *p, long stride) { fa_amx_emulated_load(2, p, stride); }
-static inline void fa_amx_load_b0(const void *p, long stride) { fa_amx_emulated_load(3, p, stride); }
-static inline void fa_amx_load_b1(const void *p, long stride) { fa_amx_emulated_load(4, p, stride); }
-static inline void fa_amx_dot_c0(void) { fa_amx_emulated_dot(0, 2, 3); }
-static inline void fa_amx_dot_c1(void) { fa_amx_emulated_dot(1, 2, 4); }
-static inline void fa_amx_store_c0(void *p, long stride) { fa_amx_emulated_store(0, p, stride); }
-static inline void fa_amx_store_c1(void *p, long stride) { fa_amx_emulated_store(1, p, stride); }
 #else
-/* Loads the tile configuration (ldtilecfg) of a thread: palette 1, tiles 0-4 of 16 rows × 64 bytes. */
+#define FA_AMX_OP(attributes, name, params, body) __attribute__((target(attributes))) static inline void name params { body; }
+#define FA_TILE_ZERO(t) _tile_zero(t)
+#define FA_TILE_LOAD(t, p, stride) _tile_loadd(t, p, stride)
+#define FA_TILE_STORE(t, p, stride) _tile_stored(t, p, stride)
+#define FA_TILE_DOT(c, a, b) _tile_dpbf16ps(c, a, b)
+/* Loads the tile configuration (ldtilecfg) of a thread: palette 1, tiles 0-7 of 16 rows × 64 bytes. */
 __attribute__((target("amx-tile"))) static inline void fa_amx_configure(void) {
     struct fa_tile_config config = {1, 0, {0}, {0}, {0}};
-    for (int t = 0; t < 5; t++) { config.rows[t] = 16; config.bytes_per_row[t] = 64; }
+    for (int t = 0; t < 8; t++) { config.rows[t] = 16; config.bytes_per_row[t] = 64; }
     _tile_loadconfig(&config);
 }
 __attribute__((target("amx-tile"))) static inline void fa_amx_release(void) { _tile_release(); }
-__attribute__((target("amx-tile"))) static inline void fa_amx_zero_c0(void) { _tile_zero(0); }
-__attribute__((target("amx-tile"))) static inline void fa_amx_zero_c1(void) { _tile_zero(1); }
-__attribute__((target("amx-tile"))) static inline void fa_amx_load_a(const void *p, long stride) { _tile_loadd(2, p, stride); }
-__attribute__((target("amx-tile"))) static inline void fa_amx_load_b0(const void *p, long stride) { _tile_loadd(3, p, stride); }
-__attribute__((target("amx-tile"))) static inline void fa_amx_load_b1(const void *p, long stride) { _tile_loadd(4, p, stride); }
-/* C += A·B over bfloat16 pairs, float32 accumulation (tdpbf16ps). */
-__attribute__((target("amx-tile,amx-bf16"))) static inline void fa_amx_dot_c0(void) { _tile_dpbf16ps(0, 2, 3); }
-__attribute__((target("amx-tile,amx-bf16"))) static inline void fa_amx_dot_c1(void) { _tile_dpbf16ps(1, 2, 4); }
-__attribute__((target("amx-tile"))) static inline void fa_amx_store_c0(void *p, long stride) { _tile_stored(0, p, stride); }
-__attribute__((target("amx-tile"))) static inline void fa_amx_store_c1(void *p, long stride) { _tile_stored(1, p, stride); }
 #endif
+FA_AMX_OP("amx-tile", fa_amx_zero_c, (void), FA_TILE_ZERO(0); FA_TILE_ZERO(1); FA_TILE_ZERO(2); FA_TILE_ZERO(3))
+FA_AMX_OP("amx-tile", fa_amx_load_a0, (const void *p, long stride), FA_TILE_LOAD(4, p, stride))
+FA_AMX_OP("amx-tile", fa_amx_load_a1, (const void *p, long stride), FA_TILE_LOAD(5, p, stride))
+FA_AMX_OP("amx-tile", fa_amx_load_b0, (const void *p, long stride), FA_TILE_LOAD(6, p, stride))
+FA_AMX_OP("amx-tile", fa_amx_load_b1, (const void *p, long stride), FA_TILE_LOAD(7, p, stride))
+/* C += A·B over bfloat16 pairs, float32 accumulation (tdpbf16ps), for all four (A, B) pairs. */
+FA_AMX_OP("amx-tile,amx-bf16", fa_amx_dot_c, (void),
+          FA_TILE_DOT(0, 4, 6); FA_TILE_DOT(1, 4, 7); FA_TILE_DOT(2, 5, 6); FA_TILE_DOT(3, 5, 7))
+FA_AMX_OP("amx-tile", fa_amx_store_c0, (void *p, long stride), FA_TILE_STORE(0, p, stride))
+FA_AMX_OP("amx-tile", fa_amx_store_c1, (void *p, long stride), FA_TILE_STORE(1, p, stride))
+FA_AMX_OP("amx-tile", fa_amx_store_c2, (void *p, long stride), FA_TILE_STORE(2, p, stride))
+FA_AMX_OP("amx-tile", fa_amx_store_c3, (void *p, long stride), FA_TILE_STORE(3, p, stride))
 
 /* Transposes the 8 × 8 floats at src (rows ld_src apart) into dst (rows ld_dst apart): the backward pass
  * turns dS [query][key] into [key][query] this way for the dQ product's broadcasts. */
