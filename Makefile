@@ -59,7 +59,7 @@ deps-mpi:
 deps-transformers:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check torch==2.13.0 transformers
 
-test: deps deps-mpi build test-c test-install test-wheel test-python test-swift test-sanitizers test-arm64
+test: deps deps-mpi build test-c test-install test-wheel test-python test-amx-emulated test-swift test-sanitizers test-arm64
 	@echo "all tests passed"
 
 # The NEON kernel copy built for aarch64 with Embedded Swift and its parity tests run under qemu (Tests/arm64):
@@ -160,13 +160,17 @@ endif
 # The Swift tests under AddressSanitizer (with LeakSanitizer) and ThreadSanitizer, each in its own build
 # folder. The suppressions cover the XCTest runner's own leaks and TSan's blindness to swift_once (see the
 # files). UndefinedBehaviorSanitizer is not supported for Swift targets on Linux by this toolchain.
-test-sanitizers:
+# Both build only the kernel copies this CPU runs, less avx512 where avx512bf16 (the same code plus the bfloat16
+# pair kernels) runs too (Tests/sanitizers/copies.py; FLASH_ATTENTION_KERNEL_COPIES in Package.swift).
+SANITIZER_COPIES = $(shell $(BUILD)/flash-attention isas | $(PYTHON) Tests/sanitizers/copies.py)
+test-sanitizers: build
 ifdef DARWIN
 	@echo "test-sanitizers: skipped on macOS (LeakSanitizer and the suppression files are Linux's)"
 else
-	LSAN_OPTIONS=suppressions=$(CURDIR)/Tests/sanitizers/lsan.supp \
+	@echo "sanitizer builds: kernel copies $(SANITIZER_COPIES)"
+	FLASH_ATTENTION_KERNEL_COPIES=$(SANITIZER_COPIES) LSAN_OPTIONS=suppressions=$(CURDIR)/Tests/sanitizers/lsan.supp \
 		$(SWIFT) test -c release --sanitize=address --scratch-path .build-asan
-	TSAN_OPTIONS=suppressions=$(CURDIR)/Tests/sanitizers/tsan.supp \
+	FLASH_ATTENTION_KERNEL_COPIES=$(SANITIZER_COPIES) TSAN_OPTIONS=suppressions=$(CURDIR)/Tests/sanitizers/tsan.supp \
 		$(SWIFT) test -c release --sanitize=thread --scratch-path .build-tsan 2>&1 | grep -v "Cannot export local symbol"
 endif
 
@@ -177,10 +181,17 @@ KERNEL_TESTS := $(addprefix bindings/python/tests/,test_parity.py test_inference
 	test_properties.py test_reliability.py test_quantized_cache.py test_dropout.py test_attn_mask.py test_accuracy.py \
 	test_head_dim_v.py test_bf16_products.py)
 
+# A path that differs from another in part runs the tests of that part: the reference path replaces the forward
+# (its backward is the portable copy's), and avx512bf16/amxbf16 add bfloat16 product kernels to the avx512 code.
+REFERENCE_TESTS := $(filter-out %/test_backward.py,$(KERNEL_TESTS))
+BF16_PATH_TESTS := $(addprefix bindings/python/tests/,test_bf16_products.py test_half.py test_parity.py \
+	test_head_dim_v.py test_attn_mask.py test_reliability.py)
+
 test-python: build
 	$(PYTHON) -m pytest -q bindings/python/tests
 	for isa in $$($(BUILD)/flash-attention isas | cut -d' ' -f2-); do \
-		FLASH_ATTENTION_ISA=$$isa $(PYTHON) -m pytest -q $(KERNEL_TESTS) || exit 1; \
+		case $$isa in reference) tests="$(REFERENCE_TESTS)";; *bf16) tests="$(BF16_PATH_TESTS)";; *) tests="$(KERNEL_TESTS)";; esac; \
+		FLASH_ATTENTION_ISA=$$isa $(PYTHON) -m pytest -q $$tests || exit 1; \
 	done
 
 # The amxbf16 path's own code (its tile layouts, packing and loops) on a CPU without AMX: the library built with
@@ -189,9 +200,10 @@ test-python: build
 AMX_EMULATED := .build-amx-emulated/release
 test-amx-emulated:
 	@if ! grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null; then echo "test-amx-emulated: skipped (no AVX512_BF16 here)"; exit 0; fi; \
-	$(SWIFT) build -c release --scratch-path .build-amx-emulated --product FlashAttention -Xcc -DFA_AMX_EMULATION && \
+	FLASH_ATTENTION_KERNEL_COPIES=AMXBF16,Portable $(SWIFT) build -c release --scratch-path .build-amx-emulated \
+		--product FlashAttention -Xcc -DFA_AMX_EMULATION && \
 	FLASH_ATTENTION_LIBRARY=$(CURDIR)/$(AMX_EMULATED)/libFlashAttention.so FLASH_ATTENTION_ISA=amxbf16 FLASH_ATTENTION_AMX_EMULATED=1 \
-		$(PYTHON) -m pytest -q bindings/python/tests/test_bf16_products.py bindings/python/tests/test_head_dim_v.py
+		$(PYTHON) -m pytest -q $(BF16_PATH_TESTS)
 
 # Side-by-side benchmark (numpy always; PyTorch if importable: pip install torch==2.13.0).
 bench: build
@@ -208,4 +220,4 @@ bench-ring: build deps-mpi
 		mpirun -n $$n --oversubscribe $(PYTHON) bench/ring_bench.py; done
 
 clean:
-	rm -rf .build .build-install .build-wheel .build-asan .build-tsan examples/swift/.build
+	rm -rf .build .build-install .build-wheel .build-asan .build-tsan .build-amx-emulated examples/swift/.build

@@ -23,7 +23,7 @@ let avx512Flags = [
     "-Xcc", "-mavx512f", "-Xcc", "-mavx512bw", "-Xcc", "-mavx512dq", "-Xcc", "-mavx512vl",
     "-Xcc", "-mavx2", "-Xcc", "-mfma", "-Xcc", "-mf16c",
 ]
-let kernelCopies: [(String, String, [String])] = [
+let allKernelCopies: [(String, String, [String])] = [
     // The avx512 copy again with AMX tiles: FA_AMX gives bfloat16 q/k/v AMX score tiles (tdpbf16ps).
     ("AMXBF16", "FA_KERNEL_AVX512", avx512Flags + [
         "-Xcc", "-mavx512bf16", "-Xcc", "-mamx-tile", "-Xcc", "-mamx-bf16", "-D", "FA_BF16_PAIRS", "-D", "FA_AMX",
@@ -36,7 +36,7 @@ let kernelCopies: [(String, String, [String])] = [
     ("Portable", "FA_KERNEL_PORTABLE", []),
 ]
 #elseif arch(arm64)
-let kernelCopies: [(String, String, [String])] = [
+let allKernelCopies: [(String, String, [String])] = [
     // ARMv8.0 Advanced SIMD is the baseline of every aarch64 target (Apple Silicon, Linux/ARM servers): no
     // flags, no CPU check. Tests/arm64 compiles this copy for aarch64 with Embedded Swift and runs it under
     // qemu (`make test-arm64`), since the machines this package is tested on are x86-64.
@@ -44,8 +44,14 @@ let kernelCopies: [(String, String, [String])] = [
     ("Portable", "FA_KERNEL_PORTABLE", []),
 ]
 #else
-let kernelCopies: [(String, String, [String])] = [("Portable", "FA_KERNEL_PORTABLE", [])]
+let allKernelCopies: [(String, String, [String])] = [("Portable", "FA_KERNEL_PORTABLE", [])]
 #endif
+
+/// `FLASH_ATTENTION_KERNEL_COPIES=AVX512BF16,Portable` (module suffixes) builds only the copies it names, and the
+/// library then offers only their paths. The sanitizer builds of `make test` use it: every copy compiles the same
+/// source, so the copies this CPU runs (less those another one contains) cover it at a fraction of the build time.
+let chosenCopies = Context.environment["FLASH_ATTENTION_KERNEL_COPIES"].map { Set($0.split(separator: ",").map(String.init)) }
+let kernelCopies = allKernelCopies.filter { chosenCopies?.contains($0.0) ?? true }
 
 let kernelTargets: [Target] = kernelCopies.map { suffix, define, flags in
     .target(
