@@ -66,11 +66,18 @@ struct DecodeKernel {
         if p.v.scale != nil { scaleKeyRows(p.v, item, kvHead: kvHead, firstKey: firstKey, keys: needed, w) }
         withTileRows(rowCount) { rows in
             withStorage(p.v.element) { storage in
-                accumulateRows(
-                    rows, storage, headDim: p.headDimV, mask: adjust.mask, firstRow: row, p: w.s, ldP: subBlockRows, v: vRows,
-                    ldV: p.v.rowStride, columnStride: microCols * storage.size, w)
+                accumulateValueRows(rows, storage, v: vRows, mask: adjust.mask, firstRow: row, w)
             }
         }
+    }
+
+    /// O = α·O + P·V for the slot's rows from `firstRow`, the values read in place from `v` (stored as S).
+    private func accumulateValueRows<R: TileRows, S: StorageElement>(
+        _ rows: R.Type, _ storage: S.Type, v: UnsafeRawPointer, mask: BlockMask, firstRow: Int, _ w: Workspace
+    ) {
+        let p = plan.problem
+        let products = FloatOutputs<S>(p: w.s, ldP: subBlockRows, v: v, ldV: p.v.rowStride, columnStride: microCols * S.size)
+        accumulateRows(R.self, products, headDim: p.headDimV, mask: mask, firstRow: firstRow, w)
     }
 
     /// Multiplies the slot's scores (or probabilities) of keys `keys` by the row scales of `tensor` (K or V).

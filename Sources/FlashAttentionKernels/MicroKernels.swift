@@ -168,14 +168,7 @@ func outputTile<R: TileRows, S: StorageElement, U: TileUpdate>(
     ldV: Int, count: Int, from: UnsafePointer<Float>? = nil, alpha: UnsafePointer<Float>, o: UnsafeMutablePointer<Float>,
     ldO: Int
 ) {
-    var c = zeroAccumulators()
-    if !U.startsFromZero {
-        let from = from!
-        for r in 0..<R.count {
-            c[2 * r] = load(from + r * ldO)
-            c[2 * r + 1] = load(from + r * ldO + lanes)
-        }
-    }
+    var c = startOutputTile(R.self, U.self, from: from, ldO: ldO)
     var pk = p
     var vk = v
     let rowBytes = ldV * S.size, half = lanes * S.size
@@ -189,6 +182,32 @@ func outputTile<R: TileRows, S: StorageElement, U: TileUpdate>(
         pk += ldP
         vk += rowBytes
     }
+    finishOutputTile(R.self, U.self, c, alpha: alpha, o: o, ldO: ldO)
+}
+
+/// An output tile's accumulators as U starts them: zero, or the R rows at `from` (`ldO` floats apart).
+@inline(__always)
+func startOutputTile<R: TileRows, U: TileUpdate>(
+    _ rows: R.Type, _ update: U.Type, from: UnsafePointer<Float>?, ldO: Int
+) -> TileAccumulators {
+    var c = zeroAccumulators()
+    if !U.startsFromZero {
+        let from = from!
+        for r in 0..<R.count {
+            c[2 * r] = load(from + r * ldO)
+            c[2 * r + 1] = load(from + r * ldO + lanes)
+        }
+    }
+    return c
+}
+
+/// Stores an output tile's sums to the R rows at `o` as U says (o = α·o + sum, or o = sum).
+@inline(__always)
+func finishOutputTile<R: TileRows, U: TileUpdate>(
+    _ rows: R.Type, _ update: U.Type, _ c: TileAccumulators, alpha: UnsafePointer<Float>, o: UnsafeMutablePointer<Float>,
+    ldO: Int
+) {
+    var c = c
     for r in 0..<R.count {
         if U.rescales {
             let a = Vec(repeating: alpha[r])

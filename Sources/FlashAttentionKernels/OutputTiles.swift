@@ -3,6 +3,39 @@ import FlashAttentionCore
 /// O = α·O + P·V over one key block, for the rows of one output tile, each row accumulating exactly the keys
 /// it sees.
 
+/// How an output tile multiplies probabilities by values over a range of keys: float32 FMAs (`FloatOutputs`) or
+/// bfloat16 pairs (`PairOutputs`, PairProducts.swift). A generic parameter of `accumulateRows`, so that each gets
+/// its own copy of the splitting below.
+protocol OutputProducts {
+    /// The T-row tile from tile row `row` over `keys`, the `microCols` columns from `column`: sums started (from
+    /// `from` unless U starts from zero) and stored to `o` as U says; `from` and `o` are laid out `ldO` floats a row.
+    func tile<T: TileRows, U: TileUpdate>(
+        _ rows: T.Type, _ update: U.Type, row: Int, keys: Range<Int>, column: Int, from: UnsafePointer<Float>,
+        alpha: UnsafePointer<Float>, o: UnsafeMutablePointer<Float>, ldO: Int)
+}
+
+/// float32 FMAs (`outputTile`): the probabilities of tile row r for key k at `p + k * ldP + r`; values stored as S,
+/// value row 0 of column 0 at `v`, row k `ldV` elements further, column panel c at `v + c / microCols *
+/// columnStride` bytes.
+struct FloatOutputs<S: StorageElement>: OutputProducts {
+    let p: UnsafePointer<Float>
+    let ldP: Int
+    let v: UnsafeRawPointer
+    let ldV: Int
+    let columnStride: Int
+
+    @inline(__always)
+    func tile<T: TileRows, U: TileUpdate>(
+        _ rows: T.Type, _ update: U.Type, row: Int, keys: Range<Int>, column: Int, from: UnsafePointer<Float>,
+        alpha: UnsafePointer<Float>, o: UnsafeMutablePointer<Float>, ldO: Int
+    ) {
+        outputTile(
+            T.self, S.self, U.self, p: p + keys.lowerBound * ldP + row, ldP: ldP,
+            v: v + keys.lowerBound * ldV * S.size + column / microCols * columnStride, ldV: ldV, count: keys.count,
+            from: from, alpha: alpha, o: o, ldO: ldO)
+    }
+}
+
 /// O = α·O + P·V for the R rows of an output tile from `firstRow`, every row over exactly the keys it
 /// sees, with the same arithmetic whichever rows share its tile, so that results do not depend on how a
 /// call is cut into work items: each row's block sum runs from zero over its keys in key order, then
@@ -13,13 +46,8 @@ import FlashAttentionCore
 /// whose tile folds the row into O (`Finish`). Hidden keys are never multiplied: the probability of a
 /// hidden key is tiny but not 0, and 0 · NaN is NaN anyway, so multiplying a hidden value row would let a
 /// NaN in it poison rows that must not see it.
-/// - Parameters:
-///   - p: probabilities of the tile's first row for key 0 (key k at `p + k * ldP`, row r at `p + r`).
-///   - v: value row 0 of column 0 stored as S; row k `ldV` elements further, column panel c at
-///     `v + c / microCols * columnStride` bytes.
-func accumulateRows<R: TileRows, S: StorageElement>(
-    _ rows: R.Type, _ storage: S.Type, headDim d: Int, mask: BlockMask, firstRow: Int, p: UnsafePointer<Float>,
-    ldP: Int, v: UnsafeRawPointer, ldV: Int, columnStride: Int, _ w: Workspace
+func accumulateRows<R: TileRows, K: OutputProducts>(
+    _ rows: R.Type, _ products: K, headDim d: Int, mask: BlockMask, firstRow: Int, _ w: Workspace
 ) {
     let ldO = Workspace.paddedDim(d)
     let o = w.o + firstRow * ldO, sums = w.tileSum
@@ -28,11 +56,9 @@ func accumulateRows<R: TileRows, S: StorageElement>(
         _ r: T.Type, _ update: U.Type, row: Int, keys: Range<Int>, into target: UnsafeMutablePointer<Float>
     ) {
         for column in stride(from: 0, to: d, by: microCols) {
-            outputTile(
-                r, S.self, U.self, p: p + keys.lowerBound * ldP + row, ldP: ldP,
-                v: v + (keys.lowerBound * ldV) * S.size + column / microCols * columnStride, ldV: ldV,
-                count: keys.count, from: sums + row * ldO + column, alpha: w.alpha + firstRow + row,
-                o: target + row * ldO + column, ldO: ldO)
+            products.tile(
+                r, U.self, row: row, keys: keys, column: column, from: sums + row * ldO + column,
+                alpha: w.alpha + firstRow + row, o: target + row * ldO + column, ldO: ldO)
         }
     }
     guard mask.isMasked else { return tile(R.self, Rescale.self, row: 0, keys: 0..<mask.keyCount, into: o) }

@@ -190,63 +190,22 @@ func packProbabilityPairs(_ p: UnsafePointer<Float>, ldS: Int, keys: Range<Int>,
     }
 }
 
-/// `accumulateRows` from pairs: O = α·O + P·V for the R rows of an output tile from `firstRow`, every row over
-/// exactly the keys it sees.
-/// - Parameters:
-///   - p: float32 probabilities of the tile's first row for key 0 (key k at `p + k * ldP`), for the unpaired keys.
-///   - pairs: `pPairs` of the tile's first row (key pair j at `pairs + j * ldP`).
-func accumulatePairRows<R: TileRows>(
-    _ rows: R.Type, headDim d: Int, mask: BlockMask, firstRow: Int, p: UnsafePointer<Float>,
-    pairs: UnsafePointer<UInt32>, ldP: Int, _ w: Workspace
-) {
-    let ldO = Workspace.paddedDim(d), panelWords = geometry.keyBlock / 2 * microCols
-    @inline(__always) func tiles<K: RowKeys>(keys: Range<Int>, rowKeys: K) {
-        for column in stride(from: 0, to: d, by: microCols) {
-            outputTilePairs(
-                R.self, p: p, pairs: pairs, ldP: ldP, v: w.vPairs + column / microCols * panelWords, keys: keys,
-                rowKeys: rowKeys, alpha: w.alpha + firstRow, o: w.o + firstRow * ldO + column, ldO: ldO)
-        }
-    }
-    withTileKeys(R.self, mask: mask, firstRow: firstRow, w) { keys, perRow in
-        if let perRow { tiles(keys: keys, rowKeys: perRow) } else { tiles(keys: keys, rowKeys: SharedKeys()) }
-    }
-}
+/// bfloat16 pairs (`outputTilePairs`): the probabilities of tile row r for key pair j at `pairs + j * ldP + r`, and
+/// as float32 for key k at `p + k * ldP + r` (a range's unpaired end keys); values as `vPairs` panels from `v`.
+struct PairOutputs: OutputProducts {
+    let p: UnsafePointer<Float>
+    let pairs: UnsafePointer<UInt32>
+    let ldP: Int
+    let v: UnsafePointer<UInt32>
 
-/// The keys each row of a pair output tile sees, when they are not all the same (masked blocks): a generic
-/// parameter of `outputTilePairs`, so that unmasked tiles get a copy with no per-row code at all.
-protocol RowKeys {
-    /// Whether rows may see keys beyond those the tile shares (known at compile time).
-    static var perRow: Bool { get }
-    /// The keys row r sees; they include the tile's shared keys when those are not empty.
-    subscript(_ r: Int) -> Range<Int> { get }
-}
-
-/// Every row sees exactly the tile's shared keys.
-struct SharedKeys: RowKeys {
-    static var perRow: Bool { false }
-    subscript(_ r: Int) -> Range<Int> { 0..<0 }
-}
-
-/// R ranges of keys, row r's at `ranges[r]`.
-struct KeysPerRow: RowKeys {
-    let ranges: UnsafePointer<Range<Int>>
-    static var perRow: Bool { true }
-    subscript(_ r: Int) -> Range<Int> { ranges[r] }
-}
-
-/// Calls `body` with the keys every row of the R-row tile from `firstRow` sees, and — in a masked block — each
-/// row's own keys (nil: every row sees exactly the shared keys).
-@inline(__always)
-private func withTileKeys<R: TileRows>(
-    _ rows: R.Type, mask: BlockMask, firstRow: Int, _ w: Workspace, _ body: (Range<Int>, KeysPerRow?) -> Void
-) {
-    guard mask.isMasked else { return body(0..<mask.keyCount, nil) }
-    withUnsafeTemporaryAllocation(of: Range<Int>.self, capacity: R.count) { own in
-        for r in 0..<R.count { own[r] = mask.keys(position: Int(w.rowPosition[firstRow + r])) }
-        var common = own[0]
-        for r in 1..<R.count { common = common.clamped(to: own[r]) }
-        // With no key shared, each row takes all of its keys alone (an empty `keys` past every row's).
-        body(common.isEmpty ? mask.keyCount..<mask.keyCount : common, KeysPerRow(ranges: own.baseAddress!))
+    @inline(__always)
+    func tile<T: TileRows, U: TileUpdate>(
+        _ rows: T.Type, _ update: U.Type, row: Int, keys: Range<Int>, column: Int, from: UnsafePointer<Float>,
+        alpha: UnsafePointer<Float>, o: UnsafeMutablePointer<Float>, ldO: Int
+    ) {
+        outputTilePairs(
+            T.self, U.self, p: p + row, pairs: pairs + row, ldP: ldP, v: v + column / microCols * (geometry.keyBlock / 2 * microCols),
+            keys: keys, from: from, alpha: alpha, o: o, ldO: ldO)
     }
 }
 
@@ -266,25 +225,20 @@ private struct PairedKeys {
     @inline(__always) var trailing: Int? { pairs.upperBound < keys.upperBound ? pairs.upperBound : nil }
 }
 
-/// `outputTile` from pairs: `o_r = alpha[r] · o_r + Σ_k p[k][r] · v_k` over the keys row r sees, the key pairs
-/// shared by every row for all rows at once, each row's other pairs and its unpaired keys one row at a time.
+/// `outputTile` from pairs: `o_r ← Σ_k p[k][r] · v_k` over `keys` for the R rows, started and stored as U says: the
+/// key pairs (2j, 2j + 1) inside `keys` with `dotPairs`, an unpaired key at either end alone.
 /// - Parameters:
 ///   - v: one `microCols`-column panel of `vPairs`.
-///   - keys: the keys every row sees; rowKeys: each row's (which include `keys` when it is not empty).
 @inline(never)
-func outputTilePairs<R: TileRows, K: RowKeys>(
-    _ rows: R.Type, p: UnsafePointer<Float>, pairs: UnsafePointer<UInt32>, ldP: Int, v: UnsafePointer<UInt32>,
-    keys: Range<Int>, rowKeys: K, alpha: UnsafePointer<Float>, o: UnsafeMutablePointer<Float>, ldO: Int
+func outputTilePairs<R: TileRows, U: TileUpdate>(
+    _ rows: R.Type, _ update: U.Type, p: UnsafePointer<Float>, pairs: UnsafePointer<UInt32>, ldP: Int,
+    v: UnsafePointer<UInt32>, keys: Range<Int>, from: UnsafePointer<Float>, alpha: UnsafePointer<Float>,
+    o: UnsafeMutablePointer<Float>, ldO: Int
 ) {
-    var c = zeroAccumulators()
-    // The shared pairs; with no shared keys, every row's pairs are its own (bounds past every row's keys).
-    let shared = keys.isEmpty ? Int.max..<Int.max : PairedKeys(keys).pairs
-    for r in 0..<R.count {
-        let own = PairedKeys(K.perRow ? rowKeys[r] : keys)
-        if let k = own.leading { addSingleKey(row: r, k, p, ldP, v, &c) }
-        if K.perRow { addPairs(row: r, own.pairs.lowerBound, min(own.pairs.upperBound, shared.lowerBound), pairs, ldP, v, &c) }
-    }
-    for k in stride(from: shared.lowerBound, to: shared.upperBound, by: 2) {
+    var c = startOutputTile(R.self, U.self, from: from, ldO: ldO)
+    let paired = PairedKeys(keys)
+    if let k = paired.leading { for r in 0..<R.count { addSingleKey(row: r, k, p, ldP, v, &c) } }
+    for k in stride(from: paired.pairs.lowerBound, to: paired.pairs.upperBound, by: 2) {
         let j = k / 2
         let b0 = loadWords(v + j * microCols), b1 = loadWords(v + j * microCols + lanes)
         for r in 0..<R.count {
@@ -293,30 +247,8 @@ func outputTilePairs<R: TileRows, K: RowKeys>(
             c[2 * r + 1] = dotPairs(c[2 * r + 1], a, b1)
         }
     }
-    for r in 0..<R.count {
-        let own = PairedKeys(K.perRow ? rowKeys[r] : keys)
-        if K.perRow { addPairs(row: r, max(own.pairs.lowerBound, shared.upperBound), own.pairs.upperBound, pairs, ldP, v, &c) }
-        if let k = own.trailing { addSingleKey(row: r, k, p, ldP, v, &c) }
-    }
-    for r in 0..<R.count {
-        let a = Vec(repeating: alpha[r])
-        store(muladd(load(o + r * ldO), a, c[2 * r]), o + r * ldO)
-        store(muladd(load(o + r * ldO + lanes), a, c[2 * r + 1]), o + r * ldO + lanes)
-    }
-}
-
-/// Adds key pairs [from, to) (even bounds; none when to ≤ from) to row r's accumulators.
-@inline(__always)
-private func addPairs(
-    row r: Int, _ from: Int, _ to: Int, _ pairs: UnsafePointer<UInt32>, _ ldP: Int, _ v: UnsafePointer<UInt32>,
-    _ c: inout TileAccumulators
-) {
-    for k in stride(from: from, to: to, by: 2) {
-        let j = k / 2
-        let a = VecBits(repeating: pairs[j * ldP + r])
-        c[2 * r] = dotPairs(c[2 * r], a, loadWords(v + j * microCols))
-        c[2 * r + 1] = dotPairs(c[2 * r + 1], a, loadWords(v + j * microCols + lanes))
-    }
+    if let k = paired.trailing { for r in 0..<R.count { addSingleKey(row: r, k, p, ldP, v, &c) } }
+    finishOutputTile(R.self, U.self, c, alpha: alpha, o: o, ldO: ldO)
 }
 
 /// Adds key k alone to row r: its probability rounded to bfloat16 as in a pair, times its own half of the

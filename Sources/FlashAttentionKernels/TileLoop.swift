@@ -121,14 +121,13 @@ struct QueryBlockKernel {
         for tile in 0..<tiles {
             let q = tile * microRows
             if pairs {
-                accumulatePairRows(
-                    MicroRows.self, headDim: dv, mask: mask, firstRow: first + q, p: w.s + q, pairs: w.pPairs + q,
-                    ldP: subBlockRows, w)
+                let products = PairOutputs(p: w.s + q, pairs: w.pPairs + q, ldP: subBlockRows, v: w.vPairs)
+                accumulateRows(MicroRows.self, products, headDim: dv, mask: mask, firstRow: first + q, w)
             } else {
-                accumulateRows(
-                    MicroRows.self, Float32Storage.self, headDim: dv, mask: mask, firstRow: first + q, p: w.s + q,
-                    ldP: subBlockRows, v: w.vPack, ldV: microCols,
-                    columnStride: geometry.keyBlock * microCols * MemoryLayout<Float>.size, w)
+                let products = FloatOutputs<Float32Storage>(
+                    p: w.s + q, ldP: subBlockRows, v: w.vPack, ldV: microCols,
+                    columnStride: geometry.keyBlock * microCols * MemoryLayout<Float>.size)
+                accumulateRows(MicroRows.self, products, headDim: dv, mask: mask, firstRow: first + q, w)
             }
         }
     }
