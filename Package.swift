@@ -24,7 +24,7 @@ let avx512Flags = [
     "-Xcc", "-mavx2", "-Xcc", "-mfma", "-Xcc", "-mf16c",
 ]
 let allKernelCopies: [(String, String, [String])] = [
-    // The avx512 copy again with AMX tiles: FA_AMX gives bfloat16 q/k/v AMX score tiles (tdpbf16ps).
+    // The avx512 copy again with AMX tiles: FA_AMX gives bfloat16 q/k/v both products in AMX tiles (tdpbf16ps).
     ("AMXBF16", "FA_KERNEL_AVX512", avx512Flags + [
         "-Xcc", "-mavx512bf16", "-Xcc", "-mamx-tile", "-Xcc", "-mamx-bf16", "-D", "FA_BF16_PAIRS", "-D", "FA_AMX",
     ]),

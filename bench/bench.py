@@ -57,7 +57,7 @@ DTYPE_NAMES = {0: "float32", 1: "float16", 2: "bfloat16"}
 CACHE_NAMES = {0: "float32", 1: "float16", 3: "int8", 4: "float8_e4m3"}
 # Backward: the prefill shapes, causal and not.
 BACKWARD = [(shape, causal) for shape in PREFILL for causal in (False, True)]
-# bfloat16 prefill (issue 17): the d=128 shapes, bfloat16 q/k/v on each x86 AVX-512 path (AMX score tiles on
+# bfloat16 prefill (issue 17): the d=128 shapes, bfloat16 q/k/v on each x86 AVX-512 path (AMX tiles on
 # amxbf16, pairs on avx512bf16, widened to float32 on avx512) beside this library's float32 and PyTorch's SDPA in bfloat16 and float32.
 BF16_PREFILL = [(1, 16, 16, 2048, 128), (4, 32, 32, 512, 128), (1, 32, 8, 2048, 128)]
 BF16_PATHS = ("amxbf16", "avx512bf16", "avx512")

@@ -403,9 +403,9 @@ flash_attention_status flash_attention_backward(const flash_attention_backward_p
  * picks the widest the CPU (and OS) can run the first time it needs one (but avx512 before avx512bf16 on Intel
  * cores, whose vdpbf16ps does half the FLOPs of a float32 FMA and so gains nothing over float32):
  *   "amxbf16"   the avx512bf16 copy on a CPU with AMX-BF16 tiles whose OS grants this process the tile state
- *               (Sapphire Rapids and later; asked once, with arch_prctl, when the library picks its path): bfloat16
- *               q, k and v score in 16 × 16 AMX tiles (tdpbf16ps, float32 accumulation); the softmax and P·V are
- *               float32, as "avx512". Appended last below.
+ *               (Sapphire Rapids and later; asked once, with arch_prctl, when the library picks its path): for
+ *               bfloat16 q, k and v both products run in AMX tiles (tdpbf16ps, float32 accumulation; P rounded to
+ *               bfloat16 as on "avx512bf16"), the softmax in float32. Appended last below.
  *   "avx512bf16" the avx512 copy on a CPU with AVX512_BF16 as well (Zen 4/5, Cooper Lake, Sapphire Rapids and
  *               later): bfloat16 q, k and v multiply in bfloat16 pairs (vdpbf16ps) accumulating in float32, with
  *               the softmax in float32 and the probabilities rounded to bfloat16 for P·V (as FlashAttention on

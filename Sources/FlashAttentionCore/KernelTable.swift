@@ -11,7 +11,7 @@ import CFlashAttention
 /// `flash_attention_kernel_isa()` reports. Widest first: the default is the first one the CPU can run.
 public enum KernelISA: CaseIterable, Sendable {
     /// The avx512bf16 copy on a CPU with AMX-BF16 tiles (Sapphire Rapids and later) whose OS grants the tile state:
-    /// bfloat16 q/k/v score in 16 × 16 AMX tiles (`tdpbf16ps`), P·V in float32; everything else as avx512.
+    /// both products of bfloat16 q/k/v in AMX tiles (`tdpbf16ps`, P rounded to bfloat16); everything else as avx512.
     case amxbf16
     /// The avx512 copy with AVX512_BF16 (Zen 4/5, Cooper Lake, Sapphire Rapids and later): bfloat16 q/k/v
     /// multiply in bfloat16 pairs with `vdpbf16ps`, accumulating in float32; every other input as avx512.

@@ -24,7 +24,8 @@ import FlashAttentionCore
 ///     rowMaskOffsets  Bq (Int)    with an attention mask: each row's mask offset (−1: a padding row)
 ///     maskTile    Bk × subBlockRows   with an attention mask: a sub-block's mask values, laid out like `s`
 ///     pPairs  Bk/2 × subBlockRows (UInt32)   bfloat16 pair products: a sub-block's probabilities as pairs
-///                             (PairProducts.swift, which also lays its q/k/v pairs over qT, kPack and vPack)
+///                             (PairProducts.swift, which also lays its q/k/v pairs over qT, kPack and vPack),
+///                             or as AMX's [row][key pair] rows (`pRows`, AMXTiles.swift)
 ///
 /// Packing K and V makes the micro-kernels independent of the caller's strides (and of paging): a
 /// [b, s, h, d] tensor with 8 heads of 128 has a 4 KiB row stride, which maps every row of a column slice
