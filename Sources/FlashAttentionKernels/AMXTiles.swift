@@ -34,7 +34,7 @@ import FlashAttentionShims
 /// Key pairs of a chunk of P·V (one B tile's pair rows): `vPairs` is padded to whole chunks.
 @inline(__always) var amxChunkPairs: Int { 16 }
 
-/// Loads this thread's tile configuration (tiles 0–4, 16 rows × 64 bytes).
+/// Loads this thread's tile configuration (tiles 0–7, 16 rows × 64 bytes).
 @inline(__always)
 func beginAMXItem() {
     #if FA_AMX
