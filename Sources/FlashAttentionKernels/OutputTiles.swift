@@ -7,6 +7,9 @@ import FlashAttentionCore
 /// bfloat16 pairs (`PairOutputs`, PairProducts.swift). A generic parameter of `accumulateRows`, so that each gets
 /// its own copy of the splitting below.
 protocol OutputProducts {
+    /// Keys one product takes together (a bfloat16 pair: 2): the tile splits a row's keys only between such units,
+    /// so that each row's keys group the same way whichever rows share its tile.
+    static var keyUnit: Int { get }
     /// The T-row tile from tile row `row` over `keys`, the `microCols` columns from `column`: sums started (from
     /// `from` unless U starts from zero) and stored to `o` as U says; `from` and `o` are laid out `ldO` floats a row.
     func tile<T: TileRows, U: TileUpdate>(
@@ -23,6 +26,7 @@ struct FloatOutputs<S: StorageElement>: OutputProducts {
     let v: UnsafeRawPointer
     let ldV: Int
     let columnStride: Int
+    static var keyUnit: Int { 1 }
 
     @inline(__always)
     func tile<T: TileRows, U: TileUpdate>(
@@ -69,6 +73,8 @@ func accumulateRows<R: TileRows, K: OutputProducts>(
         (first, last) = (min(first, own(r).lowerBound), max(last, own(r).upperBound))
     }
     if common == first..<last { return tile(R.self, Rescale.self, row: 0, keys: common, into: o) }
+    let lower = (common.lowerBound + K.keyUnit - 1) / K.keyUnit * K.keyUnit
+    common = lower..<max(lower, common.upperBound / K.keyUnit * K.keyUnit)
     guard !common.isEmpty else {
         for r in 0..<R.count { tile(OneRow.self, Rescale.self, row: r, keys: own(r), into: o) }
         return

@@ -197,6 +197,7 @@ struct PairOutputs: OutputProducts {
     let pairs: UnsafePointer<UInt32>
     let ldP: Int
     let v: UnsafePointer<UInt32>
+    static var keyUnit: Int { 2 }
 
     @inline(__always)
     func tile<T: TileRows, U: TileUpdate>(
