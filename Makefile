@@ -179,12 +179,12 @@ endif
 # avx512bf16 is among them wherever the CPU has AVX512_BF16.
 KERNEL_TESTS := $(addprefix bindings/python/tests/,test_parity.py test_inference.py test_half.py test_backward.py \
 	test_properties.py test_reliability.py test_quantized_cache.py test_dropout.py test_attn_mask.py test_accuracy.py \
-	test_head_dim_v.py test_bf16_products.py)
+	test_head_dim_v.py test_bf16_products.py test_bf16_backward.py)
 
 # A path that differs from another in part runs the tests of that part: the reference path replaces the forward
 # (its backward is the portable copy's), and avx512bf16/amxbf16 add bfloat16 product kernels to the avx512 code.
 REFERENCE_TESTS := $(filter-out %/test_backward.py,$(KERNEL_TESTS))
-BF16_PATH_TESTS := $(addprefix bindings/python/tests/,test_bf16_products.py test_half.py test_parity.py \
+BF16_PATH_TESTS := $(addprefix bindings/python/tests/,test_bf16_products.py test_bf16_backward.py test_half.py test_parity.py \
 	test_head_dim_v.py test_attn_mask.py test_reliability.py)
 
 test-python: build

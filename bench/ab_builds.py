@@ -3,24 +3,28 @@ from round to round), best of 3 calls per shape after a warm-up; prints each bui
 median over rounds of each build's ratio to the first one, so that the host's noise falls on all builds alike.
 
 Usage: python3 bench/ab_builds.py NAME=LIB.so,NAME=LIB.so[,...] ROUNDS CASE [THREADS]
-CASE: causal, dense, masks (d 64 and 128), masks64 (d 64 only) or bf16 (bfloat16 q/k/v, the bf16 issue's shapes);
-see CHILD below for the shapes."""
+CASE: causal, dense, masks (d 64 and 128), masks64 (d 64 only), bf16 (bfloat16 q/k/v, the bf16 issue's shapes),
+backward (float32 gradients) or bf16backward (bfloat16 gradients, the bf16 issue's shapes); see CHILD below."""
 import json, os, pathlib, subprocess, sys, statistics
 LIBS = dict(a.split("=", 1) for a in sys.argv[1].split(","))
 ROUNDS = int(sys.argv[2]); CASE = sys.argv[3]; THREADS = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 CHILD = r'''
 import sys, time, json, numpy as np
 sys.path.insert(0, sys.argv[3])
-from flash_attention import flash_attn_func
+from flash_attention import flash_attn_backward, flash_attn_func
 case, threads = sys.argv[1], int(sys.argv[2])
 rng = np.random.default_rng(0)
 out = {}
-def run(name, shape, dtype=np.float32, **kw):
+def run(name, shape, dtype=np.float32, backward=False, **kw):
     b, hq, hk, s, d = shape
     q = rng.standard_normal((b, s, hq, d), dtype=np.float32); k = rng.standard_normal((b, s, hk, d), dtype=np.float32)
     v = rng.standard_normal((b, s, hk, d), dtype=np.float32)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     f = lambda: flash_attn_func(q, k, v, num_threads=threads, **kw)
+    if backward:
+        dout = rng.standard_normal(q.shape, dtype=np.float32).astype(dtype)
+        o, lse = flash_attn_func(q, k, v, num_threads=threads, return_lse=True, **kw)
+        f = lambda: flash_attn_backward(dout, q, k, v, o, lse, num_threads=threads, **kw)
     f(); best = 1e9
     for _ in range(3):
         t = time.perf_counter(); f(); best = min(best, time.perf_counter() - t)
@@ -51,6 +55,13 @@ elif case == "bf16":
     for shape in ((1, 16, 16, 2048, 128), (1, 32, 8, 2048, 128)):
         for causal in (False, True):
             run(f"{shape} bf16" + (" causal" if causal else ""), shape, dtype=ml_dtypes.bfloat16, causal=causal)
+elif case in ("backward", "bf16backward"):
+    import ml_dtypes
+    dtype = ml_dtypes.bfloat16 if case == "bf16backward" else np.float32
+    shapes = ((1, 16, 16, 2048, 128), (1, 32, 8, 2048, 128)) if case == "bf16backward" else ((1, 8, 8, 1024, 128), (1, 8, 2, 777, 64))
+    for shape in shapes:
+        for causal in (False, True):
+            run(f"{shape} {case}" + (" causal" if causal else ""), shape, dtype=dtype, backward=True, causal=causal)
 print(json.dumps(out))
 '''
 res = {name: [] for name in LIBS}

@@ -54,27 +54,33 @@ enum CPU {
     }
 }
 
-/// The kernel copies compiled into this build, widest first.
-private let compiledTables: [KernelTable] = {
-    var tables: [KernelTable] = []
+/// The kernel copies compiled into this build, widest first, each behind an accessor. A copy's globals (its
+/// table among them) are initialised by code compiled with that copy's ISA flags, which may use its registers
+/// (the AMX copy's geometry is stored with zmm moves), so a table is only read once the probe has said the CPU
+/// can run its copy: reading them all crashed a Zen 3 with an illegal instruction.
+private let compiledCopies: [(isa: KernelISA, table: @Sendable () -> KernelTable)] = {
+    var copies: [(isa: KernelISA, table: @Sendable () -> KernelTable)] = []
     #if canImport(FlashAttentionKernelsAMXBF16)
-    tables.append(FlashAttentionKernelsAMXBF16.kernelTable)
+    copies.append((.amxbf16, { FlashAttentionKernelsAMXBF16.kernelTable }))
     #endif
     #if canImport(FlashAttentionKernelsAVX512BF16)
-    tables.append(FlashAttentionKernelsAVX512BF16.kernelTable)
+    copies.append((.avx512bf16, { FlashAttentionKernelsAVX512BF16.kernelTable }))
     #endif
     #if canImport(FlashAttentionKernelsAVX512)
-    tables.append(FlashAttentionKernelsAVX512.kernelTable)
+    copies.append((.avx512, { FlashAttentionKernelsAVX512.kernelTable }))
     #endif
     #if canImport(FlashAttentionKernelsAVX2)
-    tables.append(FlashAttentionKernelsAVX2.kernelTable)
+    copies.append((.avx2, { FlashAttentionKernelsAVX2.kernelTable }))
     #endif
     #if canImport(FlashAttentionKernelsNEON)
-    tables.append(FlashAttentionKernelsNEON.kernelTable)
+    copies.append((.neon, { FlashAttentionKernelsNEON.kernelTable }))
     #endif
-    tables.append(FlashAttentionKernelsPortable.kernelTable)
-    return tables
+    copies.append((.portable, { FlashAttentionKernelsPortable.kernelTable }))
+    return copies
 }()
+
+/// The tables of the compiled copies this CPU can run, widest first.
+private let runnableTables: [KernelTable] = compiledCopies.filter { CPU.supports($0.isa) }.map { $0.table() }
 
 /// The kernels one call runs: a compiled copy's table, and whether the forward takes the reference loop.
 package struct Kernels: Sendable {
@@ -91,7 +97,7 @@ package enum KernelSelection {
     /// there it is offered (FLASH_ATTENTION_ISA) but not chosen.
     package static let available: [KernelISA] = {
         let runnable = KernelISA.allCases.filter { isa in
-            CPU.supports(isa) && (isa == .reference || compiledTables.contains { $0.isa == isa })
+            CPU.supports(isa) && (isa == .reference || runnableTables.contains { $0.isa == isa })
         }
         guard let pairs = runnable.firstIndex(of: .avx512bf16), CPU.features & FA_CPU_BF16_FULL_RATE == 0 else {
             return runnable
@@ -164,7 +170,7 @@ package enum KernelSelection {
     package static func kernels(for isa: KernelISA) -> Kernels {
         // The reference forward comes with the portable kernels for the backward.
         let copy = isa == .reference ? KernelISA.portable : isa
-        return Kernels(table: compiledTables.first { $0.isa == copy }!, reference: isa == .reference)
+        return Kernels(table: runnableTables.first { $0.isa == copy }!, reference: isa == .reference)
     }
 }
 

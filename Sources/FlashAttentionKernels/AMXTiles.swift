@@ -52,12 +52,15 @@ func endAMXItem() {
 
 /// C = A·B over `chunks` 16-word chunks into the four C tiles: A rows 0–15 at `a` and 16–31 at `a + 16 * ldA`
 /// (chunk c at `+ 16 * c` words), B's pair rows `ldB` words apart (chunk c at `+ 16 * c * ldB`), columns 0–15 and
-/// 16–31; `chunks` may be empty (C zero).
+/// 16–31; `chunks` may be empty (C zero). With `sums`, C starts from the 32 × 32 floats there (rows `ldSums` apart).
 @inline(__always)
-private func amxProduct(a: UnsafePointer<UInt32>, ldA: Int, b: UnsafePointer<UInt32>, ldB: Int, chunks: Range<Int>) {
+private func amxProduct(
+    a: UnsafePointer<UInt32>, ldA: Int, b: UnsafePointer<UInt32>, ldB: Int, chunks: Range<Int>,
+    sums: UnsafePointer<Float>? = nil, ldSums: Int = 0
+) {
     #if FA_AMX
     let bytes = MemoryLayout<UInt32>.size
-    fa_amx_zero_c()
+    if let sums { fa_amx_load_c(sums, ldSums) } else { fa_amx_zero_c() }
     for chunk in chunks {
         fa_amx_load_a0(a + 16 * chunk, ldA * bytes)
         fa_amx_load_a1(a + 16 * ldA + 16 * chunk, ldA * bytes)
@@ -78,6 +81,16 @@ private func storeAMXProduct(_ c: UnsafeMutablePointer<Float>, ldC: Int) {
     fa_amx_store_c2(c + 16 * ldC, bytes)
     fa_amx_store_c3(c + 16 * ldC + 16, bytes)
     #endif
+}
+
+/// c = A·B, or c += A·B when `accumulate`, for 32 rows × 32 columns in the four C tiles (the backward's products,
+/// BackwardPairs.swift): A and B as `amxProduct` takes them, over `words` words (whole chunks), c's rows `ldC` apart.
+func amxBlockProduct(
+    a: UnsafePointer<UInt32>, ldA: Int, b: UnsafePointer<UInt32>, ldB: Int, words: Int, c: UnsafeMutablePointer<Float>,
+    ldC: Int, accumulate: Bool
+) {
+    amxProduct(a: a, ldA: ldA, b: b, ldB: ldB, chunks: 0..<(words / 16), sums: accumulate ? c : nil, ldSums: ldC)
+    storeAMXProduct(c, ldC: ldC)
 }
 
 /// Scores of 32 keys against 32 queries, transposed: `s[r * ldS + i] = scale · Σ_p k_r[p] · q_i[p]` over
@@ -173,7 +186,7 @@ private func packAMXProbabilities(
                 store(x.replacing(with: 0, where: (key .< band.low0) .| (key .>= band.high0)), p + k * subBlockRows)
             }
         }
-        fa_pack_probability_rows(p + keys.lowerBound * subBlockRows, subBlockRows, pRows + chunk * 16, geometry.keyBlock / 2)
+        packTransposedPairs(p + keys.lowerBound * subBlockRows, ldP: subBlockRows, into: pRows + chunk * 16, ldDst: geometry.keyBlock / 2)
     }
     #endif
 }

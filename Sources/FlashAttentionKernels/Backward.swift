@@ -21,7 +21,8 @@ import Musl
 /// Scores are recomputed exactly as the forward computed them (softcap, ALiBi, the causal/window mask);
 /// under softcap dS carries the derivative 1 − tanh². The tiles reuse the forward's micro-kernels:
 /// `scoreTile` with query rows against transposed key panels, and `outputTile` reading P and dS down
-/// their columns (dV, dK) and dS transposed (dQ).
+/// their columns (dV, dK) and dS transposed (dQ). bfloat16 q, k, v and dout on a copy with bfloat16 products
+/// take them for all five (BackwardPairs.swift).
 
 /// Queries per backward block: a multiple of `microRows` (score and output tiles) and of `transposeSize`.
 let backwardQueryBlock = 96
@@ -175,6 +176,9 @@ func backwardKeyValue(_ problem: BackwardProblem, _ item: Int, _ scratch: Unsafe
     let columnMax = ones + microCols
     ones.update(repeating: 1, count: microCols)
     let offset = s.seqlenK - s.seqlenQ
+    let pairs = backwardPairProducts(problem)
+    if pairs && hasAMXTiles { beginAMXItem() }
+    defer { if pairs && hasAMXTiles { endAMXItem() } }
     // This item owns its chunk's dQ partial rows of the sequence for the group's heads: it zeroes them here
     // (the call memory is reused between calls, not fresh zero pages).
     for h in (kvHead * f.groupSize)..<((kvHead + 1) * f.groupSize) where s.seqlenQ > 0 {
@@ -185,9 +189,13 @@ func backwardKeyValue(_ problem: BackwardProblem, _ item: Int, _ scratch: Unsafe
         let firstKey = block * kb, keyCount = min(kb, s.seqlenK - firstKey)
         guard keyCount > 0 else { break }
         let panels = (keyCount + microCols - 1) / microCols
-        packTransposed(f.k, s, head: kvHead, first: firstKey, count: keyCount, depth: d, into: kT, keys: true)
-        packTransposed(f.v, s, head: kvHead, first: firstKey, count: keyCount, depth: dv, into: vT, keys: true)
-        loadRows(f.k, s, head: kvHead, first: firstKey, count: keyCount, depth: d, into: kRows, stride: ld, padTo: keyCount, keys: true)
+        if pairs {
+            packKeyBlockPairs(f, s, head: kvHead, first: firstKey, count: keyCount, keyBlock: kb, into: (kT, vT, kRows))
+        } else {
+            packTransposed(f.k, s, head: kvHead, first: firstKey, count: keyCount, depth: d, into: kT, keys: true)
+            packTransposed(f.v, s, head: kvHead, first: firstKey, count: keyCount, depth: dv, into: vT, keys: true)
+            loadRows(f.k, s, head: kvHead, first: firstKey, count: keyCount, depth: d, into: kRows, stride: ld, padTo: keyCount, keys: true)
+        }
         dK.update(repeating: 0, count: 2 * kb * ld)
         // Queries that see any of these keys: i + offset − left ≤ key ≤ i + offset + right.
         let lastKey = firstKey + keyCount - 1
@@ -206,17 +214,19 @@ func backwardKeyValue(_ problem: BackwardProblem, _ item: Int, _ scratch: Unsafe
                     prefetchQueryRows(problem, s, head: h + 1, first: qLow, count: min(qb, qHigh - qLow))
                 }
                 let tiles = BackwardTiles(
-                    problem: problem, sequence: s, head: h, chunk: chunk, firstQuery: firstQuery,
+                    problem: problem, pairs: pairs, sequence: s, head: h, chunk: chunk, firstQuery: firstQuery,
                     rows: min(qb, qHigh - firstQuery), firstKey: firstKey, keyCount: keyCount, panels: panels,
                     scratch: (kT, vT, kRows, dK, dV, q, dO, p, dS, dST, dQ, lse, dots, ones, columnMax))
                 tiles.run(scores, offset: offset)
             }
         }
+        // dK = scale · dSᵀQ: the float32 products accumulate against the queries × scale, the pair products against
+        // the queries as given.
+        let dKScale: Float = pairs ? f.scale : 1
         for key in 0..<keyCount {
             let row = s.kRow + firstKey + key
             withStorage(problem.dk.element) {
-                // dK = scale · dSᵀQ, accumulated against the queries × scale: the rest is 1.
-                storeRow($0, dK + key * ld, count: d, scale: 1, into: problem.dk.row(batch: s.kvBatch, head: kvHead, row: row))
+                storeRow($0, dK + key * ld, count: d, scale: dKScale, into: problem.dk.row(batch: s.kvBatch, head: kvHead, row: row))
             }
             withStorage(problem.dv.element) {
                 storeRow($0, dV + key * ld, count: dv, scale: 1, into: problem.dv.row(batch: s.kvBatch, head: kvHead, row: row))
@@ -225,9 +235,10 @@ func backwardKeyValue(_ problem: BackwardProblem, _ item: Int, _ scratch: Unsafe
     }
 }
 
-/// One (query block, key block) pair of phase 2: the five products.
-private struct BackwardTiles {
+/// One (query block, key block) pair of phase 2: the five products, in float32 or (`pairs`) from bfloat16 pairs.
+struct BackwardTiles {
     let problem: BackwardProblem
+    let pairs: Bool
     let sequence: Sequence
     let head: Int, chunk: Int, firstQuery: Int, rows: Int, firstKey: Int, keyCount: Int, panels: Int
     let scratch: (
@@ -238,27 +249,38 @@ private struct BackwardTiles {
         dots: UnsafeMutablePointer<Float>, ones: UnsafeMutablePointer<Float>, columnMax: UnsafeMutablePointer<Float>)
 
     func run(_ scores: BackwardScores, offset: Int) {
-        let f = problem.forward, s = sequence, h = head
-        let (kT, vT, kRows, dK, dV, q, dO, p, dS, dST, dQ, lse, dots, ones, columnMax) = scratch
-        let kb = problem.keyBlock, qb = backwardQueryBlock, d = f.headDim, dv = f.headDimV, ld = backwardRowStride(f)
-        let ldQ = problem.partialStride
-        let keyTiles = (keyCount + microRows - 1) / microRows
-        let rowTiles = (rows + microRows - 1) / microRows, padded = rowTiles * microRows
+        let f = problem.forward, s = sequence
+        let (_, _, _, _, _, _, _, _, _, _, dQ, lse, dots, _, _) = scratch
+        let d = f.headDim, ld = backwardRowStride(f), ldQ = problem.partialStride
+        // Rows up to a whole tile (pair products: a whole 32-row block), zero in every operand.
+        let unit = pairs ? amxStepRows : microRows, padded = (rows + unit - 1) / unit * unit
         // This chunk's dQ partial rows of the block, added to last.
-        let partial = problem.partialRow(chunk: chunk, s, head: h, row: firstQuery)
+        let partial = problem.partialRow(chunk: chunk, s, head: head, row: firstQuery)
         prefetchRow(partial, bytes: rows * ldQ * MemoryLayout<Float>.size)
-        // The queries × scale, rounded as the forward rounds them (see BackwardScores).
-        loadRows(f.q, s, head: h, first: firstQuery, count: rows, depth: d, into: q, stride: ld, padTo: padded,
-                 scale: f.scale)
-        loadRows(problem.dout, s, head: h, first: firstQuery, count: rows, depth: dv, into: dO, stride: ld, padTo: padded)
         for r in 0..<rows {
             let row = s.qRow + firstQuery + r
-            lse[r] = f.lse!.row(batch: s.qBatch, head: h, row: row).pointee
-            dots[r] = problem.rowDots![problem.rowIndex(s, head: h, row: row)]
+            lse[r] = f.lse!.row(batch: s.qBatch, head: head, row: row).pointee
+            dots[r] = problem.rowDots![problem.rowIndex(s, head: head, row: row)]
         }
-        // S = Q Kᵀ and dP = dO Vᵀ, [query][key]: each key panel stays in L1 across the rows.
+        if pairs { pairScores(padded: padded) } else { floatScores(padded: padded) }
+        gradients(scores, offset: offset, padded: padded)
+        // dV += Pᵀ dO and dK += dSᵀ Q (over the block's queries), then dQ = dS K (over the block's keys) in
+        // scratch: accumulating into the partial directly waits on its misses at every tile (measured: that
+        // product ran at 55 GFLOP/s, the others at 75–100).
+        if pairs { pairGradientProducts(padded: padded) } else { floatGradientProducts(padded: padded) }
+        for r in 0..<rows { addRow(dQ + r * ld, into: partial + r * ldQ, count: d) }
+    }
+
+    /// S = Q Kᵀ and dP = dO Vᵀ in float32, [query][key], from the queries × scale (rounded as the forward rounds
+    /// them; see BackwardScores) and dout loaded as float32 rows: each key panel stays in L1 across the rows.
+    private func floatScores(padded: Int) {
+        let f = problem.forward, s = sequence
+        let (kT, vT, _, _, _, q, dO, p, dS, _, _, _, _, _, columnMax) = scratch
+        let kb = problem.keyBlock, d = f.headDim, dv = f.headDimV, ld = backwardRowStride(f)
+        loadRows(f.q, s, head: head, first: firstQuery, count: rows, depth: d, into: q, stride: ld, padTo: padded, scale: f.scale)
+        loadRows(problem.dout, s, head: head, first: firstQuery, count: rows, depth: dv, into: dO, stride: ld, padTo: padded)
         for panel in 0..<panels {
-            for tile in 0..<rowTiles {
+            for tile in 0..<(padded / microRows) {
                 scoreTile(
                     keys: q + tile * microRows * ld, ldK: ld, queries: kT + panel * microCols * d, depth: d,
                     s: p + tile * microRows * kb + panel * microCols, ldS: kb, columnMax: columnMax, band: nil)
@@ -267,8 +289,14 @@ private struct BackwardTiles {
                     s: dS + tile * microRows * kb + panel * microCols, ldS: kb, columnMax: columnMax, band: nil)
             }
         }
-        // P, and dS = P ∘ (dP − D) (∘ the softcap derivative), a vector of keys at a time; padding rows and
-        // keys get 0, so that whole tiles can be accumulated below.
+    }
+
+    /// P, and dS = P ∘ (dP − D) (∘ the softcap derivative), a vector of keys at a time; padding rows and
+    /// keys get 0, so that whole tiles can be accumulated after.
+    private func gradients(_ scores: BackwardScores, offset: Int, padded: Int) {
+        let f = problem.forward, s = sequence
+        let (_, _, _, _, _, _, _, p, dS, _, _, lse, dots, _, _) = scratch
+        let kb = problem.keyBlock
         for r in 0..<padded {
             let i = firstQuery + r
             // A row whose LSE is −inf saw no key (its mask hid them all): its P is 0, not exp(−inf + inf).
@@ -277,22 +305,26 @@ private struct BackwardTiles {
                 s: p + r * kb, dP: dS + r * kb, count: panels * microCols, firstKey: firstKey,
                 visible: visible.clamped(to: firstKey..<(firstKey + keyCount)), position: i + offset,
                 lse: r < rows ? lse[r] : 0, dot: r < rows ? dots[r] : 0,
-                row: f.dropout?.row(batch: s.batch, head: h, position: i),
-                maskRow: f.attnMask?.rowOffset(batch: s.batch, head: h, position: i) ?? 0)
+                row: f.dropout?.row(batch: s.batch, head: head, position: i),
+                maskRow: f.attnMask?.rowOffset(batch: s.batch, head: head, position: i) ?? 0)
         }
+    }
+
+    /// dV += Pᵀ dO, dK += dSᵀ Q and dQ = dS K with float32 micro-tiles, one column slab at a time for all three
+    /// (dV's columns run to head_dim_v, the others' to head_dim).
+    private func floatGradientProducts(padded: Int) {
+        let f = problem.forward
+        let (_, _, kRows, dK, dV, q, dO, p, dS, dST, dQ, _, _, ones, _) = scratch
+        let kb = problem.keyBlock, qb = backwardQueryBlock, d = f.headDim, dv = f.headDimV, ld = backwardRowStride(f)
         // dSᵀ, so that the dQ tiles' broadcasts read adjacent queries.
         for r in stride(from: 0, to: padded, by: transposeSize) {
             for k in stride(from: 0, to: panels * microCols, by: transposeSize) {
                 transposeBlock(dS + r * kb + k, kb, dST + k * qb + r, qb)
             }
         }
-        // dV += Pᵀ dO and dK += dSᵀ Q (over the block's queries), then dQ = dS K (over the block's keys) in
-        // scratch: accumulating into the partial directly waits on its misses at every tile (measured: that
-        // product ran at 55 GFLOP/s, the others at 75–100).
-        // One column slab at a time for all three (dV's columns run to head_dim_v, the others' to head_dim).
         dQ.update(repeating: 0, count: padded * ld)
         for column in stride(from: 0, to: max(d, dv), by: microCols) {
-            for keyTile in 0..<keyTiles {
+            for keyTile in 0..<((keyCount + microRows - 1) / microRows) {
                 let k0 = keyTile * microRows
                 if column < dv {
                     outputTile(
@@ -305,14 +337,13 @@ private struct BackwardTiles {
                         count: rows, alpha: ones, o: dK + k0 * ld + column, ldO: ld)
                 }
             }
-            for tile in 0..<rowTiles where column < d {
+            for tile in 0..<(padded / microRows) where column < d {
                 outputTile(
                     MicroRows.self, Float32Storage.self, Rescale.self, p: dST + tile * microRows, ldP: qb,
                     v: kRows + column, ldV: ld, count: keyCount, alpha: ones,
                     o: dQ + tile * microRows * ld + column, ldO: ld)
             }
         }
-        for r in 0..<rows { addRow(dQ + r * ld, into: partial + r * ldQ, count: d) }
     }
 }
 
@@ -358,7 +389,7 @@ private func addRow(_ source: UnsafePointer<Float>, into target: UnsafeMutablePo
 
 /// The address of row `row` of query-shaped `tensor` (dq, dout, q), or of key-shaped one with `keys`.
 @inline(__always)
-private func rowAddress(_ tensor: TensorView, _ s: Sequence, head h: Int, row: Int, keys: Bool) -> UnsafeMutableRawPointer {
+func rowAddress(_ tensor: TensorView, _ s: Sequence, head h: Int, row: Int, keys: Bool) -> UnsafeMutableRawPointer {
     keys ? tensor.row(batch: s.kvBatch, head: h, row: s.kRow + row) : tensor.row(batch: s.qBatch, head: h, row: s.qRow + row)
 }
 

@@ -65,7 +65,7 @@ extension Workspace {
 
 /// The word of bfloat16 elements i and i + 1 of a row of `count` (a zero past the end).
 @inline(__always)
-private func pairWord(_ row: UnsafeRawPointer, _ i: Int, count: Int) -> UInt32 {
+func pairWord(_ row: UnsafeRawPointer, _ i: Int, count: Int) -> UInt32 {
     let low = UInt32(row.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))
     return i + 1 < count ? low | UInt32(row.loadUnaligned(fromByteOffset: 2 * i + 2, as: UInt16.self)) << 16 : low
 }
@@ -116,24 +116,32 @@ func packKeyPairs(
     _ plan: ForwardPlan, _ sequence: Sequence, kvHead: Int, firstKey: Int, count: Int, tileKeys: Int, _ w: Workspace
 ) {
     let p = plan.problem
-    let d = p.headDim, pairs = pairCount(d), stride = pairStride(d)
+    let d = p.headDim, stride = pairStride(d)
     for key in 0..<count {
-        // The words of a row are its bfloat16 values as stored (the even element in the low half): a copy, after
-        // zeroing the word an odd head_dim leaves half empty and the padding.
-        let row = w.kPairs + key * stride
-        (row + pairs - 1).update(repeating: 0, count: stride - pairs + 1)
-        UnsafeMutableRawPointer(row).copyMemory(
-            from: p.keyRow(p.k, sequence, head: kvHead, position: firstKey + key), byteCount: 2 * d)
+        storePairRow(p.keyRow(p.k, sequence, head: kvHead, position: firstKey + key), depth: d, into: w.kPairs + key * stride)
     }
     let paddedCount = (count + tileKeys - 1) / tileKeys * tileKeys
     (w.kPairs + count * stride).update(repeating: 0, count: (paddedCount - count) * stride)
 }
 
-/// Interleaves two value rows (`odd` nil: zeros) into one key pair's words of every column panel, from `target`
-/// (panels `keyBlock / 2 · microCols` words apart); columns past head_dim are zero.
+/// Stores a bfloat16 row of `depth` values as `pairStride(depth)` words: the words of a row are its values as stored
+/// (the even element in the low half), so this is a copy, after zeroing the word an odd depth leaves half empty and
+/// the padding.
 @inline(__always)
-private func packValuePair(_ even: UnsafeRawPointer, _ odd: UnsafeRawPointer?, headDim d: Int, into target: UnsafeMutablePointer<UInt32>) {
-    let panelWords = geometry.keyBlock / 2 * microCols
+func storePairRow(_ source: UnsafeRawPointer, depth: Int, into row: UnsafeMutablePointer<UInt32>) {
+    let pairs = pairCount(depth)
+    (row + pairs - 1).update(repeating: 0, count: pairStride(depth) - pairs + 1)
+    UnsafeMutableRawPointer(row).copyMemory(from: source, byteCount: 2 * depth)
+}
+
+/// Interleaves two bfloat16 rows (`odd` nil: zeros) into one row pair's words of every column panel, from `target`
+/// (panels `panelWords` words apart, `microCols` words wide; `microCols` apart: one row of words); columns past
+/// `headDim`, up to `paddedDim`, are zero.
+@inline(__always)
+func packValuePair(
+    _ even: UnsafeRawPointer, _ odd: UnsafeRawPointer?, headDim d: Int, into target: UnsafeMutablePointer<UInt32>,
+    panelWords: Int = geometry.keyBlock / 2 * microCols
+) {
     @inline(__always) func element(_ row: UnsafeRawPointer?, _ c: Int) -> UInt32 {
         guard let row, c < d else { return 0 }
         return UInt32(row.loadUnaligned(fromByteOffset: 2 * c, as: UInt16.self))
@@ -163,19 +171,39 @@ func scoreTilePairs(
     s: UnsafeMutablePointer<Float>, ldS: Int, columnMax: UnsafeMutablePointer<Float>, band: UnsafePointer<TileBand>?
 ) {
     var c = zeroAccumulators()
-    var b = queries
-    for j in 0..<pairs {
-        let b0 = loadWords(b), b1 = loadWords(b + lanes)
-        for r in 0..<microRows {
-            let x = VecBits(repeating: keys[r * ldK + j])
-            c[2 * r] = dotPairs(c[2 * r], x, b0)
-            c[2 * r + 1] = dotPairs(c[2 * r + 1], x, b1)
-        }
-        b += microCols
-    }
+    accumulatePairs(MicroRows.self, a: keys, ldA: ldK, b: queries, ldB: microCols, words: pairs, &c)
     let factor = Vec(repeating: scale)
     for i in 0..<2 * microRows { c[i] *= factor }
     storeScoreTile(c, s: s, ldS: ldS, columnMax: columnMax, band: band)
+}
+
+/// c_r += Σ_j dot(a[r * ldA + j], b[j * ldB ..< j * ldB + microCols]) over `words` words j, for the R rows.
+@inline(__always)
+private func accumulatePairs<R: TileRows>(
+    _ rows: R.Type, a: UnsafePointer<UInt32>, ldA: Int, b: UnsafePointer<UInt32>, ldB: Int, words: Int,
+    _ c: inout TileAccumulators
+) {
+    for j in 0..<words {
+        let b0 = loadWords(b + j * ldB), b1 = loadWords(b + j * ldB + lanes)
+        for r in 0..<R.count {
+            let x = VecBits(repeating: a[r * ldA + j])
+            c[2 * r] = dotPairs(c[2 * r], x, b0)
+            c[2 * r + 1] = dotPairs(c[2 * r + 1], x, b1)
+        }
+    }
+}
+
+/// c = A·B (`Assign`) or c += A·B (`Accumulate`) for `microRows` rows × `microCols` columns with `dotPairs`: A's
+/// rows of words `ldA` apart, B's word rows `ldB` apart, over `words` words; c's rows `ldC` floats apart. The
+/// backward's products on the avx512bf16 copy (BackwardPairs.swift).
+@inline(never)
+func pairTileProduct<U: TileUpdate>(
+    _ update: U.Type, a: UnsafePointer<UInt32>, ldA: Int, b: UnsafePointer<UInt32>, ldB: Int, words: Int,
+    c: UnsafeMutablePointer<Float>, ldC: Int
+) {
+    var sums = startOutputTile(MicroRows.self, U.self, from: c, ldO: ldC)
+    accumulatePairs(MicroRows.self, a: a, ldA: ldA, b: b, ldB: ldB, words: words, &sums)
+    finishOutputTile(MicroRows.self, U.self, sums, alpha: c, o: c, ldO: ldC)
 }
 
 /// Rounds the probabilities of keys `keys` (rounded out to whole pairs) of a sub-block's `rows` rows to

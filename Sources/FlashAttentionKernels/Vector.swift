@@ -281,6 +281,36 @@ func roundPairs(_ low: Vec, _ high: Vec) -> VecBits {
     #endif
 }
 
+/// Rounds 2·`lanes` consecutive floats (`low`, then `high`) to bfloat16 and keeps their order: word i holds elements
+/// 2i and 2i + 1, a row's own VNNI pairs (`vcvtne2ps2bf16` in the avx512bf16 copy).
+@inline(__always)
+func roundAdjacentPairs(_ low: Vec, _ high: Vec) -> VecBits {
+    #if FA_BF16_PAIRS
+    return fa_round_adjacent_x16(low, high)
+    #else
+    var x = VecBits()
+    for i in 0..<VecBits.scalarCount {
+        let even = 2 * i < lanes ? low[2 * i] : high[2 * i - lanes], odd = 2 * i < lanes ? low[2 * i + 1] : high[2 * i + 1 - lanes]
+        x[i] = bfloat16Bits(even) | bfloat16Bits(odd) << 16
+    }
+    return x
+    #endif
+}
+
+/// Rounds 32 rows × 16 columns of floats (row k at `p + k * ldP`) to bfloat16 and writes them transposed, as 16
+/// rows of 16 words (`dst + c * ldDst`): column c's 32 values in row order, so the word of rows (2j, 2j + 1) is a
+/// VNNI pair (two 16 × 16 transposes and `vcvtne2ps2bf16` in the avx512bf16 copy).
+@inline(__always)
+func packTransposedPairs(_ p: UnsafePointer<Float>, ldP: Int, into dst: UnsafeMutablePointer<UInt32>, ldDst: Int) {
+    #if FA_BF16_PAIRS
+    fa_pack_probability_rows(p, ldP, dst, ldDst)
+    #else
+    for c in 0..<16 {
+        for j in 0..<16 { dst[c * ldDst + j] = bfloat16Bits(p[2 * j * ldP + c]) | bfloat16Bits(p[(2 * j + 1) * ldP + c]) << 16 }
+    }
+    #endif
+}
+
 /// x rounded to bfloat16 (nearest even, NaN kept quiet), as its 16 bits.
 @inline(__always)
 func bfloat16Bits(_ x: Float) -> UInt32 {

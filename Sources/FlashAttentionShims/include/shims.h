@@ -210,6 +210,12 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline fa_uint16 f
     return (fa_uint16)_mm512_permutexvar_epi16(interleave, halves);
 }
 
+/* 32 consecutive floats (lo, then hi) rounded to bfloat16 (nearest even; NaN stays NaN) in their own order: word i
+ * holds elements 2i and 2i + 1, the VNNI pairs of a row whose products sum along it (vcvtne2ps2bf16 alone). */
+__attribute__((target("avx512f,avx512bf16"))) static inline fa_uint16 fa_round_adjacent_x16(fa_float16 lo, fa_float16 hi) {
+    return (fa_uint16)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo);
+}
+
 /* Transposes 16 vectors of 16 floats in place (x[i][j] becomes x[j][i]): pairs of rows interleaved, then quads
  * within 128-bit lanes, then the 128-bit lanes of four rows gathered (imm 0x88: lanes 0 and 2, 0xDD: 1 and 3). */
 __attribute__((target("avx512f"))) static inline void fa_transpose16x16(__m512 x[16]) {
@@ -283,6 +289,10 @@ __attribute__((target("amx-tile"))) static inline void fa_amx_configure(void) {
 __attribute__((target("amx-tile"))) static inline void fa_amx_release(void) { _tile_release(); }
 #endif
 FA_AMX_OP("amx-tile", fa_amx_zero_c, (void), FA_TILE_ZERO(0); FA_TILE_ZERO(1); FA_TILE_ZERO(2); FA_TILE_ZERO(3))
+/* Loads the four C tiles from 32 rows × 32 floats at p, rows ld floats apart (C += A·B onto stored sums). */
+FA_AMX_OP("amx-tile", fa_amx_load_c, (const float *p, long ld),
+          FA_TILE_LOAD(0, p, 4 * ld); FA_TILE_LOAD(1, p + 16, 4 * ld); FA_TILE_LOAD(2, p + 16 * ld, 4 * ld);
+          FA_TILE_LOAD(3, p + 16 * ld + 16, 4 * ld))
 FA_AMX_OP("amx-tile", fa_amx_load_a0, (const void *p, long stride), FA_TILE_LOAD(4, p, stride))
 FA_AMX_OP("amx-tile", fa_amx_load_a1, (const void *p, long stride), FA_TILE_LOAD(5, p, stride))
 FA_AMX_OP("amx-tile", fa_amx_load_b0, (const void *p, long stride), FA_TILE_LOAD(6, p, stride))

@@ -66,3 +66,43 @@ def assert_gradient(name, got, want):
     else:
         assert np.abs(got).max(initial=0) <= 1e-6, name
 
+
+
+def max_error(got, want):
+    """The largest absolute difference, in float64."""
+    return np.abs(np.asarray(got, np.float64) - want).max(initial=0)
+
+
+torch = None
+if os.environ.get("FLASH_ATTENTION_SKIP_TORCH") != "1":
+    try:
+        import torch
+    except ImportError:
+        torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed (pip install torch==2.13.0)")
+
+
+def torch_bf16_sdpa(q, k, v, causal, dout=None):
+    """PyTorch's bfloat16 SDPA on [b, s, h, d] inputs, as float64 [b, s, h, d]: the output, or with `dout` the
+    gradients (dq, dk, dv). The causal mask is aligned bottom-right, as the library (and FlashAttention-2) does;
+    torch's own `is_causal` aligns it top-left, so it only serves square problems."""
+    import torch.nn.functional as F
+
+    def tensor(x):
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 2, 1, 3))).to(torch.bfloat16)
+
+    def array(t):
+        return t.float().numpy().transpose(0, 2, 1, 3).astype(np.float64)
+
+    tq, tk, tv = (tensor(x) for x in (q, k, v))
+    sq, sk = q.shape[1], k.shape[1]
+    kw = {"is_causal": causal and sq == sk, "enable_gqa": q.shape[2] != k.shape[2]}
+    if causal and sq != sk:
+        i, j = np.arange(sq)[:, None], np.arange(sk)[None, :]
+        kw["attn_mask"] = torch.from_numpy(j <= i + sk - sq)
+    if dout is None:
+        return array(F.scaled_dot_product_attention(tq, tk, tv, **kw))
+    for t in (tq, tk, tv):
+        t.requires_grad_(True)
+    F.scaled_dot_product_attention(tq, tk, tv, **kw).backward(tensor(dout))
+    return tuple(array(t.grad) for t in (tq, tk, tv))

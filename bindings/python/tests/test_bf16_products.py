@@ -18,6 +18,8 @@ import pytest
 from flash_attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, library_info, reference_attention
 from flash_attention.reference import _softmax
 
+from conftest import max_error, needs_torch, torch_bf16_sdpa
+
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = ml_dtypes.bfloat16
 PATH = library_info()["kernel_isa"]
@@ -41,10 +43,6 @@ def bf16_sdpa_model(q, k, v, **options):
         weights = np.where(s["total"] == 0, 0.0, e.astype(BF16).astype(np.float64) / s["total"])
     vr = np.repeat(np.asarray(v, np.float64), q.shape[2] // v.shape[2], axis=2)
     return np.einsum("bhqk,bkhd->bqhd", weights, vr).astype(BF16).astype(np.float64)
-
-
-def max_error(out, ref):
-    return np.abs(np.asarray(out, np.float64) - ref).max(initial=0)
 
 
 SHAPES = [  # (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, options)
@@ -185,16 +183,7 @@ def test_bf16_paths_are_offered_exactly_where_the_cpu_has_them(isa, flag):
     assert isa in available
 
 
-torch = None
-if os.environ.get("FLASH_ATTENTION_SKIP_TORCH") != "1":
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        torch = None
-
-
-@pytest.mark.skipif(torch is None, reason="PyTorch is not installed (pip install torch==2.13.0)")
+@needs_torch
 @pytest.mark.parametrize("shape", [(1, 300, 300, 2, 2, 128, False), (2, 113, 203, 4, 2, 64, True),
                                    (1, 1, 1, 1, 1, 1, False), (1, 130, 77, 2, 1, 33, False),
                                    (1, 600, 700, 2, 1, 128, True)],
@@ -204,14 +193,6 @@ def test_error_within_twice_torch_bf16_sdpa(shape):
     q, k, v = bf16_inputs(80 + d, b, sq, sk, hq, hk, d)
     out = flash_attn_func(q, k, v, causal=causal)
     ref = reference_attention(q, k, v, causal=causal)
-    tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x.astype(np.float32).transpose(0, 2, 1, 3))).to(torch.bfloat16)
-                  for x in (q, k, v))
-    # torch aligns its causal mask top-left; the library (like FlashAttention-2) bottom-right.
-    kw = {"is_causal": causal and sq == sk, "enable_gqa": hq != hk}
-    if causal and sq != sk:
-        i, j = np.arange(sq)[:, None], np.arange(sk)[None, :]
-        kw["attn_mask"] = torch.from_numpy(j <= i + sk - sq)
-    theirs = F.scaled_dot_product_attention(tq, tk, tv, **kw)
-    theirs = theirs.float().numpy().transpose(0, 2, 1, 3).astype(np.float64)
+    theirs = torch_bf16_sdpa(q, k, v, causal)
     ours, torch_error = max_error(out, ref), max_error(theirs, ref)
     assert ours <= 2 * torch_error + 1e-12, f"{PATH}: error {ours:.3g} > 2 × torch's {torch_error:.3g}"
