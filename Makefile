@@ -76,11 +76,12 @@ mca-arm64: test-arm64
 # The package's tests, then examples/swift: another SwiftPM package that depends on this one by path.
 test-swift:
 	$(SWIFT) test -c release
+	$(PYTHON) Tests/isa/check_baseline_code.py .build/release .build/release/FlashAttentionPackageTests.xctest
 	cd examples/swift && $(SWIFT) build -c release && .build/release/attention-example
 
 # The header alone as C99 and C++17 with warnings as errors; a dlopen client checked against a naive C
 # loop; 8 pthreads calling at once, then dlclose/dlopen; and the exported symbol list, which must hold
-# only flash_attention_* functions.
+# only flash_attention_* functions; no baseline code with AVX instructions (Tests/isa/check_baseline_code.py).
 test-c: build
 	@mkdir -p $(TMP)
 	$(CC) -std=c99 -Wall -Wextra -Werror -pedantic -Iinclude -c Tests/c/header_check.c -o $(TMP)/header_c.o
@@ -94,6 +95,7 @@ test-c: build
 	@exports=$$($(EXPORTED) | grep -v '^flash_attention_'); \
 	if [ -n "$$exports" ]; then echo "unexpected exported symbols:"; echo "$$exports"; exit 1; fi; \
 	echo "ok: $(LIB) exports only flash_attention_* ($$($(EXPORTED) | wc -l) symbols)"
+	$(PYTHON) Tests/isa/check_baseline_code.py $(BUILD) $(LIB) $(BUILD)/flash-attention
 
 # The static-stdlib library for `make install`. SwiftPM cannot set a SONAME, so the linker gets one here: programs
 # then record libFlashAttention.so.MAJOR and keep working across MINOR/PATCH upgrades.
@@ -200,7 +202,7 @@ test-python: build
 AMX_EMULATED := .build-amx-emulated/release
 test-amx-emulated:
 	@if ! grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null; then echo "test-amx-emulated: skipped (no AVX512_BF16 here)"; exit 0; fi; \
-	FLASH_ATTENTION_KERNEL_COPIES=AMXBF16,Portable $(SWIFT) build -c release --scratch-path .build-amx-emulated \
+	FLASH_ATTENTION_KERNEL_COPIES=AVX512BF16AMX,Portable $(SWIFT) build -c release --scratch-path .build-amx-emulated \
 		--product FlashAttention -Xcc -DFA_AMX_EMULATION && \
 	FLASH_ATTENTION_LIBRARY=$(CURDIR)/$(AMX_EMULATED)/libFlashAttention.so FLASH_ATTENTION_ISA=amxbf16 FLASH_ATTENTION_AMX_EMULATED=1 \
 		$(PYTHON) -m pytest -q $(BF16_PATH_TESTS)

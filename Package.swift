@@ -25,7 +25,7 @@ let avx512Flags = [
 ]
 let allKernelCopies: [(String, String, [String])] = [
     // The avx512 copy again with AMX tiles: FA_AMX gives bfloat16 q/k/v both products in AMX tiles (tdpbf16ps).
-    ("AMXBF16", "FA_KERNEL_AVX512", avx512Flags + [
+    ("AVX512BF16AMX", "FA_KERNEL_AVX512", avx512Flags + [
         "-Xcc", "-mavx512bf16", "-Xcc", "-mamx-tile", "-Xcc", "-mamx-bf16", "-D", "FA_BF16_PAIRS", "-D", "FA_AMX",
     ]),
     // The avx512 copy again, with AVX512_BF16: FA_BF16_PAIRS gives bfloat16 q/k/v its pair products.
@@ -53,14 +53,26 @@ let allKernelCopies: [(String, String, [String])] = [("Portable", "FA_KERNEL_POR
 let chosenCopies = Context.environment["FLASH_ATTENTION_KERNEL_COPIES"].map { Set($0.split(separator: ",").map(String.init)) }
 let kernelCopies = allKernelCopies.filter { chosenCopies?.contains($0.0) ?? true }
 
+/// A copy's module: `_FlashAttentionKernels<suffix>` where it has ISA flags, so that it links after every baseline
+/// module (SwiftPM lists objects by module name), and the suffixes sort as the instruction sets contain each
+/// other (AVX2 < AVX512 < AVX512BF16 < AVX512BF16AMX). Modules share compiler-generated helpers under one name
+/// (value witnesses such as `__swift_memcpy88_8`, specialisations of the standard library), weak symbols of which
+/// the linker keeps the first it meets, and every module that calls one defines it: so the one kept comes from a
+/// module whose instructions every caller's CPU runs. Linked first, the AMX copy's zmm helpers served the whole
+/// library and crashed a Zen 3. `Tests/isa/check_baseline_code.py` (make test) checks the linked binaries.
+func kernelModule(_ suffix: String, _ flags: [String]) -> String {
+    (flags.isEmpty ? "" : "_") + "FlashAttentionKernels" + suffix
+}
+
 let kernelTargets: [Target] = kernelCopies.map { suffix, define, flags in
     .target(
-        name: "FlashAttentionKernels\(suffix)",
+        name: kernelModule(suffix, flags),
         dependencies: ["FlashAttentionCore", "FlashAttentionShims"],
+        path: "Sources/FlashAttentionKernels\(suffix)",
         swiftSettings: [.define(define), .unsafeFlags(flags + optimise)]
     )
 }
-let kernelModules: [Target.Dependency] = kernelCopies.map { .target(name: "FlashAttentionKernels\($0.0)") }
+let kernelModules: [Target.Dependency] = kernelCopies.map { .target(name: kernelModule($0.0, $0.2)) }
 
 /// Keeps `nm -D libFlashAttention.so` down to the `flash_attention_*` functions of the header: a GNU ld version
 /// script on Linux, an exported-symbols list for Apple's linker.

@@ -9,17 +9,17 @@ import Darwin
 import Musl
 #endif
 
-#if canImport(FlashAttentionKernelsAMXBF16)
-import FlashAttentionKernelsAMXBF16
+#if canImport(_FlashAttentionKernelsAVX512BF16AMX)
+import _FlashAttentionKernelsAVX512BF16AMX
 #endif
-#if canImport(FlashAttentionKernelsAVX512BF16)
-import FlashAttentionKernelsAVX512BF16
+#if canImport(_FlashAttentionKernelsAVX512BF16)
+import _FlashAttentionKernelsAVX512BF16
 #endif
-#if canImport(FlashAttentionKernelsAVX512)
-import FlashAttentionKernelsAVX512
+#if canImport(_FlashAttentionKernelsAVX512)
+import _FlashAttentionKernelsAVX512
 #endif
-#if canImport(FlashAttentionKernelsAVX2)
-import FlashAttentionKernelsAVX2
+#if canImport(_FlashAttentionKernelsAVX2)
+import _FlashAttentionKernelsAVX2
 #endif
 #if canImport(FlashAttentionKernelsNEON)
 import FlashAttentionKernelsNEON
@@ -60,17 +60,17 @@ enum CPU {
 /// can run its copy: reading them all crashed a Zen 3 with an illegal instruction.
 private let compiledCopies: [(isa: KernelISA, table: @Sendable () -> KernelTable)] = {
     var copies: [(isa: KernelISA, table: @Sendable () -> KernelTable)] = []
-    #if canImport(FlashAttentionKernelsAMXBF16)
-    copies.append((.amxbf16, { FlashAttentionKernelsAMXBF16.kernelTable }))
+    #if canImport(_FlashAttentionKernelsAVX512BF16AMX)
+    copies.append((.amxbf16, { _FlashAttentionKernelsAVX512BF16AMX.kernelTable }))
     #endif
-    #if canImport(FlashAttentionKernelsAVX512BF16)
-    copies.append((.avx512bf16, { FlashAttentionKernelsAVX512BF16.kernelTable }))
+    #if canImport(_FlashAttentionKernelsAVX512BF16)
+    copies.append((.avx512bf16, { _FlashAttentionKernelsAVX512BF16.kernelTable }))
     #endif
-    #if canImport(FlashAttentionKernelsAVX512)
-    copies.append((.avx512, { FlashAttentionKernelsAVX512.kernelTable }))
+    #if canImport(_FlashAttentionKernelsAVX512)
+    copies.append((.avx512, { _FlashAttentionKernelsAVX512.kernelTable }))
     #endif
-    #if canImport(FlashAttentionKernelsAVX2)
-    copies.append((.avx2, { FlashAttentionKernelsAVX2.kernelTable }))
+    #if canImport(_FlashAttentionKernelsAVX2)
+    copies.append((.avx2, { _FlashAttentionKernelsAVX2.kernelTable }))
     #endif
     #if canImport(FlashAttentionKernelsNEON)
     copies.append((.neon, { FlashAttentionKernelsNEON.kernelTable }))
