@@ -37,7 +37,7 @@ FA_PATCH := $(shell sed -nE 's/^\#define FA_VERSION_PATCH ([0-9]+).*/\1/p' inclu
 FA_VERSION := $(FA_MAJOR).$(FA_MINOR).$(FA_PATCH)
 SONAME := libFlashAttention.so.$(FA_MAJOR)
 
-.PHONY: build demo test test-arm64 mca-arm64 deps-mpi deps-transformers bench-transformers bench-ring test-swift test-c test-install test-wheel test-python test-amx-emulated test-sanitizers deps bench clean build-install install uninstall
+.PHONY: build demo test test-arm64 mca-arm64 deps-mpi deps-transformers bench-transformers bench-ring test-swift test-c test-install test-wheel test-python test-amx-emulated test-isa-emulated test-sanitizers deps bench clean build-install install uninstall
 
 build:
 	$(SWIFT) build -c release
@@ -59,7 +59,7 @@ deps-mpi:
 deps-transformers:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check torch==2.13.0 transformers
 
-test: deps deps-mpi build test-c test-install test-wheel test-python test-amx-emulated test-swift test-sanitizers test-arm64
+test: deps deps-mpi build test-c test-install test-wheel test-python test-amx-emulated test-swift test-isa-emulated test-sanitizers test-arm64
 	@echo "all tests passed"
 
 # The NEON kernel copy built for aarch64 with Embedded Swift and its parity tests run under qemu (Tests/arm64):
@@ -78,6 +78,12 @@ test-swift:
 	$(SWIFT) test -c release
 	$(PYTHON) Tests/isa/check_baseline_code.py .build/release .build/release/FlashAttentionPackageTests.xctest
 	cd examples/swift && $(SWIFT) build -c release && .build/release/attention-example
+	$(PYTHON) Tests/isa/check_baseline_code.py examples/swift/.build/release examples/swift/.build/release/attention-example
+
+# The library, its C dlopen test and the Swift ABI tests on emulated CPUs without AVX-512 and without AVX
+# (qemu-user; Tests/isa/run_emulated.sh), whatever this CPU has.
+test-isa-emulated: test-c test-swift
+	sh Tests/isa/run_emulated.sh $(BUILD) $(TMP)
 
 # The header alone as C99 and C++17 with warnings as errors; a dlopen client checked against a naive C
 # loop; 8 pthreads calling at once, then dlclose/dlopen; and the exported symbol list, which must hold

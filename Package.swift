@@ -14,7 +14,8 @@ import PackageDescription
 /// Everything that is not ISA-specific (the validated problem, the work decomposition, the thread pool, the
 /// reference loop, merging attention states) lives in `FlashAttentionCore`, compiled without ISA flags, and
 /// the C boundary in `FlashAttention` picks one copy's table of entry points when the library loads
-/// (Dispatch.swift): no baseline code path can reach an AVX instruction without the CPU check.
+/// (Dispatch.swift): no baseline code path can reach an AVX instruction without the CPU check (nor through a
+/// compiler-generated helper that modules share: see `kernelModule`).
 let optimise = ["-Ounchecked", "-enforce-exclusivity=unchecked"]
 
 /// (module suffix, define, compiler flags) of each compiled copy on this architecture.
@@ -59,7 +60,12 @@ let kernelCopies = allKernelCopies.filter { chosenCopies?.contains($0.0) ?? true
 /// (value witnesses such as `__swift_memcpy88_8`, specialisations of the standard library), weak symbols of which
 /// the linker keeps the first it meets, and every module that calls one defines it: so the one kept comes from a
 /// module whose instructions every caller's CPU runs. Linked first, the AMX copy's zmm helpers served the whole
-/// library and crashed a Zen 3. `Tests/isa/check_baseline_code.py` (make test) checks the linked binaries.
+/// library and crashed a Zen 3. `Tests/isa/check_baseline_code.py` (make test) checks the linked binaries, and
+/// `make test-isa-emulated` runs them on emulated CPUs without AVX-512 and without AVX. The shared library is
+/// closed (it exports only the C functions); a Swift client of `FlashAttentionSwift` links these modules into its
+/// own binary, where a client module named in lower case sorts after the copies: one that defines a helper
+/// which only a copy also defines would get the copy's (none is known; Swift clients should name modules in
+/// capitals, as Swift's convention has it).
 func kernelModule(_ suffix: String, _ flags: [String]) -> String {
     (flags.isEmpty ? "" : "_") + "FlashAttentionKernels" + suffix
 }
@@ -73,6 +79,10 @@ let kernelTargets: [Target] = kernelCopies.map { suffix, define, flags in
     )
 }
 let kernelModules: [Target.Dependency] = kernelCopies.map { .target(name: kernelModule($0.0, $0.2)) }
+
+// The order the link relies on: the flagged copies, listed widest first, sort narrowest first.
+let flaggedCopies = allKernelCopies.filter { !$0.2.isEmpty }.map { kernelModule($0.0, $0.2) }
+precondition(flaggedCopies.sorted() == flaggedCopies.reversed(), "kernel copies must sort as their ISAs contain each other")
 
 /// Keeps `nm -D libFlashAttention.so` down to the `flash_attention_*` functions of the header: a GNU ld version
 /// script on Linux, an exported-symbols list for Apple's linker.
@@ -89,7 +99,7 @@ let package = Package(
         // The same module for Swift packages (`import FlashAttention`, SwiftAPI.swift), linked into the client:
         // the shared library exports only the C functions (exports.map), so the Swift API cannot come from it.
         .library(name: "FlashAttentionSwift", targets: ["FlashAttention"]),
-        .executable(name: "flash-attention", targets: ["flash-attention"]),
+        .executable(name: "flash-attention", targets: ["FlashAttentionCLI"]),
     ],
     targets: kernelTargets + [
         // The one declaration of the C ABI; Swift implements it with `@c @implementation`.
@@ -115,7 +125,9 @@ let package = Package(
                 .unsafeFlags(["-Xlinker", "-exported_symbols_list", "-Xlinker", exportsList], .when(platforms: [.macOS])),
             ]
         ),
-        .executableTarget(name: "flash-attention", dependencies: ["FlashAttention", "CFlashAttention"]),
+        // Named in capitals, as every module of this package: it links before the ISA copies (kernelModule).
+        .executableTarget(
+            name: "FlashAttentionCLI", dependencies: ["FlashAttention", "CFlashAttention"], path: "Sources/flash-attention"),
         .testTarget(
             name: "FlashAttentionTests",
             dependencies: ["FlashAttention", "FlashAttentionCore", "CFlashAttention"]),

@@ -6,9 +6,12 @@ into a copy. But modules also define compiler-generated code under shared names 
 first it meets and every module then calls. A helper that an AVX-512 copy compiled could so serve baseline code
 and crash a CPU without AVX-512 outside any kernel (seen: Zen 3, an illegal instruction copying a test argument).
 Package.swift names the copies so that they link after the baseline modules; this check reads what was linked:
-each function of the binary that uses a VEX- or EVEX-encoded instruction (a `v` mnemonic, ymm or zmm) must be
-named by no baseline object of its link (one outside the `_FlashAttentionKernels*` modules, defining or calling
-it). Functions local to an object (the shims' static C functions, `t` in nm) do not count: they are not shared.
+each function of the binary that uses a VEX-, EVEX- or AMX-encoded instruction (a `v` mnemonic, ymm, zmm or
+mask registers, tile instructions) must be named by no baseline object of its link (one outside the
+`_FlashAttentionKernels*` modules, defining or calling it). Functions local to an object (the shims' static C
+functions, `t` in nm) do not count: they are not shared. What a named function calls is not followed (the
+copies' table accessors are named by Dispatch and guarded there); `make test-isa-emulated` runs the binaries on
+emulated CPUs without AVX-512 and without AVX, which catches what this reading cannot.
 
 Usage: python3 Tests/isa/check_baseline_code.py BUILD_DIR BINARY...   (BUILD_DIR: .build/release; each binary
 is a product there: libFlashAttention.so, flash-attention, FlashAttentionPackageTests.xctest)
@@ -16,11 +19,14 @@ is a product there: libFlashAttention.so, flash-attention, FlashAttentionPackage
 import pathlib
 import platform
 import re
+import shlex
 import subprocess
 import sys
 
 FUNCTION = re.compile(r"^[0-9a-f]+ <(.+)>:$")
-AVX = re.compile(r"\tv[a-z0-9]+\s|%[yz]mm\d+")
+# VEX/EVEX instructions (v-mnemonics, vzeroupper included), ymm/zmm/mask registers, AVX-512 mask and AMX ones.
+AVX = re.compile(r"\t(v[a-z0-9]+|k[a-z]+[bwdq]|tile[a-z]+|tdp[a-z0-9]+|ldtilecfg|sttilecfg)(\s|$)|%([yz]mm|k)\d+")
+COPY = "_FlashAttentionKernels"
 
 
 def avx_functions(binary):
@@ -39,8 +45,8 @@ def avx_functions(binary):
 def baseline_symbols(build, binary):
     """The global, weak and undefined symbols of the baseline objects linked into `binary`."""
     product = re.sub(r"^lib|\.so$|\.xctest$", "", binary.name)
-    objects = (build / f"{product}.product" / "Objects.LinkFileList").read_text().split()
-    baseline = [o.strip("'\"") for o in objects if not pathlib.Path(o.strip("'\"")).parent.name.startswith("_")]
+    objects = shlex.split((build / f"{product}.product" / "Objects.LinkFileList").read_text())
+    baseline = [o for o in objects if not pathlib.Path(o).parent.name.startswith(COPY)]
     symbols = set()
     for line in subprocess.run(["nm", *baseline], capture_output=True, text=True, check=True).stdout.splitlines():
         parts = line.split()
