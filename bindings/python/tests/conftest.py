@@ -68,6 +68,37 @@ def assert_gradient(name, got, want):
 
 
 
+# The paths whose products take bfloat16 pairs (vdpbf16ps, AMX tiles) and round P (and dS) to bfloat16.
+BF16_PAIR_PATHS = ("avx512bf16", "amxbf16")
+
+
+def bf16_problem(seed, b, sq, sk, hq, hk, d, dout=False):
+    """q, k, v (and with `dout` a dout of q's shape) as bfloat16 N(0, 1) arrays, [b, s, h, d]."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    shapes = ((b, sq, hq, d), (b, sk, hk, d), (b, sk, hk, d)) + (((b, sq, hq, d),) if dout else ())
+    return tuple(rng.standard_normal(shape).astype(ml_dtypes.bfloat16) for shape in shapes)
+
+
+def shape_id(shape):
+    """A test id for (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, options)."""
+    b, sq, sk, hq, hk, d, options = shape
+    return f"b{b}-s{sq}x{sk}-h{hq}/{hk}-d{d}" + "".join(f"-{name}" for name in options)
+
+
+def assert_follows_rounding(got, exact, rounded, pairs, path):
+    """Where the exact result and the rounded-probability model differ (at least 50 places), a path that rounds P
+    to bfloat16 (`pairs`) must give the model's value at ≥ 90% of them, any other path at ≤ 10%."""
+    differ = exact != rounded
+    assert differ.sum() >= 50, "the inputs should separate the two models"
+    follows_rounded = np.mean(got[differ] == rounded[differ])
+    if pairs:
+        assert follows_rounded >= 0.9, f"{path}: only {follows_rounded:.0%} follow rounded probabilities"
+    else:
+        assert follows_rounded <= 0.1, f"{path}: {follows_rounded:.0%} follow rounded probabilities"
+
+
 def max_error(got, want):
     """The largest absolute difference, in float64."""
     return np.abs(np.asarray(got, np.float64) - want).max(initial=0)

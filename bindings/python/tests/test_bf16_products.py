@@ -18,18 +18,12 @@ import pytest
 from flash_attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, library_info, reference_attention
 from flash_attention.reference import _softmax
 
-from conftest import max_error, needs_torch, torch_bf16_sdpa
+from conftest import BF16_PAIR_PATHS, assert_follows_rounding, bf16_problem, max_error, needs_torch, shape_id, torch_bf16_sdpa
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = ml_dtypes.bfloat16
 PATH = library_info()["kernel_isa"]
-# The paths whose P·V rounds the probabilities to bfloat16 (vdpbf16ps pairs, AMX tiles).
-PAIRS = PATH in ("avx512bf16", "amxbf16")
-
-
-def bf16_inputs(seed, b, sq, sk, hq, hk, d):
-    rng = np.random.default_rng(seed)
-    return tuple(rng.standard_normal(shape).astype(BF16) for shape in ((b, sq, hq, d), (b, sk, hk, d), (b, sk, hk, d)))
+PAIRS = PATH in BF16_PAIR_PATHS
 
 
 def bf16_sdpa_model(q, k, v, **options):
@@ -62,15 +56,10 @@ SHAPES = [  # (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, options)
 ]
 
 
-def shape_id(shape):
-    b, sq, sk, hq, hk, d, options = shape
-    return f"b{b}-s{sq}x{sk}-h{hq}/{hk}-d{d}" + "".join(f"-{name}" for name in options)
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_error_within_twice_a_bf16_sdpa(shape):
     b, sq, sk, hq, hk, d, options = shape
-    q, k, v = bf16_inputs(60 + d, b, sq, sk, hq, hk, d)
+    q, k, v = bf16_problem(60 + d, b, sq, sk, hq, hk, d)
     out, lse = flash_attn_func(q, k, v, return_lse=True, **options)
     assert out.dtype == BF16
     ref, ref_lse = reference_attention(q, k, v, return_lse=True, **options)
@@ -86,25 +75,19 @@ def test_the_path_rounds_probabilities_as_it_says():
     # Where rounding P to bfloat16 moves the bfloat16 output, the pair path's outputs follow the model that
     # rounds P and the float32 paths' follow exact attention. Few keys with widely spread scores make P's
     # rounding (2^-9 relative) visible in the output.
-    q, k, v = bf16_inputs(70, 1, 64, 5, 1, 1, 32)
+    q, k, v = bf16_problem(70, 1, 64, 5, 1, 1, 32)
     q = (q.astype(np.float32) * 4).astype(BF16)
     out = np.asarray(flash_attn_func(q, k, v), np.float64)
     exact = reference_attention(q, k, v).astype(BF16).astype(np.float64)
     rounded = bf16_sdpa_model(q, k, v)
-    differ = exact != rounded
-    assert differ.sum() >= 50, "the inputs should separate the two models"
-    follows_rounded = np.mean(out[differ] == rounded[differ])
-    if PAIRS:
-        assert follows_rounded >= 0.9, f"{PATH}: only {follows_rounded:.0%} follow rounded probabilities"
-    else:
-        assert follows_rounded <= 0.1, f"{PATH}: {follows_rounded:.0%} follow rounded probabilities"
+    assert_follows_rounding(out, exact, rounded, PAIRS, PATH)
 
 
 @pytest.mark.parametrize("options", [{"causal": True}, {"window_size": (31, 3)}], ids=["causal", "window"])
 def test_hidden_nan_values_reach_no_row(options):
     # Values (and keys) the mask hides are NaN: no visible row may see them, also where a row's visible keys
     # start or end inside a bfloat16 pair.
-    q, k, v = bf16_inputs(71, 1, 91, 91, 2, 2, 40)
+    q, k, v = bf16_problem(71, 1, 91, 91, 2, 2, 40)
     out = flash_attn_func(q, k, v, **options)
     ref = reference_attention(q, k, v, **options)
     # One value row at a time is NaN (even and odd keys, at the ends and inside): exactly the rows that see it
@@ -150,7 +133,7 @@ def test_varlen_and_paged_cache_sequences():
 
 
 def test_results_do_not_depend_on_the_thread_count():
-    q, k, v = bf16_inputs(72, 2, 700, 650, 4, 2, 72)
+    q, k, v = bf16_problem(72, 2, 700, 650, 4, 2, 72)
     for options in ({}, {"causal": True}, {"window_size": (100, 0)}):
         one = flash_attn_func(q, k, v, num_threads=1, **options)
         for threads in (2, 3, 0):
@@ -184,13 +167,14 @@ def test_bf16_paths_are_offered_exactly_where_the_cpu_has_them(isa, flag):
 
 
 @needs_torch
-@pytest.mark.parametrize("shape", [(1, 300, 300, 2, 2, 128, False), (2, 113, 203, 4, 2, 64, True),
-                                   (1, 1, 1, 1, 1, 1, False), (1, 130, 77, 2, 1, 33, False),
-                                   (1, 600, 700, 2, 1, 128, True)],
-                         ids=lambda s: f"b{s[0]}-s{s[1]}x{s[2]}-h{s[3]}/{s[4]}-d{s[5]}" + ("-causal" if s[6] else ""))
+@pytest.mark.parametrize("shape", [(1, 300, 300, 2, 2, 128, {}), (2, 113, 203, 4, 2, 64, {"causal": True}),
+                                   (1, 1, 1, 1, 1, 1, {}), (1, 130, 77, 2, 1, 33, {}),
+                                   (1, 600, 700, 2, 1, 128, {"causal": True})],
+                         ids=shape_id)
 def test_error_within_twice_torch_bf16_sdpa(shape):
-    b, sq, sk, hq, hk, d, causal = shape
-    q, k, v = bf16_inputs(80 + d, b, sq, sk, hq, hk, d)
+    b, sq, sk, hq, hk, d, options = shape
+    causal = options.get("causal", False)
+    q, k, v = bf16_problem(80 + d, b, sq, sk, hq, hk, d)
     out = flash_attn_func(q, k, v, causal=causal)
     ref = reference_attention(q, k, v, causal=causal)
     theirs = torch_bf16_sdpa(q, k, v, causal)
